@@ -1,0 +1,109 @@
+"""Typed configuration, loaded from configs/*.toml.
+
+Every section is a msgspec Struct with defaults that make up the embedded default (tiny model, CPU, one rank);
+a TOML file only names what differs. Unknown keys are rejected with the valid ones listed, so a typo in a config
+never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+TINY_MODEL = "tiny"
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # "tiny" (the built-in checkpoint, generated on first use) or a Hugging Face-format directory.
+    path: str = TINY_MODEL
+    # Name clients put in the "model" field; defaults to the directory's name.
+    name: str = ""
+    # "auto": weights from *.safetensors; "dummy": random weights of config.json's shape (benchmarks).
+    load_format: Literal["auto", "dummy"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # 0 = the model's max_position_embeddings.
+    max_model_len: int = 0
+    seed: int = 0  # seed of dummy weights
+
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        return "eep-tiny-moe" if self.path == TINY_MODEL else Path(self.path).resolve().name
+
+
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    block_size: int = 16
+    # Fixed KV block count; 0 = size from memory (kv_cache_gib on CPU, gpu_memory_utilization on GPU).
+    num_kv_blocks: int = 0
+    kv_cache_gib: float = 0.25
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    seed: int = 0  # seed for requests that bring none
+
+
+class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    ranks: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # All-to-all backend for MoE dispatch/combine.
+    backend: Literal["torch", "nixl_ep"] = "torch"
+    # Physical expert slots beyond one per logical expert, spread over the ranks (EPLB replicas).
+    redundant_experts: int = 0
+    # Rebalance experts every this many seconds of serving; 0 = only on demand.
+    eplb_period_s: float = 0.0
+
+
+class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # empty = no key needed for /v1/*
+    admin_token: str = ""  # empty = admin routes open (embedded default only)
+
+
+class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Address ranks use to reach the head; ports 0 = pick free ones.
+    host: str = "127.0.0.1"
+    zmq_port: int = 0
+    store_port: int = 0
+    heartbeat_s: float = 1.0
+    # A rank that hears nothing from the head for this long exits (the head is gone).
+    head_timeout_s: float = 15.0
+    # The head declares a rank dead after this long without a message from it.
+    rank_timeout_s: float = 30.0
+    run_dir: str = "runs/local"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
+    serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
+    """Read a TOML config (None = embedded default) and apply per-section overrides, e.g. serve={"port": 0}."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        with p.open("rb") as f:
+            raw = tomllib.load(f)
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return msgspec.to_builtins(cfg)

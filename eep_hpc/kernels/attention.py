@@ -1,0 +1,101 @@
+"""Paged attention over a block-structured KV cache: torch reference (CPU, tests) behind one entry point.
+
+One call serves a mixed batch: each sequence b contributes `query_lens[b]` new tokens (a prefill chunk or one
+decode token) whose keys/values are first written into the cache, then attends causally to all of its
+`seq_lens[b]` cached tokens. Shapes: T packed new tokens, B sequences, Hq/Hkv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: cache slot receiving each new token's k/v
+    query_start_loc: torch.Tensor  # [B + 1] long (cpu)
+    seq_lens: torch.Tensor  # [B] long (cpu): tokens in the cache after this step
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
+    block_size: int
+    # Derived once per step for the reference path, shared by every layer:
+    kv_index: torch.Tensor  # [B, Lk] slot of each key position (0 where padded)
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool: query i of b may see key j
+    token_batch: torch.Tensor  # [T] sequence of each packed token
+    token_row: torch.Tensor  # [T] its row within the padded query block
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @staticmethod
+    def build(
+        slot_mapping: list[int],
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device,
+    ) -> "AttentionMetadata":
+        B = len(query_lens)
+        lq = max(query_lens, default=0)
+        lk = max(seq_lens, default=0)
+        nblk = max((len(t) for t in block_tables), default=0)
+        tables = torch.zeros(B, max(nblk, 1), dtype=torch.long)
+        for b, t in enumerate(block_tables):
+            tables[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        seq = torch.tensor(seq_lens, dtype=torch.long)
+        qlen = torch.tensor(query_lens, dtype=torch.long)
+        pos = torch.arange(lk)
+        kv_index = tables.gather(1, (pos // block_size).clamp(max=tables.shape[1] - 1).expand(B, lk))
+        kv_index = kv_index * block_size + pos % block_size
+        # query row i of sequence b sits at absolute position seq_len - query_len + i
+        q_pos = (seq - qlen)[:, None] + torch.arange(lq)[None, :]  # [B, Lq]
+        mask = pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk] causal within the cached sequence
+        mask &= (torch.arange(lq)[None, :] < qlen[:, None])[:, :, None]
+        mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key so softmax stays finite
+        token_batch = torch.repeat_interleave(torch.arange(B), qlen)
+        starts = torch.cumsum(qlen, 0) - qlen
+        token_row = torch.arange(int(qlen.sum())) - starts[token_batch]
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(qlen, 0)]),
+            seq_lens=seq,
+            block_tables=tables.to(device),
+            block_size=block_size,
+            kv_index=kv_index.to(device),
+            mask=mask[:, None].to(device),
+            token_batch=token_batch.to(device),
+            token_row=token_row.to(device),
+        )
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
+    """k, v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots [T]."""
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v
+
+
+def paged_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written)."""
+    T, Hq, D = q.shape
+    if T == 0:
+        return q.new_empty(0, Hq, D)
+    B, lq = meta.mask.shape[0], meta.mask.shape[2]
+    keys = k_cache.view(-1, *k_cache.shape[2:])[meta.kv_index]  # [B, Lk, Hkv, D]
+    values = v_cache.view(-1, *v_cache.shape[2:])[meta.kv_index]
+    q_pad = q.new_zeros(B, lq, Hq, D)
+    q_pad[meta.token_batch, meta.token_row] = q
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=meta.mask,
+        scale=scale,
+        enable_gqa=True,
+    )  # [B, Hq, Lq, D]
+    return out.transpose(1, 2)[meta.token_batch, meta.token_row]

@@ -1,0 +1,58 @@
+"""The MoE decoder shared by Qwen3-MoE and Mixtral (they differ only in q/k norm, router renorm and weight names)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eep_hpc.kernels.attention import AttentionMetadata
+from eep_hpc.model.arch import MoEArch
+from eep_hpc.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
+from eep_hpc.model.moe import ExpertParallel, SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: MoEArch, layer: int, rope: RotaryEmbedding, num_local_slots: int):
+        super().__init__()
+        a = arch
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.qk_norm, a.rms_norm_eps, rope)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        if layer in a.dense_layers:
+            self.mlp = DenseMLP(a.hidden_size, a.intermediate_size)
+        else:
+            moe_index = a.moe_layers.index(layer)
+            self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.top_k, a.norm_topk_prob, moe_index, num_local_slots)
+
+    def forward(self, x, positions, kv_cache, meta, ep: ExpertParallel):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, ep) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, arch: MoEArch, num_local_slots: int, max_positions: int):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, rope, num_local_slots) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def moe_blocks(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata, ep: ExpertParallel):
+        """input_ids, positions [T] -> hidden [T, D]. Runs every layer even for T = 0 (MoE collectives)."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, positions, kv, meta, ep)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

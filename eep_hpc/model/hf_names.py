@@ -1,0 +1,28 @@
+"""Hugging Face tensor names of each architecture, mapped onto eep-hpc's module names.
+
+Our modules mirror Hugging Face's layout (model.layers.{i}.self_attn.q_proj ...) except where the architectures
+differ (Mixtral's `block_sparse_moe`, w1/w3/w2) and for experts, which we stack per physical slot.
+"""
+
+from __future__ import annotations
+
+from eep_hpc.model.arch import MoEArch
+
+
+def hf_name(arch: MoEArch, ours: str) -> str:
+    """Name of a non-expert parameter in the checkpoint."""
+    if ours.startswith("lm_head."):
+        return ours
+    name = "model." + ours
+    if arch.kind == "mixtral":
+        name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    return name
+
+
+def expert_names(arch: MoEArch, layer: int, expert: int) -> tuple[str, str, str]:
+    """(gate, up, down) projection names of one logical expert."""
+    if arch.kind == "mixtral":
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+        return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+    p = f"model.layers.{layer}.mlp.experts.{expert}."
+    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"

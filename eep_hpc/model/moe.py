@@ -1,0 +1,56 @@
+"""The sparse MoE block and the expert-parallel context its layers share.
+
+A rank holds only its own physical slots (`w13` [S_local, 2I, D], `w2` [S_local, D, I]); the router runs on every
+rank for its own tokens, and `ExpertParallel` moves (token, expert) pairs to the slot owners and back. Swapping
+epochs or placements replaces `ExpertParallel` and the slot tensors between steps; the layer code never changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.parallel.all_to_all import AllToAll
+from eep_hpc.parallel.expert_map import ExpertMap
+
+
+class ExpertParallel:
+    def __init__(self, expert_map: ExpertMap, all_to_all: AllToAll, num_experts: int):
+        self.map = expert_map
+        self.all_to_all = all_to_all
+        L = expert_map.physical_to_logical.shape[0]
+        self.load = torch.zeros(L, num_experts, dtype=torch.long)  # tokens routed per logical expert, since last take
+
+    def take_load(self) -> torch.Tensor:
+        load, self.load = self.load, torch.zeros_like(self.load)
+        return load
+
+    def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2):
+        ids_cpu = topk_ids.cpu()
+        self.load[layer] += torch.bincount(ids_cpu.reshape(-1), minlength=self.load.shape[1])
+        slots = self.map.choose_slots(layer, ids_cpu)
+        rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
+        y = swiglu_experts_reference(rows, local_slot, w13, w2)
+        return self.all_to_all.combine(y, topk_weights, handle)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool, moe_index: int, num_local_slots: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
+        self.w13 = nn.Parameter(torch.empty(num_local_slots, 2 * intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local_slots, hidden, intermediate), requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (ids [T, k], weights [T, k]): softmax over all experts in fp32, top-k, optional renorm."""
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+        ids, weights = self.route(x)
+        return ep.forward(self.moe_index, x, ids, weights, self.w13, self.w2)

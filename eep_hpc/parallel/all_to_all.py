@@ -1,0 +1,71 @@
+"""MoE dispatch/combine between the ranks of an epoch, behind one interface.
+
+dispatch: each (token, k) pair goes to the rank owning its chosen physical slot; a rank receives rows for its local
+slots. combine: expert outputs go back to the token's rank and are summed over k in a fixed order (k = 0, 1, ...),
+so a token's result does not depend on which rank or replica computed each expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from eep_hpc.parallel.groups import EpochGroup
+
+
+@dataclass
+class DispatchHandle:
+    order: torch.Tensor  # [N] pair index (t * k + j) of each sent row, grouped by destination rank
+    send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int
+    top_k: int
+
+
+class AllToAll(Protocol):
+    def dispatch(
+        self, x: torch.Tensor, slots: torch.Tensor, slot_owner: torch.Tensor, local_start: torch.Tensor | int
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        """x [T, D], slots [T, k] physical -> (rows [M, D], local slot of each row [M], handle)."""
+        ...
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """y [M, D] expert outputs of the received rows, weights [T, k] -> [T, D]."""
+        ...
+
+
+class TorchAllToAll:
+    """all_to_all_single over the epoch's device group (gloo on CPU, NCCL on CUDA)."""
+
+    def __init__(self, group: EpochGroup):
+        self.group = group
+
+    def dispatch(self, x, slots, slot_owner, local_start):
+        T, k = slots.shape
+        owners = slot_owner[slots.reshape(-1)]  # [T*k] destination rank of each pair (cpu)
+        order = torch.argsort(owners, stable=True)
+        send_counts = torch.bincount(owners, minlength=self.group.size).tolist()
+        recv_counts = self.group.all_to_all_counts(send_counts)
+        M = sum(recv_counts)
+        send_rows = x[(order // k).to(x.device)]
+        rows = x.new_empty(M, x.shape[1])
+        self.group.all_to_all(rows, send_rows, recv_counts, send_counts)
+        send_slots = slots.reshape(-1)[order].to(x.device)
+        recv_slots = torch.empty(M, dtype=torch.long, device=x.device)
+        self.group.all_to_all(recv_slots, send_slots, recv_counts, send_counts)
+        handle = DispatchHandle(order, send_counts, recv_counts, T, k)
+        return rows, recv_slots - local_start, handle
+
+    def combine(self, y, weights, handle):
+        T, k = handle.num_tokens, handle.top_k
+        back = y.new_empty(sum(handle.send_counts), y.shape[1])
+        self.group.all_to_all(back, y, handle.send_counts, handle.recv_counts)
+        pairs = y.new_empty(T * k, y.shape[1])
+        pairs[handle.order.to(y.device)] = back
+        pairs = pairs.view(T, k, -1)
+        out = pairs[:, 0] * weights[:, :1]
+        for j in range(1, k):
+            out = out + pairs[:, j] * weights[:, j : j + 1]
+        return out

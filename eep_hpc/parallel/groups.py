@@ -1,0 +1,79 @@
+"""Stateless process groups, one set per epoch, built from the head's TCPStore under the prefix f"{epoch}/".
+
+Never through init_process_group/WORLD: a process destroys one epoch's groups and builds the next of another size.
+`cpu` (gloo) carries small control collectives (is anyone busy, load counts); `device` carries tensors of the
+model's device (NCCL on CUDA; the same gloo group on CPU). A one-rank epoch builds no group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+
+def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class EpochGroup:
+    def __init__(self, store: dist.Store, epoch: int, rank: int, size: int, device: torch.device, timeout_s: float = 60.0):
+        self.epoch, self.rank, self.size, self.device = epoch, rank, size, device
+        self.cpu = self.dev = None
+        if size == 1:
+            return
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{epoch}/cpu/", store), rank, size, timeout)
+        if device.type == "cuda":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{epoch}/nccl/", store), rank, size, opts)
+        else:
+            self.dev = self.cpu
+
+    def all_reduce_max(self, values: list[int]) -> list[int]:
+        if self.cpu is None:
+            return values
+        t = torch.tensor(values, dtype=torch.long)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.cpu.allreduce([t], opts).wait()
+        return t.tolist()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """In place on a CPU tensor."""
+        if self.cpu is not None:
+            self.cpu.allreduce([t]).wait()
+        return t
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        """Rows of `inp` split by in_splits go to each rank; rows from each rank land in `out` by out_splits."""
+        if self.dev is None:
+            out.copy_(inp)
+            return
+        self.dev.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+
+    def all_to_all_counts(self, send_counts: list[int]) -> list[int]:
+        if self.cpu is None:
+            return list(send_counts)
+        send = torch.tensor(send_counts, dtype=torch.long)
+        recv = torch.empty_like(send)
+        self.cpu.alltoall_base(recv, send, [1] * self.size, [1] * self.size, dist.AllToAllOptions()).wait()
+        return recv.tolist()
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        if self.dev is None:
+            return
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.dev.broadcast([t], opts).wait()
+
+    def destroy(self) -> None:
+        for pg in {id(self.cpu): self.cpu, id(self.dev): self.dev}.values():
+            if pg is not None and hasattr(pg, "shutdown"):
+                try:
+                    pg.shutdown()
+                except Exception:  # a group whose peer already died cannot shut down cleanly
+                    pass
+        self.cpu = self.dev = None

@@ -1,0 +1,158 @@
+"""Every message between the head, node agents and ranks, declared once and used by both ends.
+
+Wire format: one ZMQ frame of msgpack per message (msgspec, tagged by class name); no pickle on the wire.
+The head binds a ROUTER socket; each rank connects a DEALER whose identity is `rank_identity(rank_id)`.
+
+Ids: `rank_id` is a stable integer the head assigns when it launches a rank; an *epoch* orders the member ranks
+(`Epoch.rank_ids`), and a rank's index in that list is its rank within that epoch's groups.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the rank needs to pick tokens; stop strings and detokenization stay in the head."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+
+
+# ---- head -> rank -------------------------------------------------------------------------------------------
+
+
+class AddRequest(_Msg):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    # Tokens already produced elsewhere (a request moved from another rank): re-prefilled, not re-sampled.
+    output_token_ids: list[int] = []
+
+
+class AbortRequests(_Msg):
+    request_ids: list[str]
+
+
+class Wake(_Msg):
+    """Work arrived somewhere in the epoch: every member must step so the MoE collectives can run."""
+
+
+class Ping(_Msg):
+    sent_at: float
+
+
+class Epoch(_Msg):
+    """Membership and expert placement of one epoch; groups are built under the store prefix f"{epoch}/"."""
+
+    epoch: int
+    rank_ids: list[int]
+    store_host: str
+    store_port: int
+    # physical_to_logical[layer][slot] = logical expert held in that physical slot.
+    physical_to_logical: list[list[int]]
+    # Slots of epoch rank i are [slot_offsets[i], slot_offsets[i + 1]).
+    slot_offsets: list[int]
+
+
+class Shutdown(_Msg):
+    pass
+
+
+# ---- rank -> head -------------------------------------------------------------------------------------------
+
+
+class RankHello(_Msg):
+    protocol_version: int
+    rank_id: int
+    pid: int
+    host: str
+    device: str
+
+
+class RankReady(_Msg):
+    rank_id: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+
+
+class RequestOutput(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: str = ""
+
+
+class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    steps: int = 0
+    # Tokens routed to each logical expert since the last report, per MoE layer: [layer][expert].
+    expert_load: list[list[int]] = []
+
+
+class StepOutputs(_Msg):
+    rank_id: int
+    outputs: list[RequestOutput]
+    stats: RankStats
+
+
+class Pong(_Msg):
+    rank_id: int
+    sent_at: float
+    stats: RankStats
+
+
+class EpochJoined(_Msg):
+    rank_id: int
+    epoch: int
+
+
+class RankFailed(_Msg):
+    """Sent by a rank that is about to exit because of an error it cannot recover from."""
+
+    rank_id: int
+    error: str
+
+
+HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, Shutdown]
+RankToHead = Union[RankHello, RankReady, StepOutputs, Pong, EpochJoined, RankFailed]
+
+_encoder = msgspec.msgpack.Encoder()
+_to_rank = msgspec.msgpack.Decoder(HeadToRank)
+_to_head = msgspec.msgpack.Decoder(RankToHead)
+
+
+def encode(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_for_rank(data: bytes) -> HeadToRank:
+    return _to_rank.decode(data)
+
+
+def decode_for_head(data: bytes) -> RankToHead:
+    return _to_head.decode(data)
+
+
+def rank_identity(rank_id: int) -> bytes:
+    return f"rank-{rank_id}".encode()
