@@ -1,0 +1,225 @@
+"""Tokenizer of a Hugging Face-format model directory, without transformers.
+
+`Tokenizer` wraps tokenizer.json (the `tokenizers` library) and reads the rest of what a server needs from
+tokenizer_config.json, generation_config.json and config.json: special tokens, end-of-sequence ids and the chat
+template, which is rendered the way transformers renders it (same sandbox, globals and `tojson`).
+`IncrementalDetokenizer` turns a request's stream of output ids into text deltas for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class Tokenizer:
+    """Encode, decode and render chat prompts the way transformers does for the same model directory."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        tokenizer_config: dict[str, Any],
+        eos_token_ids: list[int],
+        chat_template: str | None,
+    ):
+        self.backend = backend
+        # name ("bos_token", ...) -> token text, for the names the config sets
+        self.special_tokens = {
+            name: text
+            for name in SPECIAL_TOKEN_NAMES
+            if (text := _token_text(tokenizer_config.get(name))) is not None
+        }
+        self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
+        self.add_bos_token = bool(tokenizer_config.get("add_bos_token", False))
+        self.add_eos_token = bool(tokenizer_config.get("add_eos_token", False))
+        self.eos_token_ids = eos_token_ids
+        self.chat_template = chat_template
+        self._compiled_template: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        generation_config = _read_json(path / "generation_config.json")
+        model_config = _read_json(path / "config.json")
+
+        eos_ids: list[int] = []
+        eos_text = _token_text(tokenizer_config.get("eos_token"))
+        candidates = [backend.token_to_id(eos_text)] if eos_text is not None else []
+        for config in (generation_config, model_config):
+            value = config.get("eos_token_id")
+            candidates += value if isinstance(value, list) else [value]
+        for token_id in candidates:
+            if token_id is not None and token_id not in eos_ids:
+                eos_ids.append(token_id)
+
+        return cls(backend, tokenizer_config, eos_ids, _read_chat_template(path, tokenizer_config))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included (transformers' `len(tokenizer)`)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if not add_special_tokens:
+            return ids
+        # tokenizer.json's post-processor adds BOS/EOS where the model wants them; add_bos_token/add_eos_token in
+        # tokenizer_config only add what it left out (transformers' model-specific classes rebuild it that way).
+        if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        eos_token_id = self._id_of(self.eos_token)
+        if self.add_eos_token and eos_token_id is not None and ids[-1:] != [eos_token_id]:
+            ids = [*ids, eos_token_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
+    ) -> str:
+        """Render a conversation to the prompt text. Raises ValueError when the template cannot render it."""
+        if self.chat_template is None:
+            raise ValueError("model has no chat template")
+        # Like transformers: keys set to None (OpenAI's `content: null` next to tool_calls) are dropped, because
+        # templates test for a missing key, not for None.
+        messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
+        try:
+            if self._compiled_template is None:
+                self._compiled_template = _chat_environment().from_string(self.chat_template)
+            return self._compiled_template.render(
+                **self.special_tokens,
+                **kwargs,
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+            )
+        # The template is code from the checkpoint and the messages come from a client: whatever goes wrong while
+        # rendering them is a bad request, not a server error.
+        except Exception as error:
+            raise ValueError(f"chat template error: {type(error).__name__}: {error}") from error
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Text deltas of one request's output ids, for streaming.
+
+    Each `add` decodes only a short window of ids: those of the last text returned (the *prefix*, for context such
+    as a leading space or a byte continued from it) and those not yet returned. The text of the window past the
+    prefix is the delta. While the window's text ends with U+FFFD, its last character is still incomplete (a
+    multi-byte character spread over several tokens), so nothing is returned until more ids arrive.
+    Joined, the deltas equal `tokenizer.decode(output_ids)`, except that a character still incomplete when the
+    output ends is only returned by `flush()` (as U+FFFD), and that with prompt context a SentencePiece-style
+    tokenizer keeps the first token's leading space, as the text continues the prompt.
+    """
+
+    PROMPT_CONTEXT = 5  # prompt ids kept as the first prefix, so the first output token decodes in context
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # Window of ids: [0, read_offset) is the prefix, [read_offset, end) is not yet returned.
+        self._window: list[int] = list(prompt_token_ids or [])[-self.PROMPT_CONTEXT :]
+        self._read_offset = len(self._window)
+
+    def add(self, new_ids: list[int]) -> str:
+        """Text that the new ids complete; "" while a character is still incomplete."""
+        self._window.extend(new_ids)
+        prefix_text = self._decode(self._window[: self._read_offset])
+        text = self._decode(self._window)
+        if text.endswith("\ufffd") or len(text) <= len(prefix_text):
+            return ""
+        return self._advance(text[len(prefix_text) :])
+
+    def flush(self) -> str:
+        """The text still held back, incomplete characters as U+FFFD; call once the output has ended."""
+        prefix_text = self._decode(self._window[: self._read_offset])
+        text = self._decode(self._window)
+        return self._advance(text[len(prefix_text) :]) if len(text) > len(prefix_text) else ""
+
+    def _advance(self, delta: str) -> str:
+        # The ids just returned become the next prefix.
+        del self._window[: self._read_offset]
+        self._read_offset = len(self._window)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}…{% endgeneration %}`, which transformers uses to mark assistant tokens for training
+    masks; rendering just keeps the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in: chat templates are untrusted code."""
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    return environment
+
+
+def _read_chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    # Newer checkpoints keep the template in its own file, which transformers prefers to the config entry.
+    if (template_file := path / "chat_template.jinja").exists():
+        return template_file.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # several named templates: [{"name": ..., "template": ...}]
+        named = {entry["name"]: entry["template"] for entry in template}
+        template = named.get("default")
+    return template
+
+
+def _token_text(value: str | dict | None) -> str | None:
+    # A special token is written either as its text or as a serialized AddedToken {"content": ..., ...}.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
