@@ -13,6 +13,8 @@ from typing import Literal, Union
 
 import msgspec
 
+from eep_hpc.config import Config
+
 PROTOCOL_VERSION = 1
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -35,6 +37,17 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop_token_ids: list[int] = []
 
 
+class RankLaunch(msgspec.Struct, kw_only=True):
+    """Everything a rank process needs to start; handed over by the launcher (local or a Slurm node agent)."""
+
+    rank_id: int
+    head_address: str  # tcp://host:port of the head's ROUTER socket
+    model_dir: str
+    eos_token_ids: list[int]
+    device: str  # "cpu" or "cuda:N"
+    config: Config
+
+
 # ---- head -> rank -------------------------------------------------------------------------------------------
 
 
@@ -51,7 +64,13 @@ class AbortRequests(_Msg):
 
 
 class Wake(_Msg):
-    """Work arrived somewhere in the epoch: every member must step so the MoE collectives can run."""
+    """Work arrived somewhere in the epoch: every member must step so the MoE collectives can run.
+
+    Waves are numbered: all members leave wave w together (a collective says nobody has work), then count w + 1.
+    A Wake for an older wave is stale and ignored; the head starts the next wave when it still has requests out.
+    """
+
+    wave: int
 
 
 class Ping(_Msg):
@@ -122,6 +141,13 @@ class Pong(_Msg):
     stats: RankStats
 
 
+class WaveDone(_Msg):
+    """Epoch rank 0 reports that every member ran out of work and left `wave`."""
+
+    rank_id: int
+    wave: int
+
+
 class EpochJoined(_Msg):
     rank_id: int
     epoch: int
@@ -135,7 +161,7 @@ class RankFailed(_Msg):
 
 
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, Shutdown]
-RankToHead = Union[RankHello, RankReady, StepOutputs, Pong, EpochJoined, RankFailed]
+RankToHead = Union[RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankFailed]
 
 _encoder = msgspec.msgpack.Encoder()
 _to_rank = msgspec.msgpack.Decoder(HeadToRank)

@@ -1,0 +1,45 @@
+"""The head's discovery file: where a login-node CLI finds the running head (API URL, coordinator address).
+
+Written to <run_dir>/head.json with mode 600, since it may point at secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import msgspec
+
+FILE_NAME = "head.json"
+
+
+class HeadInfo(msgspec.Struct, kw_only=True):
+    api_url: str
+    coordinator: str
+    pid: int
+    host: str
+    model: str
+    admin_token_file: str = ""
+
+
+def write(run_dir: str | Path, info: HeadInfo) -> Path:
+    path = Path(run_dir) / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(info))
+    os.replace(tmp, path)
+    return path
+
+
+def read(run_dir: str | Path) -> HeadInfo:
+    path = Path(run_dir) / FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no running head found: {path} does not exist (is `eep-hpc serve` running with this run dir?)")
+    return msgspec.json.decode(path.read_bytes(), type=HeadInfo)
+
+
+def remove(run_dir: str | Path) -> None:
+    (Path(run_dir) / FILE_NAME).unlink(missing_ok=True)

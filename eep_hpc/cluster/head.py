@@ -1,0 +1,87 @@
+"""The head process: coordinator + HTTP API in one event loop (what `eep-hpc serve` and sbatch/head.sh run)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from eep_hpc.cluster import discovery
+from eep_hpc.cluster.local import LocalLauncher
+from eep_hpc.config import TINY_MODEL, Config
+from eep_hpc.elastic.coordinator import Coordinator
+from eep_hpc.engine.rank_engine import max_model_len
+from eep_hpc.model.arch import load_arch
+from eep_hpc.model.tiny import ensure_tiny_checkpoint
+from eep_hpc.model.tokenizer import Tokenizer
+
+log = logging.getLogger("eep_hpc.head")
+
+
+def resolve_model_dir(cfg: Config) -> Path:
+    if cfg.model.path == TINY_MODEL:
+        return ensure_tiny_checkpoint()
+    path = Path(cfg.model.path).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path} has no config.json (expected a Hugging Face-format directory)")
+    return path
+
+
+def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
+    model_dir = resolve_model_dir(cfg)
+    arch = load_arch(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    eos = list(dict.fromkeys([*tokenizer.eos_token_ids, *arch.eos_token_ids]))
+    launcher = launcher or LocalLauncher(cfg.control.run_dir, cfg.parallel.device)
+    return Coordinator(cfg, launcher, str(model_dir), eos, arch.num_experts, len(arch.moe_layers),
+                       model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)
+
+
+class Head:
+    def __init__(self, cfg: Config, launcher=None):
+        from eep_hpc.serve.app import create_app
+
+        self.cfg = cfg
+        self.coordinator = build_coordinator(cfg, launcher)
+        self.app = create_app(self.coordinator, cfg.serve)
+        self.url = ""
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready=None) -> None:
+        """Start ranks, serve HTTP until request_stop() (or SIGINT/SIGTERM), then shut everything down."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (ValueError, RuntimeError):  # not the main thread (tests run heads in threads)
+                pass
+        server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
+                                               lifespan="off", timeout_graceful_shutdown=5))
+        try:
+            await self.coordinator.start(cfg.parallel.ranks)
+            serve_task = asyncio.create_task(server.serve())
+            while not server.started:
+                if serve_task.done():
+                    raise RuntimeError(f"HTTP server failed to start on {cfg.serve.host}:{cfg.serve.port}")
+                await asyncio.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            self.url = f"http://{cfg.serve.host}:{port}"
+            discovery.write(cfg.control.run_dir, discovery.HeadInfo(
+                api_url=self.url, coordinator=self.coordinator.address, pid=__import__("os").getpid(),
+                host=socket.gethostname(), model=self.coordinator.model_name))
+            if on_ready is not None:
+                on_ready(self)
+            await self._stop.wait()
+            server.should_exit = True
+            await serve_task
+        finally:
+            discovery.remove(cfg.control.run_dir)
+            await self.coordinator.stop()

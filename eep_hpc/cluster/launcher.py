@@ -1,0 +1,26 @@
+"""How ranks are started and stopped: one interface, a local backend now (submitit's LocalExecutor) and Slurm
+node jobs later. The coordinator only ever sees `RankJob`s."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from eep_hpc.protocol import RankLaunch
+
+
+class RankJob(Protocol):
+    job_id: str
+
+    def alive(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    def launch(self, launches: list[RankLaunch]) -> list[RankJob]: ...
+
+    def device_for(self, index: int) -> str:
+        """Device string for the index-th rank this launcher places (cpu, or cuda:N)."""
+        ...

@@ -1,0 +1,79 @@
+"""Local ranks: one submitit LocalExecutor job per rank (the embedded default, no Slurm).
+
+Each job runs `run_rank` in a fresh Python process; its stdout/stderr land in the run directory's jobs/ folder.
+Ranks use one GPU each where GPUs exist (device "auto"/"cuda"), else the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import submitit
+import torch
+
+from eep_hpc.engine.rank_main import run_rank
+from eep_hpc.protocol import RankLaunch
+
+
+class LocalRankJob:
+    def __init__(self, job: submitit.local.local.LocalJob):
+        self.job = job
+        self.job_id = f"local-{job.job_id}"
+
+    def alive(self) -> bool:
+        return self.job.state == "RUNNING"
+
+    def cancel(self) -> None:
+        if self.alive():
+            self.job.cancel()
+
+    def pids(self) -> list[int]:
+        """The job's controller process and the rank process under it."""
+        proc = self.job._process
+        if proc is None or proc.poll() is not None:
+            return []
+        return [proc.pid, *child_pids(proc.pid)]
+
+    def kill(self) -> None:
+        """SIGKILL without notice (the rank gets no chance to hand anything off)."""
+        for pid in reversed(self.pids()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.job._process is not None:
+            self.job._process.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class LocalLauncher:
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
+        self.folder = Path(run_dir) / "jobs"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.num_gpus = torch.cuda.device_count() if use_cuda else 0
+        if device == "cuda" and self.num_gpus == 0:
+            raise RuntimeError("device = 'cuda' but no CUDA GPU is visible")
+        self.next_gpu = 0
+
+    def device_for(self, index: int) -> str:
+        # each rank sees only its own GPU (CUDA_VISIBLE_DEVICES set per job), so it is always cuda:0
+        return "cuda:0" if self.num_gpus else "cpu"
+
+    def launch(self, launches: list[RankLaunch]) -> list[LocalRankJob]:
+        jobs = []
+        for launch in launches:
+            executor = submitit.LocalExecutor(folder=self.folder)
+            gpu = {"gpus_per_node": 1, "visible_gpus": [self.next_gpu % self.num_gpus]} if self.num_gpus else {}
+            self.next_gpu += 1
+            executor.update_parameters(timeout_min=60 * 24 * 365, **gpu)
+            jobs.append(LocalRankJob(executor.submit(run_rank, launch)))
+        return jobs

@@ -1,0 +1,329 @@
+"""The coordinator: the only place that decides. It runs in the head's event loop next to the HTTP API.
+
+Protocol with the ranks (messages in protocol.py, one ROUTER socket here, one DEALER per rank):
+1. The launcher starts a rank with a RankLaunch; the rank connects and says RankHello.
+2. Once the wanted ranks said hello, the coordinator sends them an Epoch (ordered members, expert placement, the
+   TCPStore to build groups from). Each builds its groups and its model share, then says RankReady + EpochJoined.
+3. Serving: each request goes to one rank (AddRequest), chosen by load (requests in flight, KV use). A request
+   that arrives while the ranks are idle starts a wave (Wake to every member, since each MoE layer needs all of
+   them); rank 0 reports WaveDone when all ran out of work, and a new wave starts if requests are still out.
+   Outputs come back as StepOutputs and are fanned out to per-request queues.
+4. Ping every heartbeat; a rank that stops answering, fails, or whose job dies is marked FAILED and its requests
+   end with an error (fault tolerance moves them instead, in a later layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum, auto, unique
+
+import torch.distributed as dist
+import zmq
+import zmq.asyncio
+
+from eep_hpc import protocol as P
+from eep_hpc.cluster.launcher import Launcher, RankJob
+from eep_hpc.config import Config
+from eep_hpc.parallel.eplb import Placement, initial_placement
+
+log = logging.getLogger("eep_hpc.coordinator")
+
+
+@unique
+class RankState(Enum):
+    LAUNCHED = auto()  # job submitted, no hello yet
+    CONNECTED = auto()  # said hello, not in an epoch yet
+    READY = auto()  # member of the current epoch, serving
+    FAILED = auto()
+    EXITED = auto()
+
+
+@dataclass
+class RankRecord:
+    rank_id: int
+    job: RankJob
+    state: RankState = RankState.LAUNCHED
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+    stats: P.RankStats = field(default_factory=P.RankStats)
+    last_seen: float = field(default_factory=time.monotonic)
+    in_flight: set[str] = field(default_factory=set)
+    num_kv_blocks: int = 0
+
+
+@dataclass
+class Stream:
+    queue: asyncio.Queue
+    rank_id: int
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def slots_per_rank(num_experts: int, redundant: int, num_ranks: int) -> list[int]:
+    per_rank = -(-(num_experts + redundant) // num_ranks)
+    return [per_rank] * num_ranks
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, launcher: Launcher, model_dir: str, eos_token_ids: list[int],
+                 num_experts: int, num_moe_layers: int, model_name: str = "", max_model_len: int = 0, tokenizer=None):
+        self.cfg, self.launcher = cfg, launcher
+        # what the HTTP front reads (serve.engine_client.EngineClient)
+        self.model_name, self.max_model_len, self.tokenizer = model_name, max_model_len, tokenizer
+        self.model_dir, self.eos_token_ids = model_dir, eos_token_ids
+        self.num_experts, self.num_moe_layers = num_experts, num_moe_layers
+        self.ranks: dict[int, RankRecord] = {}
+        self.members: list[int] = []  # rank ids of the current epoch, in epoch-rank order
+        self.epoch = -1
+        self.placement: Placement | None = None
+        self.streams: dict[str, Stream] = {}
+        self.wave = 0
+        self.wave_running = False
+        self.next_rank_id = 0
+        self.address = ""
+        self._tasks: list[asyncio.Task] = []
+        self._changed = asyncio.Event()  # any rank state change, for waiters
+        self._stopping = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self, num_ranks: int, timeout_s: float = 300.0) -> None:
+        ctl = self.cfg.control
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if ctl.zmq_port:
+            self.sock.bind(f"tcp://{ctl.host}:{ctl.zmq_port}")
+        else:
+            self.sock.bind_to_random_port(f"tcp://{ctl.host}")
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.store = dist.TCPStore(ctl.host, ctl.store_port, is_master=True, wait_for_workers=False)
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        ids = self.launch(num_ranks)
+        await self._wait_for(lambda: all(self.ranks[i].state == RankState.CONNECTED for i in ids), timeout_s,
+                             f"{num_ranks} rank(s) to start")
+        self.form_epoch(ids, initial_placement(self.num_moe_layers, self.num_experts,
+                                               slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts, len(ids))))
+        await self._wait_for(lambda: all(self.ranks[i].state == RankState.READY for i in ids), timeout_s,
+                             "the ranks to load the model")
+        log.info("serving on %d rank(s), epoch %d", len(ids), self.epoch)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        self._stopping = True
+        for stream in self.streams.values():
+            stream.queue.put_nowait(P.RequestOutput(request_id="", new_token_ids=[], finish_reason="abort",
+                                                    error="server shutting down"))
+        for rec in self.ranks.values():
+            if rec.state not in (RankState.FAILED, RankState.EXITED):
+                self.send(rec.rank_id, P.Shutdown())
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(r.job.alive() for r in self.ranks.values()):
+            await asyncio.sleep(0.1)
+        for rec in self.ranks.values():
+            if rec.job.alive():
+                log.warning("rank %d did not exit in %.0f s, killing it", rec.rank_id, grace_s)
+                rec.job.kill()
+            rec.state = RankState.EXITED
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.close(linger=0)
+        self.ctx.term()
+        del self.store
+
+    def launch(self, n: int) -> list[int]:
+        launches = []
+        for _ in range(n):
+            rid = self.next_rank_id
+            self.next_rank_id += 1
+            launches.append(P.RankLaunch(rank_id=rid, head_address=self.address, model_dir=self.model_dir,
+                                         eos_token_ids=self.eos_token_ids, device=self.launcher.device_for(rid),
+                                         config=self.cfg))
+        for launch, job in zip(launches, self.launcher.launch(launches)):
+            self.ranks[launch.rank_id] = RankRecord(launch.rank_id, job)
+        return [launch.rank_id for launch in launches]
+
+    def form_epoch(self, rank_ids: list[int], placement: Placement) -> None:
+        self.epoch += 1
+        self.members, self.placement = list(rank_ids), placement
+        msg = P.Epoch(epoch=self.epoch, rank_ids=self.members, store_host=self.cfg.control.host,
+                      store_port=self.store.port, physical_to_logical=placement.physical_to_logical.tolist(),
+                      slot_offsets=list(placement.slot_offsets))
+        for rid in self.members:
+            self.send(rid, msg)
+
+    async def _wait_for(self, cond, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            failed = [r.rank_id for r in self.ranks.values() if r.state == RankState.FAILED]
+            if failed:
+                raise StartupError(f"rank(s) {failed} failed while waiting for {what}; see {self.cfg.control.run_dir}/jobs")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- engine client --------------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return not self._stopping and any(self.ranks[r].state == RankState.READY for r in self.members)
+
+    def route(self) -> RankRecord:
+        ready = [self.ranks[r] for r in self.members if self.ranks[r].state == RankState.READY]
+        if not ready:
+            raise RuntimeError("no rank is ready to serve")
+
+        def load(rec: RankRecord):
+            total = rec.stats.kv_blocks_total or 1
+            return (len(rec.in_flight), rec.stats.kv_blocks_used / total, rec.rank_id)
+
+        return min(ready, key=load)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
+        rec = self.route()
+        stream = Stream(asyncio.Queue(), rec.rank_id)
+        self.streams[request_id] = stream
+        rec.in_flight.add(request_id)
+        self.send(rec.rank_id, P.AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling))
+        self._start_wave()
+        finished = False
+        try:
+            while True:
+                out = await stream.queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            owner = self.ranks.get(stream.rank_id)
+            if owner is not None:
+                owner.in_flight.discard(request_id)
+                if not finished and owner.state == RankState.READY:
+                    self.send(owner.rank_id, P.AbortRequests(request_ids=[request_id]))
+
+    async def abort(self, request_id: str) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            self.send(stream.rank_id, P.AbortRequests(request_ids=[request_id]))
+            stream.queue.put_nowait(P.RequestOutput(request_id=request_id, new_token_ids=[], finish_reason="abort"))
+
+    def _start_wave(self) -> None:
+        if self.wave_running:
+            return
+        self.wave_running = True
+        for rid in self.members:
+            self.send(rid, P.Wake(wave=self.wave))
+
+    # ---- messages -------------------------------------------------------------------------------------------
+
+    def send(self, rank_id: int, msg) -> None:
+        try:
+            self.sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # not connected (yet, or any more)
+            log.debug("cannot send %s to rank %d: %s", type(msg).__name__, rank_id, e)
+
+    async def _recv_loop(self) -> None:
+        while True:
+            _, data = await self.sock.recv_multipart()
+            try:
+                self.handle(P.decode_for_head(data))
+            except Exception:
+                log.exception("bad message from a rank")
+
+    def handle(self, msg) -> None:
+        rec = self.ranks.get(msg.rank_id)
+        if rec is None:
+            log.warning("message from unknown rank %d ignored", msg.rank_id)
+            return
+        rec.last_seen = time.monotonic()
+        match msg:
+            case P.StepOutputs(outputs=outputs, stats=stats):
+                rec.stats = stats
+                for out in outputs:
+                    stream = self.streams.get(out.request_id)
+                    if stream is not None:
+                        stream.queue.put_nowait(out)
+            case P.Pong(stats=stats):
+                rec.stats = stats
+            case P.WaveDone(wave=w):
+                if w == self.wave:
+                    self.wave, self.wave_running = w + 1, False
+                    if self.streams:
+                        self._start_wave()
+            case P.RankHello(protocol_version=v):
+                if v != P.PROTOCOL_VERSION:
+                    log.error("rank %d speaks protocol %d, head %d", msg.rank_id, v, P.PROTOCOL_VERSION)
+                    self._fail(rec, "protocol version mismatch")
+                else:
+                    rec.host, rec.pid, rec.device, rec.state = msg.host, msg.pid, msg.device, RankState.CONNECTED
+            case P.RankReady(num_kv_blocks=blocks):
+                rec.num_kv_blocks = blocks
+            case P.EpochJoined(epoch=e):
+                if e == self.epoch:
+                    rec.state = RankState.READY
+            case P.RankFailed(error=err):
+                log.error("rank %d failed: %s", msg.rank_id, err)
+                self._fail(rec, err.splitlines()[0] if err else "rank failed")
+        self._changed.set()
+
+    def _fail(self, rec: RankRecord, why: str) -> None:
+        rec.state = RankState.FAILED
+        for rid in list(rec.in_flight):
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.queue.put_nowait(P.RequestOutput(request_id=rid, new_token_ids=[], finish_reason="error",
+                                                        error=f"rank {rec.rank_id} failed: {why}"))
+        rec.in_flight.clear()
+        self._changed.set()
+
+    async def _heartbeat_loop(self) -> None:
+        ctl = self.cfg.control
+        while True:
+            await asyncio.sleep(ctl.heartbeat_s)
+            now = time.monotonic()
+            for rec in self.ranks.values():
+                if rec.state in (RankState.FAILED, RankState.EXITED):
+                    continue
+                if not rec.job.alive():
+                    self._fail(rec, "its process exited")
+                elif rec.state != RankState.LAUNCHED and now - rec.last_seen > ctl.rank_timeout_s:
+                    self._fail(rec, f"no message for {ctl.rank_timeout_s:.0f} s")
+                elif rec.state != RankState.LAUNCHED:
+                    self.send(rec.rank_id, P.Ping(sent_at=time.time()))
+
+    # ---- state for status / admin ---------------------------------------------------------------------------
+
+    def cluster_state(self) -> dict:
+        ranks = []
+        for rec in self.ranks.values():
+            if rec.state == RankState.EXITED:
+                continue
+            s = rec.stats
+            ranks.append({
+                "rank_id": rec.rank_id,
+                "epoch_rank": self.members.index(rec.rank_id) if rec.rank_id in self.members else None,
+                "state": rec.state.name,
+                "host": rec.host, "pid": rec.pid, "device": rec.device, "job_id": rec.job.job_id,
+                "requests_in_flight": len(rec.in_flight),
+                "num_running": s.num_running, "num_waiting": s.num_waiting,
+                "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.kv_blocks_total,
+            })
+        placement = None
+        if self.placement is not None:
+            placement = {"slot_offsets": list(self.placement.slot_offsets),
+                         "physical_to_logical": self.placement.physical_to_logical.tolist()}
+        return {"epoch": self.epoch, "members": self.members, "wave": self.wave, "ranks": ranks,
+                "requests_in_flight": len(self.streams), "placement": placement}

@@ -1,0 +1,122 @@
+"""One rank's engine core, in process: scheduler + KV blocks + model runner + sampler, for the current epoch.
+
+It knows nothing of sockets: `add`, `abort`, `step` and `stats` are plain calls (tests drive it directly); the
+rank process (rank_main.py) feeds it from ZMQ. `step` runs every layer even with an empty batch, because the MoE
+collectives of an epoch need every member.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eep_hpc.config import Config
+from eep_hpc.engine.block_manager import BlockManager
+from eep_hpc.engine.model_runner import ModelRunner, kv_block_bytes
+from eep_hpc.engine.sampler import sample
+from eep_hpc.engine.scheduler import Scheduler, SchedulerOutput
+from eep_hpc.engine.sequence import Sequence
+from eep_hpc.model.arch import MoEArch
+from eep_hpc.model.decoder import MoEForCausalLM
+from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.protocol import AddRequest, RankStats, RequestOutput
+
+
+def resolve_dtype(cfg: Config, arch: MoEArch, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    if device.type == "cpu":
+        return torch.float32  # CPU matmuls in bf16 are slow and less exact
+    return arch.torch_dtype if arch.torch_dtype != torch.float32 else torch.bfloat16
+
+
+def max_model_len(cfg: Config, arch: MoEArch) -> int:
+    return min(cfg.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+
+
+def num_kv_blocks_for(cfg: Config, arch: MoEArch, device: torch.device, dtype: torch.dtype) -> int:
+    e = cfg.engine
+    if e.num_kv_blocks:
+        return e.num_kv_blocks
+    per_block = kv_block_bytes(arch, e.block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1 - e.gpu_memory_utilization)
+    else:
+        budget = e.kv_cache_gib * 2**30
+    blocks = int(budget // per_block)
+    if blocks < 2:
+        raise RuntimeError(f"no room for a KV cache: {budget / 2**20:.0f} MiB left, {per_block} bytes per block")
+    return blocks
+
+
+class RankEngine:
+    def __init__(self, cfg: Config, model: MoEForCausalLM, ep: ExpertParallel, num_kv_blocks: int,
+                 eos_token_ids: list[int], device: torch.device, dtype: torch.dtype):
+        self.cfg, self.model, self.ep, self.device = cfg, model, ep, device
+        self.max_model_len = max_model_len(cfg, model.arch)
+        self.block_manager = BlockManager(num_kv_blocks, cfg.engine.block_size)
+        self.scheduler = Scheduler(cfg.engine, self.block_manager, self.max_model_len, eos_token_ids)
+        self.runner = ModelRunner(model, num_kv_blocks, cfg.engine.block_size, device, dtype)
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(cfg.engine.seed)
+        self.steps = 0
+
+    def add(self, msg: AddRequest) -> None:
+        self.scheduler.add(Sequence.from_add_request(msg))
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over whatever is scheduled (possibly nothing) -> outputs of sequences that advanced."""
+        out: SchedulerOutput = self.scheduler.schedule()
+        batch = [(s.seq, s.num_new_tokens) for s in out.scheduled]
+        logits, sampling_rows = self.runner.run(batch, self.block_manager, self.ep)
+        self.steps += 1
+        sampled: list[int | None] = [None] * len(batch)
+        if sampling_rows:
+            seqs = [batch[i][0] for i in sampling_rows]
+            for i, tok in zip(sampling_rows, sample(logits, seqs, self.generator, self.eos_token_ids)):
+                sampled[i] = tok
+        if out.is_empty:
+            return []
+        return self.scheduler.postprocess(out, sampled)
+
+    def stats(self, with_load: bool = False) -> RankStats:
+        bm = self.block_manager
+        return RankStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_used_blocks + bm.num_free_blocks,
+            steps=self.steps,
+            expert_load=self.ep.take_load().tolist() if with_load else [],
+        )
+
+
+def build_engine(launch, epoch_msg, group) -> RankEngine:
+    """Build the model with this rank's expert slots of `epoch_msg`, its KV cache, scheduler and sampler."""
+    from pathlib import Path
+
+    from eep_hpc.model.arch import load_arch
+    from eep_hpc.model.loader import build_model
+    from eep_hpc.parallel.all_to_all import TorchAllToAll
+    from eep_hpc.parallel.expert_map import ExpertMap
+
+    cfg = launch.config
+    device = torch.device(launch.device)
+    arch = load_arch(launch.model_dir)
+    dtype = resolve_dtype(cfg, arch, device)
+    my_rank = epoch_msg.rank_ids.index(launch.rank_id)
+    expert_map = ExpertMap(epoch_msg.physical_to_logical, epoch_msg.slot_offsets, my_rank, arch.num_experts)
+    local = [expert_map.local_logical(layer) for layer in range(len(arch.moe_layers))]
+    model = build_model(arch, cfg.model, Path(launch.model_dir), local, max_model_len(cfg, arch), device, dtype)
+    ep = ExpertParallel(expert_map, TorchAllToAll(group), arch.num_experts)
+    blocks = num_kv_blocks_for(cfg, arch, device, dtype)
+    # every rank of an epoch sizes its cache like the smallest, so routing by KV use compares like with like
+    blocks = -group.all_reduce_max([-blocks])[0]
+    return RankEngine(cfg, model, ep, blocks, launch.eos_token_ids, device, dtype)
