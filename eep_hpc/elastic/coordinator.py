@@ -105,6 +105,8 @@ class Coordinator:
         else:
             self.sock.bind_to_random_port(f"tcp://{ctl.host}")
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        # sends never wait: a synchronous view of the same socket raises at once for a rank that is not connected
+        self._send_sock = zmq.Socket.shadow(self.sock.underlying)
         self.store = dist.TCPStore(ctl.host, ctl.store_port, is_master=True, wait_for_workers=False)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
         ids = self.launch(num_ranks)
@@ -231,7 +233,7 @@ class Coordinator:
 
     def send(self, rank_id: int, msg) -> None:
         try:
-            self.sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
+            self._send_sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:  # not connected (yet, or any more)
             log.debug("cannot send %s to rank %d: %s", type(msg).__name__, rank_id, e)
 

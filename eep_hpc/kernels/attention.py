@@ -55,7 +55,8 @@ class AttentionMetadata:
         q_pos = (seq - qlen)[:, None] + torch.arange(lq)[None, :]  # [B, Lq]
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk] causal within the cached sequence
         mask &= (torch.arange(lq)[None, :] < qlen[:, None])[:, :, None]
-        mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key so softmax stays finite
+        if lk:
+            mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key so softmax stays finite
         token_batch = torch.repeat_interleave(torch.arange(B), qlen)
         starts = torch.cumsum(qlen, 0) - qlen
         token_row = torch.arange(int(qlen.sum())) - starts[token_batch]

@@ -63,7 +63,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(T, -1))
+        return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 
 
 class DenseMLP(nn.Module):

@@ -64,7 +64,7 @@ class TorchAllToAll:
         self.group.all_to_all(back, y, handle.send_counts, handle.recv_counts)
         pairs = y.new_empty(T * k, y.shape[1])
         pairs[handle.order.to(y.device)] = back
-        pairs = pairs.view(T, k, -1)
+        pairs = pairs.view(T, k, y.shape[1])
         out = pairs[:, 0] * weights[:, :1]
         for j in range(1, k):
             out = out + pairs[:, j] * weights[:, j : j + 1]
