@@ -90,6 +90,36 @@ class Epoch(_Msg):
     slot_offsets: list[int]
 
 
+class PrepareEpoch(_Msg):
+    """Get ready for epoch `target` while the current one keeps serving (grow, shrink, rebalance).
+
+    Participants are old and new members together, ordered: that order is their rank in the transfer group
+    (f"{epoch}/xfer/"). Ranks joining build their model skeleton first and say RankStaged; the rest act only once
+    every current member has this message (agreed by a collective at a step boundary), then all copy experts per
+    `moves` into staging and the new members build the epoch's groups. Each answers EpochPrepared or PrepareFailed.
+    """
+
+    target: Epoch
+    participants: list[int]
+    # One row per expert copy: [moe_layer, logical_expert, src_rank_id, dst_rank_id, dst_global_slot].
+    moves: list[list[int]]
+    # KV blocks a joining rank allocates (the smallest figure of the current ranks); 0 = size its own.
+    num_kv_blocks: int = 0
+
+
+class CommitEpoch(_Msg):
+    """Switch to the prepared epoch at the next common step boundary; members then step in wave `wave`."""
+
+    epoch: int
+    wave: int
+
+
+class AbortEpoch(_Msg):
+    """Drop whatever was prepared for `epoch` and stay on the current one."""
+
+    epoch: int
+
+
 class Shutdown(_Msg):
     pass
 
@@ -153,6 +183,33 @@ class EpochJoined(_Msg):
     epoch: int
 
 
+class RankStaged(_Msg):
+    """A joining rank has its model skeleton and KV cache and waits for the expert transfer."""
+
+    rank_id: int
+    epoch: int
+
+
+class EpochPrepared(_Msg):
+    rank_id: int
+    epoch: int
+    bytes_received: int
+    seconds: float
+
+
+class PrepareFailed(_Msg):
+    rank_id: int
+    epoch: int
+    error: str
+
+
+class EpochLeft(_Msg):
+    """A rank that is not a member of the committed epoch has left the groups and waits for Shutdown."""
+
+    rank_id: int
+    epoch: int
+
+
 class RankFailed(_Msg):
     """Sent by a rank that is about to exit because of an error it cannot recover from."""
 
@@ -160,8 +217,11 @@ class RankFailed(_Msg):
     error: str
 
 
-HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, Shutdown]
-RankToHead = Union[RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankFailed]
+HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
+RankToHead = Union[
+    RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
+    RankFailed,
+]
 
 _encoder = msgspec.msgpack.Encoder()
 _to_rank = msgspec.msgpack.Decoder(HeadToRank)

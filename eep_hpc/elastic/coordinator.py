@@ -28,7 +28,8 @@ import zmq.asyncio
 from eep_hpc import protocol as P
 from eep_hpc.cluster.launcher import Launcher, RankJob
 from eep_hpc.config import Config
-from eep_hpc.parallel.eplb import Placement, initial_placement
+from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
+from eep_hpc.parallel.eplb import Placement, align_previous, initial_placement, plan_moves, rebalance
 
 log = logging.getLogger("eep_hpc.coordinator")
 
@@ -38,6 +39,7 @@ class RankState(Enum):
     LAUNCHED = auto()  # job submitted, no hello yet
     CONNECTED = auto()  # said hello, not in an epoch yet
     READY = auto()  # member of the current epoch, serving
+    DRAINING = auto()  # member until the next commit; gets no new requests
     FAILED = auto()
     EXITED = auto()
 
@@ -60,6 +62,11 @@ class RankRecord:
 class Stream:
     queue: asyncio.Queue
     rank_id: int
+    prompt_token_ids: list[int]
+    sampling: P.SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    last_token_at: float = field(default_factory=time.monotonic)
+    watch_gap: bool = False  # measure its next inter-token gap (around a commit)
 
 
 class StartupError(RuntimeError):
@@ -81,7 +88,8 @@ class Coordinator:
         self.num_experts, self.num_moe_layers = num_experts, num_moe_layers
         self.ranks: dict[int, RankRecord] = {}
         self.members: list[int] = []  # rank ids of the current epoch, in epoch-rank order
-        self.epoch = -1
+        self.epoch = -1  # the epoch serving now
+        self.last_epoch_number = -1  # the highest epoch number handed out (prepared ones included)
         self.placement: Placement | None = None
         self.streams: dict[str, Stream] = {}
         self.wave = 0
@@ -91,6 +99,10 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._changed = asyncio.Event()  # any rank state change, for waiters
         self._stopping = False
+        self.event: ScaleEvent | None = None  # the scaling event in progress
+        self.history: list[ScaleEvent] = []
+        self.expert_load = None  # [L, E] tokens per logical expert since the last rebalance
+        self._acks: dict[tuple[str, int], set[int]] = {}  # (message kind, epoch) -> rank ids that sent it
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -154,7 +166,7 @@ class Coordinator:
         return [launch.rank_id for launch in launches]
 
     def form_epoch(self, rank_ids: list[int], placement: Placement) -> None:
-        self.epoch += 1
+        self.epoch = self.last_epoch_number = self.last_epoch_number + 1
         self.members, self.placement = list(rank_ids), placement
         msg = P.Epoch(epoch=self.epoch, rank_ids=self.members, store_host=self.cfg.control.host,
                       store_port=self.store.port, physical_to_logical=placement.physical_to_logical.tolist(),
@@ -162,11 +174,13 @@ class Coordinator:
         for rid in self.members:
             self.send(rid, msg)
 
-    async def _wait_for(self, cond, timeout_s: float, what: str) -> None:
+    async def _wait_for(self, cond, timeout_s: float, what: str, watch: list[int] | None = None,
+                        raise_on_failed: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
         while not cond():
-            failed = [r.rank_id for r in self.ranks.values() if r.state == RankState.FAILED]
-            if failed:
+            watched = self.ranks.values() if watch is None else [self.ranks[r] for r in watch]
+            failed = [r.rank_id for r in watched if r.state == RankState.FAILED]
+            if failed and raise_on_failed:
                 raise StartupError(f"rank(s) {failed} failed while waiting for {what}; see {self.cfg.control.run_dir}/jobs")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -195,7 +209,7 @@ class Coordinator:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
         rec = self.route()
-        stream = Stream(asyncio.Queue(), rec.rank_id)
+        stream = Stream(asyncio.Queue(), rec.rank_id, prompt_token_ids, sampling)
         self.streams[request_id] = stream
         rec.in_flight.add(request_id)
         self.send(rec.rank_id, P.AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling))
@@ -213,7 +227,7 @@ class Coordinator:
             owner = self.ranks.get(stream.rank_id)
             if owner is not None:
                 owner.in_flight.discard(request_id)
-                if not finished and owner.state == RankState.READY:
+                if not finished and owner.state in (RankState.READY, RankState.DRAINING):
                     self.send(owner.rank_id, P.AbortRequests(request_ids=[request_id]))
 
     async def abort(self, request_id: str) -> None:
@@ -254,12 +268,25 @@ class Coordinator:
         match msg:
             case P.StepOutputs(outputs=outputs, stats=stats):
                 rec.stats = stats
+                now = time.monotonic()
                 for out in outputs:
                     stream = self.streams.get(out.request_id)
-                    if stream is not None:
-                        stream.queue.put_nowait(out)
+                    if stream is None or stream.rank_id != msg.rank_id:  # finished, or moved to another rank
+                        continue
+                    if out.new_token_ids:
+                        self._note_token(stream, now)
+                        stream.output_token_ids += out.new_token_ids
+                    stream.queue.put_nowait(out)
             case P.Pong(stats=stats):
                 rec.stats = stats
+                self._add_load(stats.expert_load)
+            case P.RankStaged(epoch=e) | P.EpochPrepared(epoch=e) | P.EpochLeft(epoch=e):
+                self._acks.setdefault((type(msg).__name__, e), set()).add(msg.rank_id)
+                if isinstance(msg, P.EpochPrepared) and self.event is not None and self.event.epoch == e:
+                    self.event.bytes_moved += msg.bytes_received
+            case P.PrepareFailed(epoch=e, error=err):
+                log.error("rank %d could not prepare epoch %d: %s", msg.rank_id, e, err)
+                self._acks.setdefault(("PrepareFailed", e), set()).add(msg.rank_id)
             case P.WaveDone(wave=w):
                 if w == self.wave:
                     self.wave, self.wave_running = w + 1, False
@@ -274,12 +301,29 @@ class Coordinator:
             case P.RankReady(num_kv_blocks=blocks):
                 rec.num_kv_blocks = blocks
             case P.EpochJoined(epoch=e):
+                self._acks.setdefault(("EpochJoined", e), set()).add(msg.rank_id)
                 if e == self.epoch:
                     rec.state = RankState.READY
             case P.RankFailed(error=err):
                 log.error("rank %d failed: %s", msg.rank_id, err)
                 self._fail(rec, err.splitlines()[0] if err else "rank failed")
         self._changed.set()
+
+    def _note_token(self, stream: Stream, now: float) -> None:
+        if stream.watch_gap and self.event is not None:
+            gap_ms = (now - stream.last_token_at) * 1000
+            self.event.commit_pause_ms = max(self.event.commit_pause_ms, gap_ms)
+            if self.event.phase != ScalePhase.COMMITTING:
+                stream.watch_gap = False
+        stream.last_token_at = now
+
+    def _add_load(self, load: list[list[int]]) -> None:
+        if not load:
+            return
+        import torch
+
+        t = torch.tensor(load, dtype=torch.float64)
+        self.expert_load = t if self.expert_load is None else self.expert_load + t
 
     def _fail(self, rec: RankRecord, why: str) -> None:
         rec.state = RankState.FAILED
@@ -306,6 +350,180 @@ class Coordinator:
                 elif rec.state != RankState.LAUNCHED:
                     self.send(rec.rank_id, P.Ping(sent_at=time.time()))
 
+    # ---- scaling ---------------------------------------------------------------------------------------------
+
+    def _slots_for(self, rank_ids: list[int]) -> list[int]:
+        return slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts, len(rank_ids))
+
+    async def rebalance_experts(self) -> dict:
+        """Re-place experts by the load counted since the last rebalance (same members, a new epoch)."""
+        members = list(self.members)
+        import torch
+
+        load = self.expert_load if self.expert_load is not None else torch.ones(self.num_moe_layers, self.num_experts)
+        new = rebalance(load, self._slots_for(members), previous=self.placement)
+        event = await self._reconfigure("rebalance", members, new)
+        self.expert_load = None
+        return event.summary()
+
+    async def grow(self, n: int) -> dict:
+        """Start n more ranks and bring them into the serving group in one scaling event."""
+        if n < 1:
+            raise ValueError("grow needs n >= 1")
+        self._check_idle()
+        joining = self.launch(n)
+        try:
+            await self._wait_for(lambda: all(self.ranks[r].state == RankState.CONNECTED for r in joining),
+                                 self.cfg.control.rank_timeout_s * 4, f"{n} new rank(s) to start", watch=joining)
+        except Exception:
+            self._discard(joining)
+            raise
+        new_members = self.members + joining
+        slots = self._slots_for(new_members)
+        previous = align_previous(self.placement, self.members, new_members, slots)
+        new = rebalance(self._load_or_uniform(), slots, previous=previous)
+        return (await self._reconfigure("grow", new_members, new)).summary()
+
+    async def shrink(self, rank_ids: list[int]) -> dict:
+        """Drain and remove these ranks: experts first, their requests to survivors, commit, then they exit."""
+        unknown = [r for r in rank_ids if r not in self.members]
+        if unknown:
+            raise ValueError(f"rank(s) {unknown} are not members; members are {self.members}")
+        survivors = [r for r in self.members if r not in rank_ids]
+        if not survivors:
+            raise ValueError("cannot shrink below one rank")
+        self._check_idle()
+        slots = self._slots_for(survivors)
+        previous = align_previous(self.placement, self.members, survivors, slots)
+        new = rebalance(self._load_or_uniform(), slots, previous=previous)
+        return (await self._reconfigure("shrink", survivors, new)).summary()
+
+    def _load_or_uniform(self):
+        import torch
+
+        return self.expert_load if self.expert_load is not None else torch.ones(self.num_moe_layers, self.num_experts)
+
+    def _check_idle(self) -> None:
+        if self.event is not None:
+            raise ScaleBusy(f"a {self.event.kind} to epoch {self.event.epoch} is in progress "
+                            f"({self.event.phase.name.lower()}); try again when it ends")
+
+    def _discard(self, rank_ids: list[int]) -> None:
+        for rid in rank_ids:
+            rec = self.ranks[rid]
+            self.send(rid, P.Shutdown())
+            rec.job.kill()
+            rec.state = RankState.EXITED
+
+    async def _acked(self, kind: str, epoch: int, ranks: list[int], timeout_s: float) -> None:
+        """Wait until every rank in `ranks` sent `kind` for `epoch`; raise ScaleFailed on a failure or timeout."""
+        def done():
+            failed = self._acks.get(("PrepareFailed", epoch), set())
+            dead = [r for r in ranks if self.ranks[r].state in (RankState.FAILED, RankState.EXITED)]
+            if failed or dead:
+                raise ScaleFailed(f"rank(s) {sorted(failed | set(dead))} failed during {kind} of epoch {epoch}")
+            return set(ranks) <= self._acks.get((kind, epoch), set())
+
+        await self._wait_for(done, timeout_s, f"{kind} from ranks {ranks}", raise_on_failed=False)
+
+    async def _reconfigure(self, kind: str, new_members: list[int], placement: Placement) -> ScaleEvent:
+        self._check_idle()
+        old = list(self.members)
+        # a rolled-back epoch number is never reused, so its store prefixes stay unique
+        self.last_epoch_number += 1
+        event = ScaleEvent(kind, self.last_epoch_number, old, list(new_members))
+        self.event = event
+        ctl = self.cfg.control
+        moves = plan_moves(self.placement, old, placement, new_members)
+        event.experts_moved = sum(1 for m in moves if m.src_rank != m.dst_rank)
+        target = P.Epoch(epoch=event.epoch, rank_ids=list(new_members), store_host=ctl.host, store_port=self.store.port,
+                         physical_to_logical=placement.physical_to_logical.tolist(), slot_offsets=list(placement.slot_offsets))
+        kv = min(self.ranks[r].num_kv_blocks for r in old)
+        prepare = P.PrepareEpoch(target=target, participants=event.participants, num_kv_blocks=kv,
+                                 moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot] for m in moves])
+        log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,
+                 new_members, event.experts_moved)
+        try:
+            for rid in event.leaving:  # no new requests; in-flight ones move to survivors while experts are copied
+                self.ranks[rid].state = RankState.DRAINING
+                self._migrate_from(rid, new_members)
+            for rid in event.joining:
+                self.send(rid, prepare)
+            await self._acked("RankStaged", event.epoch, event.joining, ctl.rank_timeout_s * 4)
+            for rid in old:
+                self.send(rid, prepare)
+            await self._acked("EpochPrepared", event.epoch, event.participants, ctl.rank_timeout_s * 2)
+            event.prepare_s = time.monotonic() - event.started
+            event.phase = ScalePhase.COMMITTING
+            t_commit = time.monotonic()
+            for stream in self.streams.values():
+                stream.watch_gap = True
+            self.wave += 1
+            commit = P.CommitEpoch(epoch=event.epoch, wave=self.wave)
+            for rid in event.participants:
+                self.send(rid, commit)
+            self.wave_running = True
+            await self._acked("EpochJoined", event.epoch, new_members, ctl.rank_timeout_s)
+            await self._acked("EpochLeft", event.epoch, event.leaving, ctl.rank_timeout_s)
+        except BaseException as e:
+            self._roll_back(event, e)
+            raise
+        event.commit_s = time.monotonic() - t_commit
+        self.members, self.placement, self.epoch = list(new_members), placement, event.epoch
+        for rid in new_members:
+            self.ranks[rid].state = RankState.READY
+        for rid in event.leaving:
+            self._migrate_from(rid, new_members)  # any request that still slipped in
+            self.send(rid, P.Shutdown())
+            self.ranks[rid].state = RankState.EXITED
+        event.phase = ScalePhase.DONE
+        self._finish(event)
+        log.info("%s done: %s", kind, event.summary())
+        return event
+
+    def _roll_back(self, event: ScaleEvent, why: BaseException) -> None:
+        event.error = f"{type(why).__name__}: {why}"
+        log.error("%s to epoch %d failed, rolling back to epoch %d: %s", event.kind, event.epoch, self.epoch, event.error)
+        for rid in event.participants:
+            self.send(rid, P.AbortEpoch(epoch=event.epoch))
+        for rid in event.leaving:
+            if self.ranks[rid].state == RankState.DRAINING:
+                self.ranks[rid].state = RankState.READY
+        self._discard([r for r in event.joining if self.ranks[r].state != RankState.EXITED])
+        if self.streams:
+            self._start_wave()
+        event.phase = ScalePhase.ROLLED_BACK
+        self._finish(event)
+
+    def _finish(self, event: ScaleEvent) -> None:
+        for stream in self.streams.values():
+            stream.watch_gap = False
+        self.history.append(event)
+        self.event = None
+        for key in [k for k in self._acks if k[1] <= event.epoch]:
+            del self._acks[key]
+
+    def _migrate_from(self, rank_id: int, survivors: list[int]) -> None:
+        """Move every request of `rank_id` to the least-loaded survivor: re-prefill of prompt + tokens so far."""
+        rec = self.ranks[rank_id]
+        if not rec.in_flight:
+            return
+        self.send(rank_id, P.AbortRequests(request_ids=list(rec.in_flight)))
+        for rid in list(rec.in_flight):
+            stream = self.streams.get(rid)
+            rec.in_flight.discard(rid)
+            if stream is None:
+                continue
+            target = min((self.ranks[r] for r in survivors if self.ranks[r].state == RankState.READY),
+                         key=lambda r: (len(r.in_flight), r.rank_id))
+            stream.rank_id = target.rank_id
+            target.in_flight.add(rid)
+            self.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
+                                                   sampling=stream.sampling, output_token_ids=list(stream.output_token_ids)))
+            if self.event is not None:
+                self.event.requests_migrated += 1
+        self._start_wave()
+
     # ---- state for status / admin ---------------------------------------------------------------------------
 
     def cluster_state(self) -> dict:
@@ -328,4 +546,6 @@ class Coordinator:
             placement = {"slot_offsets": list(self.placement.slot_offsets),
                          "physical_to_logical": self.placement.physical_to_logical.tolist()}
         return {"epoch": self.epoch, "members": self.members, "wave": self.wave, "ranks": ranks,
-                "requests_in_flight": len(self.streams), "placement": placement}
+                "requests_in_flight": len(self.streams), "placement": placement,
+                "scaling": self.event.summary() if self.event else None,
+                "scale_events": [e.summary() for e in self.history[-20:]]}

@@ -86,6 +86,13 @@ class RankEngine:
             return []
         return self.scheduler.postprocess(out, sampled)
 
+    def swap_experts(self, staged, ep: ExpertParallel) -> None:
+        """Commit: the staged slot tensors and the new epoch's expert map/communicator replace the old ones."""
+        for block, w13, w2 in zip(self.model.moe_blocks(), staged.w13, staged.w2):
+            block.w13.data = w13
+            block.w2.data = w2
+        self.ep = ep
+
     def stats(self, with_load: bool = False) -> RankStats:
         bm = self.block_manager
         return RankStats(
@@ -94,7 +101,7 @@ class RankEngine:
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_used_blocks + bm.num_free_blocks,
             steps=self.steps,
-            expert_load=self.ep.take_load().tolist() if with_load else [],
+            expert_load=self.ep.take_load().tolist() if with_load and self.ep is not None else [],
         )
 
 
@@ -120,3 +127,21 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
     # every rank of an epoch sizes its cache like the smallest, so routing by KV use compares like with like
     blocks = -group.all_reduce_max([-blocks])[0]
     return RankEngine(cfg, model, ep, blocks, launch.eos_token_ids, device, dtype)
+
+
+def build_skeleton(launch, num_local_slots: int, num_kv_blocks: int) -> RankEngine:
+    """A joining rank: dense weights loaded, expert slots allocated but empty (they arrive from peers)."""
+    from pathlib import Path
+
+    from eep_hpc.model.arch import load_arch
+    from eep_hpc.model.loader import build_model
+
+    cfg = launch.config
+    device = torch.device(launch.device)
+    arch = load_arch(launch.model_dir)
+    dtype = resolve_dtype(cfg, arch, device)
+    empty = [[]] * len(arch.moe_layers)
+    model = build_model(arch, cfg.model, Path(launch.model_dir), empty, max_model_len(cfg, arch), device, dtype,
+                        num_local_slots=num_local_slots)
+    blocks = num_kv_blocks or num_kv_blocks_for(cfg, arch, device, dtype)
+    return RankEngine(cfg, model, None, blocks, launch.eos_token_ids, device, dtype)

@@ -18,7 +18,11 @@ import torch
 import zmq
 
 from eep_hpc import protocol as P
-from eep_hpc.engine.rank_engine import RankEngine, build_engine
+from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
+from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.parallel.expert_transfer import StagedExperts, transfer_experts
 from eep_hpc.parallel.groups import EpochGroup, connect_store
 
 log = logging.getLogger("eep_hpc.rank")
@@ -41,6 +45,10 @@ class RankProcess:
         self.active = False
         self.stopping = False
         self.last_heard = time.monotonic()
+        # scaling: a PrepareEpoch not yet carried out, its result, and a CommitEpoch not yet carried out
+        self.pending_prepare: P.PrepareEpoch | None = None
+        self.prepared: Prepared | None = None
+        self.pending_commit: P.CommitEpoch | None = None
 
     def send(self, msg) -> None:
         self.sock.send(P.encode(msg), copy=False)
@@ -89,13 +97,26 @@ class RankProcess:
             case P.AbortRequests(request_ids=ids):
                 self.engine.abort(ids)
             case P.Wake(wave=w):
-                if w >= self.wave:
+                if w >= self.wave and self.group is not None:
                     self.wave, self.active = w, True
             case P.Ping(sent_at=t):
                 stats = self.engine.stats(with_load=True) if self.engine else P.RankStats()
                 self.send(P.Pong(rank_id=self.id, sent_at=t, stats=stats))
             case P.Epoch():
                 self.join_epoch(msg)
+            case P.PrepareEpoch():
+                if self.group is None:  # joining: nothing to serve yet, so prepare right away
+                    self.stage_joining(msg)
+                    self.prepare(msg)
+                else:
+                    self.pending_prepare, self.active = msg, True
+            case P.CommitEpoch():
+                if self.group is None:
+                    self.commit(msg)
+                else:
+                    self.pending_commit, self.active = msg, True
+            case P.AbortEpoch(epoch=e):
+                self.abort_epoch(e)
             case P.Shutdown():
                 self.stopping = True
 
@@ -110,7 +131,18 @@ class RankProcess:
         self.engine.add(msg)
 
     def step_wave(self) -> None:
-        busy = self.group.all_reduce_max([int(self.engine.has_work())])[0]
+        """One iteration of the wave: agree on work and on scaling actions every member has received, then act."""
+        prep = self.pending_prepare.target.epoch if self.pending_prepare else 0
+        com = self.pending_commit.epoch if self.pending_commit else 0
+        busy, neg_prep, neg_com = self.group.all_reduce_max([int(self.engine.has_work() or prep or com), -prep, -com])
+        if prep and -neg_prep == prep:  # every member has the PrepareEpoch
+            msg, self.pending_prepare = self.pending_prepare, None
+            self.prepare(msg)
+            return
+        if com and -neg_com == com:
+            msg, self.pending_commit = self.pending_commit, None
+            self.commit(msg)
+            return
         if not busy:
             self.active = False
             if self.epoch_rank == 0:
@@ -135,8 +167,94 @@ class RankProcess:
             self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.block_manager.num_free_blocks,
                                   block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len))
         else:
-            raise NotImplementedError("changing epochs while serving")
+            raise RuntimeError("an Epoch message is only for the first epoch; later ones go through PrepareEpoch")
         self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
+
+    # ---- scaling: prepare (in the background of serving), commit (at a step boundary), abort ----------------
+
+    def stage_joining(self, msg: P.PrepareEpoch) -> None:
+        target = msg.target
+        i = target.rank_ids.index(self.id)
+        if self.store is None:
+            self.store = connect_store(target.store_host, target.store_port,
+                                       timeout_s=self.launch.config.control.rank_timeout_s)
+        self.engine = build_skeleton(self.launch, target.slot_offsets[i + 1] - target.slot_offsets[i], msg.num_kv_blocks)
+        self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch))
+
+    def prepare(self, msg: P.PrepareEpoch) -> None:
+        target, t0 = msg.target, time.monotonic()
+        device = torch.device(self.launch.device)
+        timeout = self.launch.config.control.rank_timeout_s
+        xfer = new_group = None
+        try:
+            arch = self.engine.model.arch
+            xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants), device,
+                              timeout_s=timeout, purpose="xfer/")
+            member = self.id in target.rank_ids
+            i = target.rank_ids.index(self.id) if member else 0
+            start, end = (target.slot_offsets[i], target.slot_offsets[i + 1]) if member else (0, 0)
+            old_ep = self.engine.ep
+            blocks = self.engine.model.moe_blocks()
+            staged = transfer_experts(
+                xfer, msg.participants, self.id, msg.moves,
+                [old_ep.map.local_logical(layer) for layer in range(len(blocks))] if old_ep else None,
+                [b.w13.data for b in blocks] if old_ep else None,
+                [b.w2.data for b in blocks] if old_ep else None,
+                start, end, len(blocks), (arch.moe_intermediate_size, arch.hidden_size), blocks[0].w13.dtype, device)
+            xfer.destroy()
+            if member:
+                new_group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device, timeout_s=timeout)
+                expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts)
+                self.prepared = Prepared(msg, staged, new_group, expert_map)
+            else:
+                self.prepared = Prepared(msg, staged, None, None)
+            self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=staged.bytes_received,
+                                      seconds=time.monotonic() - t0))
+        except Exception as e:
+            log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
+            for g in (xfer, new_group):
+                if g is not None:
+                    g.destroy()
+            self.prepared = None
+            self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
+
+    def commit(self, msg: P.CommitEpoch) -> None:
+        prepared = self.prepared
+        if prepared is None or prepared.msg.target.epoch != msg.epoch:
+            self.send(P.PrepareFailed(rank_id=self.id, epoch=msg.epoch, error="commit of an epoch never prepared"))
+            return
+        self.prepared = None
+        target = prepared.msg.target
+        old_group = self.group
+        if prepared.group is not None:
+            arch = self.engine.model.arch
+            ep = ExpertParallel(prepared.expert_map, TorchAllToAll(prepared.group), arch.num_experts)
+            self.engine.swap_experts(prepared.staged, ep)
+            self.group, self.epoch_rank = prepared.group, target.rank_ids.index(self.id)
+            self.wave, self.active = msg.wave, True
+            self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
+        else:
+            self.group, self.active = None, False
+            self.send(P.EpochLeft(rank_id=self.id, epoch=msg.epoch))
+        if old_group is not None:
+            old_group.destroy()
+
+    def abort_epoch(self, epoch: int) -> None:
+        if self.pending_prepare is not None and self.pending_prepare.target.epoch == epoch:
+            self.pending_prepare = None
+        if self.pending_commit is not None and self.pending_commit.epoch == epoch:
+            self.pending_commit = None
+        if self.prepared is not None and self.prepared.msg.target.epoch == epoch:
+            if self.prepared.group is not None:
+                self.prepared.group.destroy()
+            self.prepared = None
+        if self.group is None:  # a joining rank whose join was called off
+            self.stopping = True
+
+
+class Prepared:
+    def __init__(self, msg: P.PrepareEpoch, staged: StagedExperts, group: EpochGroup | None, expert_map: ExpertMap | None):
+        self.msg, self.staged, self.group, self.expert_map = msg, staged, group, expert_map
 
 
 def run_rank(launch: P.RankLaunch) -> int:

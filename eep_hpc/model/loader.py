@@ -52,9 +52,12 @@ def build_model(
     max_positions: int,
     device: torch.device,
     dtype: torch.dtype,
+    num_local_slots: int | None = None,
 ) -> MoEForCausalLM:
-    """local_logical[moe_layer][local_slot] = logical expert this rank holds there."""
-    num_local_slots = len(local_logical[0]) if local_logical else 0
+    """local_logical[moe_layer][local_slot] = logical expert this rank holds there (empty lists: slots left
+    unfilled, for weights that arrive from peers)."""
+    if num_local_slots is None:
+        num_local_slots = len(local_logical[0]) if local_logical else 0
     with torch.device(device):
         model = MoEForCausalLM(arch, num_local_slots, max_positions)
     # rope tables stay fp32; everything learnable takes the serving dtype

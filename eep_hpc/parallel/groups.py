@@ -18,17 +18,19 @@ def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStor
 
 
 class EpochGroup:
-    def __init__(self, store: dist.Store, epoch: int, rank: int, size: int, device: torch.device, timeout_s: float = 60.0):
+    def __init__(self, store: dist.Store, epoch: int, rank: int, size: int, device: torch.device, timeout_s: float = 60.0,
+                 purpose: str = ""):
+        """purpose names a second group of the same epoch (e.g. "xfer" for the expert transfer)."""
         self.epoch, self.rank, self.size, self.device = epoch, rank, size, device
         self.cpu = self.dev = None
         if size == 1:
             return
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{epoch}/cpu/", store), rank, size, timeout)
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{epoch}/{purpose}cpu/", store), rank, size, timeout)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{epoch}/nccl/", store), rank, size, opts)
+            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{epoch}/{purpose}nccl/", store), rank, size, opts)
         else:
             self.dev = self.cpu
 

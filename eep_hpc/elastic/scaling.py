@@ -1,0 +1,72 @@
+"""One scaling event (grow, shrink, rebalance) as a state machine the coordinator drives, with its measurements.
+
+PREPARING → COMMITTING → DONE, or → ROLLED_BACK from either of the first two. Exactly one event runs at a time; the
+coordinator refuses a second with `ScaleBusy` (a clear 409 for the API) instead of queueing it behind a stuck one,
+and every exit path — success, failure, timeout, cancellation — leaves `phase` terminal, so "already scaling" can
+never outlive the event.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto, unique
+
+
+@unique
+class ScalePhase(Enum):
+    PREPARING = auto()
+    COMMITTING = auto()
+    DONE = auto()
+    ROLLED_BACK = auto()
+
+
+class ScaleBusy(RuntimeError):
+    pass
+
+
+class ScaleFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ScaleEvent:
+    kind: str  # "grow" | "shrink" | "rebalance"
+    epoch: int
+    old_members: list[int]
+    new_members: list[int]
+    phase: ScalePhase = ScalePhase.PREPARING
+    started: float = field(default_factory=time.monotonic)
+    prepare_s: float = 0.0
+    commit_s: float = 0.0
+    commit_pause_ms: float = 0.0  # longest inter-token gap any stream saw around the commit
+    bytes_moved: int = 0
+    experts_moved: int = 0
+    requests_migrated: int = 0
+    error: str = ""
+
+    @property
+    def joining(self) -> list[int]:
+        return [r for r in self.new_members if r not in self.old_members]
+
+    @property
+    def leaving(self) -> list[int]:
+        return [r for r in self.old_members if r not in self.new_members]
+
+    @property
+    def participants(self) -> list[int]:
+        return self.old_members + self.joining
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_moved / self.prepare_s / 1e9 if self.prepare_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "kind": self.kind, "epoch": self.epoch, "phase": self.phase.name,
+            "from_ranks": len(self.old_members), "to_ranks": len(self.new_members),
+            "prepare_s": round(self.prepare_s, 4), "commit_s": round(self.commit_s, 4),
+            "commit_pause_ms": round(self.commit_pause_ms, 2), "bytes_moved": self.bytes_moved,
+            "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),
+            "requests_migrated": self.requests_migrated, "error": self.error,
+        }
