@@ -28,22 +28,26 @@ One layer, E = 4, ``load = [60, 20, 10, 10]`` (T = 100), ``slots_per_rank = [2, 
 3. Arrange: each rank lists its experts in ascending order, so ``physical_to_logical = [[0, 2, 0, 1, 3]]``,
    ``slot_offsets = [0, 2, 5]``.
 
-If rank 1 (id 11) now leaves, ``align_previous`` keeps rank 0's old slots as the hint and ``rebalance`` over
-``[2]`` slots keeps expert 0 where it was and puts expert 1 into the other slot (expert 1 has the larger load of the
-experts rank 0 lacks; replicas must cover 4 experts in 2 slots only when S >= E, so this needs S >= E: here
-S = 2 < E = 4 is refused). With ``slots_per_rank = [4]`` instead, rank 0 keeps ``[0, 2]`` in slots 0 and 1 and
-``plan_moves`` copies experts 1 and 3 from the departing rank 11, the only rank that held them, into slots 2 and 3.
+Say these ranks have ids 10 and 11, and rank 10 is leaving while rank 12, also with 2 slots, joins. The caller maps
+the old placement onto the new rank list ``[11, 12]`` with ``align_previous`` (rank 11 keeps ``[0, 1, 3]``, rank
+12 is empty) and passes it as ``previous``: ``rebalance(load, [3, 2], previous)`` leaves rank 11 untouched and gives
+rank 12 ``[0, 2]``. ``plan_moves`` then lists two copies, experts 0 and 2, both from rank 10 while it is still
+there (it is the only holder of expert 2; expert 0 has two holders that have sent nothing yet, and ties go to the
+earlier one).
 
-Packing is balanced relative to capacity: every rank's excess ends at most ``max - min`` replica load (and so at
-most the heaviest replica) above its fair share, when duplicates do not block the swaps (see ``_LayerPacking``).
+Balance is relative to capacity: packing ends when no single swap lowers the largest excess. Unless the rule "no
+two replicas of an expert on one rank" blocks the swap needed, this leaves every rank at most ``max - min`` replica
+load (so less than the heaviest replica) above its fair share (see ``_LayerPacking``). It can block when an expert
+has a replica on every rank: then even a rank with few slots holds it.
 
 API
 ---
-``Placement``                                   the tables, with helpers (slots of a rank, replicas of an expert)
-``initial_placement(L, E, slots_per_rank)``     load-oblivious start: slot s holds expert ``s % E``
-``rebalance(load, slots_per_rank, previous)``   replicate + pack; with ``previous``, keep experts in their slots
+``Placement``                                    the tables, with helpers (slots of a rank, replicas of an expert)
+``initial_placement(L, E, slots_per_rank)``      load-oblivious start: slot s holds expert ``s % E``
+``replicate(load, S, R)``                        replica counts [L, E]
+``rebalance(load, slots_per_rank, previous)``    replicate + pack; with ``previous``, keep experts in their slots
 ``align_previous(old, old_ids, new_ids, slots)`` view of an old placement on a new rank list, as ``previous``
-``plan_moves(old, old_ids, new, new_ids)``      the expert copies that turn ``old`` into ``new``
+``plan_moves(old, old_ids, new, new_ids)``       the expert copies (``ExpertMove``) that turn ``old`` into ``new``
 
 All functions are pure (tensors and lists in, new objects out) and deterministic; they run on CPU.
 """
@@ -173,7 +177,9 @@ def replicate(load: torch.Tensor, num_slots: int, num_ranks: int) -> torch.Tenso
     return counts
 
 
-def rebalance(load: torch.Tensor, slots_per_rank: list[int], previous: Placement | None = None) -> Placement:
+def rebalance(
+    load: torch.Tensor, slots_per_rank: list[int], previous: Placement | None = None, *, slack: float = 0.0
+) -> Placement:
     """Place replicas of E experts on ranks of the given capacities, balancing load relative to capacity.
 
     load: [L, E] tokens per logical expert (float or int, non-negative).
@@ -182,6 +188,9 @@ def rebalance(load: torch.Tensor, slots_per_rank: list[int], previous: Placement
         left or joined; EMPTY slots are allowed). Experts stay where they were where possible: per rank, an expert
         it held before returns to its old slot. With the same load and capacities as ``previous`` was built from,
         the result equals ``previous``.
+    slack: stop balancing once no rank's load exceeds its fair share by more than ``slack`` average replica loads
+        (T / S). 0 balances as far as swaps go; a little slack (e.g. 0.5) saves moves when loads are noisy;
+        ``math.inf`` skips balancing swaps: copies only where replica counts changed (or duplicates are undone).
     """
     if load.dim() != 2 or load.shape[1] < 1:
         raise ValueError(f"load must be [L, E] with E >= 1, got {tuple(load.shape)}")
@@ -207,7 +216,7 @@ def rebalance(load: torch.Tensor, slots_per_rank: list[int], previous: Placement
     for layer in range(num_layers):
         old_slots = _previous_slots(previous, layer, slots_per_rank)
         packing = _LayerPacking(load[layer] / counts[layer], slots_per_rank, old_slots)
-        packing.pack(counts[layer].tolist())
+        packing.pack(counts[layer].tolist(), slack)
         table[layer] = torch.tensor(packing.arrange(), dtype=torch.int64)
     return Placement(table, offsets)
 
@@ -240,11 +249,14 @@ class _LayerPacking:
        Among candidates, fewest slots losing their old expert first, then the lowest resulting excess.
     The end state is a fixed point, which is why ``rebalance(load, caps, previous=result)`` returns ``result``.
     Bound: at a fixed point, take the max-excess rank a, its heaviest replica x and the lightest replica y of a rank
-    b with excess <= 0; if the swap is allowed, not improving means excess_a <= excess_b + x - y <= max - min replica
-    load. Swaps can only be blocked by duplicates, which need experts with as many replicas as there are ranks.
+    b with excess <= 0 (one exists: excesses sum to 0). If that swap is allowed and x > y, not improving means
+    excess_a <= excess_b + x - y <= max - min replica load (if x <= y, a's average replica is at most b's, so
+    excess_a <= 0). Only the no-duplicate rule can disallow it; with ``slack`` the bound grows to at most
+    ``slack * T / S`` if that is larger.
     """
 
-    MAX_STEPS_PER_SLOT = 16  # safety net for the improve loop; never reached in practice
+    # Safety net only: every improve step removes a duplicate or lowers the sorted excesses (from the top).
+    MAX_STEPS_PER_SLOT = 16
 
     def __init__(self, weight: torch.Tensor, slots_per_rank: list[int], old_slots: list[list[int]]) -> None:
         num_experts = weight.shape[0]
@@ -259,11 +271,12 @@ class _LayerPacking:
         self.has = torch.zeros_like(self.prev)
         self.load = torch.zeros(len(slots_per_rank), dtype=torch.float64)
 
-    def pack(self, counts: list[int]) -> None:
+    def pack(self, counts: list[int], slack: float) -> None:
         total = float(sum(w * n for w, n in zip(self.weight.tolist(), counts)))
         num_slots = int(self.slots.sum())
         self.fair = self.slots.to(torch.float64) * (total / num_slots)
         self.tol = 1e-9 * total / num_slots
+        self.good_enough = slack * total / num_slots if total > 0 else 0.0
         order = sorted(range(len(counts)), key=lambda e: (-float(self.weight[e]), e))
         pending = []
         for e in order:  # 1. keep
@@ -341,6 +354,8 @@ class _LayerPacking:
             return False
         allowed, moved, worst, cost, b, y = self._swap_candidates(a, xs)
         excess_a = float(self.load[a] - self.fair[a])
+        if excess_a <= self.good_enough:
+            return False
         improving = allowed & (moved > 0) & (worst < excess_a - self.tol)
         if not bool(improving.any()):
             return False
@@ -359,7 +374,7 @@ class _LayerPacking:
                 if e != EMPTY and left[e] > 0:
                     slots[k] = e
                     left[e] -= 1
-            rest = iter(torch.repeat_interleave(torch.arange(left.numel()), left).tolist())
+            rest = iter([e for e, n in enumerate(left.tolist()) for _ in range(n)])
             row.extend(e if e != EMPTY else next(rest) for e in slots)
         return row
 
@@ -374,8 +389,8 @@ def align_previous(
     """
     _check_ids(old, old_rank_ids, "old")
     offsets = _offsets(slots_per_rank)
-    if len(new_rank_ids) != len(slots_per_rank):
-        raise ValueError(f"{len(new_rank_ids)} new rank ids but {len(slots_per_rank)} capacities")
+    if len(new_rank_ids) != len(slots_per_rank) or len(set(new_rank_ids)) != len(new_rank_ids):
+        raise ValueError(f"need {len(slots_per_rank)} distinct new rank ids, got {new_rank_ids}")
     position = {rank_id: i for i, rank_id in enumerate(old_rank_ids)}
     table = torch.full((old.num_layers, offsets[-1]), EMPTY, dtype=torch.int64)
     for i, rank_id in enumerate(new_rank_ids):
@@ -404,13 +419,16 @@ def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank
 
     A new slot is identified by (rank id, index within that rank's slots); it needs no copy when the same slot held
     the same expert in ``old``. Otherwise the source is the destination rank itself if it held the expert in another
-    slot, else the rank that held it with the fewest copies planned so far (ties: earlier in ``old_rank_ids``).
+    slot, else the rank that held it with the fewest copies to other ranks planned so far (ties: earlier in
+    ``old_rank_ids``).
     Departing ranks (in ``old`` only) are sources like any other. Raises ValueError when no old rank held an expert.
     """
     _check_ids(old, old_rank_ids, "old")
     _check_ids(new, new_rank_ids, "new")
     if old.num_layers != new.num_layers:
         raise ValueError(f"old has {old.num_layers} layers, new has {new.num_layers}")
+    if new.num_slots and int(new.physical_to_logical.min()) == EMPTY:
+        raise ValueError("new placement has empty slots")
     position = {rank_id: i for i, rank_id in enumerate(old_rank_ids)}
     sent = {rank_id: 0 for rank_id in old_rank_ids}
     moves = []
@@ -429,12 +447,12 @@ def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank
                 if k < len(before) and before[k] == e:
                     continue
                 if e in before:
-                    src = dst
+                    src = dst  # local copy: not counted as sending
                 elif e in holders:
                     src = min(holders[e], key=lambda r: (sent[r], position[r]))
+                    sent[src] += 1
                 else:
                     raise ValueError(f"layer {layer}: expert {e} of the new placement has no holder in the old one")
-                sent[src] += 1
                 moves.append(ExpertMove(layer, e, src, dst, slot))
     return moves
 
