@@ -43,11 +43,13 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
 
 class Head:
     def __init__(self, cfg: Config, launcher=None):
+        from eep_hpc.serve.admin import add_admin_routes
         from eep_hpc.serve.app import create_app
 
         self.cfg = cfg
         self.coordinator = build_coordinator(cfg, launcher)
         self.app = create_app(self.coordinator, cfg.serve)
+        add_admin_routes(self.app, self.coordinator)
         self.url = ""
         self._stop = asyncio.Event()
 

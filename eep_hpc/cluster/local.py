@@ -6,6 +6,7 @@ Ranks use one GPU each where GPUs exist (device "auto"/"cuda"), else the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -69,11 +70,27 @@ class LocalLauncher:
         return "cuda:0" if self.num_gpus else "cpu"
 
     def launch(self, launches: list[RankLaunch]) -> list[LocalRankJob]:
-        jobs = []
-        for launch in launches:
-            executor = submitit.LocalExecutor(folder=self.folder)
-            gpu = {"gpus_per_node": 1, "visible_gpus": [self.next_gpu % self.num_gpus]} if self.num_gpus else {}
-            self.next_gpu += 1
-            executor.update_parameters(timeout_min=60 * 24 * 365, **gpu)
-            jobs.append(LocalRankJob(executor.submit(run_rank, launch)))
-        return jobs
+        with sigint_ignored_in_children():
+            return [self._submit(launch) for launch in launches]
+
+    def _submit(self, launch: RankLaunch) -> LocalRankJob:
+        executor = submitit.LocalExecutor(folder=self.folder)
+        gpu = {"gpus_per_node": 1, "visible_gpus": [self.next_gpu % self.num_gpus]} if self.num_gpus else {}
+        self.next_gpu += 1
+        executor.update_parameters(timeout_min=60 * 24 * 365, **gpu)
+        return LocalRankJob(executor.submit(run_rank, launch))
+
+
+@contextlib.contextmanager
+def sigint_ignored_in_children():
+    """Ctrl-C in a terminal reaches the whole foreground process group; the head alone should act on it (and stop
+    its ranks in order). Children inherit an ignored SIGINT, and Python then installs no KeyboardInterrupt."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

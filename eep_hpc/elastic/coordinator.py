@@ -117,8 +117,6 @@ class Coordinator:
         else:
             self.sock.bind_to_random_port(f"tcp://{ctl.host}")
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        # sends never wait: a synchronous view of the same socket raises at once for a rank that is not connected
-        self._send_sock = zmq.Socket.shadow(self.sock.underlying)
         self.store = dist.TCPStore(ctl.host, ctl.store_port, is_master=True, wait_for_workers=False)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
         ids = self.launch(num_ranks)
@@ -246,10 +244,17 @@ class Coordinator:
     # ---- messages -------------------------------------------------------------------------------------------
 
     def send(self, rank_id: int, msg) -> None:
-        try:
-            self._send_sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # not connected (yet, or any more)
-            log.debug("cannot send %s to rank %d: %s", type(msg).__name__, rank_id, e)
+        """Never waits. Sends go through the asyncio socket itself: ZMQ's readiness signal is edge-triggered, and
+        an operation behind the event loop's back (e.g. on a shadow socket) can swallow the edge the pending
+        receive is waiting for."""
+        fut = self.sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
+        name = type(msg).__name__
+
+        def check(f):
+            if not f.cancelled() and f.exception() is not None:  # not connected (yet, or any more)
+                log.debug("cannot send %s to rank %d: %s", name, rank_id, f.exception())
+
+        fut.add_done_callback(check)
 
     async def _recv_loop(self) -> None:
         while True:

@@ -8,8 +8,10 @@ the head for `head_timeout_s` exits: the head is gone.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import time
 import traceback
@@ -260,6 +262,7 @@ class Prepared:
 def run_rank(launch: P.RankLaunch) -> int:
     """Entry point of a rank process (called by the launcher)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{launch.rank_id} %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGQUIT, all_threads=True)  # `kill -QUIT <pid>` prints where a rank is stuck
     if launch.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(launch.device))
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))

@@ -1,0 +1,71 @@
+"""Admin routes of the head: scale the serving group and re-place experts (bearer admin token when configured).
+
+POST /admin/scale/grow      {"n": 2}                              start n ranks and bring them in
+POST /admin/scale/shrink    {"n": 1} | {"rank_ids": [3]} | {"node": "host"}   drain and remove ranks
+POST /admin/rebalance       {}                                   re-place experts by the load counted so far
+Each answers the event's figures (prepare_s, commit_pause_ms, bytes_moved, gbps, requests_migrated); 409 while
+another event runs, 400 for bad arguments, 503 when the event failed and was rolled back (still serving).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from eep_hpc.elastic.coordinator import Coordinator, StartupError
+from eep_hpc.elastic.scaling import ScaleBusy, ScaleFailed
+from eep_hpc.serve.errors import ApiError, bad_request
+
+
+class GrowRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(1, ge=1, le=1024)
+
+
+class ShrinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int | None = Field(None, ge=1)
+    rank_ids: list[int] | None = None
+    node: str | None = None
+
+
+def pick_ranks(coordinator: Coordinator, req: ShrinkRequest) -> list[int]:
+    given = [x is not None for x in (req.n, req.rank_ids, req.node)]
+    if sum(given) != 1:
+        raise bad_request("give exactly one of n, rank_ids, node")
+    if req.rank_ids is not None:
+        return req.rank_ids
+    if req.node is not None:
+        on_node = [r for r in coordinator.members if coordinator.ranks[r].host == req.node]
+        if not on_node:
+            raise bad_request(f"no member rank runs on node {req.node!r}", "node")
+        return on_node
+    if req.n >= len(coordinator.members):
+        raise bad_request(f"cannot remove {req.n} of {len(coordinator.members)} ranks: at least one must stay", "n")
+    return coordinator.members[-req.n :]  # the newest ranks leave first
+
+
+async def _run(action):
+    try:
+        return await action
+    except ScaleBusy as e:
+        raise ApiError(409, str(e), "ConflictError", None, "scaling_in_progress") from None
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    except (ScaleFailed, StartupError) as e:
+        raise ApiError(503, f"scaling failed and was rolled back; still serving: {e}", "ScaleFailed", None,
+                       "scale_rolled_back") from None
+
+
+def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
+    @app.post("/admin/scale/grow")
+    async def grow(req: GrowRequest) -> dict:
+        return await _run(coordinator.grow(req.n))
+
+    @app.post("/admin/scale/shrink")
+    async def shrink(req: ShrinkRequest) -> dict:
+        return await _run(coordinator.shrink(pick_ranks(coordinator, req)))
+
+    @app.post("/admin/rebalance")
+    async def rebalance() -> dict:
+        return await _run(coordinator.rebalance_experts())
