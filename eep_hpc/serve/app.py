@@ -1,0 +1,76 @@
+"""The head's HTTP front: an OpenAI-compatible API over an EngineClient.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE when stream=true), GET /v1/models[/{model}],
+GET /health, GET /metrics, GET /admin/state. The head may add more routes to the returned app; those under /v1/
+and /admin/ get the same bearer-token checks. `app.state.engine`, `app.state.metrics` (whose registry takes
+more collectors) and `app.state.serving` are set.
+
+Middleware, outermost first: HTTP metrics -> catch-all 500 -> bearer auth -> FastAPI's exception handlers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from eep_hpc.config import ServeConfig
+from eep_hpc.serve.auth import BearerAuthMiddleware
+from eep_hpc.serve.chat import create_chat_completion
+from eep_hpc.serve.completions import create_completion
+from eep_hpc.serve.engine_client import EngineClient
+from eep_hpc.serve.errors import install_error_handlers, model_not_found, not_ready
+from eep_hpc.serve.metrics import CONTENT_TYPE, ApiMetrics, HttpMetricsMiddleware
+from eep_hpc.serve.openai_protocol import ModelCard, ModelList
+from eep_hpc.serve.serving import Serving
+
+
+def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
+    app = FastAPI(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ApiMetrics(engine.model_name)
+    serving = Serving(engine, metrics)
+    app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+    started = int(time.time())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(serving, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(serving, request)
+
+    def model_card() -> ModelCard:
+        name = engine.model_name
+        return ModelCard(id=name, created=started, root=name, max_model_len=engine.max_model_len)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse(ModelList(data=[model_card()]).model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        if model != engine.model_name:
+            raise model_not_found(model)
+        return JSONResponse(model_card().model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.ready():
+            raise not_ready()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/admin/state")
+    async def admin_state() -> Response:
+        return JSONResponse(engine.cluster_state())
+
+    # add_middleware puts each new one outside the previous ones.
+    app.add_middleware(BearerAuthMiddleware, api_key=cfg.api_key, admin_token=cfg.admin_token)
+    install_error_handlers(app)  # handlers, and the catch-all middleware outside auth
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,42 @@
+"""Bearer-token checks by path prefix: /v1/* needs serve.api_key, /admin/* needs serve.admin_token (when set).
+
+A middleware rather than a per-route dependency, so that routes the head adds later under these prefixes are
+covered too.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from eep_hpc.serve.errors import unauthorized
+
+
+def _bearer(scope: Scope) -> str | None:
+    value = Headers(scope=scope).get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class BearerAuthMiddleware:
+    def __init__(self, app: ASGIApp, *, api_key: str = "", admin_token: str = "") -> None:
+        self.app = app
+        self.rules = [(p, t) for p, t in (("/v1/", api_key), ("/admin/", admin_token)) if t]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            for prefix, secret in self.rules:
+                if path.startswith(prefix) or path == prefix.rstrip("/"):
+                    token = _bearer(scope)
+                    if token is None:
+                        error = unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
+                    elif not hmac.compare_digest(token.encode(), secret.encode()):
+                        error = unauthorized("Incorrect API key provided.")
+                    else:
+                        break
+                    await error.response()(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -1,0 +1,133 @@
+"""uvicorn inside the head's event loop, started and stopped by the head.
+
+The server binds its socket itself (port 0 = a free port, reported as `port`/`url`), installs no signal handlers
+(signals belong to the head), and stops gracefully: it stops accepting connections, lets in-flight requests and
+streams run to their end for up to `graceful_timeout_s`, then cancels what is left (which aborts those engine
+requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from eep_hpc.config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.started_event = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the head owns SIGINT/SIGTERM and calls ApiServer.stop()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.started_event.set()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    try:
+        family, type_, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise OSError(f"cannot bind the API server to {host}:{port}: {e}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+class ApiServer:
+    def __init__(
+        self,
+        app: FastAPI,
+        cfg: ServeConfig,
+        *,
+        graceful_timeout_s: float = 30.0,
+        log_level: str = "info",
+        access_log: bool = False,
+    ) -> None:
+        self.app, self.cfg = app, cfg
+        self.graceful_timeout_s = graceful_timeout_s
+        self.log_level, self.access_log = log_level, access_log
+        self.port: int | None = None
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.cfg.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> str:
+        """Bind, serve in the background, return once accepting connections; returns the URL."""
+        sock = bind_socket(self.cfg.host, self.cfg.port)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,  # the head's logging config applies
+            log_level=self.log_level,
+            access_log=self.access_log,
+            lifespan="off",
+            timeout_graceful_shutdown=self.graceful_timeout_s,
+        )
+        self._server = _Uvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="eep-hpc-api")
+        started = asyncio.ensure_future(self._server.started_event.wait())
+        await asyncio.wait([started, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            sock.close()
+            exc = None if self._task.cancelled() else self._task.exception()
+            raise RuntimeError(f"the API server failed to start on {self.cfg.host}:{self.port}") from exc
+        logger.info("API server listening on %s", self.url)
+        return self.url
+
+    async def wait(self) -> None:
+        """Until the server has stopped."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        """Graceful stop; returns once every connection is closed."""
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+
+async def run_server(
+    app: FastAPI,
+    cfg: ServeConfig,
+    ready_event: asyncio.Event | None = None,
+    **options: Any,
+) -> None:
+    """Serve `app` on cfg.host:cfg.port until cancelled (then stop gracefully). Once listening, the URL and port
+    are on `app.state.url` / `app.state.port` and `ready_event` is set. `options` go to ApiServer."""
+    server = ApiServer(app, cfg, **options)
+    await server.start()
+    app.state.url, app.state.port, app.state.server = server.url, server.port, server
+    if ready_event is not None:
+        ready_event.set()
+    try:
+        await server.wait()
+    finally:
+        await asyncio.shield(server.stop())
