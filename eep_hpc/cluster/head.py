@@ -14,6 +14,7 @@ from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
 from eep_hpc.config import TINY_MODEL, Config
 from eep_hpc.elastic.coordinator import Coordinator
+from eep_hpc.elastic.metrics import CoordinatorCollector
 from eep_hpc.engine.rank_engine import max_model_len
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
@@ -50,6 +51,7 @@ class Head:
         self.coordinator = build_coordinator(cfg, launcher)
         self.app = create_app(self.coordinator, cfg.serve)
         add_admin_routes(self.app, self.coordinator)
+        self.app.state.metrics.registry.register(CoordinatorCollector(self.coordinator))
         self.url = ""
         self._stop = asyncio.Event()
 

@@ -366,8 +366,8 @@ class Coordinator:
         import torch
 
         load = self.expert_load if self.expert_load is not None else torch.ones(self.num_moe_layers, self.num_experts)
-        new = rebalance(load, self._slots_for(members), previous=self.placement)
-        event = await self._reconfigure("rebalance", members, new)
+        new = await asyncio.to_thread(rebalance, load, self._slots_for(members), self.placement)
+        event = await self._run_event(self._open_event("rebalance", members), new)
         self.expert_load = None
         return event.summary()
 
@@ -375,19 +375,19 @@ class Coordinator:
         """Start n more ranks and bring them into the serving group in one scaling event."""
         if n < 1:
             raise ValueError("grow needs n >= 1")
-        self._check_idle()
+        self.check_idle()
         joining = self.launch(n)
+        event = self._open_event("grow", self.members + joining)
         try:
             await self._wait_for(lambda: all(self.ranks[r].state == RankState.CONNECTED for r in joining),
                                  self.cfg.control.rank_timeout_s * 4, f"{n} new rank(s) to start", watch=joining)
-        except Exception:
-            self._discard(joining)
+            slots = self._slots_for(event.new_members)
+            previous = align_previous(self.placement, self.members, event.new_members, slots)
+            new = await asyncio.to_thread(rebalance, self._load_or_uniform(), slots, previous)
+        except BaseException as e:
+            self._roll_back(event, e)
             raise
-        new_members = self.members + joining
-        slots = self._slots_for(new_members)
-        previous = align_previous(self.placement, self.members, new_members, slots)
-        new = rebalance(self._load_or_uniform(), slots, previous=previous)
-        return (await self._reconfigure("grow", new_members, new)).summary()
+        return (await self._run_event(event, new)).summary()
 
     async def shrink(self, rank_ids: list[int]) -> dict:
         """Drain and remove these ranks: experts first, their requests to survivors, commit, then they exit."""
@@ -397,18 +397,18 @@ class Coordinator:
         survivors = [r for r in self.members if r not in rank_ids]
         if not survivors:
             raise ValueError("cannot shrink below one rank")
-        self._check_idle()
+        self.check_idle()
         slots = self._slots_for(survivors)
         previous = align_previous(self.placement, self.members, survivors, slots)
-        new = rebalance(self._load_or_uniform(), slots, previous=previous)
-        return (await self._reconfigure("shrink", survivors, new)).summary()
+        new = await asyncio.to_thread(rebalance, self._load_or_uniform(), slots, previous)
+        return (await self._run_event(self._open_event("shrink", survivors), new)).summary()
 
     def _load_or_uniform(self):
         import torch
 
         return self.expert_load if self.expert_load is not None else torch.ones(self.num_moe_layers, self.num_experts)
 
-    def _check_idle(self) -> None:
+    def check_idle(self) -> None:
         if self.event is not None:
             raise ScaleBusy(f"a {self.event.kind} to epoch {self.event.epoch} is in progress "
                             f"({self.event.phase.name.lower()}); try again when it ends")
@@ -431,24 +431,26 @@ class Coordinator:
 
         await self._wait_for(done, timeout_s, f"{kind} from ranks {ranks}", raise_on_failed=False)
 
-    async def _reconfigure(self, kind: str, new_members: list[int], placement: Placement) -> ScaleEvent:
-        self._check_idle()
-        old = list(self.members)
+    def _open_event(self, kind: str, new_members: list[int]) -> ScaleEvent:
+        self.check_idle()
         # a rolled-back epoch number is never reused, so its store prefixes stay unique
         self.last_epoch_number += 1
-        event = ScaleEvent(kind, self.last_epoch_number, old, list(new_members))
-        self.event = event
+        self.event = ScaleEvent(kind, self.last_epoch_number, list(self.members), list(new_members))
+        return self.event
+
+    async def _run_event(self, event: ScaleEvent, placement: Placement) -> ScaleEvent:
+        kind, old, new_members = event.kind, event.old_members, event.new_members
         ctl = self.cfg.control
-        moves = plan_moves(self.placement, old, placement, new_members)
-        event.experts_moved = sum(1 for m in moves if m.src_rank != m.dst_rank)
-        target = P.Epoch(epoch=event.epoch, rank_ids=list(new_members), store_host=ctl.host, store_port=self.store.port,
-                         physical_to_logical=placement.physical_to_logical.tolist(), slot_offsets=list(placement.slot_offsets))
-        kv = min(self.ranks[r].num_kv_blocks for r in old)
-        prepare = P.PrepareEpoch(target=target, participants=event.participants, num_kv_blocks=kv,
-                                 moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot] for m in moves])
-        log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,
-                 new_members, event.experts_moved)
         try:
+            moves = plan_moves(self.placement, old, placement, new_members)
+            event.experts_moved = sum(1 for m in moves if m.src_rank != m.dst_rank)
+            target = P.Epoch(epoch=event.epoch, rank_ids=list(new_members), store_host=ctl.host, store_port=self.store.port,
+                             physical_to_logical=placement.physical_to_logical.tolist(), slot_offsets=list(placement.slot_offsets))
+            kv = min(self.ranks[r].num_kv_blocks for r in old)
+            prepare = P.PrepareEpoch(target=target, participants=event.participants, num_kv_blocks=kv,
+                                     moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot] for m in moves])
+            log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,
+                     new_members, event.experts_moved)
             for rid in event.leaving:  # no new requests; in-flight ones move to survivors while experts are copied
                 self.ranks[rid].state = RankState.DRAINING
                 self._migrate_from(rid, new_members)

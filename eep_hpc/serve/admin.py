@@ -64,7 +64,11 @@ def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
 
     @app.post("/admin/scale/shrink")
     async def shrink(req: ShrinkRequest) -> dict:
-        return await _run(coordinator.shrink(pick_ranks(coordinator, req)))
+        async def act():
+            coordinator.check_idle()  # "busy" before judging the arguments against a membership about to change
+            return await coordinator.shrink(pick_ranks(coordinator, req))
+
+        return await _run(act())
 
     @app.post("/admin/rebalance")
     async def rebalance() -> dict:
