@@ -1,4 +1,4 @@
-"""`eep-hpc …`: serve, status (grow/shrink/adapt/bench come with the layers that implement them)."""
+"""`eep-hpc …`: serve, status, grow, shrink, rebalance, bench."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def _status(args) -> int:
         return 0
     print(f"epoch {state['epoch']}  ranks {len(state['members'])}  requests in flight {state['requests_in_flight']}")
     print(f"{'rank':>4} {'state':<9} {'host':<16} {'device':<7} {'running':>7} {'waiting':>7} {'kv used':>12}")
+    if state.get("scaling"):
+        print(f"scaling now: {state['scaling']['kind']} to epoch {state['scaling']['epoch']} ({state['scaling']['phase'].lower()})")
     for r in state["ranks"]:
         kv = f"{r['kv_blocks_used']}/{r['kv_blocks_total']}"
         print(f"{r['rank_id']:>4} {r['state']:<9} {r['host'][:16]:<16} {r['device']:<7} {r['num_running']:>7} "
@@ -56,7 +58,46 @@ def _status(args) -> int:
         for layer, row in enumerate(placement["physical_to_logical"]):
             per_rank = [row[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
             print(f"layer {layer}: " + "  ".join(f"r{i}:{s}" for i, s in enumerate(per_rank)))
+    for e in state.get("scale_events", [])[-5:]:
+        print(_event_line(e))
     return 0
+
+
+def _admin_post(args, path: str, body: dict) -> int:
+    from eep_hpc.cluster import discovery
+
+    url = args.url or discovery.read(args.run_dir).api_url
+    r = httpx.post(f"{url}{path}", json=body, timeout=args.timeout, headers=_auth(args))
+    data = r.json()
+    if r.status_code != 200:
+        print(f"eep-hpc: {data.get('error', {}).get('message', r.text)}", file=sys.stderr)
+        return 1
+    print(_event_line(data))
+    return 0
+
+
+def _event_line(e: dict) -> str:
+    return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
+            f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
+            f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
+            f"{e['requests_migrated']} request(s) migrated" + (f", error: {e['error']}" if e.get("error") else ""))
+
+
+def _grow(args) -> int:
+    return _admin_post(args, "/admin/scale/grow", {"n": args.n})
+
+
+def _shrink(args) -> int:
+    chosen = [x for x in (args.n, args.rank, args.node) if x is not None]
+    if len(chosen) != 1:
+        print("eep-hpc: shrink needs exactly one of N, --rank R, --node HOST", file=sys.stderr)
+        return 2
+    body = {"n": args.n} if args.n is not None else {"rank_ids": args.rank} if args.rank else {"node": args.node}
+    return _admin_post(args, "/admin/scale/shrink", body)
+
+
+def _rebalance(args) -> int:
+    return _admin_post(args, "/admin/rebalance", {})
 
 
 def _auth(args) -> dict:
@@ -84,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--admin-token", default="")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
+
+    def admin_parser(name: str, help: str, func):
+        a = sub.add_parser(name, help=help)
+        a.add_argument("--url", help="API URL (default: from the run dir's discovery file)")
+        a.add_argument("--run-dir", default="runs/local")
+        a.add_argument("--admin-token", default="")
+        a.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the event to finish")
+        a.set_defaults(func=func)
+        return a
+
+    g = admin_parser("grow", "add N ranks to the serving group while it serves", _grow)
+    g.add_argument("n", type=int, help="number of ranks to add")
+    sh = admin_parser("shrink", "drain and remove ranks (experts and requests move to the survivors)", _shrink)
+    sh.add_argument("n", type=int, nargs="?", help="number of ranks to remove (the newest)")
+    sh.add_argument("--rank", type=int, action="append", help="remove this rank id (repeatable)")
+    sh.add_argument("--node", help="remove every rank on this host")
+    admin_parser("rebalance", "re-place experts by the load counted so far", _rebalance)
     return p
 
 

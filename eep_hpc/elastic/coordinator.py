@@ -119,6 +119,8 @@ class Coordinator:
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.store = dist.TCPStore(ctl.host, ctl.store_port, is_master=True, wait_for_workers=False)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        if self.cfg.parallel.eplb_period_s > 0:
+            self._tasks.append(asyncio.create_task(self._rebalance_loop(self.cfg.parallel.eplb_period_s)))
         ids = self.launch(num_ranks)
         await self._wait_for(lambda: all(self.ranks[i].state == RankState.CONNECTED for i in ids), timeout_s,
                              f"{num_ranks} rank(s) to start")
@@ -530,6 +532,16 @@ class Coordinator:
             if self.event is not None:
                 self.event.requests_migrated += 1
         self._start_wave()
+
+    async def _rebalance_loop(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            if self.event is not None or self.expert_load is None or not self.ready():
+                continue
+            try:
+                log.info("periodic expert rebalance: %s", await self.rebalance_experts())
+            except (ScaleBusy, ScaleFailed) as e:
+                log.warning("periodic expert rebalance skipped: %s", e)
 
     # ---- state for status / admin ---------------------------------------------------------------------------
 
