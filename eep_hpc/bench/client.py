@@ -1,0 +1,81 @@
+"""One streamed /v1/completions request, timed the way `vllm bench serve` times it.
+
+TTFT: send → first chunk carrying text. ITL: the gap between consecutive chunks carrying text (one entry per
+chunk, as vLLM records it; the server sends one chunk per decode step unless the detokenizer holds back an
+incomplete character). E2E: send → [DONE]. Output tokens come from the final usage chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from eep_hpc.bench.dataset import BenchRequest
+
+ERROR_CHARS = 300  # an error string is cut to this length
+
+
+@dataclass
+class RequestResult:
+    input_len: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    error: str = ""
+
+    @property
+    def success(self) -> bool:
+        return not self.error
+
+
+def completion_body(model: str, req: BenchRequest) -> dict:
+    return {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "ignore_eos": True,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def send(client: httpx.AsyncClient, url: str, model: str, req: BenchRequest) -> RequestResult:
+    """Never raises for a failed request: the error lands in `RequestResult.error`."""
+    result = RequestResult(req.input_len)
+    start = time.perf_counter()
+    last, chunks, done = start, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=completion_body(model, req)) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode(errors="replace")
+                result.error = f"HTTP {r.status_code}: {body}"[:ERROR_CHARS]
+                return result
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = f"stream error: {json.dumps(chunk['error'])}"[:ERROR_CHARS]
+                    return result
+                now = time.perf_counter()
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    if chunks == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last, chunks = now, chunks + 1
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        result.error = f"{type(e).__name__}: {e}"[:ERROR_CHARS]
+        return result
+    result.e2e = time.perf_counter() - start
+    if not done:
+        result.error = "stream ended without [DONE]"
+    elif chunks == 0:
+        result.error = "no tokens received"
+    elif not result.output_tokens:
+        result.output_tokens = chunks  # no usage chunk: count text chunks
+    return result

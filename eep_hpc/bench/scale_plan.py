@@ -1,0 +1,98 @@
+"""Grow and shrink the serving group through the admin API while the load runs.
+
+A plan is a list of rank counts, e.g. 1,2,4,2,1. Before each step the plan waits `interval` seconds, then moves
+from the current number of member ranks (len(GET /admin/state ["members"])) to the step's count:
+POST /admin/scale/grow {"n": k} or POST /admin/scale/shrink {"n": k}. A step equal to the current count is a no-op
+(no event). Every event's summary is recorded; one that was refused while another event ran (409) is retried;
+one that was rolled back (503) is recorded with phase ROLLED_BACK, and the plan goes on from the real count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+
+BUSY_RETRY_S = 1.0
+BUSY_GIVE_UP_S = 300.0
+
+
+def parse_plan(text: str) -> list[int]:
+    try:
+        plan = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--scale-plan must be comma-separated rank counts like 1,2,4,2,1, got {text!r}") from None
+    if not plan or min(plan) < 1:
+        raise ValueError(f"--scale-plan needs rank counts of at least 1, got {text!r}")
+    return plan
+
+
+def event_line(e: dict) -> str:
+    line = f"scale {e.get('kind', '?')} {e.get('from_ranks', '?')} -> {e.get('to_ranks', '?')} ranks"
+    line += f" (epoch {e.get('epoch', '?')}, {str(e.get('phase', '?')).lower()})"
+    if "prepare_s" in e:
+        line += (f": prepare {e['prepare_s']:.3f} s, commit {e.get('commit_s', 0):.3f} s, "
+                 f"pause {e.get('commit_pause_ms', 0):.1f} ms, {e.get('bytes_moved', 0) / 2**20:.2f} MiB "
+                 f"({e.get('experts_moved', 0)} experts) at {e.get('gbps', 0):.3f} GB/s, "
+                 f"{e.get('requests_migrated', 0)} request(s) migrated")
+    return line + (f", error: {e['error']}" if e.get("error") else "")
+
+
+class ScalePlan:
+    """Runs one plan; `events` holds each event's summary (plus `t_s`: seconds since the plan started)."""
+
+    def __init__(self, admin: httpx.AsyncClient, url: str, plan: list[int], interval: float,
+                 on_event: Callable[[dict], None] = print) -> None:
+        self.admin, self.url, self.plan, self.interval = admin, url, plan, interval
+        self.on_event = on_event
+        self.events: list[dict] = []
+        self.start = 0.0
+
+    async def ranks(self) -> int:
+        r = await self.admin.get(f"{self.url}/admin/state")
+        r.raise_for_status()
+        return len(r.json()["members"])
+
+    async def run(self) -> list[dict]:
+        self.start = time.perf_counter()
+        for target in self.plan:
+            await asyncio.sleep(self.interval)
+            current = await self.ranks()
+            if target != current:
+                await self.step(current, target)
+        return self.events
+
+    async def step(self, current: int, target: int) -> None:
+        kind = "grow" if target > current else "shrink"
+        body = {"n": abs(target - current)}
+        deadline = time.perf_counter() + BUSY_GIVE_UP_S
+        while True:
+            t = time.perf_counter() - self.start
+            r = await self.admin.post(f"{self.url}/admin/scale/{kind}", json=body)
+            if r.status_code == 409 and time.perf_counter() < deadline:
+                await asyncio.sleep(BUSY_RETRY_S)  # another event is running (not ours): wait for it
+                continue
+            break
+        if r.status_code == 200:
+            event = r.json()
+        else:
+            event = await self.failed_event(kind, current, target, r)
+        event["t_s"] = round(t, 3)
+        self.events.append(event)
+        self.on_event(event)
+
+    async def failed_event(self, kind: str, current: int, target: int, r: httpx.Response) -> dict:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:300]
+        event = {"kind": kind, "phase": "ROLLED_BACK" if r.status_code == 503 else "REFUSED",
+                 "from_ranks": current, "to_ranks": target, "error": f"HTTP {r.status_code}: {message}"}
+        if r.status_code == 503:  # the head keeps the rolled-back event's figures in its history
+            state = (await self.admin.get(f"{self.url}/admin/state")).json()
+            history = state.get("scale_events") or []
+            if history and history[-1].get("kind") == kind and history[-1].get("phase") == "ROLLED_BACK":
+                event = {**history[-1], "error": event["error"]}
+        return event
