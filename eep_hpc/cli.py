@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--rank", type=int, action="append", help="remove this rank id (repeatable)")
     sh.add_argument("--node", help="remove every rank on this host")
     admin_parser("rebalance", "re-place experts by the load counted so far", _rebalance)
+
+    from eep_hpc.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -54,6 +54,9 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redundant_experts: int = 0
     # Rebalance experts every this many seconds of serving; 0 = only on demand.
     eplb_period_s: float = 0.0
+    # How a joining rank gets the non-expert weights: "nixl" reads them from a serving peer (the checkpoint when
+    # that fails); "checkpoint" always reads the checkpoint.
+    weight_transfer: Literal["nixl", "checkpoint"] = "nixl"
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -184,10 +184,13 @@ class EpochJoined(_Msg):
 
 
 class RankStaged(_Msg):
-    """A joining rank has its model skeleton and KV cache and waits for the expert transfer."""
+    """A joining rank has its model skeleton, dense weights and KV cache, and waits for the expert transfer."""
 
     rank_id: int
     epoch: int
+    dense_source: str  # "nixl:<peer rank id>" or "checkpoint"
+    dense_bytes: int
+    dense_seconds: float
 
 
 class EpochPrepared(_Msg):

@@ -89,6 +89,9 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         assert sum(e["requests_migrated"] for e in events if e["kind"] == "shrink") > 0
         assert sole_experts_moved > 0, "no shrink removed the only replica of an expert"
         assert all(e["bytes_moved"] > 0 for e in events)
+        # joiners read the dense weights from a serving peer over NIXL, not from the checkpoint
+        grows = [e for e in events if e["kind"] == "grow"]
+        assert all(src.startswith("nixl:") for e in grows for src in e["dense_source"].split(",")), grows
         metrics = httpx.get(f"{head.url}/metrics").text
         assert 'eep_hpc:scale_events_total{kind="grow",result="done"} 4.0' in metrics
         # ranks that left exited; only the survivor's process remains

@@ -289,8 +289,13 @@ class Coordinator:
                 self._add_load(stats.expert_load)
             case P.RankStaged(epoch=e) | P.EpochPrepared(epoch=e) | P.EpochLeft(epoch=e):
                 self._acks.setdefault((type(msg).__name__, e), set()).add(msg.rank_id)
-                if isinstance(msg, P.EpochPrepared) and self.event is not None and self.event.epoch == e:
-                    self.event.bytes_moved += msg.bytes_received
+                if self.event is not None and self.event.epoch == e:
+                    if isinstance(msg, P.EpochPrepared):
+                        self.event.bytes_moved += msg.bytes_received
+                    elif isinstance(msg, P.RankStaged):
+                        self.event.bytes_moved += msg.dense_bytes
+                        self.event.dense_bytes += msg.dense_bytes
+                        self.event.dense_source = ",".join(filter(None, [self.event.dense_source, msg.dense_source]))
             case P.PrepareFailed(epoch=e, error=err):
                 log.error("rank %d could not prepare epoch %d: %s", msg.rank_id, e, err)
                 self._acks.setdefault(("PrepareFailed", e), set()).add(msg.rank_id)

@@ -43,6 +43,8 @@ class ScaleEvent:
     bytes_moved: int = 0
     experts_moved: int = 0
     requests_migrated: int = 0
+    dense_source: str = ""  # where joiners got their non-expert weights: "nixl:<rank>" / "checkpoint"
+    dense_bytes: int = 0
     error: str = ""
 
     @property
@@ -68,5 +70,6 @@ class ScaleEvent:
             "prepare_s": round(self.prepare_s, 4), "commit_s": round(self.commit_s, 4),
             "commit_pause_ms": round(self.commit_pause_ms, 2), "bytes_moved": self.bytes_moved,
             "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),
-            "requests_migrated": self.requests_migrated, "error": self.error,
+            "requests_migrated": self.requests_migrated, "dense_source": self.dense_source,
+            "dense_bytes": self.dense_bytes, "error": self.error,
         }

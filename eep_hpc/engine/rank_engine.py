@@ -129,8 +129,9 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
     return RankEngine(cfg, model, ep, blocks, launch.eos_token_ids, device, dtype)
 
 
-def build_skeleton(launch, num_local_slots: int, num_kv_blocks: int) -> RankEngine:
-    """A joining rank: dense weights loaded, expert slots allocated but empty (they arrive from peers)."""
+def build_skeleton(launch, num_local_slots: int, num_kv_blocks: int, fill_dense) -> RankEngine:
+    """A joining rank: expert slots allocated but empty (they arrive from peers); `fill_dense(model)` brings the
+    other weights (from a peer, or the checkpoint)."""
     from pathlib import Path
 
     from eep_hpc.model.arch import load_arch
@@ -142,6 +143,7 @@ def build_skeleton(launch, num_local_slots: int, num_kv_blocks: int) -> RankEngi
     dtype = resolve_dtype(cfg, arch, device)
     empty = [[]] * len(arch.moe_layers)
     model = build_model(arch, cfg.model, Path(launch.model_dir), empty, max_model_len(cfg, arch), device, dtype,
-                        num_local_slots=num_local_slots)
+                        num_local_slots=num_local_slots, load_dense_weights=False)
+    fill_dense(model)
     blocks = num_kv_blocks or num_kv_blocks_for(cfg, arch, device, dtype)
     return RankEngine(cfg, model, None, blocks, launch.eos_token_ids, device, dtype)

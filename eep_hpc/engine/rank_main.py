@@ -26,6 +26,9 @@ from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.expert_transfer import StagedExperts, transfer_experts
 from eep_hpc.parallel.groups import EpochGroup, connect_store
+from eep_hpc.parallel.weight_transfer import WeightServer, dense_tensors, fetch_from_peers
+from eep_hpc.model.loader import load_dense, weight_source
+from pathlib import Path
 
 log = logging.getLogger("eep_hpc.rank")
 
@@ -51,6 +54,7 @@ class RankProcess:
         self.pending_prepare: P.PrepareEpoch | None = None
         self.prepared: Prepared | None = None
         self.pending_commit: P.CommitEpoch | None = None
+        self.weight_server: WeightServer | None = None
 
     def send(self, msg) -> None:
         self.sock.send(P.encode(msg), copy=False)
@@ -165,6 +169,7 @@ class RankProcess:
         if self.engine is None:
             self.group = group
             self.engine = build_engine(self.launch, msg, group)
+            self.publish_weights()
             e = self.engine
             self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.block_manager.num_free_blocks,
                                   block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len))
@@ -180,8 +185,35 @@ class RankProcess:
         if self.store is None:
             self.store = connect_store(target.store_host, target.store_port,
                                        timeout_s=self.launch.config.control.rank_timeout_s)
-        self.engine = build_skeleton(self.launch, target.slot_offsets[i + 1] - target.slot_offsets[i], msg.num_kv_blocks)
-        self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch))
+        got = {}
+
+        def fill_dense(model):
+            t0 = time.monotonic()
+            peers = [r for r in msg.participants if r != self.id]
+            if self.launch.config.parallel.weight_transfer == "nixl":
+                try:
+                    peer, nbytes = fetch_from_peers(self.id, peers, dense_tensors(model), self.store)
+                    got.update(source=f"nixl:{peer}", nbytes=nbytes, seconds=time.monotonic() - t0)
+                    return
+                except Exception as e:  # nixl missing or no peer readable: the checkpoint has the same weights
+                    log.warning("rank %d: dense weights from peers failed (%s); reading the checkpoint", self.id, e)
+            load_dense(model, weight_source(self.launch.config.model, Path(self.launch.model_dir), model.lm_head.weight.device))
+            got.update(source="checkpoint", nbytes=sum(t.numel() * t.element_size() for t in dense_tensors(model).values()),
+                       seconds=time.monotonic() - t0)
+
+        self.engine = build_skeleton(self.launch, target.slot_offsets[i + 1] - target.slot_offsets[i],
+                                     msg.num_kv_blocks, fill_dense)
+        self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch, dense_source=got["source"],
+                               dense_bytes=got["nbytes"], dense_seconds=got["seconds"]))
+
+    def publish_weights(self) -> None:
+        """Let future joiners read this rank's dense weights over NIXL."""
+        if self.launch.config.parallel.weight_transfer != "nixl" or self.weight_server is not None:
+            return
+        try:
+            self.weight_server = WeightServer(self.id, dense_tensors(self.engine.model), self.store)
+        except Exception as e:
+            log.warning("rank %d: cannot serve weights over NIXL (%s); joiners will read the checkpoint", self.id, e)
 
     def prepare(self, msg: P.PrepareEpoch) -> None:
         target, t0 = msg.target, time.monotonic()
@@ -235,6 +267,7 @@ class RankProcess:
             self.group, self.epoch_rank = prepared.group, target.rank_ids.index(self.id)
             self.wave, self.active = msg.wave, True
             self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
+            self.publish_weights()
         else:
             self.group, self.active = None, False
             self.send(P.EpochLeft(rank_id=self.id, epoch=msg.epoch))

@@ -53,6 +53,7 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     num_local_slots: int | None = None,
+    load_dense_weights: bool = True,
 ) -> MoEForCausalLM:
     """local_logical[moe_layer][local_slot] = logical expert this rank holds there (empty lists: slots left
     unfilled, for weights that arrive from peers)."""
@@ -65,7 +66,8 @@ def build_model(
         p.data = p.data.to(dtype)
     model.eval()
     source = weight_source(cfg, model_dir, device)
-    load_dense(model, source)
+    if load_dense_weights:
+        load_dense(model, source)
     for moe_index, logicals in enumerate(local_logical):
         for slot, logical in enumerate(logicals):
             load_expert_slot(model, source, moe_index, slot, logical)

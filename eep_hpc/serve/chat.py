@@ -86,7 +86,9 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
         created=created,
         model=model,
         choices=[
-            ChatChoice(index=j, message=AssistantMessage(content=result.texts[j]), finish_reason=result.finish_reasons[j])
+            ChatChoice(
+                index=j, message=AssistantMessage(content=result.texts[j]), finish_reason=result.finish_reasons[j]
+            )
             for j in range(n)
         ],
         usage=UsageInfo.of(len(ids), sum(result.num_tokens)),

@@ -101,8 +101,10 @@ def validation_error(errors: list[dict]) -> ApiError:
         msg = e.get("msg", "invalid value")
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        where = f"{param}: " if param else ""
-        got = "" if e.get("type") == "missing" or "input" not in e else f" (got {_short(e['input'])})"
+        where = f"{param}: " if param else "request body: "
+        # A missing field has no "got", and the whole body is no useful one.
+        shown = param is not None and e.get("type") != "missing" and "input" in e
+        got = f" (got {_short(e['input'])})" if shown else ""
         messages.append(f"{where}{msg}{got}")
     if len(errors) > 5:
         messages.append(f"and {len(errors) - 5} more errors")

@@ -20,7 +20,7 @@ from eep_hpc.protocol import SamplingParams
 from eep_hpc.serve.engine_client import EngineClient
 from eep_hpc.serve.errors import bad_request
 from eep_hpc.serve.metrics import ApiMetrics
-from eep_hpc.serve.openai_protocol import SEED_MAX, _SamplingRequest
+from eep_hpc.serve.openai_protocol import SEED_MAX, SamplingRequest
 from eep_hpc.serve.stop_strings import StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: i
     return max_tokens
 
 
-def sampling_params(req: _SamplingRequest, max_tokens: int, copy: int) -> SamplingParams:
+def sampling_params(req: SamplingRequest, max_tokens: int, copy: int) -> SamplingParams:
     """copy = index among the n samples of one prompt; seeded copies get distinct seeds (seed + copy)."""
     if req.min_tokens and req.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
@@ -142,9 +142,10 @@ async def generate_choice(
     min_tokens = choice.sampling.min_tokens
     tracker = metrics.track(arrival, len(choice.prompt_token_ids))
     index, n, reason = choice.index, 0, "abort"  # closed before finishing = aborted
-    outputs = engine.generate(request_id, choice.prompt_token_ids, choice.sampling)
+    outputs = None
     try:
         try:
+            outputs = engine.generate(request_id, choice.prompt_token_ids, choice.sampling)
             async for out in outputs:
                 tracker.tokens(len(out.new_token_ids))
                 pieces = []

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 MAX_N = 128  # choices per request
 MAX_TOKEN_ID = 2**31 - 1
@@ -39,7 +39,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
 
 
-class _SamplingRequest(_Strict):
+class SamplingRequest(_Strict):
     """Fields /v1/completions and /v1/chat/completions share. None means "the default" everywhere."""
 
     model: str | None = None
@@ -69,7 +69,7 @@ class _SamplingRequest(_Strict):
             v = [v]
         if isinstance(v, list):
             if not all(isinstance(s, str) for s in v):
-                raise ValueError("stop must be a string or a list of strings")
+                raise ValueError("must be a string or a list of strings")
             return [s for s in v if s]  # an empty stop string would end every request at once
         return v
 
@@ -77,7 +77,7 @@ class _SamplingRequest(_Strict):
     @classmethod
     def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 or t > MAX_TOKEN_ID for t in v):
-            raise ValueError("stop_token_ids must be non-negative token ids")
+            raise ValueError("must be non-negative token ids")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -98,7 +98,7 @@ class _SamplingRequest(_Strict):
     @classmethod
     def _no_logit_bias(cls, v: dict | None) -> dict | None:
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("not supported")
         return v
 
     @field_validator("top_k")
@@ -106,11 +106,12 @@ class _SamplingRequest(_Strict):
     def _top_k(cls, v: int | None) -> int | None:
         return 0 if v == -1 else v
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_SamplingRequest":
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return v
 
     # -- resolved values ----------------------------------------------------------------------------------
     @property
@@ -126,7 +127,7 @@ class _SamplingRequest(_Strict):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     # After validation: a non-empty list of prompts, each a string or a list of token ids.
     prompt: Any
     max_tokens: int | None = Field(16, ge=1)
@@ -152,14 +153,14 @@ class CompletionRequest(_SamplingRequest):
     @classmethod
     def _logprobs(cls, v: int | None) -> int | None:
         if v is not None:
-            raise ValueError("logprobs are not supported yet; leave logprobs unset")
+            raise ValueError("not supported yet; leave logprobs unset")
         return v
 
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, v: str | None) -> str | None:
         if v:
-            raise ValueError("suffix is not supported")
+            raise ValueError("not supported")
         return v
 
     @model_validator(mode="after")
@@ -182,16 +183,16 @@ def normalize_prompt(v: Any) -> list[str | list[int]]:
     elif isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(_is_token_ids(p) for p in v)):
         prompts = v
     elif v == []:
-        raise ValueError("prompt must not be empty")
+        raise ValueError("must not be empty")
     else:
         raise ValueError(
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+            "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
         )
     for p in prompts:
         if len(p) == 0:
-            raise ValueError("prompt must not be empty")
+            raise ValueError("must not be empty")
         if isinstance(p, list) and any(t < 0 or t > MAX_TOKEN_ID for t in p):
-            raise ValueError("token ids in prompt must be non-negative")
+            raise ValueError("token ids must be non-negative")
     return prompts
 
 
@@ -237,7 +238,7 @@ class ResponseFormat(_Strict):
     type: Literal["text"]  # json_object / json_schema need guided decoding, which is not implemented
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI, still what most clients send
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -254,14 +255,14 @@ class ChatCompletionRequest(_SamplingRequest):
     @classmethod
     def _logprobs(cls, v: bool | None) -> bool | None:
         if v:
-            raise ValueError("logprobs are not supported yet; leave logprobs unset or false")
+            raise ValueError("not supported yet; leave logprobs unset or false")
         return v
 
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, v: int | None) -> int | None:
         if v:
-            raise ValueError("top_logprobs is not supported yet")
+            raise ValueError("not supported yet")
         return v
 
     @field_validator("tool_choice")
@@ -283,7 +284,7 @@ class ChatCompletionRequest(_SamplingRequest):
     def _template_kwargs(cls, v: dict | None) -> dict | None:
         reserved = sorted(set(v or ()) & {"messages", "tools", "add_generation_prompt", "conversation"})
         if reserved:
-            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}; use the request fields")
+            raise ValueError(f"may not set {', '.join(reserved)}; use the request fields")
         return v
 
     @property

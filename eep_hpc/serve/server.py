@@ -3,7 +3,8 @@
 The server binds its socket itself (port 0 = a free port, reported as `port`/`url`), installs no signal handlers
 (signals belong to the head), and stops gracefully: it stops accepting connections, lets in-flight requests and
 streams run to their end for up to `graceful_timeout_s`, then cancels what is left (which aborts those engine
-requests).
+requests; their clients see the connection close). For streams to end cleanly sooner, the engine can finish its
+in-flight requests with finish_reason "abort" first: each stream then sends its last chunk and [DONE].
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ class ApiServer:
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+        # Past the grace period uvicorn cancels the request tasks without waiting for them; wait here, so that
+        # their engine requests are aborted by the time stop() returns.
+        left = list(self._server.server_state.tasks)
+        if left:
+            await asyncio.wait(left, timeout=10.0)
 
 
 async def run_server(

@@ -23,7 +23,7 @@ from eep_hpc.serve.generation import (
     start_choices,
 )
 from eep_hpc.serve.metrics import ApiMetrics
-from eep_hpc.serve.openai_protocol import UsageInfo, _SamplingRequest
+from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo
 from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, event, unless_disconnected
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Serving:
             raise not_ready()
         return req
 
-    def start(self, request_id: str, choices: list[Choice], req: _SamplingRequest) -> AsyncIterator[ChoiceDelta]:
+    def start(self, request_id: str, choices: list[Choice], req: SamplingRequest) -> AsyncIterator[ChoiceDelta]:
         options = TextOptions(
             stop=list(req.stop or []),
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
@@ -76,7 +76,7 @@ class Serving:
         deltas: AsyncIterator[ChoiceDelta],
         num_choices: int,
         prompt_tokens: int,
-        req: _SamplingRequest,
+        req: SamplingRequest,
         chunk: Callable[[ChoiceDelta, UsageInfo | None], str],
         usage_chunk: Callable[[UsageInfo], str],
         first: tuple[str, ...] = (),
