@@ -203,7 +203,8 @@ def error_cases(model: str, max_model_len: int) -> list[tuple[str, str, object, 
         ("POST", cmpl, {"model": model, "prompt": "hi", "frequency_penalty": 1}, 400, "frequency_penalty"),
         ("POST", cmpl, {"model": model, "prompt": "hi", "n": 0}, 400, "n"),
         ("POST", cmpl, {"model": model, "prompt": "hi", "stop": 3}, 400, "stop"),
-        ("POST", cmpl, {"model": model, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),
+        ("POST", cmpl, {"model": model, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+         "stream_options"),  # fmt: skip
         ("POST", cmpl, {"model": model, "prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
         ("POST", cmpl, {"model": model, "prompt": [1, -3]}, 400, "prompt"),
         ("POST", cmpl, {"model": model, "prompt": [10**9]}, 400, "prompt"),
@@ -224,7 +225,8 @@ def error_cases(model: str, max_model_len: int) -> list[tuple[str, str, object, 
         ("POST", chat, {"model": model, "messages": msgs, "temperature": -1}, 400, "temperature"),
         ("POST", chat, {"model": model, "messages": msgs, "top_p": 0}, 400, "top_p"),
         ("POST", chat, {"model": model, "messages": msgs, "tool_choice": "required"}, 400, "tool_choice"),
-        ("POST", chat, {"model": model, "messages": msgs, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ("POST", chat, {"model": model, "messages": msgs, "response_format": {"type": "json_object"}}, 400,
+         "response_format"),  # fmt: skip
         ("POST", "/v1/no-such-route", {"model": model}, 404, None),
         ("GET", "/nothing/here", None, 404, None),
         ("GET", cmpl, None, 405, None),
@@ -385,7 +387,8 @@ def test_n_and_batched_prompts(api, client):
         client.post("/v1/completions", json={"model": api.model, "prompt": p, "max_tokens": 6, "temperature": 0}).json()
         for p in prompts
     ]
-    r = client.post("/v1/completions", json={"model": api.model, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0})
+    batch = {"model": api.model, "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0}
+    r = client.post("/v1/completions", json=batch)
     assert r.status_code == 200, r.text
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
@@ -485,11 +488,8 @@ def test_async_openai_client_concurrent(api):
 
     concurrent = asyncio.run(main())
     with httpx.Client(base_url=api.url, timeout=TIMEOUT) as c:
-        sequential = [
-            c.post("/v1/completions", json={"model": api.model, "prompt": f"Item {i}:", "max_tokens": 6, "temperature": 0})
-            .json()["choices"][0]["text"]
-            for i in range(8)
-        ]
+        bodies = [{"model": api.model, "prompt": f"Item {i}:", "max_tokens": 6, "temperature": 0} for i in range(8)]
+        sequential = [c.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
     assert concurrent == sequential
 
 
