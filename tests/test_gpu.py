@@ -35,14 +35,21 @@ def test_bf16_on_gpu_serves(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpu_ranks_over_nccl_match_cpu_text(api, tmp_path):
+def test_grow_and_shrink_across_two_gpus_keep_text(api, tmp_path):
+    """NCCL groups per epoch, expert transfer between GPUs, dense weights read from a peer's VRAM over NIXL."""
     cpu = asyncio.run(reference_texts(api.url, api.model, 24))
-    head = start_head(tmp_path, ranks=2, parallel={"device": "cuda"}, model={"dtype": "float32"})
+    head = start_head(tmp_path, ranks=1, parallel={"device": "cuda"}, model={"dtype": "float32"})
     try:
-        gpu = asyncio.run(reference_texts(head.url, head.model, 24))
-        grown = head.call(head.head.coordinator.shrink([head.state()["members"][-1]]))
-        assert grown["phase"] == "DONE"
+        one = asyncio.run(reference_texts(head.url, head.model, 24))
+        grown = head.call(head.head.coordinator.grow(1))
+        two = asyncio.run(reference_texts(head.url, head.model, 24))
+        devices = {r["device"] for r in head.state()["ranks"]}
+        shrunk = head.call(head.head.coordinator.shrink([head.state()["members"][0]]))
         after = asyncio.run(reference_texts(head.url, head.model, 24))
     finally:
         head.stop()
-    assert gpu == cpu and after == cpu
+    print("grow:", grown, "\nshrink:", shrunk)
+    assert grown["phase"] == shrunk["phase"] == "DONE"
+    assert grown["dense_source"].startswith("nixl:"), grown
+    assert devices == {"cuda:0"}  # each rank sees only its own GPU
+    assert one == cpu and two == cpu and after == cpu

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
 
-import uvicorn
 
 from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
@@ -19,6 +19,7 @@ from eep_hpc.engine.rank_engine import max_model_len
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.model.tokenizer import Tokenizer
+from eep_hpc.serve.server import ApiServer
 
 log = logging.getLogger("eep_hpc.head")
 
@@ -67,25 +68,17 @@ class Head:
                 loop.add_signal_handler(sig, self.request_stop)
             except (ValueError, RuntimeError):  # not the main thread (tests run heads in threads)
                 pass
-        server = uvicorn.Server(uvicorn.Config(self.app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
-                                               lifespan="off", timeout_graceful_shutdown=5))
+        server = ApiServer(self.app, cfg.serve, graceful_timeout_s=10.0, log_level="warning")
         try:
             await self.coordinator.start(cfg.parallel.ranks)
-            serve_task = asyncio.create_task(server.serve())
-            while not server.started:
-                if serve_task.done():
-                    raise RuntimeError(f"HTTP server failed to start on {cfg.serve.host}:{cfg.serve.port}")
-                await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            self.url = f"http://{cfg.serve.host}:{port}"
+            self.url = await server.start()
             discovery.write(cfg.control.run_dir, discovery.HeadInfo(
-                api_url=self.url, coordinator=self.coordinator.address, pid=__import__("os").getpid(),
+                api_url=self.url, coordinator=self.coordinator.address, pid=os.getpid(),
                 host=socket.gethostname(), model=self.coordinator.model_name))
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()
-            server.should_exit = True
-            await serve_task
+            await server.stop()
         finally:
             discovery.remove(cfg.control.run_dir)
             await self.coordinator.stop()

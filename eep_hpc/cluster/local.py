@@ -63,7 +63,7 @@ class LocalLauncher:
         self.num_gpus = torch.cuda.device_count() if use_cuda else 0
         if device == "cuda" and self.num_gpus == 0:
             raise RuntimeError("device = 'cuda' but no CUDA GPU is visible")
-        self.next_gpu = 0
+        self.gpu_of: dict[int, tuple[int, LocalRankJob]] = {}  # rank id -> (gpu, its job)
 
     def device_for(self, index: int) -> str:
         # each rank sees only its own GPU (CUDA_VISIBLE_DEVICES set per job), so it is always cuda:0
@@ -75,10 +75,21 @@ class LocalLauncher:
 
     def _submit(self, launch: RankLaunch) -> LocalRankJob:
         executor = submitit.LocalExecutor(folder=self.folder)
-        gpu = {"gpus_per_node": 1, "visible_gpus": [self.next_gpu % self.num_gpus]} if self.num_gpus else {}
-        self.next_gpu += 1
-        executor.update_parameters(timeout_min=60 * 24 * 365, **gpu)
-        return LocalRankJob(executor.submit(run_rank, launch))
+        gpu = self._least_used_gpu() if self.num_gpus else None
+        executor.update_parameters(timeout_min=60 * 24 * 365,
+                                   **({"gpus_per_node": 1, "visible_gpus": [gpu]} if gpu is not None else {}))
+        job = LocalRankJob(executor.submit(run_rank, launch))
+        if gpu is not None:
+            self.gpu_of[launch.rank_id] = (gpu, job)
+        return job
+
+    def _least_used_gpu(self) -> int:
+        """A GPU with the fewest live ranks (two ranks on one GPU cannot share an NCCL group)."""
+        users = [0] * self.num_gpus
+        for gpu, job in self.gpu_of.values():
+            if job.alive():
+                users[gpu] += 1
+        return min(range(self.num_gpus), key=lambda g: (users[g], g))
 
 
 @contextlib.contextmanager
