@@ -8,25 +8,15 @@ from __future__ import annotations
 import torch
 
 from eep_hpc.kernels.attention import AttentionMetadata
-from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
 
 
-def kv_block_bytes(arch: MoEArch, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
-
-
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, num_kv_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
-        a = model.arch
         self.model, self.device, self.block_size = model, device, block_size
         self.num_kv_blocks = num_kv_blocks
-        shape = (num_kv_blocks, block_size, a.num_kv_heads, a.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(a.num_layers)
-        ]
+        self.kv_caches = model.make_kv_caches(num_kv_blocks, block_size, dtype, device)
 
     def forward(
         self,

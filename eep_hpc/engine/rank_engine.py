@@ -11,7 +11,7 @@ import torch
 
 from eep_hpc.config import Config
 from eep_hpc.engine.block_manager import BlockManager
-from eep_hpc.engine.model_runner import ModelRunner, kv_block_bytes
+from eep_hpc.engine.model_runner import ModelRunner
 from eep_hpc.engine.sampler import sample
 from eep_hpc.engine.scheduler import Scheduler, SchedulerOutput
 from eep_hpc.engine.sequence import Sequence
@@ -33,11 +33,11 @@ def max_model_len(cfg: Config, arch: MoEArch) -> int:
     return min(cfg.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
 
 
-def num_kv_blocks_for(cfg: Config, arch: MoEArch, device: torch.device, dtype: torch.dtype) -> int:
+def num_kv_blocks_for(cfg: Config, model: MoEForCausalLM, device: torch.device, dtype: torch.dtype) -> int:
     e = cfg.engine
     if e.num_kv_blocks:
         return e.num_kv_blocks
-    per_block = kv_block_bytes(arch, e.block_size, dtype)
+    per_block = model.kv_cache_bytes_per_block(e.block_size, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - total * (1 - e.gpu_memory_utilization)
@@ -123,7 +123,7 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
     local = [expert_map.local_logical(layer) for layer in range(len(arch.moe_layers))]
     model = build_model(arch, cfg.model, Path(launch.model_dir), local, max_model_len(cfg, arch), device, dtype)
     ep = ExpertParallel(expert_map, TorchAllToAll(group), arch.num_experts)
-    blocks = num_kv_blocks_for(cfg, arch, device, dtype)
+    blocks = num_kv_blocks_for(cfg, model, device, dtype)
     # every rank of an epoch sizes its cache like the smallest, so routing by KV use compares like with like
     blocks = -group.all_reduce_max([-blocks])[0]
     return RankEngine(cfg, model, ep, blocks, launch.eos_token_ids, device, dtype)
@@ -145,5 +145,5 @@ def build_skeleton(launch, num_local_slots: int, num_kv_blocks: int, fill_dense)
     model = build_model(arch, cfg.model, Path(launch.model_dir), empty, max_model_len(cfg, arch), device, dtype,
                         num_local_slots=num_local_slots, load_dense_weights=False)
     fill_dense(model)
-    blocks = num_kv_blocks or num_kv_blocks_for(cfg, arch, device, dtype)
+    blocks = num_kv_blocks or num_kv_blocks_for(cfg, model, device, dtype)
     return RankEngine(cfg, model, None, blocks, launch.eos_token_ids, device, dtype)

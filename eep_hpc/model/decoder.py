@@ -42,6 +42,18 @@ class MoEForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    # The KV cache layout belongs to the architecture (GQA keeps k and v per head; other attention kinds, e.g.
+    # DeepSeek's latent attention, keep other tensors): the runner allocates what these say and never looks inside.
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        a = self.arch
+        return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+
+    def make_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> list:
+        """One (k_cache, v_cache) pair per layer, each [num_blocks, block_size, Hkv, D]."""
+        shape = (num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(self.arch.num_layers)]
+
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
