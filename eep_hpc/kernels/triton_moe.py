@@ -1,0 +1,201 @@
+"""Fused SwiGLU experts over local slots in Triton (the GPU path of `moe.swiglu_experts_reference`).
+
+Rows arrive already dispatched (row m goes through local slot `slot[m]`), so there is no top-k fan-out and no
+weighted sum here: each row is computed exactly once and written back to its own place.
+
+1. `align_rows_by_slot` (torch ops, no host sync): sort rows by slot and pad each slot's group to a multiple of
+   BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one slot (like vLLM's
+   moe_align_block_size). Padding entries hold the sentinel M.
+2. `_w13_silu_kernel`: grouped GEMM h[p] = silu(x[r] @ w13[s, :I].T) * (x[r] @ w13[s, I:].T) for each padded
+   position p (row r = sorted_rows[p], slot s = block_slot[p // BLOCK_M]); gate and up tiles share the A tile and
+   the activation happens in registers, so [M, 2I] never reaches memory. h is [EM, I] in padded order.
+3. `_w2_kernel`: grouped GEMM out[r] = h[p] @ w2[s].T, stored straight to the row's original place.
+
+Shapes: M rows, D hidden, I expert intermediate, S local slots, EM = padded rows (a bound known from M and S alone,
+so buffers and grids depend on shapes only; CUDA graphs can capture a fixed M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+def pick_config(M: int, S: int, D: int, I: int) -> MoEConfig:
+    """Tile shapes by rows per slot (H100; tiny shapes get the smallest tiles that tl.dot accepts)."""
+    if max(D, I) <= 128:
+        return MoEConfig(16, 32, 32, 1, 4, 2)
+    rows_per_slot = M / max(S, 1)
+    if rows_per_slot <= 4:  # decode: weight streaming, few rows per slot
+        return MoEConfig(16, 64, 128, 1, 4, 4)
+    if rows_per_slot <= 32:
+        return MoEConfig(32, 64, 128, 4, 4, 4)
+    if rows_per_slot <= 128:
+        return MoEConfig(64, 128, 64, 8, 8, 4)
+    return MoEConfig(128, 128, 64, 8, 8, 3)
+
+
+def align_rows_by_slot(slot: torch.Tensor, S: int, block_m: int):
+    """slot [M] -> (sorted_rows [EM] int32 (sentinel M in padding), block_slot [EM // block_m] int32 (-1 past the
+    end), num_padded [1] int32). EM = M + min(M, S) * (block_m - 1) rounded up to block_m: a bound from shapes."""
+    M = slot.shape[0]
+    dev = slot.device
+    em = M + min(M, S) * (block_m - 1)
+    em = (em + block_m - 1) // block_m * block_m
+    slot = slot.to(torch.int64)
+    counts = torch.zeros(S, dtype=torch.int64, device=dev).scatter_add_(0, slot, torch.ones_like(slot))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [S]
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(slot, stable=True)  # [M] rows grouped by slot
+    sorted_slot = slot[order]
+    dest = padded_start[sorted_slot] + torch.arange(M, device=dev) - start[sorted_slot]
+    sorted_rows = torch.full((em,), M, dtype=torch.int32, device=dev)
+    sorted_rows[dest] = order.to(torch.int32)
+    block_begin = torch.arange(0, em, block_m, device=dev)
+    block_slot = torch.searchsorted(padded_end, block_begin, right=True)
+    total = padded_end[-1:]
+    block_slot = torch.where(block_begin < total, block_slot, -1).to(torch.int32)
+    return sorted_rows, block_slot, total.to(torch.int32)
+
+
+@triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row blocks sweep the N tiles together so their weight tiles stay in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _w13_silu_kernel(
+    x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
+    M, D, I, EM,
+    stride_xm, stride_we, stride_wn, stride_hm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(EM, BLOCK_M)
+    num_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_rows_ptr + offs_p)
+    row_ok = rows < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    # w13[s] is [2I, D] row-major; read as [BLOCK_K, BLOCK_N] tiles of its transpose
+    g_ptrs = w13_ptr + s * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
+def _w2_kernel(
+    h_ptr, w2_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
+    M, D, I, EM,
+    stride_hm, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(EM, BLOCK_M)
+    num_n = tl.cdiv(D, BLOCK_N)
+    pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_rows_ptr + offs_p)
+    row_ok = rows < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+    b_ptrs = w2_ptr + s * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # w2[s] is [D, I]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k_ok = offs_k < I - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def swiglu_experts_triton(
+    x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None
+) -> torch.Tensor:
+    """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference."""
+    M, D = x.shape
+    S, two_i, _ = w13.shape
+    I = two_i // 2
+    assert w13.shape == (S, 2 * I, D) and w2.shape == (S, D, I), (x.shape, w13.shape, w2.shape)
+    assert x.dtype == w13.dtype == w2.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert w13.stride(-1) == 1 and w2.stride(-1) == 1 and w13.stride(1) == D and w2.stride(1) == I
+    out = torch.empty_like(x)
+    if M == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or pick_config(M, S, D, I)
+    sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
+    EM = sorted_rows.shape[0]
+    h = torch.empty(EM, I, dtype=x.dtype, device=x.device)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    num_m = EM // cfg.BLOCK_M
+    _w13_silu_kernel[(num_m * triton.cdiv(I, cfg.BLOCK_N),)](
+        x, w13, h, sorted_rows, block_slot, num_padded,
+        M, D, I, EM,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # w2's K is I (768 for Qwen3-30B-A3B): a narrower K tile than the w13 pass keeps the loop pipelined
+    bk2 = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(I)))
+    _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](
+        h, w2, out, sorted_rows, block_slot, num_padded,
+        M, D, I, EM,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk2, GROUP_M=cfg.GROUP_M, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
