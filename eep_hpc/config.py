@@ -43,6 +43,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     seed: int = 0  # seed for requests that bring none
+    # Share the KV blocks of identical prompt prefixes between requests (full blocks, hashed with their parent).
+    enable_prefix_caching: bool = True
 
 
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,6 +78,9 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     head_timeout_s: float = 15.0
     # The head declares a rank dead after this long without a message from it.
     rank_timeout_s: float = 30.0
+    # A peer that does not show up for the expert transfer of a scaling event fails it (and it rolls back) after
+    # this long; serving pauses at most this long in that case.
+    transfer_timeout_s: float = 20.0
     run_dir: str = "runs/local"
 
 

@@ -35,6 +35,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    # Logprobs of the model's raw distribution (log_softmax of the logits, before min_tokens masking, temperature,
+    # top-k and top-p; vLLM's default "raw_logprobs"). None = not computed (no cost); k = the chosen token's
+    # logprob plus the k most likely tokens. `logprobs` is for sampled tokens, `prompt_logprobs` for the prompt's.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 class RankLaunch(msgspec.Struct, kw_only=True):
@@ -142,11 +147,27 @@ class RankReady(_Msg):
     max_model_len: int
 
 
+class Logprobs(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """Logprobs of consecutive tokens, columnar: token_logprobs[i] is token i's logprob; top_ids[i] and
+    top_logprobs[i] are the k most likely tokens at that position, most likely first."""
+
+    token_logprobs: list[float] = []
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)
+
+
 class RequestOutput(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     error: str = ""
+    # One entry per new token (SamplingParams.logprobs set).
+    logprobs: Logprobs | None = None
+    # Prompt tokens 1 .. P-1 (token 0 has no logprob), with the first output (SamplingParams.prompt_logprobs set).
+    prompt_logprobs: Logprobs | None = None
 
 
 class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -155,6 +176,9 @@ class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     steps: int = 0
+    # Prefix caching since start: tokens of admitted requests looked up, and those found in the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # Tokens routed to each logical expert since the last report, per MoE layer: [layer][expert].
     expert_load: list[list[int]] = []
 

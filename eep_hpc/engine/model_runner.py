@@ -5,6 +5,8 @@ GPU specifics (CUDA graphs, Triton kernels) plug in here and in kernels/; the sc
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from eep_hpc.kernels.attention import AttentionMetadata
@@ -34,13 +36,17 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return self.model(ids, pos, self.kv_caches, meta, ep)
 
-    def run(self, batch, block_manager, ep: ExpertParallel) -> tuple[torch.Tensor, list[int]]:
-        """batch: scheduled (seq, num_new_tokens) pairs -> (logits [N, V] of the sequences that sample, their
-        indices in the batch). A sequence samples when this step reaches the end of its known tokens."""
+    def run(self, batch, block_manager, ep: ExpertParallel) -> StepLogits:
+        """batch: scheduled (seq, num_new_tokens) pairs -> logits of the sequences that sample (this step reaches
+        the end of their known tokens) and, for sequences that asked for prompt logprobs, of their chunk's rows
+        that predict a prompt token. Only those rows go through the LM head."""
         input_ids, positions, slots, qlens, seq_lens, tables, last_rows, sampling = [], [], [], [], [], [], [], []
+        prompt_rows: list[int] = []
+        prompt_chunks: list[tuple[int, int, int]] = []  # (batch index, first position, rows)
         for i, (seq, n) in enumerate(batch):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
+            first_row = len(input_ids)
+            input_ids += seq.token_slice(start, end)
             positions += range(start, end)
             slots += block_manager.slot_mapping(seq, start, end)
             qlens.append(n)
@@ -49,6 +55,25 @@ class ModelRunner:
             if end == seq.num_tokens:
                 last_rows.append(len(input_ids) - 1)
                 sampling.append(i)
+            if seq.wants_prompt_logprobs:
+                # row of position p predicts token p + 1: prompt tokens up to the last one
+                rows = min(end, seq.num_prompt_tokens - 1) - start
+                if rows > 0:
+                    prompt_rows += range(first_row, first_row + rows)
+                    prompt_chunks.append((i, start, rows))
         hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)
-        idx = torch.tensor(last_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[idx]), sampling
+        idx = torch.tensor(last_rows + prompt_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[idx])  # [N + prompt rows, V]
+        prompt, offset = [], len(last_rows)
+        for i, start, rows in prompt_chunks:
+            prompt.append((i, start, logits[offset : offset + rows]))
+            offset += rows
+        return StepLogits(logits[: len(last_rows)], sampling, prompt)
+
+
+class StepLogits(NamedTuple):
+    sample: torch.Tensor  # [N, V] float32, rows of the sequences that sample
+    sample_index: list[int]  # their indices in the batch
+    # (batch index, first position, [rows, V] logits of positions first .. first + rows - 1) per sequence that
+    # wants prompt logprobs; row j predicts prompt token first + j + 1.
+    prompt: list[tuple[int, int, torch.Tensor]]

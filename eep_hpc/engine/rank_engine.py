@@ -12,13 +12,13 @@ import torch
 from eep_hpc.config import Config
 from eep_hpc.engine.block_manager import BlockManager
 from eep_hpc.engine.model_runner import ModelRunner
-from eep_hpc.engine.sampler import sample
+from eep_hpc.engine.sampler import logprobs_of_tokens, sample, sampled_logprobs
 from eep_hpc.engine.scheduler import Scheduler, SchedulerOutput
 from eep_hpc.engine.sequence import Sequence
 from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
-from eep_hpc.protocol import AddRequest, RankStats, RequestOutput
+from eep_hpc.protocol import AddRequest, Logprobs, RankStats, RequestOutput
 
 
 def resolve_dtype(cfg: Config, arch: MoEArch, device: torch.device) -> torch.dtype:
@@ -54,7 +54,7 @@ class RankEngine:
                  eos_token_ids: list[int], device: torch.device, dtype: torch.dtype):
         self.cfg, self.model, self.ep, self.device = cfg, model, ep, device
         self.max_model_len = max_model_len(cfg, model.arch)
-        self.block_manager = BlockManager(num_kv_blocks, cfg.engine.block_size)
+        self.block_manager = BlockManager(num_kv_blocks, cfg.engine.block_size, cfg.engine.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.engine, self.block_manager, self.max_model_len, eos_token_ids)
         self.runner = ModelRunner(model, num_kv_blocks, cfg.engine.block_size, device, dtype)
         self.eos_token_ids = eos_token_ids
@@ -75,16 +75,29 @@ class RankEngine:
         """One forward over whatever is scheduled (possibly nothing) -> outputs of sequences that advanced."""
         out: SchedulerOutput = self.scheduler.schedule()
         batch = [(s.seq, s.num_new_tokens) for s in out.scheduled]
-        logits, sampling_rows = self.runner.run(batch, self.block_manager, self.ep)
+        step = self.runner.run(batch, self.block_manager, self.ep)
         self.steps += 1
         sampled: list[int | None] = [None] * len(batch)
-        if sampling_rows:
-            seqs = [batch[i][0] for i in sampling_rows]
-            for i, tok in zip(sampling_rows, sample(logits, seqs, self.generator, self.eos_token_ids)):
+        logprobs: list[Logprobs | None] = [None] * len(batch)
+        if step.sample_index:
+            seqs = [batch[i][0] for i in step.sample_index]
+            tokens = sample(step.sample, seqs, self.generator, self.eos_token_ids)
+            for i, tok in zip(step.sample_index, tokens):
                 sampled[i] = tok
+            asked = [j for j, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+            if asked:  # requests without logprobs cost nothing here
+                rows = torch.tensor(asked, dtype=torch.long, device=step.sample.device)
+                found = sampled_logprobs(step.sample[rows], [tokens[j] for j in asked],
+                                         [seqs[j].sampling.logprobs for j in asked])
+                for j, lp in zip(asked, found):
+                    logprobs[step.sample_index[j]] = lp
+        for i, start, rows in step.prompt:
+            seq = batch[i][0]
+            targets = seq.prompt_token_ids[start + 1 : start + 1 + rows.shape[0]]
+            seq.add_prompt_logprobs(start, logprobs_of_tokens(rows, targets, seq.sampling.prompt_logprobs))
         if out.is_empty:
             return []
-        return self.scheduler.postprocess(out, sampled)
+        return self.scheduler.postprocess(out, sampled, logprobs)
 
     def swap_experts(self, staged, ep: ExpertParallel) -> None:
         """Commit: the staged slot tensors and the new epoch's expert map/communicator replace the old ones."""
@@ -101,6 +114,8 @@ class RankEngine:
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_used_blocks + bm.num_free_blocks,
             steps=self.steps,
+            prefix_cache_queries=bm.num_queried_tokens,
+            prefix_cache_hits=bm.num_hit_tokens,
             expert_load=self.ep.take_load().tolist() if with_load and self.ep is not None else [],
         )
 

@@ -6,6 +6,10 @@ tokens whose probability reaches p; at least one token), softmax, and one multin
 A seeded request draws with its own generator, reseeded from (seed, number of output tokens) before every draw: its
 tokens depend neither on its batch neighbours nor on preemption, and a request migrated to another rank (which
 arrives with its output tokens) continues the same random stream. Unseeded rows share `default_generator`.
+
+Logprobs (`logprobs`) are of the model's raw distribution: log_softmax of the logits as the model produced them,
+before min_tokens masking, temperature, top-k and top-p (vLLM's default `raw_logprobs`). They are computed only for
+rows whose request asked for them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Collection
 import torch
 
 from eep_hpc.engine.sequence import Sequence
+from eep_hpc.protocol import Logprobs
 
 _GREEDY_BELOW = 1e-5  # temperatures under this are greedy
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -106,3 +111,34 @@ def _generator_on(seq: Sequence, device: torch.device) -> torch.Generator:
     if seq.generator is None or seq.generator.device != device:
         seq.generator = torch.Generator(device=device)
     return seq.generator
+
+
+def sampled_logprobs(
+    logits: torch.Tensor,  # [R, V] raw logits
+    token_ids: list[int],  # [R] the token whose logprob each row reports
+    top_k: list[int],  # [R] how many most likely tokens each row lists (0..V)
+) -> list[Logprobs]:
+    """One Logprobs of one token per row (see the module docstring: raw distribution)."""
+    lp, top_ids, top_lp = _logprobs(logits, token_ids, max(top_k, default=0))
+    return [
+        Logprobs(token_logprobs=[lp[r]], top_ids=[top_ids[r][:k]], top_logprobs=[top_lp[r][:k]])
+        for r, k in enumerate(top_k)
+    ]
+
+
+def logprobs_of_tokens(logits: torch.Tensor, token_ids: list[int], top_k: int) -> Logprobs:
+    """Logprobs of consecutive tokens: row r of logits [R, V] predicts token_ids[r]; top_k most likely per row."""
+    lp, top_ids, top_lp = _logprobs(logits, token_ids, top_k)
+    return Logprobs(token_logprobs=lp, top_ids=top_ids, top_logprobs=top_lp)
+
+
+def _logprobs(logits: torch.Tensor, token_ids: list[int], k: int):
+    assert logits.dim() == 2 and logits.shape[0] == len(token_ids), f"{tuple(logits.shape)} for {len(token_ids)}"
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    ids = torch.tensor(token_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # [R]
+    k = min(k, lp.shape[1])
+    if k <= 0:
+        return chosen, [[] for _ in token_ids], [[] for _ in token_ids]
+    top = lp.topk(k, dim=-1)  # sorted, most likely first
+    return chosen, top.indices.tolist(), top.values.tolist()

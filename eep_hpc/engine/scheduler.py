@@ -10,6 +10,10 @@ the front of `waiting`, so it resumes first. Waiting sequences are admitted stri
 that did not fit), and the first running sequence is never preempted for another one, so every sequence finishes:
 its length is capped by the cache (see `_stop_reason`) as well as by max_model_len.
 
+Prefix caching (BlockManager): a waiting sequence is admitted with the KV of its longest cached prefix of full
+blocks (num_computed_tokens starts there, always short of its last token); blocks whose KV a step completed are
+registered in postprocess. Preemption and abort free blocks by ref count, so shared blocks stay with the others.
+
 Caller loop: `out = schedule()`, run the model on `out.scheduled`, `postprocess(out, sampled)`; call postprocess for
 every output that is not `is_empty` (it also reports sequences the scheduler finished without running them).
 """
@@ -22,7 +26,7 @@ from typing import NamedTuple
 from eep_hpc.config import EngineConfig
 from eep_hpc.engine.block_manager import BlockManager
 from eep_hpc.engine.sequence import Sequence, SequenceStatus
-from eep_hpc.protocol import FinishReason, RequestOutput
+from eep_hpc.protocol import FinishReason, Logprobs, RequestOutput
 
 
 class ScheduledSeq(NamedTuple):
@@ -122,9 +126,13 @@ class Scheduler:
                 self.waiting.popleft()
                 out.finished.append(self._reject(seq))
                 continue
-            num_new = min(seq.num_tokens, budget)
-            if not self.block_manager.allocate(seq, num_new):
+            # Cached prefix blocks are reused, except by a sequence that needs logits at every prompt position.
+            prefix = [] if seq.wants_prompt_logprobs else self.block_manager.cached_prefix(seq)
+            num_cached = len(prefix) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(seq, num_cached + num_new, prefix):
                 break  # later ones wait behind it
+            self.block_manager.note_admitted(seq, num_cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -134,15 +142,20 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 
-    def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[RequestOutput]:
-        """Advance the scheduled sequences by the step's results; sampled[i] belongs to out.scheduled[i]."""
+    def postprocess(
+        self, out: SchedulerOutput, sampled: list[int | None], logprobs: list[Logprobs | None] | None = None
+    ) -> list[RequestOutput]:
+        """Advance the scheduled sequences by the step's results; sampled[i] (and logprobs[i], the sampled token's
+        logprobs when its request asked for them) belong to out.scheduled[i]."""
         if len(sampled) != len(out.scheduled):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(out.scheduled)} scheduled sequences")
+        logprobs = logprobs or [None] * len(sampled)
         outputs = list(out.finished)
-        for (seq, num_new), token in zip(out.scheduled, sampled):
+        for (seq, num_new), token, lp in zip(out.scheduled, sampled, logprobs):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted since schedule()
             seq.num_computed_tokens += num_new
+            self.block_manager.cache_computed_blocks(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # mid-prefill: nothing sampled
             if token is None:
@@ -152,7 +165,9 @@ class Scheduler:
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-            outputs.append(RequestOutput(request_id=seq.request_id, new_token_ids=[token], finish_reason=reason))
+            prompt_lp, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent once, with the first output
+            outputs.append(RequestOutput(request_id=seq.request_id, new_token_ids=[token], finish_reason=reason,
+                                         logprobs=lp, prompt_logprobs=prompt_lp))
         return outputs
 
     # ---- transitions ----------------------------------------------------------------------------------------

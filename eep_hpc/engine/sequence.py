@@ -11,7 +11,7 @@ from enum import Enum, auto, unique
 
 import torch
 
-from eep_hpc.protocol import AddRequest, FinishReason, SamplingParams
+from eep_hpc.protocol import AddRequest, FinishReason, Logprobs, SamplingParams
 
 
 @unique
@@ -37,6 +37,13 @@ class Sequence:
         self.sampling = sampling if sampling is not None else SamplingParams()
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.block_table: list[int] = []  # KV block ids, in token order; owned by the BlockManager
+        # Prefix caching (owned by the BlockManager): hashes of full blocks of token_ids (tokens only grow, so
+        # they stay valid), and how many leading blocks of block_table are registered in the cache.
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
+        # Logprobs of prompt tokens 1 .. computed so far (SamplingParams.prompt_logprobs), sent with the first
+        # output. Only a sequence that starts without outputs computes them (a migrated one sent them already).
+        self.prompt_logprobs: Logprobs | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         # The sampler reseeds it before every draw (see sampler.py) and moves it to the logits' device.
@@ -74,6 +81,20 @@ class Sequence:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:end] + self.output_token_ids[: max(end - p, 0)]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling.prompt_logprobs is not None and not self.output_token_ids
+
+    def add_prompt_logprobs(self, start: int, chunk: Logprobs) -> None:
+        """Logprobs of prompt tokens start+1 .. start+len(chunk); recomputed ones (after preemption) replace."""
+        lp = self.prompt_logprobs or Logprobs()
+        keep = start  # entries for tokens 1..start
+        self.prompt_logprobs = Logprobs(
+            token_logprobs=lp.token_logprobs[:keep] + chunk.token_logprobs,
+            top_ids=lp.top_ids[:keep] + chunk.top_ids,
+            top_logprobs=lp.top_logprobs[:keep] + chunk.top_logprobs,
+        )
 
     @property
     def is_finished(self) -> bool:
