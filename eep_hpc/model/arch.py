@@ -1,8 +1,9 @@
 """The architecture description every model here is built from, read from a Hugging Face config.json.
 
 Qwen3-MoE and Mixtral share one decoder shape (GQA attention + a sparse MoE block of SwiGLU experts); they differ in
-the few fields below. Keys are read under both their old and new transformers names (e.g. `rope_theta` vs
-`rope_parameters.rope_theta`, `num_experts` vs `num_local_experts`).
+the few fields below. DeepSeek-V2 adds multi-head latent attention (`MLAArch`), group-limited routing with shared
+experts (`DeepseekRouting`) and yarn RoPE (`YarnScaling`). Keys are read under both their old and new transformers
+names (e.g. `rope_theta` vs `rope_parameters.rope_theta`, `rope_scaling.type` vs `rope_parameters.rope_type`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,55 @@ import torch
 SUPPORTED = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
 }
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE extension (DeepSeek's variant: `mscale`/`mscale_all_dim` set the cos/sin and softmax scales)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # cos/sin scale; None: derived from factor and the mscales
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MLAArch:
+    """Multi-head latent attention: per token only the latent [kv_lora_rank] and the roped key [qk_rope_head_dim]
+    are cached; kv_b_proj expands the latent into per-head k_nope [qk_nope_head_dim] and v [v_head_dim]."""
+
+    q_lora_rank: int | None  # None: q_proj straight from the hidden state (V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool = False
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class DeepseekRouting:
+    """Softmax router over `num_experts`, top-k within the best `topk_group` of `n_group` groups (one group:
+    plain greedy), weights times `routed_scaling_factor`; `n_shared_experts` dense experts run on every token."""
+
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    n_shared_experts: int
+
+
+@dataclass(frozen=True)
 class MoEArch:
-    kind: str  # "qwen3_moe" | "mixtral"
+    kind: str  # "qwen3_moe" | "mixtral" | "deepseek_v2"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -42,6 +86,10 @@ class MoEArch:
     dense_layers: frozenset[int] = field(default_factory=frozenset)
     intermediate_size: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    # DeepSeek-V2 only:
+    mla: MLAArch | None = None
+    routing: DeepseekRouting | None = None
+    rope_scaling: YarnScaling | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -58,6 +106,84 @@ def _rope_theta(cfg: dict, default: float) -> float:
     if kind != "default":
         raise ValueError(f"rope type {kind!r} is not supported yet (only default RoPE)")
     return float(params.get("rope_theta", cfg.get("rope_theta", default)))
+
+
+def _rope_scaling(cfg: dict) -> tuple[float, YarnScaling | None]:
+    """(rope_theta, yarn parameters or None) from `rope_parameters` (transformers 5) or `rope_scaling` (older)."""
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ValueError(f"rope type {kind!r} is not supported for DeepSeek-V2 (only default and yarn)")
+    original = params.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 4096)
+    factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original
+    return theta, YarnScaling(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _deepseek_v2(cfg: dict, common: dict) -> MoEArch:
+    unsupported = {
+        "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
+        "scoring_func": (cfg.get("scoring_func", "softmax"), "softmax"),
+        "mlp_bias": (bool(cfg.get("mlp_bias", False)), False),
+    }
+    for key, (got, want) in unsupported.items():
+        if got != want:
+            raise ValueError(f"DeepSeek-V2 with {key}={got!r} is not supported (only {want!r})")
+    if not cfg.get("n_routed_experts"):
+        raise ValueError("DeepSeek-V2 without routed experts (n_routed_experts) is a dense model: not supported")
+    num_experts, num_layers = cfg["n_routed_experts"], cfg["num_hidden_layers"]
+    method = cfg.get("topk_method") or "greedy"
+    if method == "greedy":
+        n_group = topk_group = 1
+    elif method == "group_limited_greedy":
+        n_group, topk_group = cfg["n_group"], cfg["topk_group"]
+        if num_experts % n_group or not 0 < topk_group <= n_group:
+            raise ValueError(f"bad expert groups: {num_experts} experts, n_group={n_group}, topk_group={topk_group}")
+    else:
+        raise ValueError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    # Layer i is MoE when i >= first_k_dense_replace and i % moe_layer_freq == 0 (DeepSeek's own modeling code)
+    first_dense, freq = cfg.get("first_k_dense_replace", 0), cfg.get("moe_layer_freq", 1) or 1
+    dense = frozenset(i for i in range(num_layers) if i < first_dense or i % freq != 0)
+    theta, yarn = _rope_scaling(cfg)
+    mla = MLAArch(
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg["kv_lora_rank"],
+        qk_nope_head_dim=cfg["qk_nope_head_dim"],
+        qk_rope_head_dim=cfg["qk_rope_head_dim"],
+        v_head_dim=cfg["v_head_dim"],
+        attention_bias=bool(cfg.get("attention_bias", False)),
+    )
+    common.update(num_kv_heads=common["num_heads"], head_dim=mla.qk_head_dim)
+    return MoEArch(
+        **common,
+        num_experts=num_experts,
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        intermediate_size=cfg.get("intermediate_size", 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        qk_norm=False,
+        rope_theta=theta,
+        dense_layers=dense,
+        mla=mla,
+        routing=DeepseekRouting(
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            n_shared_experts=cfg.get("n_shared_experts") or 0,
+        ),
+        rope_scaling=yarn,
+    )
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -88,6 +214,8 @@ def parse_arch(cfg: dict) -> MoEArch:
         torch_dtype=_DTYPES.get(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16", torch.bfloat16),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
     )
+    if kind == "deepseek_v2":
+        return _deepseek_v2(cfg, common)
     if kind == "qwen3_moe":
         step = cfg.get("decoder_sparse_step", 1) or 1
         only = set(cfg.get("mlp_only_layers") or [])

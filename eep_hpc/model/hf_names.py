@@ -1,7 +1,9 @@
 """Hugging Face tensor names of each architecture, mapped onto eep-hpc's module names.
 
 Our modules mirror Hugging Face's layout (model.layers.{i}.self_attn.q_proj ...) except where the architectures
-differ (Mixtral's `block_sparse_moe`, w1/w3/w2) and for experts, which we stack per physical slot.
+differ (Mixtral's `block_sparse_moe`, w1/w3/w2) and for experts, which we stack per physical slot. DeepSeek-V2's
+names (self_attn.q_proj / q_a_proj / q_a_layernorm / q_b_proj / kv_a_proj_with_mqa / kv_a_layernorm / kv_b_proj /
+o_proj, mlp.gate, mlp.shared_experts.*, mlp.experts.{j}.gate_proj/up_proj/down_proj) are Qwen3-MoE's pattern.
 """
 
 from __future__ import annotations

@@ -9,8 +9,14 @@ import torch
 from eep_hpc.config import ModelConfig
 from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
+from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM
 from eep_hpc.model.hf_names import expert_names, hf_name
 from eep_hpc.model.weights import DummySource, SafetensorsSource
+
+
+def model_class(arch: MoEArch) -> type[MoEForCausalLM] | type[DeepseekV2ForCausalLM]:
+    """The module class of an architecture; all take (arch, num_local_slots, max_positions)."""
+    return DeepseekV2ForCausalLM if arch.kind == "deepseek_v2" else MoEForCausalLM
 
 
 def weight_source(cfg: ModelConfig, model_dir: Path, device: torch.device):
@@ -60,7 +66,7 @@ def build_model(
     if num_local_slots is None:
         num_local_slots = len(local_logical[0]) if local_logical else 0
     with torch.device(device):
-        model = MoEForCausalLM(arch, num_local_slots, max_positions)
+        model = model_class(arch)(arch, num_local_slots, max_positions)
     # rope tables stay fp32; everything learnable takes the serving dtype
     for p in model.parameters():
         p.data = p.data.to(dtype)
