@@ -1,4 +1,6 @@
-"""Paged attention over a block-structured KV cache: torch reference (CPU, tests) behind one entry point.
+"""Paged attention over a block-structured KV cache: per-step metadata and the torch reference (CPU, tests).
+
+The Triton path (`triton_attention.py`) reads the same metadata; `ops.paged_attention` picks between them.
 
 One call serves a mixed batch: each sequence b contributes `query_lens[b]` new tokens (a prefill chunk or one
 decode token) whose keys/values are first written into the cache, then attends causally to all of its
@@ -8,9 +10,20 @@ decode token) whose keys/values are first written into the cache, then attends c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class ReferenceIndex:
+    """Padded gather/mask tensors for the torch reference; built on first use, shared by every layer of a step."""
+
+    kv_index: torch.Tensor  # [B, Lk] slot of each key position (0 where padded)
+    mask: torch.Tensor  # [B, 1, Lq, Lk] bool: query i of b may see key j
+    token_batch: torch.Tensor  # [T] sequence of each packed token
+    token_row: torch.Tensor  # [T] its row within the padded query block
 
 
 @dataclass
@@ -20,15 +33,19 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] long (cpu): tokens in the cache after this step
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
     block_size: int
-    # Derived once per step for the reference path, shared by every layer:
-    kv_index: torch.Tensor  # [B, Lk] slot of each key position (0 where padded)
-    mask: torch.Tensor  # [B, 1, Lq, Lk] bool: query i of b may see key j
-    token_batch: torch.Tensor  # [T] sequence of each packed token
-    token_row: torch.Tensor  # [T] its row within the padded query block
+    # For the Triton kernels (on the step's device; one host-to-device copy for both):
+    query_start_loc_device: torch.Tensor  # [B + 1] int32
+    seq_lens_device: torch.Tensor  # [B] int32
+    max_query_len: int
+    max_seq_len: int
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
 
     @staticmethod
     def build(
@@ -40,14 +57,33 @@ class AttentionMetadata:
         device: torch.device,
     ) -> "AttentionMetadata":
         B = len(query_lens)
-        lq = max(query_lens, default=0)
-        lk = max(seq_lens, default=0)
         nblk = max((len(t) for t in block_tables), default=0)
         tables = torch.zeros(B, max(nblk, 1), dtype=torch.long)
         for b, t in enumerate(block_tables):
             tables[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         seq = torch.tensor(seq_lens, dtype=torch.long)
         qlen = torch.tensor(query_lens, dtype=torch.long)
+        qsl = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(qlen, 0)])
+        packed = torch.cat([qsl, seq]).to(torch.int32).to(device)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            query_start_loc=qsl,
+            seq_lens=seq,
+            block_tables=tables.to(device),
+            block_size=block_size,
+            query_start_loc_device=packed[: B + 1],
+            seq_lens_device=packed[B + 1 :],
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+        )
+
+    @cached_property
+    def reference(self) -> ReferenceIndex:
+        B, device, block_size = self.num_seqs, self.block_tables.device, self.block_size
+        tables = self.block_tables.cpu()
+        seq = self.seq_lens
+        qlen = self.query_start_loc[1:] - self.query_start_loc[:-1]
+        lq, lk = self.max_query_len, self.max_seq_len
         pos = torch.arange(lk)
         kv_index = tables.gather(1, (pos // block_size).clamp(max=tables.shape[1] - 1).expand(B, lk))
         kv_index = kv_index * block_size + pos % block_size
@@ -60,17 +96,18 @@ class AttentionMetadata:
         token_batch = torch.repeat_interleave(torch.arange(B), qlen)
         starts = torch.cumsum(qlen, 0) - qlen
         token_row = torch.arange(int(qlen.sum())) - starts[token_batch]
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(qlen, 0)]),
-            seq_lens=seq,
-            block_tables=tables.to(device),
-            block_size=block_size,
+        return ReferenceIndex(
             kv_index=kv_index.to(device),
             mask=mask[:, None].to(device),
             token_batch=token_batch.to(device),
             token_row=token_row.to(device),
         )
+
+    # the reference's fields, under their old names
+    kv_index = property(lambda self: self.reference.kv_index)
+    mask = property(lambda self: self.reference.mask)
+    token_batch = property(lambda self: self.reference.token_batch)
+    token_row = property(lambda self: self.reference.token_row)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
