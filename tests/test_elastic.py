@@ -167,3 +167,45 @@ def test_second_scale_request_is_refused_while_one_runs(tmp_path):
         assert bad.status_code == 400 and "at least one must stay" in bad.json()["error"]["message"]
     finally:
         head.stop()
+
+
+def test_joiner_dying_during_expert_transfer_rolls_back(tmp_path):
+    head = start_head(tmp_path, ranks=2, control={"transfer_timeout_s": 3.0})
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+        coordinator = head.head.coordinator
+
+        def kill_when_staged():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                staged = [k for k in list(coordinator._acks) if k[0] == "RankStaged"]
+                if staged:
+                    for rid in coordinator._acks[staged[0]]:
+                        coordinator.ranks[rid].job.kill()  # it has its weights and waits for the experts
+                    return
+                time.sleep(0.01)
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=8))
+            await asyncio.sleep(0.3)
+            killer = threading.Thread(target=kill_when_staged)
+            killer.start()
+            failed = await post(head.url, "/admin/scale/grow", {"n": 1})
+            killer.join()
+            await asyncio.sleep(1.0)
+            stop.set()
+            return await load, failed
+
+        result, failed = asyncio.run(scenario())
+        assert failed.status_code == 503, failed.text
+        assert result.failures == []
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts)
+        state = head.state()
+        assert len(state["members"]) == 2 and state["epoch"] == 0
+        assert state["scale_events"][-1]["phase"] == "ROLLED_BACK"
+        shrunk = httpx.post(f"{head.url}/admin/scale/shrink", json={"n": 1}, timeout=120)
+        assert shrunk.status_code == 200, shrunk.text  # and it can scale again
+    finally:
+        head.stop()

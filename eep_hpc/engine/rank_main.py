@@ -65,14 +65,13 @@ class RankProcess:
                               host=socket.gethostname(), device=self.launch.device))
         try:
             while not self.stopping:
-                if self.active:
-                    self.drain(timeout_ms=0)
-                    self.step_wave()
-                else:
-                    self.drain(timeout_ms=int(ctl.heartbeat_s * 1000))
+                self.drain(timeout_ms=0 if self.active else int(ctl.heartbeat_s * 1000))
+                # judged right after draining: a long prepare must not count the pings queued meanwhile as missing
                 if time.monotonic() - self.last_heard > ctl.head_timeout_s:
                     log.error("rank %d: no word from the head for %.0f s, exiting", self.id, ctl.head_timeout_s)
                     return 1
+                if self.active and not self.stopping:
+                    self.step_wave()
             return 0
         except Exception as e:
             log.exception("rank %d failed", self.id)
@@ -218,7 +217,7 @@ class RankProcess:
     def prepare(self, msg: P.PrepareEpoch) -> None:
         target, t0 = msg.target, time.monotonic()
         device = torch.device(self.launch.device)
-        timeout = self.launch.config.control.rank_timeout_s
+        timeout = self.launch.config.control.transfer_timeout_s
         xfer = new_group = None
         try:
             arch = self.engine.model.arch

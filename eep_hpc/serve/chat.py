@@ -6,15 +6,27 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from eep_hpc.serve.errors import bad_request
-from eep_hpc.serve.generation import Choice, ChoiceDelta, off_loop, resolve_max_tokens, sampling_params
+from eep_hpc.serve.generation import (
+    Choice,
+    ChoiceDelta,
+    TokenLogprob,
+    clamp_logprob,
+    off_loop,
+    resolve_max_tokens,
+    sampling_params,
+    token_piece,
+)
 from eep_hpc.serve.openai_protocol import (
     AssistantMessage,
     ChatChoice,
+    ChatChoiceLogprobs,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
+    ChatLogprob,
     ChatStreamChoice,
     DeltaMessage,
+    TopLogprob,
     UsageInfo,
     now,
     random_id,
@@ -35,6 +47,19 @@ def render_prompt(serving: Serving, req: ChatCompletionRequest) -> str:
         raise bad_request(f"Cannot apply the chat template to these messages: {e}", "messages") from None
 
 
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChatChoiceLogprobs:
+    """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and the top_logprobs most likely tokens."""
+    content = []
+    for e in entries:
+        text, raw = token_piece(tokenizer, e.token_id)
+        top = []
+        for t, v in e.top:
+            t_text, t_raw = token_piece(tokenizer, t)
+            top.append(TopLogprob(token=t_text, logprob=clamp_logprob(v), bytes=list(t_raw)))
+        content.append(ChatLogprob(token=text, logprob=clamp_logprob(e.logprob), bytes=list(raw), top_logprobs=top))
+    return ChatChoiceLogprobs(content=content)
+
+
 async def create_chat_completion(serving: Serving, request: Request) -> Response:
     req = await serving.parse(request, ChatCompletionRequest)
     engine = serving.engine
@@ -47,13 +72,15 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
 
     request_id, created, model = random_id("chatcmpl"), now(), engine.model_name
     deltas = serving.start(request_id, choices, req)
+    want_logprobs = req.num_logprobs is not None
 
     if req.stream:
         include_usage = req.include_usage or req.continuous_usage
 
         def chunk(d: ChoiceDelta, usage: UsageInfo | None) -> str:
             delta = DeltaMessage(content=d.text) if d.text else DeltaMessage()
-            c = ChatStreamChoice(index=d.index, delta=delta, finish_reason=d.finish_reason)
+            logprobs = chat_logprobs(engine.tokenizer, d.logprobs) if want_logprobs else None
+            c = ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason)
             body = ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[c], usage=usage)
             return dump_chunk(body, include_usage)
 
@@ -87,7 +114,10 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
         model=model,
         choices=[
             ChatChoice(
-                index=j, message=AssistantMessage(content=result.texts[j]), finish_reason=result.finish_reasons[j]
+                index=j,
+                message=AssistantMessage(content=result.texts[j]),
+                logprobs=chat_logprobs(engine.tokenizer, result.logprobs[j]) if want_logprobs else None,
+                finish_reason=result.finish_reasons[j],
             )
             for j in range(n)
         ],

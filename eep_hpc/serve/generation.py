@@ -9,14 +9,15 @@ closes the engine generator, which aborts that engine request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from eep_hpc.model.tokenizer import IncrementalDetokenizer
-from eep_hpc.protocol import SamplingParams
+from eep_hpc.protocol import Logprobs, SamplingParams
 from eep_hpc.serve.engine_client import EngineClient
 from eep_hpc.serve.errors import bad_request
 from eep_hpc.serve.metrics import ApiMetrics
@@ -89,6 +90,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int, copy: int) -> Samplin
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
         stop_token_ids=list(req.stop_token_ids or []),
+        logprobs=req.num_logprobs,
+        prompt_logprobs=req.num_prompt_logprobs,
     )
 
 
@@ -112,12 +115,35 @@ class TextOptions:
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """One token's logprob (raw model distribution, see engine/sampler.py) and the most likely tokens there."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token (nothing predicts it)
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def token_logprobs(token_ids: list[int], lp: Logprobs | None) -> list[TokenLogprob]:
+    """The entries of `lp` for token_ids (as many as both have)."""
+    if lp is None:
+        return []
+    return [
+        TokenLogprob(t, lp.token_logprobs[i], list(zip(lp.top_ids[i], lp.top_logprobs[i])))
+        for i, t in enumerate(token_ids[: len(lp)])
+    ]
+
+
+@dataclass(slots=True)
 class ChoiceDelta:
     index: int
     text: str
     num_tokens: int  # completion tokens of this choice so far
     finish_reason: str | None = None
     error: str = ""
+    # Logprobs of the completion tokens behind this delta (requests with logprobs), in order.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Every prompt token's, in the first delta of a request with prompt logprobs (echo).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 async def _closing(gen: Any) -> None:
@@ -142,6 +168,7 @@ async def generate_choice(
     min_tokens = choice.sampling.min_tokens
     tracker = metrics.track(arrival, len(choice.prompt_token_ids))
     index, n, reason = choice.index, 0, "abort"  # closed before finishing = aborted
+    want_prompt_logprobs = choice.sampling.prompt_logprobs is not None
     outputs = None
     try:
         try:
@@ -149,12 +176,19 @@ async def generate_choice(
             async for out in outputs:
                 tracker.tokens(len(out.new_token_ids))
                 pieces = []
-                for token_id in out.new_token_ids:
+                logprobs = token_logprobs(out.new_token_ids, out.logprobs)
+                prompt_logprobs = None
+                if want_prompt_logprobs and out.new_token_ids:  # they come with the first token
+                    want_prompt_logprobs = False
+                    prompt = choice.prompt_token_ids
+                    prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
+                    prompt_logprobs += token_logprobs(prompt[1:], out.prompt_logprobs)
+                for k, token_id in enumerate(out.new_token_ids):
                     n += 1
                     pieces.append(stops.feed(detok.add([token_id]), check=n > min_tokens))
                     if stops.matched is not None:
                         reason = "stop"
-                        yield ChoiceDelta(index, "".join(pieces), n, "stop")
+                        yield ChoiceDelta(index, "".join(pieces), n, "stop", "", logprobs[: k + 1], prompt_logprobs)
                         return
                 if out.finish_reason is not None:
                     # A character the last ids left incomplete comes out now (as U+FFFD).
@@ -163,11 +197,11 @@ async def generate_choice(
                         pieces.append(stops.flush())
                     matched = stops.matched is not None and out.finish_reason != "error"
                     reason = "stop" if matched else out.finish_reason
-                    yield ChoiceDelta(index, "".join(pieces), n, reason, out.error)
+                    yield ChoiceDelta(index, "".join(pieces), n, reason, out.error, logprobs, prompt_logprobs)
                     return
                 text = "".join(pieces)
-                if text:
-                    yield ChoiceDelta(index, text, n)
+                if text or logprobs or prompt_logprobs:
+                    yield ChoiceDelta(index, text, n, None, "", logprobs, prompt_logprobs)
             error = "the engine ended the request without a finish reason"
         except Exception as e:  # the engine failed this request: end this choice only
             logger.exception("engine request %s failed", request_id)
@@ -224,15 +258,22 @@ class Collected:
     finish_reasons: list[str | None]
     num_tokens: list[int]
     error: str = ""
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, its completion tokens'
+    prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)  # per choice
 
 
 async def collect(stream: AsyncIterator[ChoiceDelta], num_choices: int) -> Collected:
     """Whole texts of a non-streaming request; stops at the first engine error."""
     parts: list[list[str]] = [[] for _ in range(num_choices)]
     out = Collected([], [None] * num_choices, [0] * num_choices)
+    out.logprobs = [[] for _ in range(num_choices)]
+    out.prompt_logprobs = [None] * num_choices
     try:
         async for d in stream:
             parts[d.index].append(d.text)
+            out.logprobs[d.index] += d.logprobs
+            if d.prompt_logprobs is not None:
+                out.prompt_logprobs[d.index] = d.prompt_logprobs
             out.num_tokens[d.index] = d.num_tokens
             if d.finish_reason is not None:
                 out.finish_reasons[d.index] = d.finish_reason
@@ -258,3 +299,41 @@ def start_choices(
         generate_choice(engine, metrics, arrival, f"{request_id}-{c.index}", c, options) for c in choices
     ]
     return merge(streams)
+
+
+# ---- logprobs as text -----------------------------------------------------------------------------------------
+
+
+def clamp_logprob(lp: float) -> float:
+    """JSON has no -inf: OpenAI and vLLM report -9999.0 for impossible tokens."""
+    return max(lp, -9999.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character each byte is written as -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+@functools.lru_cache(maxsize=65536)
+def token_piece(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
+    """A token's text on its own (special tokens included) and its UTF-8 bytes. A token holding part of a
+    character decodes to U+FFFD; its bytes then come from the vocabulary entry (byte-level BPE or <0xNN>)."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text, tuple(text.encode())
+    raw = tokenizer.backend.id_to_token(token_id) or ""
+    if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
+        return text, (int(raw[3:5], 16),)
+    table = _byte_decoder()
+    if raw and all(c in table for c in raw):
+        return text, tuple(table[c] for c in raw)
+    return text, tuple(text.encode())

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 MAX_N = 128  # choices per request
+MAX_LOGPROBS = 20  # most likely tokens listed per position, as OpenAI allows
 MAX_TOKEN_ID = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
@@ -126,13 +127,23 @@ class SamplingRequest(_Strict):
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Most likely tokens to list per sampled token; None = no logprobs."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The same for prompt tokens (completions with echo); None = none."""
+        return None
+
 
 class CompletionRequest(SamplingRequest):
     # After validation: a non-empty list of prompts, each a string or a list of token ids.
     prompt: Any
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool | None = True
@@ -142,19 +153,13 @@ class CompletionRequest(SamplingRequest):
     def _prompt(cls, v: Any) -> list[str | list[int]]:
         return normalize_prompt(v)
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("echo=true is not supported yet")
-        return v
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("not supported yet; leave logprobs unset")
-        return v
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("suffix")
     @classmethod
@@ -243,7 +248,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI, still what most clients send
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
@@ -251,18 +256,11 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = False  # the template already wrote the special tokens
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("not supported yet; leave logprobs unset or false")
-        return v
-
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("not supported yet")
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("only allowed when logprobs is true")
         return v
 
     @field_validator("tool_choice")
@@ -288,6 +286,10 @@ class ChatCompletionRequest(SamplingRequest):
         return v
 
     @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -309,10 +311,20 @@ class UsageInfo(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, logprob (None for the first prompt token), a dict of the most
+    likely tokens (the chosen one included, as vLLM does) and the offset of its text in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -335,6 +347,23 @@ class CompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprob] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -344,7 +373,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -370,7 +399,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -95,7 +95,7 @@ class Serving:
                     if d.finish_reason == "error":
                         yield event(internal_error(f"Generation failed: {d.error or 'engine error'}").body())
                         break
-                    if d.text or d.finish_reason is not None:
+                    if d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
                         yield event(chunk(d, usage))
                 else:
