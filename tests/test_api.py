@@ -197,8 +197,10 @@ def error_cases(model: str, max_model_len: int) -> list[tuple[str, str, object, 
         ("POST", cmpl, {"model": model, "prompt": ""}, 400, "prompt"),
         ("POST", cmpl, {"model": model, "prompt": []}, 400, "prompt"),
         ("POST", cmpl, {"model": model}, 400, "prompt"),
-        ("POST", cmpl, {"model": model, "prompt": "hi", "logprobs": 1}, 400, "logprobs"),
-        ("POST", cmpl, {"model": model, "prompt": "hi", "echo": True}, 400, "echo"),
+        ("POST", cmpl, {"model": model, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ("POST", cmpl, {"model": model, "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+        ("POST", cmpl, {"model": model, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+        ("POST", cmpl, {"model": model, "prompt": "hi", "echo": 1}, 400, "echo"),
         ("POST", cmpl, {"model": model, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
         ("POST", cmpl, {"model": model, "prompt": "hi", "frequency_penalty": 1}, 400, "frequency_penalty"),
         ("POST", cmpl, {"model": model, "prompt": "hi", "n": 0}, 400, "n"),
@@ -221,7 +223,10 @@ def error_cases(model: str, max_model_len: int) -> list[tuple[str, str, object, 
             400,
             "messages[0].content",
         ),
-        ("POST", chat, {"model": model, "messages": msgs, "logprobs": True}, 400, "logprobs"),
+        ("POST", chat, {"model": model, "messages": msgs, "logprobs": 1}, 400, "logprobs"),
+        ("POST", chat, {"model": model, "messages": msgs, "top_logprobs": 2}, 400, "top_logprobs"),
+        ("POST", chat, {"model": model, "messages": msgs, "logprobs": False, "top_logprobs": 0}, 400, "top_logprobs"),
+        ("POST", chat, {"model": model, "messages": msgs, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
         ("POST", chat, {"model": model, "messages": msgs, "temperature": -1}, 400, "temperature"),
         ("POST", chat, {"model": model, "messages": msgs, "top_p": 0}, 400, "top_p"),
         ("POST", chat, {"model": model, "messages": msgs, "tool_choice": "required"}, 400, "tool_choice"),
@@ -271,8 +276,11 @@ def test_error_messages_name_the_problem(api, client):
 
     msg = assert_error(client.post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400)["message"]
     assert "temperature" in msg and "-1" in msg
-    msg = assert_error(client.post("/v1/completions", json={"prompt": "x", "logprobs": 2}), 400)["message"]
-    assert "logprobs" in msg and "not supported" in msg
+    msg = assert_error(client.post("/v1/completions", json={"prompt": "x", "logprobs": 21}), 400)["message"]
+    assert "logprobs" in msg and "20" in msg
+    msg = assert_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                 "top_logprobs": 3}), 400)["message"]
+    assert "top_logprobs" in msg and "logprobs is true" in msg
     msg = assert_error(client.post("/v1/completions", content=b'{"prompt": "x",}'), 400)["message"]
     assert "Invalid JSON" in msg
     r = client.post("/v1/completions", json={"model": "gpt-17", "prompt": "x"})
