@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from conftest import start_head
-from eep_hpc.config import ModelConfig
+from eep_hpc import protocol as P
+from eep_hpc.config import Config, EngineConfig, ModelConfig
+from eep_hpc.engine.rank_engine import build_engine
 from eep_hpc.model.arch import DeepseekRouting, parse_arch
 from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM, route_deepseek
 from eep_hpc.model.loader import build_model
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from hf_reference import hf_model, save_random_hf_model
 from streaming_load import reference_texts, run_load
-from test_model_reference import NEW_TOKENS, PROMPTS, greedy, single_rank_engine
+from eep_hpc.parallel.groups import EpochGroup
+from test_model_reference import NEW_TOKENS, PROMPTS, greedy
 
 # DeepSeek-V2-Lite's config.json as published (old-style rope_scaling), for parsing and cache sizing.
 V2_LITE_CONFIG = {
@@ -70,18 +73,23 @@ def checkpoint(request, tmp_path_factory):
     return path, hf_model(path)
 
 
-def engine_for(path, **engine):
+def engine_for(path, device: str = "cpu", dtype: str = "float32", **engine):
+    """A single-rank engine in process holding every expert (like test_model_reference, on any device)."""
     arch = json.loads((path / "config.json").read_text())
+    num_experts = arch["n_routed_experts"]
     num_moe = sum(1 for i in range(arch["num_hidden_layers"]) if i >= arch["first_k_dense_replace"])
-    return single_rank_engine(path, arch["n_routed_experts"], num_moe, **engine)
+    cfg = Config(model=ModelConfig(path=str(path), dtype=dtype), engine=EngineConfig(**engine))
+    launch = P.RankLaunch(rank_id=0, head_address="", model_dir=str(path), eos_token_ids=[], device=device, config=cfg)
+    epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
+                    physical_to_logical=[list(range(num_experts))] * num_moe, slot_offsets=[0, num_experts])
+    return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device(device)))
 
 
-def test_logits_match_transformers(checkpoint):
-    path, ref = checkpoint
-    engine = engine_for(path)
+def packed_prefill_logits(engine, prompts):
+    """All prompts in one packed prefill, each in its own blocks -> logits [sum of lengths, V] on the CPU."""
     ids, pos, slots, qlens, tables = [], [], [], [], []
     next_block = 0
-    for p in PROMPTS:  # all prompts in one packed prefill, each in its own blocks
+    for p in prompts:
         table = list(range(next_block, next_block + -(-len(p) // 16)))
         next_block += len(table)
         ids += p
@@ -89,28 +97,51 @@ def test_logits_match_transformers(checkpoint):
         slots += [table[i // 16] * 16 + i % 16 for i in range(len(p))]
         qlens.append(len(p))
         tables.append(table)
-    logits = engine.model.compute_logits(engine.runner.forward(ids, pos, slots, qlens, qlens, tables, engine.ep))
+    hidden = engine.runner.forward(ids, pos, slots, qlens, qlens, tables, engine.ep)
+    return engine.model.compute_logits(hidden).cpu()
+
+
+def assert_logits_close(logits, ref, prompts, tol):
     start = 0
-    for p in PROMPTS:
+    for p in prompts:
         with torch.no_grad():
             want = ref(torch.tensor([p])).logits[0]
         got = logits[start : start + len(p)]
         start += len(p)
         rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 1e-4, f"relative error {rel:.2e} for a prompt of {len(p)} tokens"
+        assert rel < tol, f"relative error {rel:.2e} for a prompt of {len(p)} tokens"
+
+
+def reference_greedy(ref, prompts):
+    with torch.no_grad():
+        return [ref.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS)[0, len(p):].tolist() for p in prompts]
+
+
+def test_logits_match_transformers(checkpoint):
+    path, ref = checkpoint
+    assert_logits_close(packed_prefill_logits(engine_for(path), PROMPTS), ref, PROMPTS, 1e-4)
 
 
 def test_greedy_tokens_match_transformers(checkpoint):
     path, ref = checkpoint
     # a small token budget forces chunked prefill and mixes prefill with decode in one batch
     engine = engine_for(path, max_num_batched_tokens=24, num_kv_blocks=64)
-    ours = greedy(engine, PROMPTS, NEW_TOKENS)
-    for p, got in zip(PROMPTS, ours):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                min_new_tokens=NEW_TOKENS)[0, len(p):].tolist()
-        assert got == want
+    assert greedy(engine, PROMPTS, NEW_TOKENS) == reference_greedy(ref, PROMPTS)
     assert engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_gpu_matches_transformers(checkpoint):
+    path, ref = checkpoint
+    engine = engine_for(path, device="cuda", max_num_batched_tokens=24, num_kv_blocks=64)
+    assert engine.runner.kv_caches[0].is_cuda
+    # fp32 on both: TF32 is off by default for matmuls
+    assert_logits_close(packed_prefill_logits(engine, PROMPTS), ref, PROMPTS, 1e-4)
+    assert greedy(engine, PROMPTS, NEW_TOKENS) == reference_greedy(ref, PROMPTS)
+    bf16 = engine_for(path, device="cuda", dtype="bfloat16", num_kv_blocks=64)
+    assert_logits_close(packed_prefill_logits(bf16, PROMPTS), ref, PROMPTS, 3e-2)
 
 
 def test_dummy_weights_build_the_config_shape(tmp_path):
