@@ -163,7 +163,8 @@ def _w2_kernel(
 
 
 def swiglu_experts_triton(
-    x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None
+    x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference."""
     M, D = x.shape
@@ -172,7 +173,8 @@ def swiglu_experts_triton(
     assert w13.shape == (S, 2 * I, D) and w2.shape == (S, D, I), (x.shape, w13.shape, w2.shape)
     assert x.dtype == w13.dtype == w2.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1 and w13.stride(1) == D and w2.stride(1) == I
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
+    assert out.shape == x.shape and out.dtype == x.dtype and out.stride(-1) == 1
     if M == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference, write_kv
-from eep_hpc.kernels.norm import rms_norm_reference
+from eep_hpc.kernels import ops
+from eep_hpc.kernels.attention import AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_reference(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -61,8 +61,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 
 

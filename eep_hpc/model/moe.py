@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.kernels import ops
 from eep_hpc.parallel.all_to_all import AllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 
@@ -31,7 +31,7 @@ class ExpertParallel:
         self.load[layer] += torch.bincount(ids_cpu.reshape(-1), minlength=self.load.shape[1])
         slots = self.map.choose_slots(layer, ids_cpu)
         rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
-        y = swiglu_experts_reference(rows, local_slot, w13, w2)
+        y = ops.swiglu_experts(rows, local_slot, w13, w2)
         return self.all_to_all.combine(y, topk_weights, handle)
 
 

@@ -1,0 +1,80 @@
+"""The model's kernel entry points: Triton on CUDA tensors when Triton imports, the torch reference otherwise.
+
+`EEP_HPC_KERNELS=reference` forces the reference everywhere (to compare a GPU run against it); the Triton modules
+are imported on first use only, so CPU runs never need Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference
+from eep_hpc.kernels.attention import write_kv as write_kv_reference
+from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.kernels.norm import rms_norm_reference
+
+
+@functools.cache
+def triton_available() -> bool:
+    if os.environ.get("EEP_HPC_KERNELS", "").lower() == "reference":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] -> [..., D]."""
+    if use_triton(x):
+        from eep_hpc.kernels.triton_norm import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x, residual) [..., D] -> (rms_norm(x + residual), x + residual)."""
+    if use_triton(x):
+        from eep_hpc.kernels.triton_norm import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps), summed
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
+    """k, v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots [T]."""
+    if use_triton(k):
+        from eep_hpc.kernels.triton_attention import write_kv_triton
+
+        return write_kv_triton(k, v, k_cache, v_cache, slots)
+    return write_kv_reference(k, v, k_cache, v_cache, slots)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D], attending over the cache (new tokens already written)."""
+    if use_triton(q):
+        from eep_hpc.kernels.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """x [M, D], slot [M] -> [M, D]: row m through the SwiGLU expert in local slot slot[m] (unweighted)."""
+    if use_triton(x):
+        from eep_hpc.kernels.triton_moe import swiglu_experts_triton
+
+        return swiglu_experts_triton(x, slot, w13, w2)
+    return swiglu_experts_reference(x, slot, w13, w2)

@@ -1,0 +1,199 @@
+"""Triton kernels against their torch references, and the CPU dispatch that keeps the references in use.
+
+Kernel tests run on a CUDA GPU; without one they are skipped (or run on the CPU through Triton's interpreter when
+TRITON_INTERPRET=1 and Triton is installed: fp32 and small shapes only, since the interpreter's bf16 dot is wrong).
+Each check draws fresh random inputs, fills the output with NaN first, and compares with the reference computed in
+float64 on the same (already rounded) inputs by ||out - ref|| / ||ref||:
+  fp32: <= 1e-5 (the kernels use IEEE fp32 dots, no TF32);
+  bf16: <= 1e-2 (bf16 operands and outputs; the MoE intermediate is rounded to bf16 too, as in the reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+
+import pytest
+import torch
+
+from eep_hpc.kernels import ops
+from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference, write_kv
+from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.kernels.norm import rms_norm_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+needs_kernels = pytest.mark.skipif(
+    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET), reason="needs a CUDA GPU with Triton"
+)
+DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+big = pytest.mark.skipif(INTERPRET, reason="too large for the Triton interpreter")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# ---- CPU: dispatch and metadata (always run) ----
+
+
+def test_cpu_tensors_use_the_reference():
+    x = torch.randn(5, 16)
+    w = torch.rand(16)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    y, s = ops.add_rms_norm(x, x, w, 1e-6)
+    assert torch.equal(s, 2 * x) and torch.equal(y, rms_norm_reference(2 * x, w, 1e-6))
+    slot = torch.tensor([2, 0, 2, 1, 0])
+    w13, w2 = torch.randn(3, 8, 16), torch.randn(3, 16, 4)
+    assert torch.equal(ops.swiglu_experts(x, slot, w13, w2), swiglu_experts_reference(x, slot, w13, w2))
+
+
+def test_metadata_keeps_device_copies_and_builds_reference_lazily():
+    meta = AttentionMetadata.build([5, 6, 7, 33], [3, 1], [3, 18], [[1], [0, 2]], 16, torch.device("cpu"))
+    assert meta.query_start_loc_device.tolist() == [0, 3, 4] and meta.seq_lens_device.tolist() == [3, 18]
+    assert meta.query_start_loc_device.dtype == torch.int32
+    assert (meta.max_query_len, meta.max_seq_len, meta.num_seqs) == (3, 18, 2)
+    assert "reference" not in meta.__dict__
+    assert meta.mask.shape == (2, 1, 3, 18) and meta.kv_index[1, 17].item() == 2 * 16 + 1
+    assert meta.token_batch.tolist() == [0, 0, 0, 1] and meta.token_row.tolist() == [0, 1, 2, 0]
+
+
+def test_empty_step_metadata_and_reference():
+    meta = AttentionMetadata.build([], [], [], [], 16, torch.device("cpu"))
+    q = torch.randn(0, 4, 16)
+    cache = torch.randn(2, 16, 2, 16)
+    assert ops.paged_attention(q, cache, cache, meta, 0.25).shape == (0, 4, 16)
+
+
+def test_reference_can_be_forced(monkeypatch):
+    ops.triton_available.cache_clear()
+    monkeypatch.setenv("EEP_HPC_KERNELS", "reference")
+    try:
+        assert not ops.triton_available()
+    finally:
+        ops.triton_available.cache_clear()
+
+
+# ---- Triton kernels vs reference ----
+
+
+def _moe_inputs(M, S, D, I, dtype, empty_slots=()):
+    x = torch.randn(M, D, device=DEVICE).to(dtype)
+    allowed = torch.tensor([s for s in range(S) if s not in empty_slots], device=DEVICE)
+    slot = allowed[torch.randint(0, len(allowed), (M,), device=DEVICE)]
+    w13 = (torch.randn(S, 2 * I, D, device=DEVICE) * D**-0.5).to(dtype)
+    w2 = (torch.randn(S, D, I, device=DEVICE) * I**-0.5).to(dtype)
+    return x, slot, w13, w2
+
+
+MOE_SHAPES = [
+    pytest.param(0, 4, 64, 32, (), id="empty"),
+    pytest.param(1, 4, 64, 32, (), id="one-row"),
+    pytest.param(37, 8, 64, 32, (1, 5), id="tiny-empty-slots"),
+    pytest.param(50, 3, 96, 48, (), id="ragged-dims"),
+    pytest.param(20, 16, 40, 24, (), id="more-slots-than-rows"),
+    pytest.param(8, 128, 2048, 768, (), id="qwen3-decode-1", marks=big),
+    pytest.param(512, 128, 2048, 768, (), id="qwen3-decode-64", marks=big),
+    pytest.param(4096, 128, 2048, 768, tuple(range(0, 128, 3)), id="qwen3-prefill-512", marks=big),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,S,D,I,empty", MOE_SHAPES)
+def test_swiglu_experts_triton(M, S, D, I, empty, dtype):
+    from eep_hpc.kernels.triton_moe import MoEConfig, swiglu_experts_triton
+
+    torch.manual_seed(M * 7 + S)
+    for cfg in (None, MoEConfig(16, 32, 32, 2, 4, 2)):
+        x, slot, w13, w2 = _moe_inputs(M, S, D, I, dtype, empty)
+        out = torch.full_like(x, float("nan"))
+        swiglu_experts_triton(x, slot, w13, w2, config=cfg, out=out)
+        ref = swiglu_experts_reference(x.double(), slot, w13.double(), w2.double())
+        assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
+
+
+def _attention_case(qlens, ctxs, Hq, Hkv, D, page, dtype, spare_blocks=4):
+    seq_lens = [c + q for q, c in zip(qlens, ctxs)]
+    need = sum((L + page - 1) // page for L in seq_lens)
+    free = list(range(need + spare_blocks))
+    random.shuffle(free)
+    tables = [[free.pop() for _ in range((L + page - 1) // page)] for L in seq_lens]
+    slots = [tables[b][p // page] * page + p % page for b, (q, c) in enumerate(zip(qlens, ctxs)) for p in range(c, c + q)]
+    meta = AttentionMetadata.build(slots, qlens, seq_lens, tables, page, DEVICE)
+    T, nb = sum(qlens), need + spare_blocks
+    k_cache = torch.randn(nb, page, Hkv, D, device=DEVICE).to(dtype)
+    v_cache = torch.randn(nb, page, Hkv, D, device=DEVICE).to(dtype)
+    q, k, v = (torch.randn(T, h, D, device=DEVICE).to(dtype) for h in (Hq, Hkv, Hkv))
+    return meta, q, k, v, k_cache, v_cache
+
+
+ATTN_SHAPES = [
+    pytest.param([1, 1, 1], [0, 5, 40], 4, 2, 16, 4, id="decode-tiny"),
+    pytest.param([7, 1, 20, 3], [0, 9, 3, 30], 4, 2, 16, 4, id="mixed-tiny"),
+    pytest.param([7, 1, 20, 3], [0, 9, 3, 30], 6, 2, 24, 8, id="mixed-gqa3-ragged-d"),
+    pytest.param([5, 33], [17, 0], 8, 1, 32, 16, id="mqa-prefill"),
+    pytest.param([1] * 3, [2000, 1, 517], 32, 4, 128, 16, id="qwen3-decode-3", marks=big),
+    pytest.param([1] * 64, [random.Random(1).randrange(0, 3000) for _ in range(64)], 32, 4, 128, 16,
+                 id="qwen3-decode-64", marks=big),
+    pytest.param([512], [0], 32, 4, 128, 16, id="qwen3-prefill-512", marks=big),
+    pytest.param([300, 1, 1, 77, 1], [0, 1000, 15, 200, 0], 32, 4, 128, 16, id="qwen3-mixed", marks=big),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qlens,ctxs,Hq,Hkv,D,page", ATTN_SHAPES)
+def test_paged_attention_triton(qlens, ctxs, Hq, Hkv, D, page, dtype):
+    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton, write_kv_triton
+
+    random.seed(len(qlens) * 31 + Hq)
+    torch.manual_seed(sum(ctxs))
+    for cfg in (None, AttentionConfig(16, 16, 1, 4, 2), AttentionConfig(32, 32, 4, 4, 2)):
+        meta, q, k, v, k_cache, v_cache = _attention_case(qlens, ctxs, Hq, Hkv, D, page, dtype)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
+        write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_triton(q, k_cache, v_cache, meta, D**-0.5, config=cfg, out=out)
+        ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, D**-0.5)
+        assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
+
+
+@needs_kernels
+def test_write_kv_triton_skips_negative_slots():
+    from eep_hpc.kernels.triton_attention import write_kv_triton
+
+    k_cache = torch.randn(3, 4, 2, 16, device=DEVICE)
+    v_cache = torch.randn(3, 4, 2, 16, device=DEVICE)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    k, v = torch.randn(2, 2, 16, device=DEVICE), torch.randn(2, 2, 16, device=DEVICE)
+    write_kv_triton(k, v, k_cache, v_cache, torch.tensor([-1, 5], device=DEVICE))
+    before_k.view(-1, 2, 16)[5], before_v.view(-1, 2, 16)[5] = k[1], v[1]
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0, 64), (1, 64), (7, 3, 24), (33, 2048), (512, 32, 128), (3, 5000)], ids=str)
+def test_rms_norm_triton(shape, dtype):
+    from eep_hpc.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+
+    D = shape[-1]
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, device=DEVICE)).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    rms_norm_triton(x, w, 1e-6, out=out)
+    assert rel_err(out, rms_norm_reference(x.double(), w.double(), 1e-6)) <= TOL[dtype]
+    y, s = add_rms_norm_triton(x, r, w, 1e-6)
+    assert torch.equal(s, x + r)
+    assert rel_err(y, rms_norm_reference((x + r).double(), w.double(), 1e-6)) <= TOL[dtype]
