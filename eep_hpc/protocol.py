@@ -99,15 +99,23 @@ class PrepareEpoch(_Msg):
     """Get ready for epoch `target` while the current one keeps serving (grow, shrink, rebalance).
 
     Participants are old and new members together, ordered: that order is their rank in the transfer group
-    (f"{epoch}/xfer/"). Ranks joining build their model skeleton first and say RankStaged; the rest act only once
-    every current member has this message (agreed by a collective at a step boundary), then all copy experts per
-    `moves` into staging and the new members build the epoch's groups. Each answers EpochPrepared or PrepareFailed.
+    (f"{epoch}/xfer/", collective transfers only). Joining ranks get it twice: the first makes them build their
+    skeleton and say RankStaged; the second (sent to every participant) says how experts are copied. Current
+    members act only once all of them have it (agreed by a collective at a step boundary); then every participant
+    copies experts per `moves` into staging and the new members build the epoch's groups. Each answers
+    EpochPrepared or PrepareFailed.
     """
 
     target: Epoch
     participants: list[int]
-    # One row per expert copy: [moe_layer, logical_expert, src_rank_id, dst_rank_id, dst_global_slot].
+    # One row per expert copy: [moe_layer, logical_expert, src_rank_id, dst_rank_id, dst_global_slot,
+    # src_local_slot (where the source holds it in the current epoch)].
     moves: list[list[int]]
+    # The epoch serving now, whose published expert slots (NIXL) the copies read from.
+    source_epoch: int = 0
+    # "nixl": readers fetch remote copies from the sources' published slots; "collective": an all-to-all over a
+    # transfer group of all participants (when some participant has no NIXL).
+    transfer: Literal["nixl", "collective"] = "collective"
     # KV blocks a joining rank allocates (the smallest figure of the current ranks); 0 = size its own.
     num_kv_blocks: int = 0
 
@@ -145,6 +153,7 @@ class RankReady(_Msg):
     num_kv_blocks: int
     block_size: int
     max_model_len: int
+    nixl: bool = False  # it serves its weights over NIXL
 
 
 class Logprobs(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -215,6 +224,7 @@ class RankStaged(_Msg):
     dense_source: str  # "nixl:<peer rank id>" or "checkpoint"
     dense_bytes: int
     dense_seconds: float
+    nixl: bool = False  # it can read and serve weights over NIXL
 
 
 class EpochPrepared(_Msg):

@@ -56,6 +56,7 @@ class RankRecord:
     last_seen: float = field(default_factory=time.monotonic)
     in_flight: set[str] = field(default_factory=set)
     num_kv_blocks: int = 0
+    nixl: bool = False
 
 
 @dataclass
@@ -293,6 +294,7 @@ class Coordinator:
                     if isinstance(msg, P.EpochPrepared):
                         self.event.bytes_moved += msg.bytes_received
                     elif isinstance(msg, P.RankStaged):
+                        rec.nixl = msg.nixl
                         self.event.bytes_moved += msg.dense_bytes
                         self.event.dense_bytes += msg.dense_bytes
                         self.event.dense_source = ",".join(filter(None, [self.event.dense_source, msg.dense_source]))
@@ -310,8 +312,8 @@ class Coordinator:
                     self._fail(rec, "protocol version mismatch")
                 else:
                     rec.host, rec.pid, rec.device, rec.state = msg.host, msg.pid, msg.device, RankState.CONNECTED
-            case P.RankReady(num_kv_blocks=blocks):
-                rec.num_kv_blocks = blocks
+            case P.RankReady(num_kv_blocks=blocks, nixl=nixl):
+                rec.num_kv_blocks, rec.nixl = blocks, nixl
             case P.EpochJoined(epoch=e):
                 self._acks.setdefault(("EpochJoined", e), set()).add(msg.rank_id)
                 if e == self.epoch:
@@ -454,8 +456,17 @@ class Coordinator:
             target = P.Epoch(epoch=event.epoch, rank_ids=list(new_members), store_host=ctl.host, store_port=self.store.port,
                              physical_to_logical=placement.physical_to_logical.tolist(), slot_offsets=list(placement.slot_offsets))
             kv = min(self.ranks[r].num_kv_blocks for r in old)
+            old_p2l = self.placement.physical_to_logical.tolist()
+            old_start = {rid: self.placement.slot_offsets[i] for i, rid in enumerate(old)}
+
+            def src_local_slot(m) -> int:
+                start = old_start[m.src_rank]
+                return old_p2l[m.layer].index(m.logical, start) - start
+
             prepare = P.PrepareEpoch(target=target, participants=event.participants, num_kv_blocks=kv,
-                                     moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot] for m in moves])
+                                     source_epoch=self.epoch,
+                                     moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot, src_local_slot(m)]
+                                            for m in moves])
             log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,
                      new_members, event.experts_moved)
             for rid in event.leaving:  # no new requests; in-flight ones move to survivors while experts are copied
@@ -464,7 +475,11 @@ class Coordinator:
             for rid in event.joining:
                 self.send(rid, prepare)
             await self._acked("RankStaged", event.epoch, event.joining, ctl.rank_timeout_s * 4)
-            for rid in old:
+            # copies over NIXL when every participant has it (decided now: joiners said so when staged); joiners
+            # get this second PrepareEpoch too, and start copying on it
+            if all(self.ranks[r].nixl for r in event.participants):
+                prepare.transfer = "nixl"
+            for rid in event.participants:
                 self.send(rid, prepare)
             await self._acked("EpochPrepared", event.epoch, event.participants, ctl.rank_timeout_s * 2)
             event.prepare_s = time.monotonic() - event.started

@@ -9,6 +9,7 @@ the head for `head_timeout_s` exits: the head is gone.
 from __future__ import annotations
 
 import faulthandler
+from dataclasses import dataclass
 import logging
 import os
 import signal
@@ -24,9 +25,11 @@ from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
-from eep_hpc.parallel.expert_transfer import StagedExperts, transfer_experts
+from eep_hpc.parallel.expert_transfer import (
+    SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, stage_experts,
+)
 from eep_hpc.parallel.groups import EpochGroup, connect_store
-from eep_hpc.parallel.weight_transfer import WeightServer, dense_tensors, fetch_from_peers
+from eep_hpc.parallel.weight_transfer import RankAgent, dense_tensors
 from eep_hpc.model.loader import load_dense, weight_source
 from pathlib import Path
 
@@ -54,7 +57,7 @@ class RankProcess:
         self.pending_prepare: P.PrepareEpoch | None = None
         self.prepared: Prepared | None = None
         self.pending_commit: P.CommitEpoch | None = None
-        self.weight_server: WeightServer | None = None
+        self.agent: RankAgent | None = None  # NIXL: what this rank serves to peers, and its reads
 
     def send(self, msg) -> None:
         self.sock.send(P.encode(msg), copy=False)
@@ -110,8 +113,9 @@ class RankProcess:
             case P.Epoch():
                 self.join_epoch(msg)
             case P.PrepareEpoch():
-                if self.group is None:  # joining: nothing to serve yet, so prepare right away
+                if self.engine is None:  # joining, first message: build the skeleton, then say RankStaged
                     self.stage_joining(msg)
+                elif self.group is None:  # joining, second message (how to copy decided): nothing to serve yet
                     self.prepare(msg)
                 else:
                     self.pending_prepare, self.active = msg, True
@@ -168,10 +172,12 @@ class RankProcess:
         if self.engine is None:
             self.group = group
             self.engine = build_engine(self.launch, msg, group)
-            self.publish_weights()
+            self.start_agent()
+            self.publish(msg.epoch)
             e = self.engine
             self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.block_manager.num_free_blocks,
-                                  block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len))
+                                  block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len,
+                                  nixl=self.agent is not None))
         else:
             raise RuntimeError("an Epoch message is only for the first epoch; later ones go through PrepareEpoch")
         self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
@@ -189,9 +195,9 @@ class RankProcess:
         def fill_dense(model):
             t0 = time.monotonic()
             peers = [r for r in msg.participants if r != self.id]
-            if self.launch.config.parallel.weight_transfer == "nixl":
+            if self.start_agent():
                 try:
-                    peer, nbytes = fetch_from_peers(self.id, peers, dense_tensors(model), self.store)
+                    peer, nbytes = self.agent.fetch_dense(peers, dense_tensors(model))
                     got.update(source=f"nixl:{peer}", nbytes=nbytes, seconds=time.monotonic() - t0)
                     return
                 except Exception as e:  # nixl missing or no peer readable: the checkpoint has the same weights
@@ -203,44 +209,61 @@ class RankProcess:
         self.engine = build_skeleton(self.launch, target.slot_offsets[i + 1] - target.slot_offsets[i],
                                      msg.num_kv_blocks, fill_dense)
         self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch, dense_source=got["source"],
-                               dense_bytes=got["nbytes"], dense_seconds=got["seconds"]))
+                               dense_bytes=got["nbytes"], dense_seconds=got["seconds"], nixl=self.agent is not None))
 
-    def publish_weights(self) -> None:
-        """Let future joiners read this rank's dense weights over NIXL."""
-        if self.launch.config.parallel.weight_transfer != "nixl" or self.weight_server is not None:
+    def start_agent(self) -> bool:
+        """The NIXL agent, when configured and nixl works here; without it weights move over collectives."""
+        if self.agent is None and self.launch.config.parallel.weight_transfer == "nixl":
+            try:
+                self.agent = RankAgent(self.id, self.store)
+            except Exception as e:
+                log.warning("rank %d: no NIXL (%s): weights move over collectives and the checkpoint", self.id, e)
+                self.launch.config.parallel.weight_transfer = "checkpoint"
+        return self.agent is not None
+
+    def publish(self, epoch: int, expert_reg=None) -> None:
+        """Offer this rank's dense weights (once) and this epoch's expert slots to peers over NIXL."""
+        if self.agent is None:
             return
+        blocks = self.engine.model.moe_blocks()
         try:
-            self.weight_server = WeightServer(self.id, dense_tensors(self.engine.model), self.store)
+            if self.agent._dense_reg is None:
+                self.agent.publish_dense(dense_tensors(self.engine.model))
+            self.agent.publish_experts(epoch, [b.w13.data for b in blocks], [b.w2.data for b in blocks], expert_reg)
+            self.agent.retire_experts(keep_epoch=epoch)
         except Exception as e:
-            log.warning("rank %d: cannot serve weights over NIXL (%s); joiners will read the checkpoint", self.id, e)
+            log.warning("rank %d: cannot publish weights over NIXL (%s)", self.id, e)
 
     def prepare(self, msg: P.PrepareEpoch) -> None:
         target, t0 = msg.target, time.monotonic()
         device = torch.device(self.launch.device)
         timeout = self.launch.config.control.transfer_timeout_s
-        xfer = new_group = None
+        xfer = new_group = reg = None
         try:
             arch = self.engine.model.arch
-            xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants), device,
-                              timeout_s=timeout, purpose="xfer/")
             member = self.id in target.rank_ids
             i = target.rank_ids.index(self.id) if member else 0
             start, end = (target.slot_offsets[i], target.slot_offsets[i + 1]) if member else (0, 0)
-            old_ep = self.engine.ep
             blocks = self.engine.model.moe_blocks()
-            staged = transfer_experts(
-                xfer, msg.participants, self.id, msg.moves,
-                [old_ep.map.local_logical(layer) for layer in range(len(blocks))] if old_ep else None,
-                [b.w13.data for b in blocks] if old_ep else None,
-                [b.w2.data for b in blocks] if old_ep else None,
-                start, end, len(blocks), (arch.moe_intermediate_size, arch.hidden_size), blocks[0].w13.dtype, device)
-            xfer.destroy()
+            old = SlotTensors([b.w13.data for b in blocks], [b.w2.data for b in blocks]) if self.engine.ep else None
+            shape = (arch.moe_intermediate_size, arch.hidden_size)
+            staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
+                                           blocks[0].w13.dtype, device)
+            if msg.transfer == "nixl":
+                staged.bytes_received, reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote, start)
+            else:
+                xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
+                                  device, timeout_s=timeout, purpose="xfer/")
+                staged.bytes_received = exchange_over_group(xfer, msg.participants, self.id, msg.moves, old, staged,
+                                                            start, len(blocks), shape)
+                xfer.destroy()
+                xfer = None
             if member:
                 new_group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device, timeout_s=timeout)
                 expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts)
-                self.prepared = Prepared(msg, staged, new_group, expert_map)
+                self.prepared = Prepared(msg, staged, new_group, expert_map, reg)
             else:
-                self.prepared = Prepared(msg, staged, None, None)
+                self.prepared = Prepared(msg, staged, None, None, reg)
             self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=staged.bytes_received,
                                       seconds=time.monotonic() - t0))
         except Exception as e:
@@ -248,6 +271,8 @@ class RankProcess:
             for g in (xfer, new_group):
                 if g is not None:
                     g.destroy()
+            if reg is not None:
+                self.agent.deregister(reg)
             self.prepared = None
             self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
 
@@ -266,7 +291,7 @@ class RankProcess:
             self.group, self.epoch_rank = prepared.group, target.rank_ids.index(self.id)
             self.wave, self.active = msg.wave, True
             self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
-            self.publish_weights()
+            self.publish(msg.epoch, prepared.reg)
         else:
             self.group, self.active = None, False
             self.send(P.EpochLeft(rank_id=self.id, epoch=msg.epoch))
@@ -281,14 +306,20 @@ class RankProcess:
         if self.prepared is not None and self.prepared.msg.target.epoch == epoch:
             if self.prepared.group is not None:
                 self.prepared.group.destroy()
+            if self.prepared.reg is not None:
+                self.agent.deregister(self.prepared.reg)
             self.prepared = None
         if self.group is None:  # a joining rank whose join was called off
             self.stopping = True
 
 
+@dataclass
 class Prepared:
-    def __init__(self, msg: P.PrepareEpoch, staged: StagedExperts, group: EpochGroup | None, expert_map: ExpertMap | None):
-        self.msg, self.staged, self.group, self.expert_map = msg, staged, group, expert_map
+    msg: P.PrepareEpoch
+    staged: StagedExperts
+    group: EpochGroup | None
+    expert_map: ExpertMap | None
+    reg: object = None  # NIXL registration of the staged expert tensors
 
 
 def run_rank(launch: P.RankLaunch) -> int:

@@ -64,8 +64,11 @@ class ChoiceText:
                 lp.top_logprobs.append(None)
                 continue
             lp.token_logprobs.append(clamp_logprob(e.logprob))
-            top = {token_piece(self.tokenizer, t)[0]: clamp_logprob(v) for t, v in e.top}
-            top.setdefault(piece, clamp_logprob(e.logprob))  # the chosen token is always listed (vLLM does too)
+            # The chosen token is always listed (vLLM does too). Different tokens may have the same text (parts of
+            # one character): a text keeps the chosen token's logprob, else its most likely token's.
+            top = {piece: clamp_logprob(e.logprob)}
+            for t, v in e.top:
+                top.setdefault(token_piece(self.tokenizer, t)[0], clamp_logprob(v))
             lp.top_logprobs.append(top)
 
 
