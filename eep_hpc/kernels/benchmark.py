@@ -1,0 +1,199 @@
+"""Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
+
+    python -m eep_hpc.kernels.benchmark [--out results.json] [--reps 50] [--sweep]
+
+Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
+(never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
+the replays. --sweep also times a few tile configs per case (to tune `pick_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import traceback
+
+import torch
+
+from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference, write_kv
+from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.kernels.norm import rms_norm_reference
+
+HIDDEN, MOE_I, EXPERTS, TOP_K, HQ, HKV, HEAD_D, PAGE = 2048, 768, 128, 8, 32, 4, 128, 16
+
+
+def time_call(fn, reps: int, warmup: int = 3) -> float:
+    """Median microseconds per call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def graph_row(fn, reps: int, eager_out) -> dict:
+    try:
+        us, out = time_graph(fn, reps)
+        return dict(graph_us=us, graph_matches=bool(torch.equal(out, eager_out)))
+    except Exception as e:  # report, don't stop the other cases
+        return dict(graph_error=repr(e)[:300])
+
+
+def time_graph(fn, reps: int):
+    """(median us per replay, output of the captured call) for fn captured into one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return time_call(graph.replay, reps), out
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def bench_moe(results, reps, sweep, dtype):
+    from eep_hpc.kernels.triton_moe import MoEConfig, pick_config, swiglu_experts_triton
+
+    dev = torch.device("cuda")
+    w13 = (torch.randn(EXPERTS, 2 * MOE_I, HIDDEN, device=dev) * HIDDEN**-0.5).to(dtype)
+    w2 = (torch.randn(EXPERTS, HIDDEN, MOE_I, device=dev) * MOE_I**-0.5).to(dtype)
+    configs = [MoEConfig(16, 64, 128, 1, 4, 4), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
+               MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3)]
+    w13d, w2d = w13.double(), w2.double()
+    for name, tokens in [("decode-1", 1), ("decode-64", 64), ("decode-256", 256), ("prefill-512", 512)]:
+        M = tokens * TOP_K
+        x = torch.randn(M, HIDDEN, device=dev).to(dtype)
+        slot = torch.rand(tokens, EXPERTS, device=dev).topk(TOP_K, dim=-1).indices.reshape(-1)
+        used = int(slot.unique().numel())
+        bytes_ = used * 3 * MOE_I * HIDDEN * w13.element_size() + 2 * M * HIDDEN * x.element_size()
+        ref = swiglu_experts_reference(x.double(), slot, w13d, w2d)
+        cfg = pick_config(M, EXPERTS, HIDDEN, MOE_I)
+        out = swiglu_experts_triton(x, slot, w13, w2)
+        row = dict(kernel="moe", case=name, dtype=str(dtype), M=M, slots_used=used, config=str(cfg),
+                   rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6,
+                   triton_us=time_call(lambda: swiglu_experts_triton(x, slot, w13, w2), reps),
+                   torch_us=time_call(lambda: swiglu_experts_reference(x, slot, w13, w2), max(5, reps // 5)))
+        if tokens <= 256:
+            row.update(graph_row(lambda: swiglu_experts_triton(x, slot, w13, w2), reps, out))
+        if sweep:
+            row["sweep"] = {str(c): time_call(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c), reps)
+                            for c in configs}
+        results.append(row)
+        print(row, flush=True)
+
+
+def _decode_meta(seq_lens, qlens, dev):
+    tables, slots, nxt = [], [], 0
+    for L, q in zip(seq_lens, qlens):
+        nb = (L + PAGE - 1) // PAGE
+        t = torch.randperm(nb).add(nxt).tolist()  # scattered blocks
+        nxt += nb
+        tables.append(t)
+        slots += [t[p // PAGE] * PAGE + p % PAGE for p in range(L - q, L)]
+    return AttentionMetadata.build(slots, qlens, seq_lens, tables, PAGE, dev), nxt
+
+
+def bench_attention(results, reps, sweep, dtype):
+    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton, pick_config, write_kv_triton
+
+    dev = torch.device("cuda")
+    cases = [("decode-1-ctx1024", [1024], [1]), ("decode-1-ctx8192", [8192], [1]),
+             ("decode-64-ctx1024", [1024] * 64, [1] * 64), ("decode-256-ctx1024", [1024] * 256, [1] * 256),
+             ("prefill-512", [512], [512]), ("prefill-4x128+60dec", [128] * 4 + [1024] * 60, [128] * 4 + [1] * 60)]
+    for name, seq_lens, qlens in cases:
+        meta, nb = _decode_meta(seq_lens, qlens, dev)
+        T = sum(qlens)
+        k_cache = torch.randn(nb, PAGE, HKV, HEAD_D, device=dev).to(dtype)
+        v_cache = torch.randn(nb, PAGE, HKV, HEAD_D, device=dev).to(dtype)
+        q = torch.randn(T, HQ, HEAD_D, device=dev).to(dtype)
+        k, v = torch.randn(T, HKV, HEAD_D, device=dev).to(dtype), torch.randn(T, HKV, HEAD_D, device=dev).to(dtype)
+        scale = HEAD_D**-0.5
+        write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+        _ = meta.reference  # the reference's padded index is built once per step, outside the timing
+        ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, scale)
+        out = paged_attention_triton(q, k_cache, v_cache, meta, scale)
+        kv_bytes = sum(seq_lens) * HKV * HEAD_D * 2 * k_cache.element_size()
+        cfg = pick_config(meta.max_query_len, meta.num_seqs, HKV, HQ // HKV, HEAD_D, dtype, dev)
+        row = dict(kernel="attention", case=name, dtype=str(dtype), T=T, config=str(cfg), rel_err=rel(out, ref),
+                   bytes=kv_bytes, floor_us=kv_bytes / 3.0e6,
+                   triton_us=time_call(lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale), reps),
+                   torch_us=time_call(lambda: paged_attention_reference(q, k_cache, v_cache, meta, scale), reps),
+                   write_kv_triton_us=time_call(lambda: write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping), reps),
+                   write_kv_torch_us=time_call(lambda: write_kv(k, v, k_cache, v_cache, meta.slot_mapping), reps))
+        if meta.max_query_len == 1:
+            row.update(graph_row(lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale), reps, out))
+        if sweep:
+            decode = meta.max_query_len == 1
+            configs = ([AttentionConfig(16, t, s, w, 2) for t in (32, 64, 128) for s in (1, 4, 16) for w in (4,)]
+                       if decode else
+                       [AttentionConfig(m, t, 1, w, st) for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)])
+            row["sweep"] = {str(c): time_call(lambda c=c: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=c), reps)
+                            for c in configs}
+        results.append(row)
+        print(row, flush=True)
+
+
+def bench_norm(results, reps, dtype):
+    from eep_hpc.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+
+    dev = torch.device("cuda")
+    for shape in [(1, HIDDEN), (64, HIDDEN), (256, HIDDEN), (512, HIDDEN), (512, HQ, HEAD_D)]:
+        x = torch.randn(shape, device=dev).to(dtype)
+        r = torch.randn(shape, device=dev).to(dtype)
+        w = (1 + 0.1 * torch.randn(shape[-1], device=dev)).to(dtype)
+        row = dict(kernel="rms_norm", case=str(shape), dtype=str(dtype),
+                   rel_err=rel(rms_norm_triton(x, w, 1e-6), rms_norm_reference(x.double(), w.double(), 1e-6)),
+                   triton_us=time_call(lambda: rms_norm_triton(x, w, 1e-6), reps),
+                   torch_us=time_call(lambda: rms_norm_reference(x, w, 1e-6), reps),
+                   add_triton_us=time_call(lambda: add_rms_norm_triton(x, r, w, 1e-6), reps),
+                   add_torch_us=time_call(lambda: rms_norm_reference(x + r, w, 1e-6), reps))
+        results.append(row)
+        print(row, flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--only", default="moe,attention,norm")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = []
+    only = args.only.split(",")
+    dtype = torch.bfloat16
+    sections = dict(norm=lambda: bench_norm(results, args.reps, dtype),
+                    attention=lambda: bench_attention(results, args.reps, args.sweep, dtype),
+                    moe=lambda: bench_moe(results, args.reps, args.sweep, dtype))
+    for name in only:
+        try:
+            sections[name]()
+        except Exception:  # one broken section must not hide the others' numbers
+            traceback.print_exc()
+            results.append(dict(kernel=name, case="FAILED", triton_us=float("nan"), torch_us=float("nan"),
+                                rel_err=float("nan")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
+    print(f"\n{'kernel':10} {'case':24} {'triton us':>10} {'torch us':>10} {'graph us':>9} {'floor us':>9} {'rel err':>9}")
+    for r in results:
+        print(f"{r['kernel']:10} {r['case']:24} {r['triton_us']:10.1f} {r['torch_us']:10.1f} "
+              f"{r.get('graph_us', float('nan')):9.1f} {r.get('floor_us', float('nan')):9.1f} {r['rel_err']:9.2e}")
+
+
+if __name__ == "__main__":
+    main()
