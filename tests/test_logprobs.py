@@ -70,7 +70,7 @@ def generate(engine, prompts, sampling: P.SamplingParams) -> list[P.RequestOutpu
     return [merged[str(i)] for i in range(len(prompts))]
 
 
-PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], list(range(100, 117))]
+PROMPTS = [[1, 5, 9, 200, 3], [7], list(range(100, 117)), list(range(10, 47))]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], list(range(100, 117))]
     [
         ({"max_num_batched_tokens": 24, "num_kv_blocks": 64}, 0.0),  # chunked prefill next to decodes
         ({"max_num_batched_tokens": 2048, "num_kv_blocks": 64}, 1.0),  # sampled: logprobs stay raw
-        ({"max_num_batched_tokens": 24, "num_kv_blocks": 5}, 0.0),  # preemption, also mid-prefill
+        ({"max_num_batched_tokens": 16, "num_kv_blocks": 5}, 0.0),  # preemption, also mid-prefill
     ],
 )
 def test_logprobs_match_transformers(checkpoint, engine_cfg, temperature):
@@ -98,6 +98,8 @@ def test_logprobs_match_transformers(checkpoint, engine_cfg, temperature):
         else:
             check_against(ref_lp, range(len(prompt) - 1), prompt[1:], out.prompt_logprobs, TOP)
     assert engine.block_manager.num_used_blocks == 0
+    if engine_cfg["num_kv_blocks"] == 5:
+        assert engine.scheduler.num_preemptions > 0
 
 
 def test_no_logprobs_unless_asked_and_prompt_logprobs_skip_the_cache(checkpoint):
