@@ -33,10 +33,20 @@ def resolve_model_dir(cfg: Config) -> Path:
     return path
 
 
+def tokenizer_dir(cfg: Config, model_dir: Path) -> Path:
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir
+    if cfg.model.load_format == "dummy":  # a bare config.json: a placeholder vocabulary of the same size
+        from eep_hpc.model.placeholder_vocab import write_placeholder_tokenizer
+
+        return write_placeholder_tokenizer(model_dir, Path(cfg.control.run_dir) / "placeholder-tokenizer")
+    raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+
+
 def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
     model_dir = resolve_model_dir(cfg)
     arch = load_arch(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg, model_dir))
     eos = list(dict.fromkeys([*tokenizer.eos_token_ids, *arch.eos_token_ids]))
     launcher = launcher or LocalLauncher(cfg.control.run_dir, cfg.parallel.device)
     return Coordinator(cfg, launcher, str(model_dir), eos, arch.num_experts, len(arch.moe_layers),
