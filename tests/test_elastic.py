@@ -47,6 +47,26 @@ async def post(url: str, path: str, body: dict) -> httpx.Response:
         return await client.post(f"{url}{path}", json=body)
 
 
+def grow_while(head, killer, then_grow: bool = False):
+    """Under 8 streams, grow by one while `killer` (run in a thread) sabotages the join; optionally grow again.
+    Returns (load result, the first grow's response, the second's or None)."""
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=8))
+        await asyncio.sleep(0.3)
+        thread = threading.Thread(target=killer)
+        thread.start()
+        failed = await post(head.url, "/admin/scale/grow", {"n": 1})
+        thread.join()
+        await asyncio.sleep(0.5)
+        again = await post(head.url, "/admin/scale/grow", {"n": 1}) if then_grow else None
+        await asyncio.sleep(0.3)
+        stop.set()
+        return await load, failed, again
+
+    return asyncio.run(scenario())
+
+
 def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
     head = start_head(tmp_path, ranks=1)
     try:
@@ -121,21 +141,7 @@ def test_kill_joining_rank_rolls_back_and_keeps_serving(tmp_path):
                     return
                 time.sleep(0.05)
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=8))
-            await asyncio.sleep(0.3)
-            killer = threading.Thread(target=kill_newcomer)
-            killer.start()
-            failed = await post(head.url, "/admin/scale/grow", {"n": 1})
-            killer.join()
-            await asyncio.sleep(0.5)
-            grown = await post(head.url, "/admin/scale/grow", {"n": 1})  # scaling again works
-            await asyncio.sleep(0.3)
-            stop.set()
-            return await load, failed, grown
-
-        result, failed, grown = asyncio.run(scenario())
+        result, failed, grown = grow_while(head, kill_newcomer, then_grow=True)  # scaling again works
         assert failed.status_code == 503
         assert failed.json()["error"]["code"] == "scale_rolled_back"
         assert grown.status_code == 200, grown.text
@@ -185,19 +191,7 @@ def test_joiner_dying_during_expert_transfer_rolls_back(tmp_path):
                     return
                 time.sleep(0.01)
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=8))
-            await asyncio.sleep(0.3)
-            killer = threading.Thread(target=kill_when_staged)
-            killer.start()
-            failed = await post(head.url, "/admin/scale/grow", {"n": 1})
-            killer.join()
-            await asyncio.sleep(1.0)
-            stop.set()
-            return await load, failed
-
-        result, failed = asyncio.run(scenario())
+        result, failed, _ = grow_while(head, kill_when_staged)
         assert failed.status_code == 503, failed.text
         assert result.failures == []
         for k, texts in result.texts.items():
