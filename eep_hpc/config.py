@@ -81,6 +81,8 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A peer that does not show up for the expert transfer of a scaling event fails it (and it rolls back) after
     # this long; serving pauses at most this long in that case.
     transfer_timeout_s: float = 20.0
+    # A rank told to terminate (SIGTERM) asks to be drained within this many seconds (Slurm's KillWait/GraceTime).
+    leave_notice_s: float = 30.0
     run_dir: str = "runs/local"
 
 

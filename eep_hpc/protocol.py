@@ -247,6 +247,16 @@ class EpochLeft(_Msg):
     epoch: int
 
 
+class NodeLeaving(_Msg):
+    """A node agent got a scheduler notice (walltime warning, preemption SIGTERM, scancel): its ranks must be gone
+    within `seconds`. The coordinator drains them with experts reshuffled first, then tells them to exit."""
+
+    job_id: str
+    rank_ids: list[int]
+    seconds: float
+    reason: str
+
+
 class RankFailed(_Msg):
     """Sent by a rank that is about to exit because of an error it cannot recover from."""
 
@@ -257,7 +267,7 @@ class RankFailed(_Msg):
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
 RankToHead = Union[
     RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
-    RankFailed,
+    NodeLeaving, RankFailed,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -203,3 +203,38 @@ def test_joiner_dying_during_expert_transfer_rolls_back(tmp_path):
         assert shrunk.status_code == 200, shrunk.text  # and it can scale again
     finally:
         head.stop()
+
+
+def test_sigterm_to_a_rank_drains_it_with_zero_failed_requests(tmp_path):
+    head = start_head(tmp_path, ranks=3)
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+        before = head.state()
+        victim = before["members"][1]
+        pid = next(r["pid"] for r in before["ranks"] if r["rank_id"] == victim)
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
+            await asyncio.sleep(0.5)
+            os.kill(pid, 15)  # what scancel or a preemption delivers
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and victim in head.state()["members"]:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            stop.set()
+            return await load
+
+        result = asyncio.run(scenario())
+        after = head.state()
+        assert victim not in after["members"] and len(after["members"]) == 2
+        assert after["scale_events"][-1]["kind"] == "shrink" and after["scale_events"][-1]["phase"] == "DONE"
+        assert result.failures == []
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.2)
+        assert not alive(pid)
+    finally:
+        head.stop()

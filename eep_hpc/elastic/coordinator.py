@@ -104,6 +104,7 @@ class Coordinator:
         self.history: list[ScaleEvent] = []
         self.expert_load = None  # [L, E] tokens per logical expert since the last rebalance
         self._acks: dict[tuple[str, int], set[int]] = {}  # (message kind, epoch) -> rank ids that sent it
+        self._leaving: list[P.NodeLeaving] = []  # scheduler notices received, for status
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -268,6 +269,10 @@ class Coordinator:
                 log.exception("bad message from a rank")
 
     def handle(self, msg) -> None:
+        if isinstance(msg, P.NodeLeaving):
+            self._leaving.append(msg)
+            self._tasks.append(asyncio.create_task(self._release(msg)))
+            return
         rec = self.ranks.get(msg.rank_id)
         if rec is None:
             log.warning("message from unknown rank %d ignored", msg.rank_id)
@@ -552,6 +557,33 @@ class Coordinator:
             if self.event is not None:
                 self.event.requests_migrated += 1
         self._start_wave()
+
+    async def _release(self, notice: P.NodeLeaving) -> None:
+        """A node must go (scheduler notice): drain its ranks as soon as no other event runs, inside the notice."""
+        log.warning("node job %s leaves in %.0f s (%s): draining ranks %s", notice.job_id, notice.seconds,
+                    notice.reason, notice.rank_ids)
+        deadline = time.monotonic() + notice.seconds
+        while time.monotonic() < deadline:
+            members = [r for r in notice.rank_ids if r in self.members]
+            if not members:  # never joined (still starting) or already gone: just let them exit
+                for rid in notice.rank_ids:
+                    if rid in self.ranks and self.ranks[rid].state not in (RankState.EXITED, RankState.FAILED):
+                        self.send(rid, P.Shutdown())
+                        self.ranks[rid].state = RankState.EXITED
+                return
+            if self.event is None:
+                if len(members) == len(self.members):
+                    log.error("node job %s holds every serving rank; nothing can take over its work", notice.job_id)
+                    return
+                try:
+                    await self.shrink(members)
+                    return
+                except ScaleBusy:
+                    pass
+                except Exception as e:
+                    log.error("draining node job %s failed: %s; retrying while the notice lasts", notice.job_id, e)
+            await asyncio.sleep(0.2)
+        log.error("node job %s: notice ran out before its ranks could be drained", notice.job_id)
 
     async def _rebalance_loop(self, period_s: float) -> None:
         while True:

@@ -58,6 +58,7 @@ class RankProcess:
         self.prepared: Prepared | None = None
         self.pending_commit: P.CommitEpoch | None = None
         self.agent: RankAgent | None = None  # NIXL: what this rank serves to peers, and its reads
+        self.notice: str = ""  # set by a termination signal: ask the head to drain this rank, once
 
     def send(self, msg) -> None:
         self.sock.send(P.encode(msg), copy=False)
@@ -73,6 +74,10 @@ class RankProcess:
                 if time.monotonic() - self.last_heard > ctl.head_timeout_s:
                     log.error("rank %d: no word from the head for %.0f s, exiting", self.id, ctl.head_timeout_s)
                     return 1
+                if self.notice:
+                    self.send(P.NodeLeaving(job_id=f"rank-{self.id}", rank_ids=[self.id],
+                                            seconds=ctl.leave_notice_s, reason=self.notice))
+                    self.notice = ""
                 if self.active and not self.stopping:
                     self.step_wave()
             return 0
@@ -329,4 +334,10 @@ def run_rank(launch: P.RankLaunch) -> int:
     if launch.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(launch.device))
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))
-    return RankProcess(launch).run()
+    rank = RankProcess(launch)
+
+    def on_term(signum, frame):  # scancel / preemption / a user's kill: leave in order, not abruptly
+        rank.notice = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_term)
+    return rank.run()
