@@ -120,6 +120,20 @@ def test_swiglu_experts_triton(M, S, D, I, empty, dtype):
         assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
 
 
+@needs_kernels
+@pytest.mark.parametrize("M,S,block_m", [(0, 4, 16), (1, 4, 16), (37, 8, 16), (300, 128, 16), (4096, 128, 128)])
+def test_align_rows_by_slot(M, S, block_m):
+    from eep_hpc.kernels.triton_moe import align_rows_by_slot, align_rows_by_slot_torch
+
+    slot = torch.randint(0, S, (M,), device=DEVICE)
+    slot[slot == 1] = 2  # an empty slot
+    rows, block_slot, total = align_rows_by_slot(slot, S, block_m)
+    rows_t, block_slot_t, total_t = align_rows_by_slot_torch(slot, S, block_m)
+    assert torch.equal(block_slot, block_slot_t) and torch.equal(total, total_t)
+    # the order within a slot's blocks is free (atomic cursors); the set of rows per block is not
+    assert torch.equal(rows.view(-1, block_m).sort(1).values, rows_t.view(-1, block_m).sort(1).values)
+
+
 def _attention_case(qlens, ctxs, Hq, Hkv, D, page, dtype, spare_blocks=4):
     seq_lens = [c + q for q, c in zip(qlens, ctxs)]
     need = sum((L + page - 1) // page for L in seq_lens)

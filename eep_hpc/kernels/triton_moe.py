@@ -3,7 +3,7 @@
 Rows arrive already dispatched (row m goes through local slot `slot[m]`), so there is no top-k fan-out and no
 weighted sum here: each row is computed exactly once and written back to its own place.
 
-1. `align_rows_by_slot` (torch ops, no host sync): sort rows by slot and pad each slot's group to a multiple of
+1. `align_rows_by_slot` (one single-program kernel, no host sync): sort rows by slot and pad each slot's group to a multiple of
    BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one slot (like vLLM's
    moe_align_block_size). Padding entries hold the sentinel M.
 2. `_w13_silu_kernel`: grouped GEMM h[p] = silu(x[r] @ w13[s, :I].T) * (x[r] @ w13[s, I:].T) for each padded
@@ -34,27 +34,36 @@ class MoEConfig:
     num_stages: int
 
 
-def pick_config(M: int, S: int, D: int, I: int) -> MoEConfig:
-    """Tile shapes by rows per slot (H100; tiny shapes get the smallest tiles that tl.dot accepts)."""
+def pick_config(M: int, S: int, D: int, I: int, dtype: torch.dtype = torch.bfloat16) -> MoEConfig:
+    """Tile shapes by rows per slot (H100; tiny shapes get the smallest tiles that tl.dot accepts). fp32 tiles
+    take twice the shared memory per stage: half the K tile and at most 3 stages."""
     if max(D, I) <= 128:
         return MoEConfig(16, 32, 32, 1, 4, 2)
     rows_per_slot = M / max(S, 1)
     if rows_per_slot <= 4:  # decode: weight streaming, few rows per slot
-        return MoEConfig(16, 64, 128, 1, 4, 4)
-    if rows_per_slot <= 32:
-        return MoEConfig(32, 64, 128, 4, 4, 4)
-    if rows_per_slot <= 128:
-        return MoEConfig(64, 128, 64, 8, 8, 4)
-    return MoEConfig(128, 128, 64, 8, 8, 3)
+        cfg = MoEConfig(16, 64, 128, 1, 4, 4)
+    elif rows_per_slot <= 32:
+        cfg = MoEConfig(32, 64, 128, 4, 4, 4)
+    elif rows_per_slot <= 128:
+        cfg = MoEConfig(64, 128, 64, 8, 8, 4)
+    else:
+        cfg = MoEConfig(128, 128, 64, 8, 8, 3)
+    if dtype == torch.float32:
+        cfg = MoEConfig(cfg.BLOCK_M, cfg.BLOCK_N, max(32, cfg.BLOCK_K // 2), cfg.GROUP_M, cfg.num_warps,
+                        min(3, cfg.num_stages))
+    return cfg
 
 
-def align_rows_by_slot(slot: torch.Tensor, S: int, block_m: int):
-    """slot [M] -> (sorted_rows [EM] int32 (sentinel M in padding), block_slot [EM // block_m] int32 (-1 past the
-    end), num_padded [1] int32). EM = M + min(M, S) * (block_m - 1) rounded up to block_m: a bound from shapes."""
+def _padded_rows(M: int, S: int, block_m: int) -> int:
+    em = M + min(M, S) * (block_m - 1)
+    return (em + block_m - 1) // block_m * block_m
+
+
+def align_rows_by_slot_torch(slot: torch.Tensor, S: int, block_m: int):
+    """Reference for `align_rows_by_slot` in torch ops (stable order within a slot)."""
     M = slot.shape[0]
     dev = slot.device
-    em = M + min(M, S) * (block_m - 1)
-    em = (em + block_m - 1) // block_m * block_m
+    em = _padded_rows(M, S, block_m)
     slot = slot.to(torch.int64)
     counts = torch.zeros(S, dtype=torch.int64, device=dev).scatter_add_(0, slot, torch.ones_like(slot))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -71,6 +80,59 @@ def align_rows_by_slot(slot: torch.Tensor, S: int, block_m: int):
     total = padded_end[-1:]
     block_slot = torch.where(block_begin < total, block_slot, -1).to(torch.int32)
     return sorted_rows, block_slot, total.to(torch.int32)
+
+
+@triton.jit
+def _align_kernel(
+    slot_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, cursor_ptr, M, S, EM, NUM_BLOCKS,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program: count rows per slot, pad to BLOCK_M, write each block's slot, then scatter row ids to
+    their padded positions (atomic cursors: the order within a slot is arbitrary, which changes no result)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    counts = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for c0 in range(0, M, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        sl = tl.load(slot_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        counts += tl.sum((sl[None, :] == offs_s[:, None]).to(tl.int32), axis=1)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, 0)
+    total = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, total)
+    tl.store(cursor_ptr + offs_s, padded_end - padded, mask=offs_s < S)
+    for e0 in range(0, EM, CHUNK):
+        offs = e0 + tl.arange(0, CHUNK)
+        tl.store(sorted_rows_ptr + offs, tl.zeros([CHUNK], dtype=tl.int32) + M, mask=offs < EM)
+    for b0 in range(0, NUM_BLOCKS, CHUNK):
+        offs_b = b0 + tl.arange(0, CHUNK)
+        begin = offs_b * BLOCK_M
+        s_of_b = tl.sum((padded_end[:, None] <= begin[None, :]).to(tl.int32), axis=0)
+        tl.store(block_slot_ptr + offs_b, tl.where(begin < total, s_of_b, -1), mask=offs_b < NUM_BLOCKS)
+    tl.debug_barrier()  # cursors and sentinels written before any thread scatters
+    for c0 in range(0, M, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ok = offs < M
+        sl = tl.load(slot_ptr + offs, mask=ok, other=0)
+        pos = tl.atomic_add(cursor_ptr + sl, tl.full([CHUNK], 1, dtype=tl.int32), mask=ok)
+        tl.store(sorted_rows_ptr + pos, offs, mask=ok)
+
+
+def align_rows_by_slot(slot: torch.Tensor, S: int, block_m: int):
+    """slot [M] -> (sorted_rows [EM] int32 (sentinel M in padding), block_slot [EM // block_m] int32 (-1 past the
+    end), num_padded [1] int32). EM = M + min(M, S) * (block_m - 1) rounded up to block_m: a bound from shapes,
+    so the outputs' shapes (and the GEMM grids) do not depend on the routing. One launch, no host sync."""
+    M = slot.shape[0]
+    em = _padded_rows(M, S, block_m)
+    dev = slot.device
+    sorted_rows = torch.empty(em, dtype=torch.int32, device=dev)
+    block_slot = torch.empty(em // block_m, dtype=torch.int32, device=dev)
+    scratch = torch.empty(1 + S, dtype=torch.int32, device=dev)  # num_padded, per-slot cursors
+    block_s = max(16, triton.next_power_of_2(S))
+    _align_kernel[(1,)](
+        slot, sorted_rows, block_slot, scratch, scratch[1:], M, S, em, em // block_m,
+        BLOCK_M=block_m, BLOCK_S=block_s, CHUNK=max(16, min(256, 16384 // block_s)), num_warps=8,
+    )
+    return sorted_rows, block_slot, scratch[:1]
 
 
 @triton.jit
@@ -178,7 +240,7 @@ def swiglu_experts_triton(
     if M == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or pick_config(M, S, D, I)
+    cfg = config or pick_config(M, S, D, I, x.dtype)
     sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
     EM = sorted_rows.shape[0]
     h = torch.empty(EM, I, dtype=x.dtype, device=x.device)
