@@ -65,11 +65,15 @@ def build_model(
     unfilled, for weights that arrive from peers)."""
     if num_local_slots is None:
         num_local_slots = len(local_logical[0]) if local_logical else 0
-    with torch.device(device):
-        model = model_class(arch)(arch, num_local_slots, max_positions)
-    # rope tables stay fp32; everything learnable takes the serving dtype
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    # built directly in the serving dtype on the device (an fp32 detour would need twice the memory); rope tables
+    # name their fp32 dtype explicitly
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(arch)(arch, num_local_slots, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
     model.eval()
     source = weight_source(cfg, model_dir, device)
     if load_dense_weights:
