@@ -23,8 +23,9 @@ from eep_hpc.kernels.norm import rms_norm_reference
 HIDDEN, MOE_I, EXPERTS, TOP_K, HQ, HKV, HEAD_D, PAGE = 2048, 768, 128, 8, 32, 4, 128, 16
 
 
-def time_call(fn, reps: int, warmup: int = 3) -> float:
-    """Median microseconds per call."""
+def eager_us(fn, reps: int, warmup: int = 3) -> float:
+    """Median microseconds of one eager call, CUDA events around it: host launch cost included (what an
+    uncaptured step pays)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -39,26 +40,37 @@ def time_call(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def graph_row(fn, reps: int, eager_out) -> dict:
+INNER = 10
+
+
+def gpu_us(fn, reps: int):
+    """(median microseconds per call of device time, output of the last captured call): INNER calls captured
+    into one CUDA graph, replays timed with events, so host launch cost stays out. None if fn cannot be captured."""
     try:
-        us, out = time_graph(fn, reps)
-        return dict(graph_us=us, graph_matches=bool(torch.equal(out, eager_out)))
-    except Exception as e:  # report, don't stop the other cases
-        return dict(graph_error=repr(e)[:300])
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(INNER):
+                out = fn()
+        return eager_us(graph.replay, reps) / INNER, out
+    except Exception as e:  # e.g. a host sync inside fn
+        print(f"not capturable: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        torch.cuda.synchronize()
+        return None, None
 
 
-def time_graph(fn, reps: int):
-    """(median us per replay, output of the captured call) for fn captured into one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return time_call(graph.replay, reps), out
+def timings(row: dict, triton_fn, torch_fn, reps: int, torch_reps: int, eager_out) -> dict:
+    t_gpu, t_out = gpu_us(triton_fn, reps)
+    r_gpu, _ = gpu_us(torch_fn, torch_reps)
+    row.update(triton_us=t_gpu, torch_us=r_gpu, triton_eager_us=eager_us(triton_fn, reps),
+               torch_eager_us=eager_us(torch_fn, torch_reps),
+               graph_matches_eager=None if t_out is None else bool(torch.equal(t_out, eager_out)))
+    return row
 
 
 def rel(a, b) -> float:
@@ -71,7 +83,8 @@ def bench_moe(results, reps, sweep, dtype):
     dev = torch.device("cuda")
     w13 = (torch.randn(EXPERTS, 2 * MOE_I, HIDDEN, device=dev) * HIDDEN**-0.5).to(dtype)
     w2 = (torch.randn(EXPERTS, HIDDEN, MOE_I, device=dev) * MOE_I**-0.5).to(dtype)
-    configs = [MoEConfig(16, 64, 128, 1, 4, 4), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
+    configs = [MoEConfig(16, 32, 128, 1, 4, 4), MoEConfig(16, 32, 256, 1, 4, 3), MoEConfig(16, 64, 128, 1, 4, 4),
+               MoEConfig(16, 64, 256, 1, 8, 3), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
                MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3)]
     w13d, w2d = w13.double(), w2.double()
     for name, tokens in [("decode-1", 1), ("decode-64", 64), ("decode-256", 256), ("prefill-512", 512)]:
@@ -84,13 +97,11 @@ def bench_moe(results, reps, sweep, dtype):
         cfg = pick_config(M, EXPERTS, HIDDEN, MOE_I)
         out = swiglu_experts_triton(x, slot, w13, w2)
         row = dict(kernel="moe", case=name, dtype=str(dtype), M=M, slots_used=used, config=str(cfg),
-                   rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6,
-                   triton_us=time_call(lambda: swiglu_experts_triton(x, slot, w13, w2), reps),
-                   torch_us=time_call(lambda: swiglu_experts_reference(x, slot, w13, w2), max(5, reps // 5)))
-        if tokens <= 256:
-            row.update(graph_row(lambda: swiglu_experts_triton(x, slot, w13, w2), reps, out))
+                   rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6)
+        timings(row, lambda: swiglu_experts_triton(x, slot, w13, w2), lambda: swiglu_experts_reference(x, slot, w13, w2),
+                reps, 5, out)
         if sweep:
-            row["sweep"] = {str(c): time_call(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c), reps)
+            row["sweep"] = {str(c): gpu_us(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c), reps)[0]
                             for c in configs}
         results.append(row)
         print(row, flush=True)
@@ -130,18 +141,17 @@ def bench_attention(results, reps, sweep, dtype):
         cfg = pick_config(meta.max_query_len, meta.num_seqs, HKV, HQ // HKV, HEAD_D, dtype, dev)
         row = dict(kernel="attention", case=name, dtype=str(dtype), T=T, config=str(cfg), rel_err=rel(out, ref),
                    bytes=kv_bytes, floor_us=kv_bytes / 3.0e6,
-                   triton_us=time_call(lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale), reps),
-                   torch_us=time_call(lambda: paged_attention_reference(q, k_cache, v_cache, meta, scale), reps),
-                   write_kv_triton_us=time_call(lambda: write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping), reps),
-                   write_kv_torch_us=time_call(lambda: write_kv(k, v, k_cache, v_cache, meta.slot_mapping), reps))
-        if meta.max_query_len == 1:
-            row.update(graph_row(lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale), reps, out))
+                   write_kv_triton_us=gpu_us(lambda: write_kv_triton(k, v, k_cache, v_cache, meta.slot_mapping), reps)[0],
+                   write_kv_torch_us=gpu_us(lambda: write_kv(k, v, k_cache, v_cache, meta.slot_mapping), reps)[0])
+        timings(row, lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale),
+                lambda: paged_attention_reference(q, k_cache, v_cache, meta, scale), reps, reps, out)
         if sweep:
             decode = meta.max_query_len == 1
-            configs = ([AttentionConfig(16, t, s, w, 2) for t in (32, 64, 128) for s in (1, 4, 16) for w in (4,)]
+            configs = ([AttentionConfig(16, t, s, w, st) for t in (64, 128) for s in (1, 2, 4, 16, 32)
+                        for w, st in ((4, 2), (4, 3), (8, 2))]
                        if decode else
                        [AttentionConfig(m, t, 1, w, st) for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)])
-            row["sweep"] = {str(c): time_call(lambda c=c: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=c), reps)
+            row["sweep"] = {str(c): gpu_us(lambda c=c: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=c), reps)[0]
                             for c in configs}
         results.append(row)
         print(row, flush=True)
@@ -155,12 +165,12 @@ def bench_norm(results, reps, dtype):
         x = torch.randn(shape, device=dev).to(dtype)
         r = torch.randn(shape, device=dev).to(dtype)
         w = (1 + 0.1 * torch.randn(shape[-1], device=dev)).to(dtype)
+        out = rms_norm_triton(x, w, 1e-6)
         row = dict(kernel="rms_norm", case=str(shape), dtype=str(dtype),
-                   rel_err=rel(rms_norm_triton(x, w, 1e-6), rms_norm_reference(x.double(), w.double(), 1e-6)),
-                   triton_us=time_call(lambda: rms_norm_triton(x, w, 1e-6), reps),
-                   torch_us=time_call(lambda: rms_norm_reference(x, w, 1e-6), reps),
-                   add_triton_us=time_call(lambda: add_rms_norm_triton(x, r, w, 1e-6), reps),
-                   add_torch_us=time_call(lambda: rms_norm_reference(x + r, w, 1e-6), reps))
+                   rel_err=rel(out, rms_norm_reference(x.double(), w.double(), 1e-6)),
+                   add_triton_us=gpu_us(lambda: add_rms_norm_triton(x, r, w, 1e-6), reps)[0],
+                   add_torch_us=gpu_us(lambda: rms_norm_reference(x + r, w, 1e-6), reps)[0])
+        timings(row, lambda: rms_norm_triton(x, w, 1e-6), lambda: rms_norm_reference(x, w, 1e-6), reps, reps, out)
         results.append(row)
         print(row, flush=True)
 
@@ -184,15 +194,17 @@ def main():
             sections[name]()
         except Exception:  # one broken section must not hide the others' numbers
             traceback.print_exc()
-            results.append(dict(kernel=name, case="FAILED", triton_us=float("nan"), torch_us=float("nan"),
-                                rel_err=float("nan")))
+            results.append(dict(kernel=name, case="FAILED"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
-    print(f"\n{'kernel':10} {'case':24} {'triton us':>10} {'torch us':>10} {'graph us':>9} {'floor us':>9} {'rel err':>9}")
+    f = lambda v: float("nan") if v is None else v  # noqa: E731
+    print("\nus per call: device time (graph replay of 10 calls) and eager (one call, host launch cost included)")
+    print(f"{'kernel':10} {'case':22} {'triton':>8} {'torch':>8} {'floor':>7} {'tri eager':>9} {'torch eager':>11} {'rel err':>8}")
     for r in results:
-        print(f"{r['kernel']:10} {r['case']:24} {r['triton_us']:10.1f} {r['torch_us']:10.1f} "
-              f"{r.get('graph_us', float('nan')):9.1f} {r.get('floor_us', float('nan')):9.1f} {r['rel_err']:9.2e}")
+        print(f"{r['kernel']:10} {r['case']:22} {f(r.get('triton_us')):8.1f} {f(r.get('torch_us')):8.1f} "
+              f"{f(r.get('floor_us')):7.1f} {f(r.get('triton_eager_us')):9.1f} {f(r.get('torch_eager_us')):11.1f} "
+              f"{f(r.get('rel_err')):8.1e}")
 
 
 if __name__ == "__main__":
