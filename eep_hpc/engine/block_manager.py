@@ -145,7 +145,8 @@ class BlockManager:
         return True
 
     def note_admitted(self, seq: Sequence, num_hit_tokens: int) -> None:
-        """Hit-rate figures: a sequence was admitted with num_hit_tokens of its tokens found in the cache."""
+        """Hit-rate figures: a sequence that looked up the cache was admitted with num_hit_tokens of its tokens
+        found there (a preempted sequence counts again when it comes back)."""
         if self.enable_prefix_caching:
             self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += num_hit_tokens
@@ -167,13 +168,6 @@ class BlockManager:
         if h is not None:
             del self._cached[h]
             self._hash_of[block] = None
-
-    def reset_prefix_cache(self) -> int:
-        """Forget every cached prefix held by no sequence; returns how many blocks were dropped."""
-        dropped = [b for b in self._free if self._hash_of[b] is not None]
-        for b in dropped:
-            self._evict(b)
-        return len(dropped)
 
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slot of each token position in [start, end)."""

@@ -127,12 +127,14 @@ class Scheduler:
                 out.finished.append(self._reject(seq))
                 continue
             # Cached prefix blocks are reused, except by a sequence that needs logits at every prompt position.
-            prefix = [] if seq.wants_prompt_logprobs else self.block_manager.cached_prefix(seq)
+            lookup = not seq.wants_prompt_logprobs
+            prefix = self.block_manager.cached_prefix(seq) if lookup else []
             num_cached = len(prefix) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, num_cached + num_new, prefix):
                 break  # later ones wait behind it
-            self.block_manager.note_admitted(seq, num_cached)
+            if lookup:
+                self.block_manager.note_admitted(seq, num_cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
