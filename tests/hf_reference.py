@@ -57,8 +57,8 @@ def save_random_hf_model(kind: str, path: Path, seed: int = 0, **overrides) -> P
     return path
 
 
-def hf_model(path: Path):
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()

@@ -101,14 +101,21 @@ def packed_prefill_logits(engine, prompts):
     return engine.model.compute_logits(hidden).cpu()
 
 
-def assert_logits_close(logits, ref, prompts, tol):
-    start = 0
+def relative_errors(logits, ref, prompts) -> list[float]:
+    """Per prompt, |ours - transformers| / |transformers| of its rows of the packed logits."""
+    out, start = [], 0
+    device = next(ref.parameters()).device
     for p in prompts:
         with torch.no_grad():
-            want = ref(torch.tensor([p])).logits[0]
+            want = ref(torch.tensor([p], device=device)).logits[0].float().cpu()
         got = logits[start : start + len(p)]
         start += len(p)
-        rel = ((got - want).norm() / want.norm()).item()
+        out.append(((got - want).norm() / want.norm()).item())
+    return out
+
+
+def assert_logits_close(logits, ref, prompts, tol):
+    for p, rel in zip(prompts, relative_errors(logits, ref, prompts)):
         assert rel < tol, f"relative error {rel:.2e} for a prompt of {len(p)} tokens"
 
 
@@ -140,8 +147,15 @@ def test_on_gpu_matches_transformers(checkpoint):
     # fp32 on both: TF32 is off by default for matmuls
     assert_logits_close(packed_prefill_logits(engine, PROMPTS), ref, PROMPTS, 1e-4)
     assert greedy(engine, PROMPTS, NEW_TOKENS) == reference_greedy(ref, PROMPTS)
+    # bf16: within the error of transformers' own bf16 run (the scaled-up random weights amplify rounding)
     bf16 = engine_for(path, device="cuda", dtype="bfloat16", num_kv_blocks=64)
-    assert_logits_close(packed_prefill_logits(bf16, PROMPTS), ref, PROMPTS, 3e-2)
+    ours = relative_errors(packed_prefill_logits(bf16, PROMPTS), ref, PROMPTS)
+    hf_bf16 = hf_model(path, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        theirs = torch.cat([hf_bf16(torch.tensor([p], device="cuda")).logits[0].float().cpu() for p in PROMPTS])
+    theirs = relative_errors(theirs, ref, PROMPTS)
+    print("bf16 relative errors, ours:", ours, "transformers':", theirs)
+    assert max(ours) < 2 * max(theirs) + 1e-2
 
 
 def test_dummy_weights_build_the_config_shape(tmp_path):
