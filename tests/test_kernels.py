@@ -134,6 +134,20 @@ def test_align_rows_by_slot(M, S, block_m):
     assert torch.equal(rows.view(-1, block_m).sort(1).values, rows_t.view(-1, block_m).sort(1).values)
 
 
+@needs_kernels
+def test_swiglu_experts_triton_skips_padding_rows():
+    from eep_hpc.kernels.triton_moe import swiglu_experts_triton
+
+    x, slot, w13, w2 = _moe_inputs(40, 6, 64, 32, torch.float32)
+    pad = torch.rand(40, device=DEVICE) < 0.3
+    slot = torch.where(pad, torch.where(torch.rand(40, device=DEVICE) < 0.5, -1, 6), slot)
+    out = torch.full_like(x, float("nan"))
+    swiglu_experts_triton(x, slot, w13, w2, out=out)
+    keep = ~pad
+    ref = swiglu_experts_reference(x[keep].double(), slot[keep], w13.double(), w2.double())
+    assert rel_err(out[keep], ref) <= TOL[torch.float32] and out[pad].isnan().all()
+
+
 def _attention_case(qlens, ctxs, Hq, Hkv, D, page, dtype, spare_blocks=4):
     seq_lens = [c + q for q, c in zip(qlens, ctxs)]
     need = sum((L + page - 1) // page for L in seq_lens)
@@ -180,6 +194,23 @@ def test_paged_attention_triton(qlens, ctxs, Hq, Hkv, D, page, dtype):
         paged_attention_triton(q, k_cache, v_cache, meta, D**-0.5, config=cfg, out=out)
         ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, D**-0.5)
         assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
+
+
+@needs_kernels
+def test_paged_attention_triton_padding_sequences_get_zeros():
+    """A CUDA-graph batch padded with (query_len 1, seq_len 0) sequences: they read nothing and output zeros."""
+    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
+
+    page, Hq, Hkv, D = 4, 4, 2, 16
+    real = AttentionMetadata.build([9, 10], [1, 1], [10, 3], [[1, 0, 2], [3]], page, DEVICE)
+    padded = AttentionMetadata.build([9, 10, -1, -1], [1, 1, 1, 1], [10, 3, 0, 0], [[1, 0, 2], [3], [], []], page, DEVICE)
+    k_cache, v_cache = torch.randn(2, 4, page, Hkv, D, device=DEVICE)
+    q = torch.randn(4, Hq, D, device=DEVICE)
+    for cfg in (None, AttentionConfig(16, 16, 4, 4, 2)):
+        want = paged_attention_triton(q[:2], k_cache, v_cache, real, 0.25, config=cfg)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
+        assert rel_err(out[:2], want) <= 1e-5 and torch.equal(out[2:], torch.zeros_like(out[2:]))
 
 
 @needs_kernels

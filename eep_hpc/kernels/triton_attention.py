@@ -8,7 +8,8 @@ through the block table, and keeps an online softmax (log2 domain). Keys are mas
 
 Split-KV (flash-decoding) when the grid would leave the GPU idle (small decode batches): the KV range of each
 program is cut into NUM_SEGMENTS parts written as unnormalised partials (acc, max, sum) and `_reduce_segments`
-merges them. Program -> sequence uses a binary search on query_start_loc (grid = T // BLOCK_Q + B blocks, a bound
+merges them. A sequence with seq_len 0 attends to nothing and gets zeros (padding sequences of a CUDA-graph batch:
+query_len 1, seq_len 0, slot -1). Program -> sequence uses a binary search on query_start_loc (grid = T // BLOCK_Q + B blocks, a bound
 from shapes alone, as in vLLM's unified attention), so the launch depends only on T, B and the config.
 """
 
@@ -44,15 +45,18 @@ def _num_sms(device: torch.device) -> int:
 
 def pick_config(max_query_len: int, num_seqs: int, num_kv_heads: int, q_per_kv: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    """Depends on the batch's shape only (not on sequence lengths), so a captured CUDA graph stays valid.
+    Measured on H100 at Qwen3-30B-A3B shapes (kernels/NOTES.md): decode likes 128-key tiles and one segment once
+    the (sequence, kv head) programs fill the SMs; split-KV up to 32 segments below that."""
     wide = dtype == torch.float32 or head_dim > 128
-    tile_n = 32 if wide else 64
     if max_query_len <= 1:  # decode only: one token per program, split the KV range to fill the GPU
         block_m = max(16, triton.next_power_of_2(q_per_kv))
         programs = max(num_seqs * num_kv_heads, 1)
-        segments = min(16, triton.next_power_of_2(triton.cdiv(2 * _num_sms(device), programs)))
-        return AttentionConfig(block_m, tile_n, segments if segments > 1 else 1, 4, 2)
-    block_m = max(64 if not wide else 32, triton.next_power_of_2(q_per_kv))
-    return AttentionConfig(block_m, tile_n, 1, 4, 2)
+        sms = _num_sms(device)
+        segments = 1 if programs >= sms else min(32, triton.next_power_of_2(triton.cdiv(2 * sms, programs)))
+        return AttentionConfig(block_m, 32 if wide else 128, segments, 4, 2)
+    block_m = max(32 if wide else 64, triton.next_power_of_2(q_per_kv))
+    return AttentionConfig(block_m, 32 if wide else 64, 1, 4, 2)
 
 
 @triton.jit
@@ -181,6 +185,7 @@ def paged_attention_triton(
     assert block_q * q_per_kv <= cfg.BLOCK_M
     d_pad = max(16, triton.next_power_of_2(D))
     nseg = cfg.NUM_SEGMENTS
+    assert nseg & (nseg - 1) == 0, "NUM_SEGMENTS must be a power of two"
     if nseg > 1:
         seg_acc = torch.empty(T, Hq, nseg, d_pad, dtype=torch.float32, device=q.device)
         seg_max = torch.empty(T, Hq, nseg, dtype=torch.float32, device=q.device)

@@ -94,6 +94,7 @@ def _align_kernel(
     for c0 in range(0, M, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
         sl = tl.load(slot_ptr + offs, mask=offs < M, other=-1).to(tl.int32)
+        sl = tl.where(sl < S, sl, -1)
         counts += tl.sum((sl[None, :] == offs_s[:, None]).to(tl.int32), axis=1)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, 0)
@@ -111,8 +112,8 @@ def _align_kernel(
     tl.debug_barrier()  # cursors and sentinels written before any thread scatters
     for c0 in range(0, M, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
-        ok = offs < M
-        sl = tl.load(slot_ptr + offs, mask=ok, other=0)
+        sl = tl.load(slot_ptr + offs, mask=offs < M, other=-1)
+        ok = (sl >= 0) & (sl < S)  # rows outside [0, S) are skipped (padding)
         pos = tl.atomic_add(cursor_ptr + sl, tl.full([CHUNK], 1, dtype=tl.int32), mask=ok)
         tl.store(sorted_rows_ptr + pos, offs, mask=ok)
 
@@ -228,7 +229,8 @@ def swiglu_experts_triton(
     x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference."""
+    """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference, plus: rows whose
+    slot is outside [0, S) are skipped and their output rows left unwritten (padding of a fixed-size batch)."""
     M, D = x.shape
     S, two_i, _ = w13.shape
     I = two_i // 2
