@@ -123,6 +123,7 @@ def bench_attention(results, reps, sweep, dtype):
 
     dev = torch.device("cuda")
     cases = [("decode-1-ctx1024", [1024], [1]), ("decode-1-ctx8192", [8192], [1]),
+             ("decode-16-ctx2048", [2048] * 16, [1] * 16),
              ("decode-64-ctx1024", [1024] * 64, [1] * 64), ("decode-256-ctx1024", [1024] * 256, [1] * 256),
              ("prefill-512", [512], [512]), ("prefill-4x128+60dec", [128] * 4 + [1024] * 60, [128] * 4 + [1] * 60)]
     for name, seq_lens, qlens in cases:

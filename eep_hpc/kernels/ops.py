@@ -28,8 +28,11 @@ def triton_available() -> bool:
     return True
 
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_available()
+    return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
