@@ -242,3 +242,17 @@ def test_rms_norm_triton(shape, dtype):
     y, s = add_rms_norm_triton(x, r, w, 1e-6)
     assert torch.equal(s, x + r)
     assert rel_err(y, rms_norm_reference((x + r).double(), w.double(), 1e-6)) <= TOL[dtype]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU with Triton")
+def test_ops_pick_triton_on_cuda_and_agree_with_reference():
+    assert ops.use_triton(torch.zeros(1, device="cuda")) and not ops.use_triton(torch.zeros(1))
+    x = torch.randn(9, 64, device="cuda")
+    w = torch.rand(64, device="cuda")
+    assert rel_err(ops.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)) <= 1e-6
+    xs, slot, w13, w2 = _moe_inputs(30, 5, 64, 32, torch.float32)
+    assert rel_err(ops.swiglu_experts(xs, slot, w13, w2), swiglu_experts_reference(xs, slot, w13, w2)) <= 1e-5
+    meta, q, k, v, k_cache, v_cache = _attention_case([3, 1], [5, 7], 4, 2, 16, 4, torch.float32)
+    ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    got = ops.paged_attention(q, k_cache, v_cache, meta, 0.25)
+    assert rel_err(got, paged_attention_reference(q, k_cache, v_cache, meta, 0.25)) <= 1e-5
