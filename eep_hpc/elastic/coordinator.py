@@ -611,6 +611,7 @@ class Coordinator:
                 "requests_in_flight": len(rec.in_flight),
                 "num_running": s.num_running, "num_waiting": s.num_waiting,
                 "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.kv_blocks_total,
+                "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
             })
         placement = None
         if self.placement is not None:

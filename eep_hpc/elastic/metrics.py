@@ -18,6 +18,10 @@ class CoordinatorCollector:
             "kv_blocks_total": GaugeMetricFamily("eep_hpc:rank_kv_blocks_total", "KV blocks.", labels=["rank"]),
             "num_running": GaugeMetricFamily("eep_hpc:rank_num_running", "Running sequences.", labels=["rank"]),
             "num_waiting": GaugeMetricFamily("eep_hpc:rank_num_waiting", "Waiting sequences.", labels=["rank"]),
+            "prefix_cache_queries": CounterMetricFamily("eep_hpc:rank_prefix_cache_queries",
+                                                        "Prompt tokens looked up in the prefix cache.", labels=["rank"]),
+            "prefix_cache_hits": CounterMetricFamily("eep_hpc:rank_prefix_cache_hits",
+                                                     "Prompt tokens found in the prefix cache.", labels=["rank"]),
         }
         for rid in c.members:
             stats = c.ranks[rid].stats
