@@ -58,7 +58,7 @@ def test_cpu_tensors_use_the_reference():
 def test_metadata_keeps_device_copies_and_builds_reference_lazily():
     meta = AttentionMetadata.build([5, 6, 7, 33], [3, 1], [3, 18], [[1], [0, 2]], 16, torch.device("cpu"))
     assert meta.query_start_loc_device.tolist() == [0, 3, 4] and meta.seq_lens_device.tolist() == [3, 18]
-    assert meta.query_start_loc_device.dtype == torch.int32
+    assert meta.block_tables.tolist() == [[1, 0], [0, 2]] and meta.slot_mapping.tolist() == [5, 6, 7, 33]
     assert (meta.max_query_len, meta.max_seq_len, meta.num_seqs) == (3, 18, 2)
     assert "reference" not in meta.__dict__
     assert meta.mask.shape == (2, 1, 3, 18) and meta.kv_index[1, 17].item() == 2 * 16 + 1

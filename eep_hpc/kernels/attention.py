@@ -9,6 +9,7 @@ decode token) whose keys/values are first written into the cache, then attends c
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -33,11 +34,12 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] long (cpu): tokens in the cache after this step
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0
     block_size: int
-    # For the Triton kernels (on the step's device; one host-to-device copy for both):
-    query_start_loc_device: torch.Tensor  # [B + 1] int32
-    seq_lens_device: torch.Tensor  # [B] int32
+    # For the Triton kernels, on the step's device (slot_mapping, these two and block_tables travel in one copy):
+    query_start_loc_device: torch.Tensor  # [B + 1] long
+    seq_lens_device: torch.Tensor  # [B] long
     max_query_len: int
     max_seq_len: int
+    block_tables_host: torch.Tensor  # [B, max_blocks] long (cpu), for the reference's padded index
 
     @property
     def num_tokens(self) -> int:
@@ -56,31 +58,35 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> "AttentionMetadata":
-        B = len(query_lens)
-        nblk = max((len(t) for t in block_tables), default=0)
-        tables = torch.zeros(B, max(nblk, 1), dtype=torch.long)
-        for b, t in enumerate(block_tables):
-            tables[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        seq = torch.tensor(seq_lens, dtype=torch.long)
-        qlen = torch.tensor(query_lens, dtype=torch.long)
-        qsl = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(qlen, 0)])
-        packed = torch.cat([qsl, seq]).to(torch.int32).to(device)
+        B, T = len(query_lens), len(slot_mapping)
+        width = max(1, max((len(t) for t in block_tables), default=0))
+        # one flat host list -> one tensor -> one host-to-device copy: [slots | query_start_loc | seq_lens | tables]
+        flat = list(slot_mapping)
+        flat += itertools.accumulate(query_lens, initial=0)
+        flat += seq_lens
+        for t in block_tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        host = torch.tensor(flat, dtype=torch.long)
+        dev = host.to(device)
+        q0, s0, t0 = T, T + B + 1, T + 2 * B + 1
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            query_start_loc=qsl,
-            seq_lens=seq,
-            block_tables=tables.to(device),
+            slot_mapping=dev[:q0],
+            query_start_loc=host[q0:s0],
+            seq_lens=host[s0:t0],
+            block_tables=dev[t0:].view(B, width),
             block_size=block_size,
-            query_start_loc_device=packed[: B + 1],
-            seq_lens_device=packed[B + 1 :],
+            query_start_loc_device=dev[q0:s0],
+            seq_lens_device=dev[s0:t0],
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
+            block_tables_host=host[t0:].view(B, width),
         )
 
     @cached_property
     def reference(self) -> ReferenceIndex:
         B, device, block_size = self.num_seqs, self.block_tables.device, self.block_size
-        tables = self.block_tables.cpu()
+        tables = self.block_tables_host
         seq = self.seq_lens
         qlen = self.query_start_loc[1:] - self.query_start_loc[:-1]
         lq, lk = self.max_query_len, self.max_seq_len

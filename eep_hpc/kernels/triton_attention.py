@@ -59,7 +59,7 @@ def pick_config(max_query_len: int, num_seqs: int, num_kv_heads: int, q_per_kv: 
     return AttentionConfig(block_m, 32 if wide else 64, 1, 4, 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # batch-dependent ints: no recompiles
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,

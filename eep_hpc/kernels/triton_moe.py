@@ -82,7 +82,7 @@ def align_rows_by_slot_torch(slot: torch.Tensor, S: int, block_m: int):
     return sorted_rows, block_slot, total.to(torch.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "EM", "NUM_BLOCKS"])  # batch-dependent ints: no recompiles
 def _align_kernel(
     slot_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, cursor_ptr, M, S, EM, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
@@ -148,7 +148,7 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "EM"])
 def _w13_silu_kernel(
     x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
     M, D, I, EM,
@@ -190,7 +190,7 @@ def _w13_silu_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "EM"])
 def _w2_kernel(
     h_ptr, w2_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
     M, D, I, EM,

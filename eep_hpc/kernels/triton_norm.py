@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, R, D, eps,
     stride_x, stride_r, stride_o, stride_ro,
