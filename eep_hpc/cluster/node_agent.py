@@ -7,7 +7,7 @@ per GPU (or `ranks_per_node` on a CPU node), and turns the scheduler's signals i
 - SIGTERM (scancel, preemption, the time limit): "my ranks leave in KillWait seconds" (Slurm's grace before
   SIGKILL; a preempted job may get GraceTime more, so this is a lower bound).
 
-The notice is a `NodeLeaving` message on a ZMQ DEALER (identity `agent-<job id>-<node index>`) to the head's
+The notice is a `protocol.NodeLeaving` message on a ZMQ DEALER (identity `agent-<job id>-<node index>`) to the head's
 address. The ranks themselves ignore both signals (Slurm signals every process of the step): the head drains them
 (shrink) and tells them Shutdown. The agent waits for its ranks to exit and returns; if they are still running
 shortly before Slurm's SIGKILL, it kills them itself so that it still ends cleanly (exit 0).
@@ -25,8 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Literal
-
 import msgspec
 import zmq
 
@@ -37,22 +35,6 @@ log = logging.getLogger("eep_hpc.node_agent")
 
 SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 KILL_MARGIN_S = 1.5  # kill leftover ranks this long before Slurm would SIGKILL the whole step
-
-
-class _NodeLeaving(msgspec.Struct, tag="NodeLeaving", kw_only=True, omit_defaults=True):
-    """A node agent heard from the scheduler: its ranks will be gone in `seconds` seconds.
-
-    Proposed for protocol.py (same wire form as a `class NodeLeaving(_Msg)` there, which replaces this one).
-    """
-
-    job_id: str  # Slurm job id (het jobs: the leader's id)
-    node: str  # Slurm node name
-    rank_ids: list[int]
-    seconds: float
-    reason: Literal["walltime", "terminate"]  # SIGUSR2 warning / SIGTERM (scancel, preemption, time limit)
-
-
-NodeLeaving = getattr(P, "NodeLeaving", _NodeLeaving)
 
 
 class NodePlan(msgspec.Struct, kw_only=True):
@@ -162,15 +144,14 @@ class NodeAgent:
         name = signal.Signals(signum).name
         self.signals.append(name)
         if signum == signal.SIGUSR2:
-            seconds, reason = float(self.plan.warning_s), "walltime"
+            seconds, reason = float(self.plan.warning_s), f"walltime warning (SIGUSR2) on {self.node}"
         else:
-            seconds, reason = kill_wait, "terminate"
+            seconds, reason = kill_wait, f"SIGTERM (scancel, preemption or time limit) on {self.node}"
         deadline = time.monotonic() + seconds
         if signum == signal.SIGTERM:  # USR2 is a warning: the TERM at the time limit sets the real deadline
             self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
         log.warning("got %s: ranks %s leave in %.0f s; telling the head", name, self.rank_ids, seconds)
-        self.notify(NodeLeaving(job_id=self.job_id, node=self.node, rank_ids=self.rank_ids, seconds=seconds,
-                                reason=reason))
+        self.notify(P.NodeLeaving(job_id=self.job_id, rank_ids=self.rank_ids, seconds=seconds, reason=reason))
 
     def notify(self, msg) -> None:
         if self._sock is None:
@@ -178,7 +159,7 @@ class NodeAgent:
             self._sock = zmq.Context.instance().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.IDENTITY, agent_identity(self.job_id, self.index))
             self._sock.connect(address)
-        self._sock.send(msgspec.msgpack.encode(msg), copy=False)
+        self._sock.send(P.encode(msg), copy=False)
         self.notified += 1
 
 
