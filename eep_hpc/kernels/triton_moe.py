@@ -3,8 +3,8 @@
 Rows arrive already dispatched (row m goes through local slot `slot[m]`), so there is no top-k fan-out and no
 weighted sum here: each row is computed exactly once and written back to its own place.
 
-1. `align_rows_by_slot` (one single-program kernel, no host sync): sort rows by slot and pad each slot's group to a multiple of
-   BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one slot (like vLLM's
+1. `align_rows_by_slot` (one single-program kernel, no host sync): sort rows by slot and pad each slot's group to a
+   multiple of BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one slot (like vLLM's
    moe_align_block_size). Padding entries hold the sentinel M.
 2. `_w13_silu_kernel`: grouped GEMM h[p] = silu(x[r] @ w13[s, :I].T) * (x[r] @ w13[s, I:].T) for each padded
    position p (row r = sorted_rows[p], slot s = block_slot[p // BLOCK_M]); gate and up tiles share the A tile and
@@ -255,7 +255,7 @@ def swiglu_experts_triton(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # w2's K is I (768 for Qwen3-30B-A3B): a narrower K tile than the w13 pass keeps the loop pipelined
+    # w2's K is I: no K tile wider than I (rounded up to a power of two) for tiny models
     bk2 = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(I)))
     _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](
         h, w2, out, sorted_rows, block_slot, num_padded,
