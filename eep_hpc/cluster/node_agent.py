@@ -117,6 +117,7 @@ class NodeAgent:
             gpus = visible or [str(g) for g in range(max(self.plan.gpus, 1))]
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             device = "cuda:0"
+        env["EEP_HPC_NODE_AGENT"] = f"{self.job_id}-{self.index}"  # the agent speaks for this rank to the head
         if self.plan.cpus and "EEP_HPC_RANK_THREADS" not in env:
             env["EEP_HPC_RANK_THREADS"] = str(max(1, self.plan.cpus // len(self.plan.launches)))
         launch = msgspec.structs.replace(launch, device=device)
@@ -142,7 +143,10 @@ class NodeAgent:
 
     def _handle(self, signum: int, kill_wait: float) -> None:
         name = signal.Signals(signum).name
+        repeated = name in self.signals  # e.g. SIGTERM from slurmstepd and again forwarded by srun
         self.signals.append(name)
+        if repeated:
+            return
         if signum == signal.SIGUSR2:
             seconds, reason = float(self.plan.warning_s), f"walltime warning (SIGUSR2) on {self.node}"
         else:

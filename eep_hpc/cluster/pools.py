@@ -38,7 +38,8 @@ class Pool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     qos: str = ""
     constraint: str = ""
     # Walltime warning: Slurm sends SIGUSR2 this many seconds before the time limit (--signal=USR2@warning_s);
-    # the node agent tells the head its ranks leave in that time. 0 = no warning.
+    # the node agent tells the head its ranks leave in that time. Slurm may send it up to a minute early (and
+    # with a 1-minute limit, before the agent is up): keep time limits well above warning_s + 60.
     warning_s: int = 120
     # Ranks the node agent starts on each node; 0 = gpus_per_node (one rank per GPU), or 1 on a CPU node.
     ranks_per_node: int = 0
