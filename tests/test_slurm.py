@@ -127,11 +127,18 @@ class FakeHead:
             self.hellos[msg.rank_id] = msg
         return self.hellos
 
-    def leaving_notice(self, timeout_s: float = 60.0):
-        while True:
-            ident, data = self.recv(timeout_s)
+    def leaving_notice(self, job=None, timeout_s: float = 60.0):
+        """The next NodeLeaving from a node agent (ranks may send their own; those are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.sock.poll(2000):
+                if job is not None and job.node_job.job.done():
+                    raise AssertionError(f"node job {job.job_id} ended without a notice:\n{job.node_job.job.stdout()}")
+                continue
+            ident, data = self.sock.recv_multipart()
             if ident.startswith(b"agent-"):
                 return ident, P.decode_for_head(data)
+        raise TimeoutError(f"no notice from a node agent in {timeout_s:.0f} s")
 
     def shutdown(self, rank_ids) -> None:
         for r in rank_ids:
@@ -227,7 +234,7 @@ def test_scancel_reaches_the_agent_as_sigterm_and_it_exits_0(head, launcher):
     job_id = jobs[0].job_id
     head.wait_hellos([5, 6], jobs[0])
     subprocess.run(["scancel", job_id], check=True)
-    ident, notice = head.leaving_notice()
+    ident, notice = head.leaving_notice(jobs[0])
     assert ident == agent_identity(job_id, 0)
     assert (notice.job_id, notice.rank_ids) == (job_id, [5, 6]) and notice.reason.startswith("SIGTERM")
     assert notice.seconds == 5.0  # the test cluster's KillWait
@@ -247,7 +254,7 @@ def test_walltime_warning_is_forwarded_and_ranks_leave_on_shutdown(head, launche
     head.wait_hellos([7], jobs[0])
     # what --signal=USR2@60 delivers 60 s before the time limit (sent now, rather than waiting for it)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    _, notice = head.leaving_notice()
+    _, notice = head.leaving_notice(jobs[0])
     assert (notice.rank_ids, notice.seconds) == ([7], 60.0) and notice.reason.startswith("walltime warning")
     head.shutdown([7])  # the coordinator would drain the rank first
     result = jobs[0].node_job.job.results()[0]
@@ -268,7 +275,7 @@ def test_preempted_spot_job_tells_the_head_and_exits_0(head, tmp_path):
     head.wait_hellos([9], jobs[0])
     high = subprocess.run(["sbatch", "--parsable", "-p", "small", "-w", "n4", "-c", "8", "-o", "/dev/null",
                            "--wrap", "true"], capture_output=True, text=True, check=True).stdout.strip()
-    _, notice = head.leaving_notice()
+    _, notice = head.leaving_notice(jobs[0])
     assert (notice.job_id, notice.rank_ids) == (job_id, [9]) and notice.reason.startswith("SIGTERM")
     result = jobs[0].node_job.job.results()[0]
     assert result.signals[0] == "SIGTERM" and result.notified == 1
