@@ -96,6 +96,20 @@ def _shrink(args) -> int:
     return _admin_post(args, "/admin/scale/shrink", body)
 
 
+def _adapt(args) -> int:
+    from eep_hpc.cluster import discovery
+
+    url = args.url or discovery.read(args.run_dir).api_url
+    body = {"min": args.min, "max": args.max, "enabled": not args.off}
+    r = httpx.post(f"{url}/admin/adapt", json=body, timeout=30, headers=_auth(args))
+    if r.status_code != 200:
+        print(f"eep-hpc: {r.json().get('error', {}).get('message', r.text)}", file=sys.stderr)
+        return 1
+    a = r.json()
+    print(f"adapt {'on' if a['enabled'] else 'off'}: {a['min_ranks']}..{a['max_ranks']} ranks")
+    return 0
+
+
 def _rebalance(args) -> int:
     return _admin_post(args, "/admin/rebalance", {})
 
@@ -142,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--rank", type=int, action="append", help="remove this rank id (repeatable)")
     sh.add_argument("--node", help="remove every rank on this host")
     admin_parser("rebalance", "re-place experts by the load counted so far", _rebalance)
+    ad = admin_parser("adapt", "scale automatically between --min and --max ranks", _adapt)
+    ad.add_argument("--min", type=int, required=True)
+    ad.add_argument("--max", type=int, required=True)
+    ad.add_argument("--off", action="store_true", help="stop adapting (keeps the current ranks)")
 
     from eep_hpc.bench.cli import add_bench_parser
 

@@ -86,12 +86,31 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     run_dir: str = "runs/local"
 
 
+class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Adaptive scaling (elastic/autoscaler.py); `eep-hpc adapt --min A --max B` turns it on at run time."""
+
+    enabled: bool = False
+    min_ranks: int = 1
+    max_ranks: int = 1
+    interval_s: float = 2.0
+    # grow when, for `sustain_s`, requests wait per rank above `queue_high` or the fullest KV cache is above `kv_high`
+    queue_high: float = 2.0
+    kv_high: float = 0.9
+    sustain_s: float = 10.0
+    # shrink a rank once the whole group has been idle this long
+    idle_s: float = 60.0
+    # replace ranks older than lifetime_s - replace_before_s (0 = ranks live forever), e.g. the node's walltime
+    lifetime_s: float = 0.0
+    replace_before_s: float = 300.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     parallel: ParallelConfig = msgspec.field(default_factory=ParallelConfig)
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    adapt: AdaptConfig = msgspec.field(default_factory=AdaptConfig)
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,7 @@ import zmq.asyncio
 from eep_hpc import protocol as P
 from eep_hpc.cluster.launcher import Launcher, RankJob
 from eep_hpc.config import Config
+from eep_hpc.elastic.autoscaler import Autoscaler
 from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
 from eep_hpc.parallel.eplb import Placement, align_previous, initial_placement, plan_moves, rebalance
 
@@ -57,6 +58,7 @@ class RankRecord:
     in_flight: set[str] = field(default_factory=set)
     num_kv_blocks: int = 0
     nixl: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -121,6 +123,8 @@ class Coordinator:
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.store = dist.TCPStore(ctl.host, ctl.store_port, is_master=True, wait_for_workers=False)
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat_loop())]
+        self.autoscaler = Autoscaler(self, self.cfg.adapt)
+        self._tasks.append(asyncio.create_task(self.autoscaler.run()))
         if self.cfg.parallel.eplb_period_s > 0:
             self._tasks.append(asyncio.create_task(self._rebalance_loop(self.cfg.parallel.eplb_period_s)))
         ids = self.launch(num_ranks)
@@ -617,7 +621,10 @@ class Coordinator:
         if self.placement is not None:
             placement = {"slot_offsets": list(self.placement.slot_offsets),
                          "physical_to_logical": self.placement.physical_to_logical.tolist()}
-        return {"epoch": self.epoch, "members": self.members, "wave": self.wave, "ranks": ranks,
+        adapt = self.cfg.adapt
+        return {"adapt": {"enabled": adapt.enabled, "min_ranks": adapt.min_ranks, "max_ranks": adapt.max_ranks,
+                          "last": self.autoscaler.last.why if hasattr(self, "autoscaler") else ""},
+                "epoch": self.epoch, "members": self.members, "wave": self.wave, "ranks": ranks,
                 "requests_in_flight": len(self.streams), "placement": placement,
                 "scaling": self.event.summary() if self.event else None,
                 "scale_events": [e.summary() for e in self.history[-20:]]}

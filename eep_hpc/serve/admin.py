@@ -3,6 +3,7 @@
 POST /admin/scale/grow      {"n": 2}                              start n ranks and bring them in
 POST /admin/scale/shrink    {"n": 1} | {"rank_ids": [3]} | {"node": "host"}   drain and remove ranks
 POST /admin/rebalance       {}                                   re-place experts by the load counted so far
+POST /admin/adapt           {"min": 1, "max": 4}                 grow under load, shrink when idle, within bounds
 Each answers the event's figures (prepare_s, commit_pause_ms, bytes_moved, gbps, requests_migrated); 409 while
 another event runs, 400 for bad arguments, 503 when the event failed and was rolled back (still serving).
 """
@@ -20,6 +21,17 @@ from eep_hpc.serve.errors import ApiError, bad_request
 class GrowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(1, ge=1, le=1024)
+
+
+class AdaptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+    enabled: bool = True
+    sustain_s: float | None = Field(None, gt=0)
+    idle_s: float | None = Field(None, gt=0)
+    queue_high: float | None = Field(None, ge=0)
+    lifetime_s: float | None = Field(None, ge=0)
 
 
 class ShrinkRequest(BaseModel):
@@ -69,6 +81,17 @@ def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
             return await coordinator.shrink(pick_ranks(coordinator, req))
 
         return await _run(act())
+
+    @app.post("/admin/adapt")
+    async def adapt(req: AdaptRequest) -> dict:
+        if req.min > req.max:
+            raise bad_request(f"min ({req.min}) must not exceed max ({req.max})", "min")
+        cfg = coordinator.cfg.adapt
+        cfg.enabled, cfg.min_ranks, cfg.max_ranks = req.enabled, req.min, req.max
+        for name in ("sustain_s", "idle_s", "queue_high", "lifetime_s"):
+            if getattr(req, name) is not None:
+                setattr(cfg, name, getattr(req, name))
+        return coordinator.cluster_state()["adapt"]
 
     @app.post("/admin/rebalance")
     async def rebalance() -> dict:
