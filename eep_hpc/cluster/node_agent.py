@@ -8,8 +8,8 @@ per GPU (or `ranks_per_node` on a CPU node), and turns the scheduler's signals i
   SIGKILL; a preempted job may get GraceTime more, so this is a lower bound).
 
 The notice is a `protocol.NodeLeaving` message on a ZMQ DEALER (identity `agent-<job id>-<node index>`) to the head's
-address. The ranks themselves ignore both signals (Slurm signals every process of the step): the head drains them
-(shrink) and tells them Shutdown. The agent waits for its ranks to exit and returns; if they are still running
+address. Ranks start with both signals ignored (Slurm signals every process of the step; the node's notice is the
+agent's to give): the head drains them (shrink) and tells them Shutdown. The agent waits for its ranks to exit and returns; if they are still running
 shortly before Slurm's SIGKILL, it kills them itself so that it still ends cleanly (exit 0).
 
     python -m eep_hpc.cluster.node_agent --rank     (internal) one rank: a RankLaunch as msgpack on stdin
@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+
 import msgspec
 import zmq
 
@@ -121,8 +122,9 @@ class NodeAgent:
         if self.plan.cpus and "EEP_HPC_RANK_THREADS" not in env:
             env["EEP_HPC_RANK_THREADS"] = str(max(1, self.plan.cpus // len(self.plan.launches)))
         launch = msgspec.structs.replace(launch, device=device)
+        # preexec_fn is safe here: the agent has no other threads yet (its ZMQ socket is made on the first notice)
         proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.cluster.node_agent", "--rank"], env=env,
-                                stdin=subprocess.PIPE)
+                                stdin=subprocess.PIPE, preexec_fn=_rank_preexec)
         proc.stdin.write(msgspec.msgpack.encode(launch))
         proc.stdin.close()
         return proc
@@ -190,22 +192,18 @@ def slurm_kill_wait_s(default: float = 30.0) -> float:
 # ---- one rank (a child of the agent) ----------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the agent dies (PR_SET_PDEATHSIG), so no rank outlives its node job."""
-    parent = os.getppid()
+def _rank_preexec() -> None:
+    """In the forked child before exec: scheduler signals ignored from the first instruction (dispositions set to
+    SIG_IGN survive exec), and SIGKILL when the agent dies (PR_SET_PDEATHSIG), so no rank outlives its node job."""
+    for sig in (*SCHEDULER_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the agent died before prctl took effect
-        os._exit(1)
+        pass
 
 
 def rank_child_main() -> int:
-    _die_with_parent()
-    # Slurm signals every process of the step; the agent alone answers (the head drains the ranks, then Shutdown).
-    for sig in (*SCHEDULER_SIGNALS, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
     launch = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=RankLaunch)
     from eep_hpc.engine.rank_main import run_rank
 
