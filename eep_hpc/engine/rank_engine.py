@@ -134,7 +134,7 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
     arch = load_arch(launch.model_dir)
     dtype = resolve_dtype(cfg, arch, device)
     my_rank = epoch_msg.rank_ids.index(launch.rank_id)
-    expert_map = ExpertMap(epoch_msg.physical_to_logical, epoch_msg.slot_offsets, my_rank, arch.num_experts)
+    expert_map = ExpertMap(epoch_msg.physical_to_logical, epoch_msg.slot_offsets, my_rank, arch.num_experts, device)
     local = [expert_map.local_logical(layer) for layer in range(len(arch.moe_layers))]
     model = build_model(arch, cfg.model, Path(launch.model_dir), local, max_model_len(cfg, arch), device, dtype)
     ep = ExpertParallel(expert_map, TorchAllToAll(group), arch.num_experts)

@@ -265,7 +265,7 @@ class RankProcess:
                 xfer = None
             if member:
                 new_group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device, timeout_s=timeout)
-                expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts)
+                expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts, device)
                 self.prepared = Prepared(msg, staged, new_group, expert_map, reg)
             else:
                 self.prepared = Prepared(msg, staged, None, None, reg)

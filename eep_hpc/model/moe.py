@@ -20,16 +20,17 @@ class ExpertParallel:
         self.map = expert_map
         self.all_to_all = all_to_all
         L = expert_map.physical_to_logical.shape[0]
-        self.load = torch.zeros(L, num_experts, dtype=torch.long)  # tokens routed per logical expert, since last take
+        # tokens routed per logical expert since the last take, counted on the device (no sync per layer)
+        self.load = torch.zeros(L, num_experts, dtype=torch.long, device=expert_map.slot_owner.device)
 
     def take_load(self) -> torch.Tensor:
         load, self.load = self.load, torch.zeros_like(self.load)
-        return load
+        return load.cpu()
 
     def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2):
-        ids_cpu = topk_ids.cpu()
-        self.load[layer] += torch.bincount(ids_cpu.reshape(-1), minlength=self.load.shape[1])
-        slots = self.map.choose_slots(layer, ids_cpu)
+        ids = topk_ids.reshape(-1)
+        self.load[layer].index_add_(0, ids, torch.ones_like(ids))
+        slots = self.map.choose_slots(layer, topk_ids)
         rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
         y = ops.swiglu_experts(rows, local_slot, w13, w2)
         return self.all_to_all.combine(y, topk_weights, handle)

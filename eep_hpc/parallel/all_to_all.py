@@ -17,7 +17,7 @@ from eep_hpc.parallel.groups import EpochGroup
 
 @dataclass
 class DispatchHandle:
-    order: torch.Tensor  # [N] pair index (t * k + j) of each sent row, grouped by destination rank
+    order: torch.Tensor | None  # [N] pair index (t * k + j) of each sent row, grouped by destination (None: 1 rank)
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
@@ -44,9 +44,12 @@ class TorchAllToAll:
 
     def dispatch(self, x, slots, slot_owner, local_start):
         T, k = slots.shape
-        owners = slot_owner[slots.reshape(-1)]  # [T*k] destination rank of each pair (cpu)
+        if self.group.size == 1:  # every slot is local: pairs in (t, j) order, nothing to sort or exchange
+            rows = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1])
+            return rows, slots.reshape(-1) - local_start, DispatchHandle(None, [], [], T, k)
+        owners = slot_owner[slots.reshape(-1)]  # [T*k] destination rank of each pair
         order = torch.argsort(owners, stable=True)
-        send_counts = torch.bincount(owners, minlength=self.group.size).tolist()
+        send_counts = torch.bincount(owners, minlength=self.group.size).tolist()  # the one host sync per layer
         recv_counts = self.group.all_to_all_counts(send_counts)
         M = sum(recv_counts)
         send_rows = x[(order // k).to(x.device)]
@@ -60,11 +63,14 @@ class TorchAllToAll:
 
     def combine(self, y, weights, handle):
         T, k = handle.num_tokens, handle.top_k
-        back = y.new_empty(sum(handle.send_counts), y.shape[1])
-        self.group.all_to_all(back, y, handle.send_counts, handle.recv_counts)
-        pairs = y.new_empty(T * k, y.shape[1])
-        pairs[handle.order.to(y.device)] = back
-        pairs = pairs.view(T, k, y.shape[1])
+        if handle.order is None:
+            pairs = y.view(T, k, y.shape[1])
+        else:
+            back = y.new_empty(sum(handle.send_counts), y.shape[1])
+            self.group.all_to_all(back, y, handle.send_counts, handle.recv_counts)
+            pairs = y.new_empty(T * k, y.shape[1])
+            pairs[handle.order] = back
+            pairs = pairs.view(T, k, y.shape[1])
         out = pairs[:, 0] * weights[:, :1]
         for j in range(1, k):
             out = out + pairs[:, j] * weights[:, j : j + 1]

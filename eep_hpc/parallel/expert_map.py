@@ -15,7 +15,9 @@ import torch
 
 
 class ExpertMap:
-    def __init__(self, physical_to_logical: list[list[int]], slot_offsets: list[int], my_rank: int, num_experts: int):
+    def __init__(self, physical_to_logical: list[list[int]], slot_offsets: list[int], my_rank: int, num_experts: int,
+                 device: torch.device | str = "cpu"):
+        """Routing tables live on `device`, so choosing slots for a step's tokens never waits for the host."""
         p2l = torch.tensor(physical_to_logical, dtype=torch.long)  # [L, S]
         L, S = p2l.shape
         self.physical_to_logical = p2l
@@ -25,20 +27,20 @@ class ExpertMap:
         owner = torch.empty(S, dtype=torch.long)
         for r in range(self.num_ranks):
             owner[slot_offsets[r] : slot_offsets[r + 1]] = r
-        self.slot_owner = owner  # [S]
+        self.slot_owner = owner.to(device)  # [S]
         counts = torch.zeros(L, num_experts, dtype=torch.long)
         for layer in range(L):
             counts[layer] = torch.bincount(p2l[layer], minlength=num_experts)
         if (counts == 0).any():
             raise ValueError("every logical expert needs at least one physical slot in every layer")
-        self.replica_count = counts  # [L, E]
+        self.replica_count = counts.to(device)  # [L, E]
         l2p = torch.full((L, num_experts, int(counts.max())), -1, dtype=torch.long)
         for layer in range(L):
             seen = [0] * num_experts
             for slot, e in enumerate(p2l[layer].tolist()):
                 l2p[layer, e, seen[e]] = slot
                 seen[e] += 1
-        self.logical_to_physical = l2p  # [L, E, max_replicas]
+        self.logical_to_physical = l2p.to(device)  # [L, E, max_replicas]
 
     @property
     def num_local_slots(self) -> int:
@@ -50,7 +52,8 @@ class ExpertMap:
     def choose_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids [T, k] logical -> [T, k] physical slots, spreading tokens over an expert's replicas."""
         T, k = topk_ids.shape
-        ids = topk_ids.cpu()
+        dev = self.replica_count.device
+        ids = topk_ids.to(dev)
         count = self.replica_count[layer][ids]  # [T, k]
-        pick = (torch.arange(T)[:, None] + torch.arange(k)[None, :]) % count
+        pick = (torch.arange(T, device=dev)[:, None] + torch.arange(k, device=dev)[None, :]) % count
         return self.logical_to_physical[layer][ids, pick]
