@@ -56,9 +56,10 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redundant_experts: int = 0
     # Rebalance experts every this many seconds of serving; 0 = only on demand.
     eplb_period_s: float = 0.0
-    # How a joining rank gets the non-expert weights: "nixl" reads them from a serving peer (the checkpoint when
-    # that fails); "checkpoint" always reads the checkpoint.
-    weight_transfer: Literal["nixl", "checkpoint"] = "nixl"
+    # How weights move when ranks join or experts move: "nixl" = one-sided READs from serving peers (dense weights
+    # and expert slots), falling back to "collective" = a broadcast of dense weights and an all-to-all of experts
+    # over a transfer group; "checkpoint" = joiners read dense weights from disk (experts still move peer to peer).
+    weight_transfer: Literal["nixl", "collective", "checkpoint"] = "nixl"
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

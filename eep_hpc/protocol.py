@@ -116,6 +116,8 @@ class PrepareEpoch(_Msg):
     # "nixl": readers fetch remote copies from the sources' published slots; "collective": an all-to-all over a
     # transfer group of all participants (when some participant has no NIXL).
     transfer: Literal["nixl", "collective"] = "collective"
+    # Some joiner has no dense weights yet (NIXL unavailable): participant 0 broadcasts them over the transfer group.
+    broadcast_dense: bool = False
     # KV blocks a joining rank allocates (the smallest figure of the current ranks); 0 = size its own.
     num_kv_blocks: int = 0
 
@@ -221,7 +223,7 @@ class RankStaged(_Msg):
 
     rank_id: int
     epoch: int
-    dense_source: str  # "nixl:<peer rank id>" or "checkpoint"
+    dense_source: str  # "nixl:<peer rank id>", "broadcast" (to come, during prepare) or "checkpoint"
     dense_bytes: int
     dense_seconds: float
     nixl: bool = False  # it can read and serve weights over NIXL

@@ -238,3 +238,15 @@ def test_sigterm_to_a_rank_drains_it_with_zero_failed_requests(tmp_path):
         assert not alive(pid)
     finally:
         head.stop()
+
+
+def test_without_nixl_joiners_get_weights_by_broadcast_and_experts_by_all_to_all(tmp_path):
+    head = start_head(tmp_path, ranks=1, parallel={"weight_transfer": "collective"})
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+        grown = httpx.post(f"{head.url}/admin/scale/grow", json={"n": 2}, timeout=300)
+        assert grown.status_code == 200, grown.text
+        assert grown.json()["dense_source"] == "broadcast,broadcast"
+        assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
+    finally:
+        head.stop()

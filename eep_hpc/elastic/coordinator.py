@@ -488,6 +488,8 @@ class Coordinator:
             # get this second PrepareEpoch too, and start copying on it
             if all(self.ranks[r].nixl for r in event.participants):
                 prepare.transfer = "nixl"
+            if "broadcast" in event.dense_source.split(","):
+                prepare.transfer, prepare.broadcast_dense = "collective", True
             for rid in event.participants:
                 self.send(rid, prepare)
             await self._acked("EpochPrepared", event.epoch, event.participants, ctl.rank_timeout_s * 2)

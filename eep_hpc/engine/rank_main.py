@@ -198,15 +198,21 @@ class RankProcess:
         got = {}
 
         def fill_dense(model):
+            """From a peer over NIXL; else by a broadcast from a peer during prepare (say "broadcast" and leave
+            them empty for now); the checkpoint only when no peer serves (weight_transfer = "checkpoint")."""
             t0 = time.monotonic()
             peers = [r for r in msg.participants if r != self.id]
+            mode = self.launch.config.parallel.weight_transfer
             if self.start_agent():
                 try:
                     peer, nbytes = self.agent.fetch_dense(peers, dense_tensors(model))
                     got.update(source=f"nixl:{peer}", nbytes=nbytes, seconds=time.monotonic() - t0)
                     return
-                except Exception as e:  # nixl missing or no peer readable: the checkpoint has the same weights
-                    log.warning("rank %d: dense weights from peers failed (%s); reading the checkpoint", self.id, e)
+                except Exception as e:  # nixl missing or no peer readable: a collective broadcast instead
+                    log.warning("rank %d: dense weights over NIXL failed (%s); asking for a broadcast", self.id, e)
+            if mode != "checkpoint" and peers:
+                got.update(source="broadcast", nbytes=0, seconds=0.0)
+                return
             load_dense(model, weight_source(self.launch.config.model, Path(self.launch.model_dir), model.lm_head.weight.device))
             got.update(source="checkpoint", nbytes=sum(t.numel() * t.element_size() for t in dense_tensors(model).values()),
                        seconds=time.monotonic() - t0)
@@ -223,7 +229,7 @@ class RankProcess:
                 self.agent = RankAgent(self.id, self.store)
             except Exception as e:
                 log.warning("rank %d: no NIXL (%s): weights move over collectives and the checkpoint", self.id, e)
-                self.launch.config.parallel.weight_transfer = "checkpoint"
+                self.launch.config.parallel.weight_transfer = "collective"
         return self.agent is not None
 
     def publish(self, epoch: int, expert_reg=None) -> None:
@@ -259,7 +265,14 @@ class RankProcess:
             else:
                 xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
                                   device, timeout_s=timeout, purpose="xfer/")
-                staged.bytes_received = exchange_over_group(xfer, msg.participants, self.id, msg.moves, old, staged,
+                broadcast_bytes = 0
+                if msg.broadcast_dense:  # a joiner could not read them over NIXL: participant 0 sends them to all
+                    for t in dense_tensors(self.engine.model).values():
+                        xfer.broadcast(t, src=0)
+                        broadcast_bytes += t.numel() * t.element_size()
+                if self.engine.ep is not None:  # it had them already
+                    broadcast_bytes = 0
+                staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, msg.moves, old, staged,
                                                             start, len(blocks), shape)
                 xfer.destroy()
                 xfer = None
