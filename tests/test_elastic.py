@@ -25,6 +25,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def rss_kib(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+
 def rank_pids(head) -> dict[int, int]:
     return {r["rank_id"]: r["pid"] for r in head.state()["ranks"] if r["pid"]}
 
@@ -73,7 +77,9 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
         plan = [("grow", {"n": 1}), ("grow", {"n": 2}), ("shrink", {"n": 1}), ("shrink", {"n": 2})] * 2
         seen_pids: set[int] = set(rank_pids(head).values())
+        survivor = rank_pids(head)[head.state()["members"][0]]
         sole_experts_moved = 0
+        usage = []  # (head's open fds, survivor rank's resident KiB) after each cycle
 
         async def scenario():
             nonlocal sole_experts_moved
@@ -94,6 +100,8 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
                     sole_experts_moved += len(sole)
                     for layer, e in sole:  # the expert now lives on a survivor
                         assert e in after["placement"]["physical_to_logical"][layer]
+                if len(events) % 4 == 0:
+                    usage.append((len(os.listdir("/proc/self/fd")), rss_kib(survivor)))
             await asyncio.sleep(0.4)
             stop.set()
             return await load, events
@@ -107,6 +115,10 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         assert [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in events] == [
             ("grow", 1, 2, "DONE"), ("grow", 2, 4, "DONE"), ("shrink", 4, 3, "DONE"), ("shrink", 3, 1, "DONE")] * 2
         assert sum(e["requests_migrated"] for e in events if e["kind"] == "shrink") > 0
+        # the second cycle leaks nothing the first did not already set up: sockets, ports (fds), memory
+        (fds1, rss1), (fds2, rss2) = usage
+        assert fds2 <= fds1 + 4, f"the head's open files grew over a cycle: {fds1} -> {fds2}"
+        assert rss2 - rss1 < 64 * 1024, f"the surviving rank grew by {(rss2 - rss1) // 1024} MiB over a cycle"
         assert sole_experts_moved > 0, "no shrink removed the only replica of an expert"
         assert all(e["bytes_moved"] > 0 for e in events)
         # joiners read the dense weights from a serving peer over NIXL, not from the checkpoint
