@@ -18,9 +18,9 @@ def _serve(args) -> int:
 
     overrides = {
         "serve": {"host": args.host, "port": args.port},
-        "parallel": {"ranks": args.ranks, "device": args.device},
+        "parallel": {"ranks": args.ranks, "device": args.device, "launcher": args.launcher},
         "model": {"path": args.model},
-        "control": {"run_dir": args.run_dir},
+        "control": {"run_dir": args.run_dir, "host": args.control_host},
     }
     cfg = load_config(args.config, **overrides)
     head = Head(cfg)
@@ -72,7 +72,7 @@ def _admin_post(args, path: str, body: dict) -> int:
     if r.status_code != 200:
         print(f"eep-hpc: {data.get('error', {}).get('message', r.text)}", file=sys.stderr)
         return 1
-    print(_event_line(data))
+    print(_event_line(data) if "from_ranks" in data else json.dumps(data))
     return 0
 
 
@@ -84,7 +84,18 @@ def _event_line(e: dict) -> str:
 
 
 def _grow(args) -> int:
-    return _admin_post(args, "/admin/scale/grow", {"n": args.n})
+    body: dict = {"n": args.n, "wait": not args.no_wait}
+    pools = args.pool or []
+    if any(":" in p for p in pools):  # --pool big:2 --pool small:1: one heterogeneous job
+        try:
+            body["pools"] = {name: int(count) for name, count in (p.split(":", 1) for p in pools)}
+        except ValueError:
+            print("eep-hpc: --pool takes NAME or NAME:COUNT", file=sys.stderr)
+            return 2
+        body["n"] = 0
+    elif pools:
+        body["pool"] = pools[-1]
+    return _admin_post(args, "/admin/scale/grow", body)
 
 
 def _shrink(args) -> int:
@@ -131,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--run-dir", help="folder for logs and the discovery file (default runs/local)")
+    s.add_argument("--control-host", help="address ranks reach the head at (on a cluster: this node's name)")
+    s.add_argument("--launcher", choices=["local", "slurm"], help="where new ranks run")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="ranks, epoch, requests and expert placement of a running head")
@@ -150,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         return a
 
     g = admin_parser("grow", "add N ranks to the serving group while it serves", _grow)
-    g.add_argument("n", type=int, help="number of ranks to add")
+    g.add_argument("n", type=int, nargs="?", default=0, help="number of ranks to add (with one --pool NAME)")
+    g.add_argument("--pool", action="append", help="NAME (Slurm node shape), or NAME:COUNT repeated for one "
+                                                   "heterogeneous job, e.g. --pool big:2 --pool small:1")
+    g.add_argument("--no-wait", action="store_true", help="return once submitted; ranks join when Slurm starts them")
     sh = admin_parser("shrink", "drain and remove ranks (experts and requests move to the survivors)", _shrink)
     sh.add_argument("n", type=int, nargs="?", help="number of ranks to remove (the newest)")
     sh.add_argument("--rank", type=int, action="append", help="remove this rank id (repeatable)")

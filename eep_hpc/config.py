@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from eep_hpc.cluster.pools import Pool, name_pools
+
 TINY_MODEL = "tiny"
 
 
@@ -60,6 +62,9 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # and expert slots), falling back to "collective" = a broadcast of dense weights and an all-to-all of experts
     # over a transfer group; "checkpoint" = joiners read dense weights from disk (experts still move peer to peer).
     weight_transfer: Literal["nixl", "collective", "checkpoint"] = "nixl"
+    # Where ranks run: "local" processes (submitit's LocalExecutor), or "slurm" node jobs from [pools.*].
+    launcher: Literal["local", "slurm"] = "local"
+    pool: str = ""  # the pool `grow` uses when none is named
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,6 +117,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     adapt: AdaptConfig = msgspec.field(default_factory=AdaptConfig)
+    # Node shapes for Slurm growth, [pools.NAME] tables (cluster/pools.py).
+    pools: dict[str, Pool] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name_pools(self.pools)
 
 
 class ConfigError(ValueError):

@@ -12,4 +12,6 @@ RUN_DIR=${2:-${EEP_RUN_DIR:-runs/${SLURM_JOB_ID:-local}}}
 EEP=${EEP_HPC:-$(command -v eep-hpc || echo .venv/bin/eep-hpc)}
 mkdir -p "$RUN_DIR"
 # SIGTERM from Slurm (scancel, time limit) reaches the head, which stops its ranks before exiting
-exec "$EEP" serve --config "$CONFIG" --run-dir "$RUN_DIR" --host "${EEP_HOST:-0.0.0.0}"
+# ranks in node jobs reach the coordinator at this node's name
+exec "$EEP" serve --config "$CONFIG" --run-dir "$RUN_DIR" --host "${EEP_HOST:-0.0.0.0}" \
+  ${SLURM_JOB_ID:+--control-host "$(hostname)"}

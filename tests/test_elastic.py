@@ -173,7 +173,9 @@ def test_second_scale_request_is_refused_while_one_runs(tmp_path):
     try:
         async def scenario():
             first = asyncio.create_task(post(head.url, "/admin/scale/grow", {"n": 1}))
-            await asyncio.sleep(0.2)
+            # the grow's event opens once its rank has started; a second event meanwhile is refused
+            while not head.state().get("scaling"):
+                await asyncio.sleep(0.01)
             second = await post(head.url, "/admin/scale/shrink", {"n": 1})
             return await first, second
 

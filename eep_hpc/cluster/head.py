@@ -48,6 +48,11 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
     arch = load_arch(model_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg, model_dir))
     eos = list(dict.fromkeys([*tokenizer.eos_token_ids, *arch.eos_token_ids]))
+    if launcher is None and cfg.parallel.launcher == "slurm":
+        from eep_hpc.cluster.slurm import SlurmLauncher
+
+        launcher = SlurmLauncher(cfg.control.run_dir, cfg.pools, default_pool=cfg.parallel.pool,
+                                 device=cfg.parallel.device)
     launcher = launcher or LocalLauncher(cfg.control.run_dir, cfg.parallel.device)
     return Coordinator(cfg, launcher, str(model_dir), eos, arch.num_experts, len(arch.moe_layers),
                        model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)

@@ -19,7 +19,13 @@ class RankJob(Protocol):
 
 
 class Launcher(Protocol):
-    def launch(self, launches: list[RankLaunch]) -> list[RankJob]: ...
+    def launch(self, launches: list[RankLaunch], pool: str = "") -> list[RankJob]:
+        """Start these ranks (as one job of `pool` where pools exist); jobs may start much later (queued)."""
+        ...
+
+    def launch_pools(self, groups: dict[str, list[RankLaunch]]) -> list[RankJob]:
+        """Several pools in one submission (a Slurm heterogeneous job)."""
+        ...
 
     def device_for(self, index: int) -> str:
         """Device string for the index-th rank this launcher places (cpu, or cuda:N)."""

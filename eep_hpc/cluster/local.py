@@ -69,9 +69,13 @@ class LocalLauncher:
         # each rank sees only its own GPU (CUDA_VISIBLE_DEVICES set per job), so it is always cuda:0
         return "cuda:0" if self.num_gpus else "cpu"
 
-    def launch(self, launches: list[RankLaunch]) -> list[LocalRankJob]:
+    def launch(self, launches: list[RankLaunch], pool: str = "") -> list[LocalRankJob]:
+        """`pool` names Slurm node shapes; local ranks have one shape, so it is ignored."""
         with sigint_ignored_in_children():
             return [self._submit(launch) for launch in launches]
+
+    def launch_pools(self, groups: dict[str, list[RankLaunch]]) -> list[LocalRankJob]:
+        return self.launch([launch for launches in groups.values() for launch in launches])
 
     def _submit(self, launch: RankLaunch) -> LocalRankJob:
         executor = submitit.LocalExecutor(folder=self.folder)

@@ -76,6 +76,10 @@ class StartupError(RuntimeError):
     pass
 
 
+def _pending(job) -> bool:
+    return bool(getattr(job, "pending", lambda: False)())
+
+
 def slots_per_rank(num_experts: int, redundant: int, num_ranks: int) -> list[int]:
     per_rank = -(-(num_experts + redundant) // num_ranks)
     return [per_rank] * num_ranks
@@ -159,15 +163,26 @@ class Coordinator:
         self.ctx.term()
         del self.store
 
-    def launch(self, n: int) -> list[int]:
-        launches = []
-        for _ in range(n):
-            rid = self.next_rank_id
-            self.next_rank_id += 1
-            launches.append(P.RankLaunch(rank_id=rid, head_address=self.address, model_dir=self.model_dir,
-                                         eos_token_ids=self.eos_token_ids, device=self.launcher.device_for(rid),
-                                         config=self.cfg))
-        for launch, job in zip(launches, self.launcher.launch(launches)):
+    def launch(self, n: int, pool: str = "", pools: dict[str, int] | None = None) -> list[int]:
+        """Submit ranks: n of one pool, or {pool: count} as one heterogeneous submission."""
+        def make(count):
+            out = []
+            for _ in range(count):
+                rid = self.next_rank_id
+                self.next_rank_id += 1
+                out.append(P.RankLaunch(rank_id=rid, head_address=self.address, model_dir=self.model_dir,
+                                        eos_token_ids=self.eos_token_ids, device=self.launcher.device_for(rid),
+                                        config=self.cfg))
+            return out
+
+        if pools:
+            groups = {name: make(count) for name, count in pools.items()}
+            launches = [launch for group in groups.values() for launch in group]
+            jobs = self.launcher.launch_pools(groups)
+        else:
+            launches = make(n)
+            jobs = self.launcher.launch(launches, pool=pool) if pool else self.launcher.launch(launches)
+        for launch, job in zip(launches, jobs):
             self.ranks[launch.rank_id] = RankRecord(launch.rank_id, job)
         return [launch.rank_id for launch in launches]
 
@@ -363,10 +378,13 @@ class Coordinator:
         while True:
             await asyncio.sleep(ctl.heartbeat_s)
             now = time.monotonic()
-            for rec in self.ranks.values():
+            live = [rec for rec in self.ranks.values() if rec.state not in (RankState.FAILED, RankState.EXITED)]
+            # alive() may ask the scheduler (sacct): off the event loop
+            alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
+            for rec in live:
                 if rec.state in (RankState.FAILED, RankState.EXITED):
                     continue
-                if not rec.job.alive():
+                if not alive[rec.rank_id]:
                     self._fail(rec, "its process exited")
                 elif rec.state != RankState.LAUNCHED and now - rec.last_seen > ctl.rank_timeout_s:
                     self._fail(rec, f"no message for {ctl.rank_timeout_s:.0f} s")
@@ -389,16 +407,35 @@ class Coordinator:
         self.expert_load = None
         return event.summary()
 
-    async def grow(self, n: int) -> dict:
-        """Start n more ranks and bring them into the serving group in one scaling event."""
-        if n < 1:
-            raise ValueError("grow needs n >= 1")
-        self.check_idle()
-        joining = self.launch(n)
+    async def grow(self, n: int = 0, pool: str = "", pools: dict[str, int] | None = None) -> dict:
+        """Submit n more ranks (or {pool: count} as one heterogeneous job) and bring them into the serving group
+        in one scaling event once they have started: seconds (local) or hours (a queued Slurm job) later. While
+        they are queued no event is held, so other events (a node's release) are not blocked; a grow whose ranks
+        are up waits for the event in progress, then runs."""
+        if (n < 1) == (not pools) or (pools and any(c < 1 for c in pools.values())):
+            raise ValueError("grow needs n >= 1, or pools with counts >= 1")
+        joining = self.launch(n, pool, pools)
+        ctl = self.cfg.control
+        try:
+            await self._wait_for(lambda: not any(_pending(self.ranks[r].job) for r in joining), float("inf"),
+                                 "queued node jobs to start", watch=joining)
+            await self._wait_for(lambda: all(self.ranks[r].state == RankState.CONNECTED for r in joining)
+                                 or any(self.ranks[r].state == RankState.EXITED for r in joining),
+                                 ctl.rank_timeout_s * 4, f"{len(joining)} new rank(s) to start", watch=joining)
+            cancelled = [r for r in joining if self.ranks[r].state == RankState.EXITED]
+            if cancelled:
+                raise ScaleFailed(f"rank(s) {cancelled} were cancelled before they joined")
+            while self.event is not None:
+                await asyncio.sleep(0.1)
+        except BaseException as e:
+            self._discard([r for r in joining if self.ranks[r].state != RankState.EXITED])
+            failed = ScaleEvent("grow", -1, list(self.members), self.members + joining, phase=ScalePhase.ROLLED_BACK,
+                                error=f"{type(e).__name__}: {e}")
+            self.history.append(failed)
+            log.error("grow by %s failed before it could start: %s", joining, failed.error)
+            raise
         event = self._open_event("grow", self.members + joining)
         try:
-            await self._wait_for(lambda: all(self.ranks[r].state == RankState.CONNECTED for r in joining),
-                                 self.cfg.control.rank_timeout_s * 4, f"{n} new rank(s) to start", watch=joining)
             slots = self._slots_for(event.new_members)
             previous = align_previous(self.placement, self.members, event.new_members, slots)
             new = await asyncio.to_thread(rebalance, self._load_or_uniform(), slots, previous)
@@ -407,8 +444,25 @@ class Coordinator:
             raise
         return (await self._run_event(event, new)).summary()
 
+    def cancel_pending(self, rank_ids: list[int]) -> list[int]:
+        """Cancel ranks that were submitted but have not joined (e.g. queued node jobs)."""
+        cancelled = []
+        for rid in rank_ids:
+            rec = self.ranks.get(rid)
+            if rec is not None and rid not in self.members and rec.state in (RankState.LAUNCHED, RankState.CONNECTED):
+                rec.job.cancel()
+                rec.state = RankState.EXITED
+                cancelled.append(rid)
+        self._changed.set()
+        return cancelled
+
     async def shrink(self, rank_ids: list[int]) -> dict:
-        """Drain and remove these ranks: experts first, their requests to survivors, commit, then they exit."""
+        """Drain and remove these ranks: experts first, their requests to survivors, commit, then they exit.
+        Ranks still queued or starting are simply cancelled."""
+        cancelled = self.cancel_pending(rank_ids)
+        rank_ids = [r for r in rank_ids if r not in cancelled]
+        if cancelled and not rank_ids:
+            return {"kind": "cancel", "cancelled": cancelled}
         unknown = [r for r in rank_ids if r not in self.members]
         if unknown:
             raise ValueError(f"rank(s) {unknown} are not members; members are {self.members}")
@@ -612,7 +666,7 @@ class Coordinator:
             ranks.append({
                 "rank_id": rec.rank_id,
                 "epoch_rank": self.members.index(rec.rank_id) if rec.rank_id in self.members else None,
-                "state": rec.state.name,
+                "state": "PENDING" if rec.state == RankState.LAUNCHED and _pending(rec.job) else rec.state.name,
                 "host": rec.host, "pid": rec.pid, "device": rec.device, "job_id": rec.job.job_id,
                 "requests_in_flight": len(rec.in_flight),
                 "num_running": s.num_running, "num_waiting": s.num_waiting,

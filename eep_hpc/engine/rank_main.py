@@ -352,5 +352,6 @@ def run_rank(launch: P.RankLaunch) -> int:
     def on_term(signum, frame):  # scancel / preemption / a user's kill: leave in order, not abruptly
         rank.notice = signal.Signals(signum).name
 
-    signal.signal(signal.SIGTERM, on_term)
+    if not os.environ.get("EEP_HPC_NODE_AGENT"):  # under a node agent, the agent reports the node's notice
+        signal.signal(signal.SIGTERM, on_term)
     return rank.run()

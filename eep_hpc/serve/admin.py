@@ -10,6 +10,8 @@ another event runs, 400 for bad arguments, 503 when the event failed and was rol
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +22,10 @@ from eep_hpc.serve.errors import ApiError, bad_request
 
 class GrowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n: int = Field(1, ge=1, le=1024)
+    n: int = Field(0, ge=0, le=1024)
+    pool: str = ""  # one pool (Slurm node shape); "" = the configured default
+    pools: dict[str, int] | None = None  # several pools in one heterogeneous job: {"big": 2, "small": 1}
+    wait: bool = True  # False: answer once submitted; the ranks join whenever the scheduler starts them
 
 
 class AdaptRequest(BaseModel):
@@ -72,7 +77,21 @@ async def _run(action):
 def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
     @app.post("/admin/scale/grow")
     async def grow(req: GrowRequest) -> dict:
-        return await _run(coordinator.grow(req.n))
+        n = req.n if (req.n or req.pools) else 1
+        if req.pools:
+            unknown = [p for p in req.pools if p not in coordinator.cfg.pools]
+            if unknown:
+                raise bad_request(f"unknown pool(s) {unknown}; configured: {sorted(coordinator.cfg.pools)}", "pools")
+        if req.pool and req.pool not in coordinator.cfg.pools:
+            raise bad_request(f"unknown pool {req.pool!r}; configured: {sorted(coordinator.cfg.pools)}", "pool")
+        action = coordinator.grow(0 if req.pools else n, req.pool, req.pools)
+        if req.wait:
+            return await _run(action)
+        before = coordinator.next_rank_id
+        task = asyncio.create_task(action)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged and in history
+        await asyncio.sleep(0)  # let it submit
+        return {"kind": "grow", "phase": "SUBMITTED", "rank_ids": list(range(before, coordinator.next_rank_id))}
 
     @app.post("/admin/scale/shrink")
     async def shrink(req: ShrinkRequest) -> dict:
