@@ -13,5 +13,6 @@ EEP=${EEP_HPC:-$(command -v eep-hpc || echo .venv/bin/eep-hpc)}
 mkdir -p "$RUN_DIR"
 # SIGTERM from Slurm (scancel, time limit) reaches the head, which stops its ranks before exiting
 # ranks in node jobs reach the coordinator at this node's name
-exec "$EEP" serve --config "$CONFIG" --run-dir "$RUN_DIR" --host "${EEP_HOST:-0.0.0.0}" \
+# shellcheck disable=SC2086  # EEP_HPC may be a command with arguments ("python -m eep_hpc.cli")
+exec $EEP serve --config "$CONFIG" --run-dir "$RUN_DIR" --host "${EEP_HOST:-0.0.0.0}" ${EEP_PORT:+--port "$EEP_PORT"} \
   ${SLURM_JOB_ID:+--control-host "$(hostname)"}
