@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="ranks, epoch, requests and expert placement of a running head")
     st.add_argument("--url", help="API URL (default: from the run dir's discovery file)")
-    st.add_argument("--run-dir", default="runs/local")
+    st.add_argument("--run-dir", help="the head's run dir (default: $EEP_RUN_DIR, else the newest runs/*/head.json)")
     st.add_argument("--admin-token", default="")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     def admin_parser(name: str, help: str, func):
         a = sub.add_parser(name, help=help)
         a.add_argument("--url", help="API URL (default: from the run dir's discovery file)")
-        a.add_argument("--run-dir", default="runs/local")
+        a.add_argument("--run-dir", help="the head's run dir (default: $EEP_RUN_DIR, else the newest runs/*/head.json)")
         a.add_argument("--admin-token", default="")
         a.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the event to finish")
         a.set_defaults(func=func)

@@ -40,8 +40,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "runs, print a summary table and write a JSON result.")
     t = b.add_argument_group("target")
     t.add_argument("--url", help="API base URL (default: from the run dir's discovery file)")
-    t.add_argument("--run-dir", default="runs/local",
-                   help="where `eep-hpc serve` wrote head.json (default %(default)s)")
+    t.add_argument("--run-dir", help="where the head wrote head.json (default: $EEP_RUN_DIR, else the newest "
+                                      "runs/*/head.json)")
     t.add_argument("--model", help="model id (default: the first one GET /v1/models lists)")
     t.add_argument("--api-key", default="", help="sent as 'Authorization: Bearer' to /v1/*")
     t.add_argument("--admin-token", default="",

@@ -34,8 +34,17 @@ def write(run_dir: str | Path, info: HeadInfo) -> Path:
     return path
 
 
-def read(run_dir: str | Path) -> HeadInfo:
-    path = Path(run_dir) / FILE_NAME
+def find_run_dir() -> Path:
+    """The run dir a CLI on a login node means when it names none: $EEP_RUN_DIR, else the newest runs/*/ that
+    holds a head.json (sbatch/head.sh uses runs/<job id>), else runs/local."""
+    if os.environ.get("EEP_RUN_DIR"):
+        return Path(os.environ["EEP_RUN_DIR"])
+    found = sorted(Path("runs").glob(f"*/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else Path("runs/local")
+
+
+def read(run_dir: str | Path | None) -> HeadInfo:
+    path = Path(run_dir if run_dir is not None else find_run_dir()) / FILE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no running head found: {path} does not exist (is `eep-hpc serve` running with this run dir?)")
     return msgspec.json.decode(path.read_bytes(), type=HeadInfo)
