@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import start_head
 from streaming_load import reference_texts, run_load

@@ -6,7 +6,6 @@ import datetime
 import multiprocessing as mp
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from eep_hpc.config import Config, ModelConfig
+from eep_hpc.config import ModelConfig
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.loader import build_model
 from streaming_load import PROMPTS, reference_texts, stream_completion

@@ -5,7 +5,6 @@ Written to <run_dir>/head.json with mode 600, since it may point at secrets.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
