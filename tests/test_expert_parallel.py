@@ -69,3 +69,26 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
         assert after["placement"] != before or any(e["experts_moved"] for e in events)
     finally:
         head.stop()
+
+
+def test_ranks_of_different_shapes_get_expert_slots_by_capacity(tmp_path):
+    from eep_hpc.elastic.membership import slots_per_rank
+
+    assert slots_per_rank(8, 0, [1.0, 1.0, 1.0]) == [3, 3, 3]
+    assert slots_per_rank(8, 0, [1.0, 2.0]) == [3, 6]
+    assert sum(slots_per_rank(128, 4, [1.0, 2.0, 0.5])) >= 132
+    pools = {"big": {"expert_capacity": 2.0}, "small": {"expert_capacity": 1.0}}
+    head = start_head(tmp_path, ranks=1, pools=pools)
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+        r = httpx.post(f"{head.url}/admin/scale/grow", json={"pools": {"big": 1, "small": 1}}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert (r.json()["from_ranks"], r.json()["to_ranks"]) == (1, 3)  # one event for both pools
+        offsets = head.state()["placement"]["slot_offsets"]
+        sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+        assert sizes == [2, 4, 2]  # 8 experts over capacities 1 : 2 : 1
+        assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
+        bad = httpx.post(f"{head.url}/admin/scale/grow", json={"pools": {"huge": 1}})
+        assert bad.status_code == 400 and "unknown pool" in bad.json()["error"]["message"]
+    finally:
+        head.stop()

@@ -43,6 +43,9 @@ class Pool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     warning_s: int = 120
     # Ranks the node agent starts on each node; 0 = gpus_per_node (one rank per GPU), or 1 on a CPU node.
     ranks_per_node: int = 0
+    # How many expert slots a rank of this pool holds relative to others (e.g. 2.0 for GPUs with twice the
+    # memory): EPLB gives ranks of different node shapes slot capacities in this proportion.
+    expert_capacity: float = 1.0
     # Shell lines run in the job script before the node agent starts (module load …, source venv/bin/activate).
     setup: list[str] = []
     # Further sbatch options, e.g. {reservation = "x", exclusive = true}; written as --KEY=VALUE.

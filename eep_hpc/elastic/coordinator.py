@@ -97,7 +97,8 @@ class Coordinator(ScalingMixin):
         await self._wait_for(lambda: all(self.ranks[i].state == RankState.CONNECTED for i in ids), timeout_s,
                              f"{num_ranks} rank(s) to start")
         self.form_epoch(ids, initial_placement(self.num_moe_layers, self.num_experts,
-                                               slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts, len(ids))))
+                                               slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts,
+                                                              [self.ranks[i].capacity for i in ids])))
         await self._wait_for(lambda: all(self.ranks[i].state == RankState.READY for i in ids), timeout_s,
                              "the ranks to load the model")
         log.info("serving on %d rank(s), epoch %d", len(ids), self.epoch)
@@ -140,12 +141,16 @@ class Coordinator(ScalingMixin):
         if pools:
             groups = {name: make(count) for name, count in pools.items()}
             launches = [launch for group in groups.values() for launch in group]
+            pool_of = {launch.rank_id: name for name, group in groups.items() for launch in group}
             jobs = self.launcher.launch_pools(groups)
         else:
             launches = make(n)
+            pool = pool or self.cfg.parallel.pool
+            pool_of = {launch.rank_id: pool for launch in launches}
             jobs = self.launcher.launch(launches, pool=pool) if pool else self.launcher.launch(launches)
         for launch, job in zip(launches, jobs):
-            self.ranks[launch.rank_id] = RankRecord(launch.rank_id, job)
+            shape = self.cfg.pools.get(pool_of[launch.rank_id])
+            self.ranks[launch.rank_id] = RankRecord(launch.rank_id, job, capacity=shape.expert_capacity if shape else 1.0)
         return [launch.rank_id for launch in launches]
 
     def form_epoch(self, rank_ids: list[int], placement: Placement) -> None:

@@ -34,6 +34,7 @@ class RankRecord:
     num_kv_blocks: int = 0
     nixl: bool = False
     started: float = field(default_factory=time.monotonic)
+    capacity: float = 1.0  # relative expert-slot capacity (its pool's expert_capacity)
 
 
 class StartupError(RuntimeError):
@@ -44,6 +45,13 @@ def is_pending(job) -> bool:
     return bool(getattr(job, "pending", lambda: False)())
 
 
-def slots_per_rank(num_experts: int, redundant: int, num_ranks: int) -> list[int]:
-    per_rank = -(-(num_experts + redundant) // num_ranks)
-    return [per_rank] * num_ranks
+def slots_per_rank(num_experts: int, redundant: int, capacities: list[float]) -> list[int]:
+    """Expert slots of each rank: at least num_experts + redundant in all, shared in proportion to capacity
+    (equal capacities: the same count each, rounded up)."""
+    total = num_experts + redundant
+    scale = total / sum(capacities)
+    slots = [max(1, -(-int(round(c * scale * 1000)) // 1000)) for c in capacities]  # ceil, robust to float dust
+    while sum(slots) < total:  # rounding left some short: the rank furthest under its share gets one more
+        i = max(range(len(slots)), key=lambda j: capacities[j] * scale - slots[j])
+        slots[i] += 1
+    return slots

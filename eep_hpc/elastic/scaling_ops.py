@@ -25,7 +25,8 @@ class ScalingMixin:
     """Grow/shrink/rebalance for `Coordinator` (which supplies ranks, members, placement, send, _wait_for...)."""
 
     def _slots_for(self, rank_ids: list[int]) -> list[int]:
-        return slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts, len(rank_ids))
+        return slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts,
+                              [self.ranks[r].capacity for r in rank_ids])
 
     async def rebalance_experts(self) -> dict:
         """Re-place experts by the load counted since the last rebalance (same members, a new epoch)."""
