@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+from pathlib import Path
 
 import httpx
 
@@ -35,9 +36,8 @@ def _serve(args) -> int:
 
 
 def _status(args) -> int:
-    from eep_hpc.cluster import discovery
 
-    url = args.url or discovery.read(args.run_dir).api_url
+    url = _head_url(args)
     r = httpx.get(f"{url}/admin/state", timeout=10, headers=_auth(args))
     r.raise_for_status()
     state = r.json()
@@ -64,9 +64,8 @@ def _status(args) -> int:
 
 
 def _admin_post(args, path: str, body: dict) -> int:
-    from eep_hpc.cluster import discovery
 
-    url = args.url or discovery.read(args.run_dir).api_url
+    url = _head_url(args)
     r = httpx.post(f"{url}{path}", json=body, timeout=args.timeout, headers=_auth(args))
     data = r.json()
     if r.status_code != 200:
@@ -108,9 +107,8 @@ def _shrink(args) -> int:
 
 
 def _adapt(args) -> int:
-    from eep_hpc.cluster import discovery
 
-    url = args.url or discovery.read(args.run_dir).api_url
+    url = _head_url(args)
     body = {"min": args.min, "max": args.max, "enabled": not args.off}
     r = httpx.post(f"{url}/admin/adapt", json=body, timeout=30, headers=_auth(args))
     if r.status_code != 200:
@@ -123,6 +121,18 @@ def _adapt(args) -> int:
 
 def _rebalance(args) -> int:
     return _admin_post(args, "/admin/rebalance", {})
+
+
+def _head_url(args) -> str:
+    """--url, else the discovery file of the run dir (which also says where the admin token is)."""
+    from eep_hpc.cluster import discovery
+
+    if args.url:
+        return args.url
+    info = discovery.read(args.run_dir)
+    if not args.admin_token and info.admin_token_file and Path(info.admin_token_file).is_file():
+        args.admin_token = Path(info.admin_token_file).read_text().strip()
+    return info.api_url
 
 
 def _auth(args) -> dict:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from streaming_load import reference_texts, run_load
@@ -57,6 +58,11 @@ def test_sbatch_head_grow_shrink_release_under_load(tmp_path):
             time.sleep(0.5)
         info = json.loads((run_dir / "head.json").read_text())
         url, model = info["api_url"], info["model"]
+        # other users can reach the head's port: its admin routes want the run's token, which only the owner reads
+        token_file = Path(info["admin_token_file"])
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        refused = httpx.post(f"{url}/admin/scale/grow", json={"n": 1})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         st = state(run_dir)
         assert len(st["members"]) == 2  # configs/slurm-test.toml: 2 ranks, in node jobs of the default pool
         reference = asyncio.run(reference_texts(url, model, 24))

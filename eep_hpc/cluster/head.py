@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -58,12 +59,29 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
                        model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)
 
 
+def ensure_admin_token(cfg: Config) -> Path | None:
+    """A head running as a Slurm job guards its admin routes by default: other users of the cluster can reach its
+    port. A random token goes to <run_dir>/admin-token (mode 600), which the discovery file points at, so the
+    owner's CLI finds it and nobody else can read it."""
+    if cfg.serve.admin_token or not os.environ.get("SLURM_JOB_ID"):
+        return None
+    path = Path(cfg.control.run_dir) / "admin-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    cfg.serve.admin_token = token
+    return path.resolve()
+
+
 class Head:
     def __init__(self, cfg: Config, launcher=None):
         from eep_hpc.serve.admin import add_admin_routes
         from eep_hpc.serve.app import create_app
 
         self.cfg = cfg
+        self.admin_token_file = ensure_admin_token(cfg)
         self.coordinator = build_coordinator(cfg, launcher)
         self.app = create_app(self.coordinator, cfg.serve)
         add_admin_routes(self.app, self.coordinator)
@@ -89,7 +107,8 @@ class Head:
             self.url = await server.start()
             discovery.write(cfg.control.run_dir, discovery.HeadInfo(
                 api_url=self.url, coordinator=self.coordinator.address, pid=os.getpid(),
-                host=socket.gethostname(), model=self.coordinator.model_name))
+                host=socket.gethostname(), model=self.coordinator.model_name,
+                admin_token_file=str(self.admin_token_file or "")))
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()
