@@ -248,6 +248,8 @@ class ScalingMixin:
 
     async def _release(self, notice: P.NodeLeaving) -> None:
         """A node must go (scheduler notice): drain its ranks as soon as no other event runs, inside the notice."""
+        if self._stopping:  # the whole service is going down (a signal to the process group): nothing to hand off
+            return
         log.warning("node job %s leaves in %.0f s (%s): draining ranks %s", notice.job_id, notice.seconds,
                     notice.reason, notice.rank_ids)
         deadline = time.monotonic() + notice.seconds
