@@ -1,6 +1,7 @@
 """The whole Slurm workflow on the real test cluster (.ci/slurm-up), as a cluster user runs it: `sbatch
 sbatch/head.sh`, then `eep-hpc status|grow|shrink` from the login side with no arguments but the run dir, under
-streaming load: single and heterogeneous growth, shrink by CLI, release by scancel, a pending job cancelled, and
+streaming load: single and heterogeneous growth, shrink by CLI, release by scancel and by a walltime warning, a
+pending job cancelled, and
 every job ending in the state expected, with zero failed requests."""
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def test_sbatch_head_grow_shrink_release_under_load(tmp_path):
             while victim in (await asyncio.to_thread(state, run_dir))["members"]:
                 assert time.monotonic() < deadline, "the scancelled node was not drained"
                 await asyncio.sleep(0.5)
+            het_rank = st["members"][3]  # the big component of the heterogeneous job, still serving
+            het_job = jobs_of(st)[het_rank]
+            subprocess.run(["scancel", "--signal=USR2", het_job], check=True)  # its walltime warning
+            deadline = time.monotonic() + 120
+            while het_rank in (await asyncio.to_thread(state, run_dir))["members"]:
+                assert time.monotonic() < deadline, "the node warned of its walltime was not drained"
+                await asyncio.sleep(0.5)
             await run("grow", "1", "--pool", "later", "--no-wait")  # stays queued
             deadline = time.monotonic() + 60
             while not (pending := [r for r in (await asyncio.to_thread(state, run_dir))["ranks"]
@@ -104,10 +112,10 @@ def test_sbatch_head_grow_shrink_release_under_load(tmp_path):
         for k, texts in result.texts.items():
             assert all(t == reference[k] for t in texts)
         final = state(run_dir)
-        assert len(final["members"]) == 3
+        assert len(final["members"]) == 2
         kinds = [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in final["scale_events"]]
         assert kinds[:3] == [("grow", 2, 3, "DONE"), ("grow", 3, 5, "DONE"), ("shrink", 5, 4, "DONE")]
-        assert ("shrink", 4, 3, "DONE") in kinds
+        assert ("shrink", 4, 3, "DONE") in kinds and ("shrink", 3, 2, "DONE") in kinds  # scancel, walltime
         wait_sacct(pending_job, pending_job, {"CANCELLED"})
         # the scancelled node's agent handed off and exited 0 inside the notice
         assert wait_sacct(victim_job, f"{victim_job}.0", {"COMPLETED", "CANCELLED"})[f"{victim_job}.0"][1] == "0:0"
