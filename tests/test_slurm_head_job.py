@@ -1,8 +1,7 @@
 """The whole Slurm workflow on the real test cluster (.ci/slurm-up), as a cluster user runs it: `sbatch
 sbatch/head.sh`, then `eep-hpc status|grow|shrink` from the login side with no arguments but the run dir, under
 streaming load: single and heterogeneous growth, shrink by CLI, release by scancel and by a walltime warning, a
-pending job cancelled, and
-every job ending in the state expected, with zero failed requests."""
+pending job cancelled, and every job ending in the state expected, with zero failed requests."""
 
 from __future__ import annotations
 
