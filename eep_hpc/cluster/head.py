@@ -90,6 +90,7 @@ class Head:
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
+        self.coordinator.begin_stop()
         self._stop.set()
 
     async def run(self, on_ready=None) -> None:

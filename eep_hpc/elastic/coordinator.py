@@ -103,6 +103,11 @@ class Coordinator(ScalingMixin):
                              "the ranks to load the model")
         log.info("serving on %d rank(s), epoch %d", len(ids), self.epoch)
 
+    def begin_stop(self) -> None:
+        """The service is going down: no new scaling (a rank's leave notice then is part of the same shutdown),
+        /health says not ready; requests in flight still finish during the API's grace period."""
+        self._stopping = True
+
     async def stop(self, grace_s: float = 10.0) -> None:
         self._stopping = True
         for stream in self.streams.values():
