@@ -47,6 +47,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0  # seed for requests that bring none
     # Share the KV blocks of identical prompt prefixes between requests (full blocks, hashed with their parent).
     enable_prefix_caching: bool = True
+    # On CUDA, replay decode steps as CUDA graphs (vLLM's default; False = vLLM's enforce_eager). Graphs are
+    # captured at startup for batch sizes 1, 2, 4, 8, 16, 32, ... up to this (0 = max_num_seqs).
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 0
 
 
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

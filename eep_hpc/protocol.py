@@ -187,6 +187,7 @@ class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     steps: int = 0
+    graph_steps: int = 0  # of those, decode steps replayed as CUDA graphs
     # Prefix caching since start: tokens of admitted requests looked up, and those found in the cache.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

@@ -53,3 +53,20 @@ def test_grow_and_shrink_across_two_gpus_keep_text(api, tmp_path):
     assert grown["dense_source"].startswith("nixl:"), grown
     assert devices == {"cuda:0"}  # each rank sees only its own GPU
     assert one == cpu and two == cpu and after == cpu
+
+
+def test_decode_cuda_graphs_keep_text_and_run(api, tmp_path):
+    """Decode steps replay CUDA graphs (padded batch sizes, static buffers) and give the eager text, in fp32."""
+    cpu = asyncio.run(reference_texts(api.url, api.model, 24))
+    texts, graph_steps = {}, {}
+    for graphs in (False, True):
+        head = start_head(tmp_path / str(graphs), ranks=1, parallel={"device": "cuda"}, model={"dtype": "float32"},
+                          engine={"cuda_graphs": graphs, "cuda_graph_max_batch": 8})
+        try:
+            texts[graphs] = asyncio.run(reference_texts(head.url, head.model, 24))
+            rank = head.state()["ranks"][0]
+            graph_steps[graphs] = rank["graph_steps"]
+        finally:
+            head.stop()
+    assert graph_steps[False] == 0 and graph_steps[True] > 0, graph_steps
+    assert texts[True] == texts[False] == cpu

@@ -9,16 +9,23 @@ from typing import NamedTuple
 
 import torch
 
+from eep_hpc.engine.cuda_graphs import DecodeGraphs
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
 
 
 class ModelRunner:
-    def __init__(self, model: MoEForCausalLM, num_kv_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: MoEForCausalLM, num_kv_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, graph_max_batch: int = 0, max_model_len: int = 0):
+        """graph_max_batch > 0 on CUDA: decode steps of up to that many sequences replay CUDA graphs."""
         self.model, self.device, self.block_size = model, device, block_size
         self.num_kv_blocks = num_kv_blocks
         self.kv_caches = model.make_kv_caches(num_kv_blocks, block_size, dtype, device)
+        self.graphs = None
+        if graph_max_batch > 0 and device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, graph_max_batch,
+                                       -(-max_model_len // block_size), device)
 
     def forward(
         self,
@@ -61,7 +68,10 @@ class ModelRunner:
                 if rows > 0:
                     prompt_rows += range(first_row, first_row + rows)
                     prompt_chunks.append((i, start, rows))
-        hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)
+        if self.graphs is not None and not prompt_rows and len(input_ids) == len(batch) and self.graphs.fits(len(batch), ep):
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, ep)
+        else:
+            hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)
         idx = torch.tensor(last_rows + prompt_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[idx])  # [N + prompt rows, V]
         prompt, offset = [], len(last_rows)

@@ -56,7 +56,11 @@ class RankEngine:
         self.max_model_len = max_model_len(cfg, model.arch)
         self.block_manager = BlockManager(num_kv_blocks, cfg.engine.block_size, cfg.engine.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.engine, self.block_manager, self.max_model_len, eos_token_ids)
-        self.runner = ModelRunner(model, num_kv_blocks, cfg.engine.block_size, device, dtype)
+        e = cfg.engine
+        graph_batch = (e.cuda_graph_max_batch or e.max_num_seqs) if e.cuda_graphs else 0
+        self.runner = ModelRunner(model, num_kv_blocks, e.block_size, device, dtype, graph_batch, self.max_model_len)
+        if self.runner.graphs is not None and ep is not None:
+            self.runner.graphs.capture_all(ep)
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.engine.seed)
@@ -114,6 +118,7 @@ class RankEngine:
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_used_blocks + bm.num_free_blocks,
             steps=self.steps,
+            graph_steps=self.runner.graphs.replays if self.runner.graphs is not None else 0,
             prefix_cache_queries=bm.num_queried_tokens,
             prefix_cache_hits=bm.num_hit_tokens,
             expert_load=self.ep.take_load().tolist() if with_load and self.ep is not None else [],

@@ -24,8 +24,9 @@ class ExpertParallel:
         self.load = torch.zeros(L, num_experts, dtype=torch.long, device=expert_map.slot_owner.device)
 
     def take_load(self) -> torch.Tensor:
-        load, self.load = self.load, torch.zeros_like(self.load)
-        return load.cpu()
+        load = self.load.to("cpu", copy=True)  # then zeroed in place: CUDA graphs captured this tensor
+        self.load.zero_()
+        return load
 
     def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2):
         ids = topk_ids.reshape(-1)

@@ -42,6 +42,11 @@ class TorchAllToAll:
     def __init__(self, group: EpochGroup):
         self.group = group
 
+    @property
+    def graph_safe(self) -> bool:
+        """One rank exchanges nothing and never syncs with the host: its steps can be CUDA graphs."""
+        return self.group.size == 1
+
     def dispatch(self, x, slots, slot_owner, local_start):
         T, k = slots.shape
         if self.group.size == 1:  # every slot is local: pairs in (t, j) order, nothing to sort or exchange
