@@ -91,16 +91,18 @@ def test_pools_convert_as_a_config_field():
 class FakeHead:
     """A ROUTER socket where ranks and node agents connect, like the coordinator's."""
 
-    def __init__(self):
+    def __init__(self, secret_file: Path):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
         self.hellos: dict[int, P.RankHello] = {}
+        # like the head: the run's secret in a file its ranks and agents read (this process signs with it)
+        self.secret_file = P.write_secret(secret_file, P.ensure_secret())
 
     def launches(self, rank_ids, head_timeout_s: float = 60.0) -> list[P.RankLaunch]:
-        cfg = Config(control=ControlConfig(head_timeout_s=head_timeout_s))
+        cfg = Config(control=ControlConfig(head_timeout_s=head_timeout_s, secret_file=str(self.secret_file)))
         return [P.RankLaunch(rank_id=r, head_address=self.address, model_dir="/unused", eos_token_ids=[0],
                              device="cpu", config=cfg) for r in rank_ids]
 
@@ -150,8 +152,8 @@ class FakeHead:
 
 
 @pytest.fixture
-def head():
-    h = FakeHead()
+def head(tmp_path):
+    h = FakeHead(tmp_path / "control-secret")
     yield h
     h.close()
 

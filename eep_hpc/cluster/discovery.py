@@ -1,6 +1,6 @@
 """The head's discovery file: where a login-node CLI finds the running head (API URL, coordinator address).
 
-Written to <run_dir>/head.json with mode 600, since it may point at secrets.
+Written to <run_dir>/head.json with mode 600, since it may point at secrets; the run dir itself is mode 700.
 """
 
 from __future__ import annotations
@@ -22,13 +22,20 @@ class HeadInfo(msgspec.Struct, kw_only=True):
     admin_token_file: str = ""
 
 
+def write_private(path: str | Path, data: str | bytes) -> Path:
+    """Write a file only its owner can read (mode 600, also when it existed with another mode)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return path.resolve()
+
+
 def write(run_dir: str | Path, info: HeadInfo) -> Path:
     path = Path(run_dir) / FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.encode(info))
+    tmp = write_private(path.with_suffix(".tmp"), msgspec.json.encode(info))
     os.replace(tmp, path)
     return path
 

@@ -10,7 +10,9 @@ import signal
 import socket
 from pathlib import Path
 
+import msgspec
 
+from eep_hpc import protocol as P
 from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
 from eep_hpc.config import TINY_MODEL, Config
@@ -59,20 +61,39 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
                        model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)
 
 
+def private_run_dir(cfg: Config) -> Path:
+    """The run dir holds the run's secrets and submitit's pickled launches (jobs/): only its owner may enter it."""
+    path = Path(cfg.control.run_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        log.info("run dir %s: mode %o -> 700 (it holds secrets)", path, path.stat().st_mode & 0o777)
+        path.chmod(0o700)
+    return path
+
+
 def ensure_admin_token(cfg: Config) -> Path | None:
     """A head running as a Slurm job guards its admin routes by default: other users of the cluster can reach its
     port. A random token goes to <run_dir>/admin-token (mode 600), which the discovery file points at, so the
     owner's CLI finds it and nobody else can read it."""
     if cfg.serve.admin_token or not os.environ.get("SLURM_JOB_ID"):
         return None
-    path = Path(cfg.control.run_dir) / "admin-token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    cfg.serve.admin_token = token
-    return path.resolve()
+    cfg.serve.admin_token = secrets.token_urlsafe(32)
+    return discovery.write_private(Path(cfg.control.run_dir) / "admin-token", cfg.serve.admin_token)
+
+
+def ensure_control_secret(cfg: Config) -> Path:
+    """The run's control secret (protocol.py, "signed frames"), written before any rank starts to
+    <run_dir>/control-secret (mode 600); ranks and node agents find the file through control.secret_file."""
+    path = Path(cfg.control.secret_file or Path(cfg.control.run_dir) / P.SECRET_FILE)
+    cfg.control.secret_file = str(P.write_secret(path, P.ensure_secret()))
+    return Path(cfg.control.secret_file)
+
+
+def without_serve_secrets(cfg: Config) -> Config:
+    """The config ranks get (RankLaunch.config, pickled by submitit into run_dir/jobs): no API key or admin token,
+    which ranks never need."""
+    serve = msgspec.structs.replace(cfg.serve, api_key="", admin_token="")
+    return msgspec.structs.replace(cfg, serve=serve)
 
 
 class Head:
@@ -81,8 +102,10 @@ class Head:
         from eep_hpc.serve.app import create_app
 
         self.cfg = cfg
+        private_run_dir(cfg)
         self.admin_token_file = ensure_admin_token(cfg)
-        self.coordinator = build_coordinator(cfg, launcher)
+        self.secret_file = ensure_control_secret(cfg)
+        self.coordinator = build_coordinator(without_serve_secrets(cfg), launcher)
         self.app = create_app(self.coordinator, cfg.serve)
         add_admin_routes(self.app, self.coordinator)
         self.app.state.metrics.registry.register(CoordinatorCollector(self.coordinator))

@@ -7,9 +7,10 @@ per GPU (or `ranks_per_node` on a CPU node), and turns the scheduler's signals i
 - SIGTERM (scancel, preemption, the time limit): "my ranks leave in KillWait seconds" (Slurm's grace before
   SIGKILL; a preempted job may get GraceTime more, so this is a lower bound).
 
-The notice is a `protocol.NodeLeaving` message on a ZMQ DEALER (identity `agent-<job id>-<node index>`) to the head's
-address. Ranks start with both signals ignored (Slurm signals every process of the step; the node's notice is the
-agent's to give): the head drains them (shrink) and tells them Shutdown. The agent waits for its ranks to exit and returns; if they are still running
+The notice is a `protocol.NodeLeaving` message, signed with the run's secret (read from control.secret_file at
+start), on a ZMQ DEALER (identity `agent-<job id>-<node index>-<suffix>`) to the head's address. Ranks start with
+both signals ignored (Slurm signals every process of the step; the node's notice is the agent's to give): the head
+drains them (shrink) and tells them Shutdown. The agent waits for its ranks to exit and returns; if they are still running
 shortly before Slurm's SIGKILL, it kills them itself so that it still ends cleanly (exit 0).
 
     python -m eep_hpc.cluster.node_agent --rank     (internal) one rank: a RankLaunch as msgpack on stdin
@@ -64,6 +65,8 @@ def run_node_agent(plans: list[NodePlan]) -> AgentResult:
     index = int(os.environ.get("SLURM_PROCID", "0"))
     if index >= len(plans):
         raise RuntimeError(f"node index {index} but the job carries plans for {len(plans)} node(s)")
+    # the run's secret signs its notices; the head's file, never a pickled copy (submitit's job files hold the path)
+    P.use_secret(P.read_secret(plans[index].launches[0].config.control.secret_file))
     return NodeAgent(plans[index]).run()
 
 
@@ -170,7 +173,8 @@ class NodeAgent:
 
 
 def agent_identity(job_id: str, node_index: int) -> bytes:
-    return f"agent-{job_id}-{node_index}".encode()
+    """Unguessable without the run's secret, so nobody can take it on the head's socket before the agent."""
+    return f"agent-{job_id}-{node_index}-{P.identity_suffix()}".encode()
 
 
 def slurm_kill_wait_s(default: float = 30.0) -> float:

@@ -253,9 +253,13 @@ class Coordinator(ScalingMixin):
 
     async def _recv_loop(self) -> None:
         while True:
-            _, data = await self.sock.recv_multipart()
+            sender, *frames = await self.sock.recv_multipart()
             try:
-                self.handle(P.decode_for_head(data))
+                if len(frames) != 1:  # anyone can connect: no frame layout may end this loop
+                    raise P.BadMessage(f"{len(frames)} frames, not 1")
+                self.handle(P.decode_for_head(frames[0]))
+            except P.BadMessage as e:
+                P.log_dropped(log, sender[:64], e)
             except Exception:
                 log.exception("bad message from a rank")
 

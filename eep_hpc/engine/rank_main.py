@@ -100,8 +100,13 @@ class RankProcess:
                 data = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            try:
+                msg = P.decode_for_rank(data)
+            except P.BadMessage as e:  # not from this run's head: dropped, and not counted as hearing from it
+                P.log_dropped(log, self.launch.head_address, e)
+                continue
             self.last_heard = time.monotonic()
-            self.handle(P.decode_for_rank(data))
+            self.handle(msg)
 
     def handle(self, msg) -> None:
         match msg:
@@ -347,6 +352,7 @@ def run_rank(launch: P.RankLaunch) -> int:
     if launch.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(launch.device))
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))
+    P.use_secret(P.read_secret(launch.config.control.secret_file))  # before the socket: its identity derives from it
     rank = RankProcess(launch)
 
     def on_term(signum, frame):  # scancel / preemption / a user's kill: leave in order, not abruptly

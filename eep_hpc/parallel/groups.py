@@ -1,4 +1,5 @@
-"""Stateless process groups, one set per epoch, built from the head's TCPStore under the prefix f"{epoch}/".
+"""Stateless process groups, one set per epoch, built from the head's TCPStore under the epoch's prefix
+(`protocol.epoch_store_prefix`: f"{epoch}-<tag>/", the tag derived from the run's secret).
 
 Never through init_process_group/WORLD: a process destroys one epoch's groups and builds the next of another size.
 `cpu` (gloo) carries small control collectives (is anyone busy, load counts); `device` carries tensors of the
@@ -11,6 +12,8 @@ import datetime
 
 import torch
 import torch.distributed as dist
+
+from eep_hpc import protocol as P
 
 
 def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
@@ -26,11 +29,12 @@ class EpochGroup:
         if size == 1:
             return
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{epoch}/{purpose}cpu/", store), rank, size, timeout)
+        prefix = P.epoch_store_prefix(epoch) + purpose
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}cpu/", store), rank, size, timeout)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
-            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{epoch}/{purpose}nccl/", store), rank, size, opts)
+            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}nccl/", store), rank, size, opts)
         else:
             self.dev = self.cpu
 

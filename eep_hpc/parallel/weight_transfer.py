@@ -5,9 +5,11 @@ the head's TCPStore:
 - `weights/<rank_id>`: its dense parameters (everything but the expert slots), for joining ranks;
 - `experts/<epoch>/<rank_id>`: one descriptor per (MoE layer, local slot) of its expert tensors in that epoch,
   for expert copies when the placement changes (grow, shrink, rebalance).
-Readers never make the source wait: a source keeps serving while others read it, and its old expert tensors stay
-alive until the commit, which comes only after every reader reported its copies done. A dead source fails only its
-reader's transfer (and so the scaling event, which rolls back); no collective is left hanging.
+Values are signed with the run's secret (`protocol.seal`): the store has no access control, and a reader must not
+be pointed at memory of a process outside the run. Readers never make the source wait: a source keeps serving while
+others read it, and its old expert tensors stay alive until the commit, which comes only after every reader reported
+its copies done. A dead source fails only its reader's transfer (and so the scaling event, which rolls back); no
+collective is left hanging.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import uuid
 
 import msgspec
 import torch
+
+from eep_hpc import protocol as P
 
 log = logging.getLogger("eep_hpc.weights")
 
@@ -102,7 +106,7 @@ class RankAgent:
         msg = PublishedDense(self.agent.get_agent_metadata(),
                              self.agent.get_serialized_descs(self.agent.get_xfer_descs(local)),
                              list(tensors), [list(t.shape) for t in local], str(local[0].dtype))
-        self.store.set(dense_key(self.rank_id), msgspec.msgpack.encode(msg))
+        self.store.set(dense_key(self.rank_id), P.seal(dense_key(self.rank_id), msgspec.msgpack.encode(msg)))
 
     def publish_experts(self, epoch: int, w13: list[torch.Tensor], w2: list[torch.Tensor], reg=None) -> None:
         """Publish this epoch's expert tensors (per MoE layer [S, 2I, D] and [S, D, I]) slot by slot. `reg` is
@@ -117,7 +121,8 @@ class RankAgent:
         slots = [[[a[s].data_ptr(), a[s].numel() * a.element_size(), b[s].data_ptr(), b[s].numel() * b.element_size(), dev]
                   for s in range(a.shape[0])] for a, b in zip(w13, w2)]
         msg = PublishedExperts(self.agent.get_agent_metadata(), _mem_type(w13[0]), slots)
-        self.store.set(experts_key(epoch, self.rank_id), msgspec.msgpack.encode(msg))
+        key = experts_key(epoch, self.rank_id)
+        self.store.set(key, P.seal(key, msgspec.msgpack.encode(msg)))
 
     def retire_experts(self, keep_epoch: int) -> None:
         """Deregister expert tensors of epochs before `keep_epoch` (after a commit nobody reads them)."""
@@ -136,7 +141,8 @@ class RankAgent:
                 if not self.store.check([dense_key(peer)]):
                     errors.append(f"rank {peer} published no weights")
                     continue
-                pub = msgspec.msgpack.decode(self.store.get(dense_key(peer)), type=PublishedDense)
+                pub = msgspec.msgpack.decode(P.unseal(dense_key(peer), self.store.get(dense_key(peer))),
+                                             type=PublishedDense)
                 if (pub.names, pub.shapes, pub.dtype) != (list(tensors), [list(t.shape) for t in local], str(local[0].dtype)):
                     errors.append(f"rank {peer} holds differently shaped weights")
                     continue
@@ -162,7 +168,7 @@ class RankAgent:
             key = experts_key(epoch, src)
             if not self.store.check([key]):
                 raise RuntimeError(f"rank {src} published no experts for epoch {epoch}")
-            pub = msgspec.msgpack.decode(self.store.get(key), type=PublishedExperts)
+            pub = msgspec.msgpack.decode(P.unseal(key, self.store.get(key)), type=PublishedExperts)
             remote, local = [], []
             for _, layer, slot, w13, w2 in rows:
                 a13, n13, a2, n2, dev = pub.slots[layer][slot]

@@ -1,0 +1,249 @@
+"""Nobody else on the cluster gets in: signed control messages between head, ranks and node agents.
+
+An attacker here is another process without the run's secret: it can connect to the head's ZMQ port and send
+well-formed messages (it knows protocol.py), but not sign them."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import zmq
+
+from conftest import start_head
+from eep_hpc import protocol as P
+from eep_hpc.config import Config
+
+PROMPT = "The secret of the cluster is"
+
+
+def signed(msg, key: bytes, sender: bytes = b"\x07" * 8, counter: int = 1) -> bytes:
+    """A frame as protocol.encode builds it, but with any key, sender and counter."""
+    body = sender + counter.to_bytes(8, "big") + msgspec.msgpack.encode(msg)
+    return hmac.digest(key, body, "sha256") + body
+
+
+# ---- the wire format ------------------------------------------------------------------------------------------
+
+
+def test_frames_verify_and_every_forgery_is_refused():
+    key = P.ensure_secret()
+    msg = P.RankFailed(rank_id=0, error="boom")
+    assert P.decode_for_head(P.encode(msg)) == msg
+    good = P.encode(msg)
+    forged = {
+        "unsigned msgpack": msgspec.msgpack.encode(msg),
+        "another run's secret": signed(msg, os.urandom(32)),
+        "payload changed after signing": good[:-1] + bytes([good[-1] ^ 1]),
+        "counter changed after signing": good[:40] + bytes([good[40] ^ 1]) + good[41:],
+        "truncated": good[:40],
+        "empty": b"",
+    }
+    for what, frame in forged.items():
+        with pytest.raises(P.BadSignature):
+            P.decode_for_head(frame)
+            pytest.fail(what)
+    with pytest.raises(P.BadSignature):  # the head's direction is checked the same way
+        P.decode_for_rank(msgspec.msgpack.encode(P.Shutdown()))
+    assert P.decode_for_head(good) == msg
+    with pytest.raises(P.ReplayedMessage):  # a recorded frame sent again
+        P.decode_for_head(good)
+    # frames of one sender may arrive out of order (several threads), each is taken once
+    sender = os.urandom(8)
+    for n in (5, 3, 4, 1):
+        assert P.decode_for_head(signed(msg, key, sender, n)) == msg
+    for n in (3, 5):
+        with pytest.raises(P.ReplayedMessage):
+            P.decode_for_head(signed(msg, key, sender, n))
+    assert P.decode_for_head(signed(msg, key, sender, 5 + P.REPLAY_WINDOW)) == msg
+    with pytest.raises(P.ReplayedMessage):  # too old to tell
+        P.decode_for_head(signed(msg, key, sender, 2))
+
+
+def test_identities_and_store_values_need_the_secret():
+    P.ensure_secret()
+    ident = P.rank_identity(0)
+    assert ident.startswith(b"rank-0-") and len(ident) > len(b"rank-0-") + 8  # not guessable: b"rank-0" is not it
+    sealed = P.seal("weights/3", b"nixl metadata")
+    assert P.unseal("weights/3", sealed) == b"nixl metadata"
+    for name, value in [("weights/3", b"\0" * 32 + b"nixl metadata"),  # written by someone else
+                        ("weights/4", sealed),  # moved to another key
+                        ("weights/3", sealed[:-1] + b"X")]:  # changed
+        with pytest.raises(P.BadSignature):
+            P.unseal(name, value)
+
+
+def test_secret_file_is_for_its_owner_only(tmp_path):
+    path = P.write_secret(tmp_path / "control-secret", b"s" * 32)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert P.read_secret(path) == b"s" * 32
+    path.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        P.read_secret(path)
+    with pytest.raises(RuntimeError, match="secret_file"):
+        P.read_secret("")
+
+
+# ---- the head's socket ---------------------------------------------------------------------------------------
+
+
+def complete(url: str, max_tokens: int, headers: dict | None = None) -> str:
+    body = {"model": "eep-tiny-moe", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+class Stream:
+    """A streamed completion read on a thread: `live` once its first token arrived."""
+
+    def __init__(self, url: str, max_tokens: int):
+        self.text, self.finish, self.live = [], None, threading.Event()
+        body = {"model": "eep-tiny-moe", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        self.thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
+        self.thread.start()
+        assert self.live.wait(60), "the stream never started"
+
+    def _read(self, url, body):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    self.text.append(choice["text"])
+                    self.finish = choice["finish_reason"] or self.finish
+                    self.live.set()
+        self.live.set()
+
+    def result(self) -> tuple[str, str | None]:
+        self.thread.join(120)
+        return "".join(self.text), self.finish
+
+
+def snapshot(head) -> dict:
+    c = head.head.coordinator
+    st = head.state()
+    return {"epoch": st["epoch"], "members": st["members"], "scale_events": len(st["scale_events"]),
+            "ranks": [(r["rank_id"], r["state"], r["pid"], r["host"]) for r in st["ranks"]],
+            "notices": len(c._leaving)}
+
+
+def test_forged_control_messages_are_dropped_and_change_nothing(api):
+    """A process without the run's secret connects to the coordinator's socket as "rank-0" and sends what a rank
+    or node agent would: tokens for a live request, a failure, a leave notice, a finished wave, garbage. None is
+    taken; the request's text is exactly the reference; the cluster is as it was."""
+    coordinator = api.head.coordinator
+    max_tokens = 400  # long enough to still run while the forgeries arrive
+    reference = complete(api.url, max_tokens)
+    before = snapshot(api)
+    stream = Stream(api.url, max_tokens)
+    ids = list(coordinator.streams)
+    assert ids, "the request finished before the forgeries could be sent"
+    forgeries = [
+        P.StepOutputs(rank_id=0, outputs=[P.RequestOutput(request_id=i, new_token_ids=[1, 2, 3], finish_reason="stop")
+                                          for i in ids], stats=P.RankStats(num_running=99)),
+        P.RankFailed(rank_id=0, error="forged failure"),
+        P.NodeLeaving(job_id="forged", rank_ids=[0], seconds=1.0, reason="forged notice"),
+        P.WaveDone(rank_id=0, wave=coordinator.wave),
+        P.PrepareFailed(rank_id=0, epoch=coordinator.epoch, error="forged"),
+        P.RankHello(protocol_version=P.PROTOCOL_VERSION + 1, rank_id=0, pid=1, host="attacker", device="cpu"),
+    ]
+    ctx = zmq.Context()
+    socks = []
+    for ident in (b"rank-0", b"agent-1-0", b""):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        if ident:
+            s.setsockopt(zmq.IDENTITY, ident)
+        s.connect(coordinator.address)
+        socks.append(s)
+    try:
+        for sock in socks:
+            for msg in forgeries:
+                sock.send(msgspec.msgpack.encode(msg))  # unsigned
+                sock.send(signed(msg, os.urandom(32), counter=int(time.time())))  # signed with another secret
+            sock.send_multipart([b"two", b"frames"])  # no frame layout may stop the head's receive loop
+            sock.send(b"")
+            sock.send(os.urandom(1 << 20))
+        time.sleep(1.0)  # the head has read them all by now
+        text, finish = stream.result()
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+    assert (text, finish) == (reference, "length")
+    assert snapshot(api) == before
+    assert coordinator.ranks[0].stats.num_running != 99
+    complete(api.url, 8)  # and it keeps serving
+
+
+def test_the_same_frame_signed_with_the_runs_secret_is_taken(api):
+    """The control for the test above: what makes the difference is the signature (this test process holds the
+    run's secret, since the head runs in it)."""
+    coordinator = api.head.coordinator
+    stream = Stream(api.url, 400)
+    ids = list(coordinator.streams)
+    assert ids, "the request finished before the message could be sent"
+    forged = P.StepOutputs(rank_id=0, stats=P.RankStats(), outputs=[
+        P.RequestOutput(request_id=i, new_token_ids=[], finish_reason="stop") for i in ids])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(coordinator.address)
+    try:
+        sock.send(P.encode(forged))
+        text, finish = stream.result()
+    finally:
+        sock.close()
+        ctx.term()
+    assert finish == "stop"  # the stream ended where the signed message said, not at max_tokens
+
+
+# ---- a rank's socket ---------------------------------------------------------------------------------------------
+
+
+def test_a_rank_drops_frames_not_from_its_head():
+    """Ranks only connect out (nothing listens for the control plane on a rank); should something else answer at the
+    head's address (the head gone, its port taken), the rank drops what it is sent unless it is signed."""
+    from eep_hpc.engine.rank_main import RankProcess
+
+    P.ensure_secret()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    rank = RankProcess(P.RankLaunch(rank_id=7, head_address=f"tcp://127.0.0.1:{port}", model_dir="",
+                                    eos_token_ids=[0], device="cpu", config=Config()))
+    try:
+        rank.send(P.RankHello(protocol_version=P.PROTOCOL_VERSION, rank_id=7, pid=os.getpid(), host="h", device="cpu"))
+        assert router.poll(10_000)
+        ident, _ = router.recv_multipart()
+        heard = rank.last_heard
+        for frame in (msgspec.msgpack.encode(P.Shutdown()), signed(P.Shutdown(), os.urandom(32)), b"",
+                      signed(P.Shutdown(), os.urandom(32), counter=2)):
+            router.send_multipart([ident, frame])
+        ping = P.encode(P.Ping(sent_at=1.0))
+        router.send_multipart([ident, ping])
+        router.send_multipart([ident, ping])  # replayed: one Pong only
+        time.sleep(0.5)
+        rank.drain(timeout_ms=1000)
+        assert not rank.stopping
+        pongs = []
+        while router.poll(500):
+            pongs.append(P.decode_for_head(router.recv_multipart()[1]))
+        assert [type(m) for m in pongs] == [P.Pong] and rank.last_heard > heard
+        router.send_multipart([ident, P.encode(P.Shutdown())])
+        rank.drain(timeout_ms=5000)
+        assert rank.stopping
+    finally:
+        rank.sock.close(linger=0)
+        rank.ctx.term()
+        router.close()
+        ctx.term()
