@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import sys
-from pathlib import Path
 
 import httpx
 
@@ -29,6 +28,9 @@ def _serve(args) -> int:
     def ready(h):
         print(f"eep-hpc serving {h.coordinator.model_name} on {cfg.parallel.ranks} rank(s) at {h.url}  (Ctrl-C stops)",
               flush=True)
+        if h.api_key_file:
+            print(f"API key required: 'Authorization: Bearer <key>', the key in {h.api_key_file} "
+                  f"(eep-hpc bench --run-dir {cfg.control.run_dir} finds it)", flush=True)
 
     asyncio.run(head.run(on_ready=ready))
     print("eep-hpc stopped", flush=True)
@@ -130,8 +132,7 @@ def _head_url(args) -> str:
     if args.url:
         return args.url
     info = discovery.read(args.run_dir)
-    if not args.admin_token and info.admin_token_file and Path(info.admin_token_file).is_file():
-        args.admin_token = Path(info.admin_token_file).read_text().strip()
+    args.admin_token = args.admin_token or discovery.read_token(info.admin_token_file)
     return info.api_url
 
 

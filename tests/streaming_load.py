@@ -43,17 +43,18 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, pro
     return "".join(text)
 
 
-async def reference_texts(url: str, model: str, max_tokens: int) -> list[str]:
-    async with httpx.AsyncClient(timeout=120) as client:
+async def reference_texts(url: str, model: str, max_tokens: int, headers: dict | None = None) -> list[str]:
+    async with httpx.AsyncClient(timeout=120, headers=headers) as client:
         return list(await asyncio.gather(*[stream_completion(client, url, model, p, max_tokens) for p in PROMPTS]))
 
 
-async def run_load(url: str, model: str, max_tokens: int, stop: asyncio.Event, streams: int = 16) -> LoadResult:
+async def run_load(url: str, model: str, max_tokens: int, stop: asyncio.Event, streams: int = 16,
+                   headers: dict | None = None) -> LoadResult:
     """`streams` clients, each issuing requests back to back (prompt i, i + streams, ...) until `stop` is set."""
     result = LoadResult()
 
     async def client_loop(worker: int):
-        async with httpx.AsyncClient(timeout=300) as client:
+        async with httpx.AsyncClient(timeout=300, headers=headers) as client:
             i = worker
             while not stop.is_set():
                 k = i % len(PROMPTS)

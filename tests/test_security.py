@@ -1,4 +1,5 @@
-"""Nobody else on the cluster gets in: signed control messages between head, ranks and node agents.
+"""Nobody else on the cluster gets in: signed control messages between head, ranks and node agents; the API key
+(on by default in a Slurm head); files with secrets readable by their owner only.
 
 An attacker here is another process without the run's secret: it can connect to the head's ZMQ port and send
 well-formed messages (it knows protocol.py), but not sign them."""
@@ -247,3 +248,78 @@ def test_a_rank_drops_frames_not_from_its_head():
         rank.ctx.term()
         router.close()
         ctx.term()
+
+
+# ---- the HTTP API ------------------------------------------------------------------------------------------------
+
+
+def test_local_serve_stays_keyless(api):
+    run_dir = Path(api.head.cfg.control.run_dir)
+    info = json.loads((run_dir / "head.json").read_text())
+    assert info["api_key_file"] == "" and not (run_dir / "api-key").exists()
+    assert httpx.get(f"{api.url}/v1/models", timeout=10).status_code == 200
+    # the control secret exists all the same, for the owner only
+    assert (run_dir / "control-secret").stat().st_mode & 0o777 == 0o600
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_slurm_head_requires_an_api_key_the_owner_finds(tmp_path, monkeypatch):
+    """A head started as a Slurm job (SLURM_JOB_ID set) makes a random API key and admin token, writes them to files
+    only its owner reads, keeps them out of what it hands to ranks, and the CLI finds them by the run dir."""
+    from eep_hpc.cli import main
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o755)
+    run_dir.chmod(0o755)  # as `mkdir -p` in sbatch/head.sh leaves it
+    head = start_head(run_dir, ranks=2)
+    try:
+        info = json.loads((run_dir / "head.json").read_text())
+        key_file, token_file = Path(info["api_key_file"]), Path(info["admin_token_file"])
+        assert key_file == (run_dir / "api-key").resolve() and token_file == (run_dir / "admin-token").resolve()
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        for f in (key_file, token_file, run_dir / "control-secret", run_dir / "head.json"):
+            assert f.stat().st_mode & 0o777 == 0o600, f
+        key, token = key_file.read_text().strip(), token_file.read_text().strip()
+        secret = P.read_secret(run_dir / "control-secret")
+
+        url = info["api_url"]
+        for headers, why in [({}, "Missing API key"), ({"Authorization": "Bearer sk-wrong"}, "Incorrect API key"),
+                             ({"Authorization": f"Bearer {token}"}, "Incorrect API key")]:  # the admin token is not it
+            for r in (httpx.get(f"{url}/v1/models", headers=headers, timeout=10),
+                      httpx.post(f"{url}/v1/completions", headers=headers, timeout=10,
+                                 json={"model": head.model, "prompt": "hi", "max_tokens": 2})):
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                err = r.json()["error"]
+                assert err["code"] == "invalid_api_key" and why in err["message"] and err["type"]
+        auth = {"Authorization": f"Bearer {key}"}
+        assert complete(url, 8, headers=auth)
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes need no key
+        assert httpx.get(f"{url}/admin/state", headers=auth, timeout=10).status_code == 401  # nor is the key the token
+
+        # what ranks get (submitit pickles RankLaunch into run_dir/jobs) holds none of the secrets
+        pickles = list((run_dir / "jobs").rglob("*.pkl"))
+        assert pickles
+        for p in pickles:
+            data = p.read_bytes()
+            for s in (key.encode(), token.encode(), secret, secret.hex().encode()):
+                assert s not in data, p
+
+        # in the TCPStore (no access control): the epoch's group keys under a prefix nobody could guess in advance,
+        # NIXL metadata signed
+        store = head.head.coordinator.store
+        keys = store.list_keys()
+        assert any(k.startswith(P.epoch_store_prefix(0) + "cpu/") for k in keys), keys
+        assert not any(k.startswith("0/") for k in keys), keys
+        for k in keys:
+            if k.startswith(("weights/", "experts/")):
+                P.unseal(k, store.get(k))
+
+        # the owner's CLI finds the key and the token through the run dir
+        assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0
+        result = tmp_path / "bench.json"
+        assert main(["bench", "--run-dir", str(run_dir), "--num-prompts", "2", "--random-input-len", "4",
+                     "--random-output-len", "4", "--result-file", str(result)]) == 0
+        assert json.loads(result.read_text())["completed"] == 2
+    finally:
+        head.stop()

@@ -63,13 +63,18 @@ def test_sbatch_head_grow_shrink_release_under_load(tmp_path):
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         refused = httpx.post(f"{url}/admin/scale/grow", json={"n": 1})
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        # and /v1/* its API key, which the owner's clients read from the file the discovery file names
+        key_file = Path(info["api_key_file"])
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600" and oct(run_dir.stat().st_mode & 0o777) == "0o700"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        auth = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
         st = state(run_dir)
         assert len(st["members"]) == 2  # configs/slurm-test.toml: 2 ranks, in node jobs of the default pool
-        reference = asyncio.run(reference_texts(url, model, 24))
+        reference = asyncio.run(reference_texts(url, model, 24, headers=auth))
 
         async def scenario():
             stop = asyncio.Event()
-            load = asyncio.create_task(run_load(url, model, 24, stop, streams=16))
+            load = asyncio.create_task(run_load(url, model, 24, stop, streams=16, headers=auth))
             steps = []
 
             async def run(*args):

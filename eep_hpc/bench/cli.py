@@ -13,7 +13,6 @@ import shlex
 import sys
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 
 import httpx
 
@@ -43,7 +42,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where the head wrote head.json (default: $EEP_RUN_DIR, else the newest "
                                       "runs/*/head.json)")
     t.add_argument("--model", help="model id (default: the first one GET /v1/models lists)")
-    t.add_argument("--api-key", default="", help="sent as 'Authorization: Bearer' to /v1/*")
+    t.add_argument("--api-key", default="",
+                   help="sent as 'Authorization: Bearer' to /v1/* (default: the discovery file's key file)")
     t.add_argument("--admin-token", default="",
                    help="sent as 'Authorization: Bearer' to /admin/* (default: the discovery file's token file)")
     d = b.add_argument_group("dataset (random token ids)")
@@ -85,16 +85,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def target(args: argparse.Namespace) -> tuple[str, str]:
-    """(API URL, admin token): the options, else the discovery file of --run-dir."""
+    """(API URL, admin token): the options, else the discovery file of --run-dir (args.api_key too)."""
     if args.url:
         return args.url.rstrip("/"), args.admin_token
-    from eep_hpc.cluster.discovery import read
+    from eep_hpc.cluster.discovery import read, read_token
 
     info = read(args.run_dir)
-    token = args.admin_token
-    if not token and info.admin_token_file and Path(info.admin_token_file).is_file():
-        token = Path(info.admin_token_file).read_text().strip()
-    return info.api_url.rstrip("/"), token
+    args.api_key = args.api_key or read_token(info.api_key_file)
+    return info.api_url.rstrip("/"), args.admin_token or read_token(info.admin_token_file)
 
 
 def bearer(token: str) -> dict:

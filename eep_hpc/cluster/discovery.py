@@ -1,4 +1,5 @@
-"""The head's discovery file: where a login-node CLI finds the running head (API URL, coordinator address).
+"""The head's discovery file: where a login-node CLI finds the running head (API URL, coordinator address) and
+the files holding its API key and admin token (when it has them).
 
 Written to <run_dir>/head.json with mode 600, since it may point at secrets; the run dir itself is mode 700.
 """
@@ -20,6 +21,7 @@ class HeadInfo(msgspec.Struct, kw_only=True):
     host: str
     model: str
     admin_token_file: str = ""
+    api_key_file: str = ""  # set when the head made its own key (a Slurm job without serve.api_key)
 
 
 def write_private(path: str | Path, data: str | bytes) -> Path:
@@ -31,6 +33,14 @@ def write_private(path: str | Path, data: str | bytes) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     return path.resolve()
+
+
+def read_token(path: str) -> str:
+    """A token or key the discovery file points at; "" when none (or not readable here)."""
+    try:
+        return Path(path).read_text().strip() if path else ""
+    except OSError:
+        return ""
 
 
 def write(run_dir: str | Path, info: HeadInfo) -> Path:

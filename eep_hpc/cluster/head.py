@@ -81,6 +81,16 @@ def ensure_admin_token(cfg: Config) -> Path | None:
     return discovery.write_private(Path(cfg.control.run_dir) / "admin-token", cfg.serve.admin_token)
 
 
+def ensure_api_key(cfg: Config) -> Path | None:
+    """Likewise /v1/*: a head running as a Slurm job needs an API key unless serve.api_key names one. A random key
+    goes to <run_dir>/api-key (mode 600); the discovery file and the log say where. `eep-hpc serve` outside Slurm
+    (a laptop, 127.0.0.1) stays keyless unless configured."""
+    if cfg.serve.api_key or not os.environ.get("SLURM_JOB_ID"):
+        return None
+    cfg.serve.api_key = "sk-eep-" + secrets.token_urlsafe(32)
+    return discovery.write_private(Path(cfg.control.run_dir) / "api-key", cfg.serve.api_key)
+
+
 def ensure_control_secret(cfg: Config) -> Path:
     """The run's control secret (protocol.py, "signed frames"), written before any rank starts to
     <run_dir>/control-secret (mode 600); ranks and node agents find the file through control.secret_file."""
@@ -104,7 +114,10 @@ class Head:
         self.cfg = cfg
         private_run_dir(cfg)
         self.admin_token_file = ensure_admin_token(cfg)
+        self.api_key_file = ensure_api_key(cfg)
         self.secret_file = ensure_control_secret(cfg)
+        if self.api_key_file:
+            log.info("API key required on /v1/*: 'Authorization: Bearer <key>' with the key in %s", self.api_key_file)
         self.coordinator = build_coordinator(without_serve_secrets(cfg), launcher)
         self.app = create_app(self.coordinator, cfg.serve)
         add_admin_routes(self.app, self.coordinator)
@@ -132,7 +145,7 @@ class Head:
             discovery.write(cfg.control.run_dir, discovery.HeadInfo(
                 api_url=self.url, coordinator=self.coordinator.address, pid=os.getpid(),
                 host=socket.gethostname(), model=self.coordinator.model_name,
-                admin_token_file=str(self.admin_token_file or "")))
+                admin_token_file=str(self.admin_token_file or ""), api_key_file=str(self.api_key_file or "")))
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()
