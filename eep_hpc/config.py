@@ -56,8 +56,13 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ranks: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # All-to-all backend for MoE dispatch/combine.
+    # All-to-all backend for MoE dispatch/combine: "torch" (all_to_all over gloo/NCCL, CPU and GPU) or "nixl_ep"
+    # (nixl_ep's low-latency kernels; CUDA, bfloat16, hidden sizes 2048-8192; its buffer holds
+    # engine.max_num_batched_tokens tokens per rank and dispatch).
     backend: Literal["torch", "nixl_ep"] = "torch"
+    # Ranks a nixl_ep buffer holds at once: peers join without rebuilding it up to this many; 0 = the largest of
+    # ranks, adapt.max_ranks and 2. A bigger membership rebuilds every member's buffer.
+    nixl_ep_max_ranks: int = 0
     # Physical expert slots beyond one per logical expert, spread over the ranks (EPLB replicas).
     redundant_experts: int = 0
     # Rebalance experts every this many seconds of serving; 0 = only on demand.
@@ -69,6 +74,10 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where ranks run: "local" processes (submitit's LocalExecutor), or "slurm" node jobs from [pools.*].
     launcher: Literal["local", "slurm"] = "local"
     pool: str = ""  # the pool `grow` uses when none is named
+
+    def __post_init__(self) -> None:
+        if self.backend == "nixl_ep" and self.device == "cpu":
+            raise ValueError('backend = "nixl_ep" needs CUDA GPUs, but device = "cpu" (use backend = "torch" on CPU)')
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -131,7 +131,7 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
 
     from eep_hpc.model.arch import load_arch
     from eep_hpc.model.loader import build_model
-    from eep_hpc.parallel.all_to_all import TorchAllToAll
+    from eep_hpc.parallel.all_to_all import make_all_to_all
     from eep_hpc.parallel.expert_map import ExpertMap
 
     cfg = launch.config
@@ -142,7 +142,7 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
     expert_map = ExpertMap(epoch_msg.physical_to_logical, epoch_msg.slot_offsets, my_rank, arch.num_experts, device)
     local = [expert_map.local_logical(layer) for layer in range(len(arch.moe_layers))]
     model = build_model(arch, cfg.model, Path(launch.model_dir), local, max_model_len(cfg, arch), device, dtype)
-    ep = ExpertParallel(expert_map, TorchAllToAll(group), arch.num_experts)
+    ep = ExpertParallel(expert_map, make_all_to_all(cfg, arch, epoch_msg, group, expert_map), arch.num_experts)
     blocks = num_kv_blocks_for(cfg, model, device, dtype)
     # every rank of an epoch sizes its cache like the smallest, so routing by KV use compares like with like
     blocks = -group.all_reduce_max([-blocks])[0]

@@ -23,7 +23,7 @@ import zmq
 from eep_hpc import protocol as P
 from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
 from eep_hpc.model.moe import ExpertParallel
-from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.all_to_all import make_all_to_all
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.expert_transfer import (
     SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, stage_experts,
@@ -309,7 +309,8 @@ class RankProcess:
         old_group = self.group
         if prepared.group is not None:
             arch = self.engine.model.arch
-            ep = ExpertParallel(prepared.expert_map, TorchAllToAll(prepared.group), arch.num_experts)
+            a2a = make_all_to_all(self.launch.config, arch, target, prepared.group, prepared.expert_map)
+            ep = ExpertParallel(prepared.expert_map, a2a, arch.num_experts)
             self.engine.swap_experts(prepared.staged, ep)
             self.group, self.epoch_rank = prepared.group, target.rank_ids.index(self.id)
             self.wave, self.active = msg.wave, True

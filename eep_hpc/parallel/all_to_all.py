@@ -80,3 +80,13 @@ class TorchAllToAll:
         for j in range(1, k):
             out = out + pairs[:, j] * weights[:, j : j + 1]
         return out
+
+
+def make_all_to_all(cfg, arch, epoch, group: EpochGroup, expert_map) -> AllToAll:
+    """The backend cfg.parallel.backend names, for one epoch (`epoch` is the P.Epoch entered, `arch` the model's
+    MoEArch): "torch" (CPU and GPU, the default) or "nixl_ep" (CUDA; a config error elsewhere)."""
+    if cfg.parallel.backend == "nixl_ep":
+        from eep_hpc.parallel.nixl_ep_all_to_all import NixlEpAllToAll
+
+        return NixlEpAllToAll.for_epoch(cfg, arch, epoch, group, expert_map)
+    return TorchAllToAll(group)

@@ -1,0 +1,478 @@
+"""MoE dispatch/combine over nixl_ep's low-latency kernels (NVLink or RDMA through NIXL): the GPU backend.
+
+Same semantics as `TorchAllToAll` (all_to_all.py). nixl_ep is imported lazily, so this module imports on CPU.
+
+Glossary
+- seat: a process's rank number inside nixl_ep (`Buffer(rank=seat)`). Claimed once per process in the head's
+  TCPStore (key "nixl_ep/seat/{s}" = owner rank id, or "free") and kept across epochs, so that peers are added
+  (`connect_ranks`) and removed (`disconnect_ranks`) without renumbering anyone. Epoch rank i sits in seats[i];
+  seats may have gaps (they are masked).
+- nixl expert: nixl_ep numbers experts seat * E + j, E = experts per seat. Physical slot slot_offsets[i] + j of
+  epoch rank i is nixl expert seats[i] * E + j; a rank with fewer than E slots leaves the rest empty.
+- geometry: (seats, E, max tokens per dispatch, hidden). Peers write into each other's buffers at offsets computed
+  from it, so all buffers of a service share one, kept in the store ("nixl_ep/geometry"). It only grows: a
+  membership it cannot hold (more seats, more slots on one rank) rebuilds every member's buffer.
+
+Entering an epoch (at startup and at every commit, all members together; `NixlEpRuntime.enter`):
+ 1. keep or claim a seat; publish it under f"{epoch}/nixl_ep/seat/{i}"; read the others'.
+ 2. geometry = max(stored, what this epoch needs); a member whose buffer differs rebuilds it.
+ 3. publish (buffer incarnation, peers connected); a pair of members connected on both sides stays; every other
+    pair connects (a handshake both sides make, metadata through the store under f"{epoch}/nixl_ep/md");
+    connections to non-members (ranks that left or failed) are dropped.
+ 4. masks: connected peers on, everyone else off (`clean_mask_buffer`); a barrier; then the seats of departed
+    peers are freed for later joiners.
+
+Data path: `low_latency_dispatch` delivers recv_x [E, R*Tmax, D] (R = highest member seat + 1) with the rows of
+local expert e packed at the front, recv_count[e] of them. They become packed rows + local slot per row for the
+expert kernel (one host sync per layer: the number of rows, as in the torch backend); expert outputs go back into
+recv_x at the same places, and `low_latency_combine` returns the weighted sum over k (fp32, k = 0, 1, ...).
+
+Failures: a peer that stops answering inside dispatch/combine is masked by the kernels after the timeout (its
+experts then contribute nothing); `failed_ranks()` reads the masks so the rank process can report the peer lost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import itertools
+import json
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from eep_hpc.config import Config, ConfigError
+from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.parallel.groups import EpochGroup, connect_store
+
+log = logging.getLogger("eep_hpc.nixl_ep")
+
+# hidden sizes nixl-cu13 1.4.1 compiles its low-latency kernels for (nixl_ep_cpp: dispatch<..., kHidden>)
+SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+NUM_MAX_NVL_PEERS = 8  # nixl_ep asserts num_ranks < 8 or num_ranks % 8 == 0
+
+
+def import_nixl_ep():
+    try:
+        import nixl_ep
+    except Exception as e:  # ImportError, or a CUDA library that fails to load
+        raise ConfigError(f'parallel.backend = "nixl_ep", but nixl_ep does not import here ({type(e).__name__}: '
+                          f'{e}); install nixl-cu13 (it ships nixl_ep) or use backend = "torch"') from e
+    return nixl_ep
+
+
+def check_backend(cfg: Config, hidden: int, checkpoint_dtype: torch.dtype, device: torch.device) -> None:
+    """Fail at startup, naming the problem, where nixl_ep cannot serve this model here."""
+    if device.type != "cuda":
+        raise ConfigError(f'parallel.backend = "nixl_ep" needs CUDA GPUs, but this rank runs on {device} '
+                          '(use backend = "torch" on CPU)')
+    if hidden not in SUPPORTED_HIDDEN:
+        raise ConfigError(f'parallel.backend = "nixl_ep": the model\'s hidden size {hidden} is not one nixl_ep\'s '
+                          f'kernels support {SUPPORTED_HIDDEN}; use backend = "torch"')
+    dtype = cfg.model.dtype
+    if dtype in ("float32", "float16") or (dtype == "auto" and checkpoint_dtype == torch.float16):
+        raise ConfigError(f'parallel.backend = "nixl_ep" moves bfloat16 activations only; set model.dtype = '
+                          f'"bfloat16" (now "{dtype}")')
+
+
+@dataclass(frozen=True)
+class Geometry:
+    seats: int
+    experts_per_seat: int
+    max_tokens: int
+    hidden: int
+
+    def merge(self, other: Geometry | None) -> Geometry:
+        if other is None:
+            return self
+        return Geometry(*(max(a, b) for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[int, int, int, int]:
+        return self.seats, self.experts_per_seat, self.max_tokens, self.hidden
+
+    def encode(self) -> str:
+        return ",".join(map(str, self.astuple()))
+
+    @staticmethod
+    def decode(s: str) -> Geometry:
+        return Geometry(*map(int, s.split(",")))
+
+
+def seat_capacity(n: int) -> int:
+    return n if n < NUM_MAX_NVL_PEERS else -(-n // NUM_MAX_NVL_PEERS) * NUM_MAX_NVL_PEERS
+
+
+def required_geometry(cfg: Config, hidden: int, seats: list[int], slot_offsets: list[int],
+                      stored: Geometry | None) -> Geometry:
+    """What an epoch needs, merged with what the service already has (so that it only grows)."""
+    p = cfg.parallel
+    want_seats = max(p.nixl_ep_max_ranks or max(p.ranks, cfg.adapt.max_ranks, 2), max(seats) + 1)
+    local_slots = max(b - a for a, b in itertools.pairwise(slot_offsets))
+    max_tokens = -(-cfg.engine.max_num_batched_tokens // 4) * 4  # nixl_ep: R * Tmax must be a multiple of 4
+    merged = Geometry(want_seats, max(local_slots, 1), max_tokens, hidden).merge(stored)
+    return replace(merged, seats=seat_capacity(merged.seats))
+
+
+def slot_to_nixl_expert(slot_offsets: list[int], seats: list[int], experts_per_seat: int) -> torch.Tensor:
+    """[S]: the nixl expert id of every physical slot."""
+    out = []
+    for i, seat in enumerate(seats):
+        n = slot_offsets[i + 1] - slot_offsets[i]
+        out.extend(seat * experts_per_seat + j for j in range(n))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def pairs_to_connect(my_seat: int, my_token: str, my_peers: dict[int, str], records: list[dict]) -> list[int]:
+    """Seats of members this rank must (re)connect: all but those connected on both sides with the current buffers.
+    records[i] = {"seat", "token", "peers": {seat: token}} of epoch rank i (this rank's own included). Symmetric:
+    if A lists B, B lists A (both sides evaluate the same condition)."""
+    out = []
+    for r in records:
+        if r["seat"] == my_seat:
+            continue
+        both = my_peers.get(r["seat"]) == r["token"] and r["peers"].get(str(my_seat)) == my_token
+        if not both:
+            out.append(r["seat"])
+    return out
+
+
+def received_rows(recv_count: torch.Tensor, rows_per_expert: int) -> torch.Tensor:
+    """recv_count [E] -> [M] flat indices e * rows_per_expert + t of the valid rows (t < recv_count[e]), grouped by
+    expert. The one host sync of a dispatch: M is data-dependent."""
+    t = torch.arange(rows_per_expert, device=recv_count.device)
+    valid = t[None, :] < recv_count[:, None].to(torch.long)  # [E, R*Tmax]
+    return valid.view(-1).nonzero().squeeze(1)
+
+
+class NixlEpRuntime:
+    """The one nixl_ep Buffer of this process, its seat and its connections, across epochs."""
+
+    def __init__(self, cfg: Config, store: dist.Store, rank_id: int, nixl, device: torch.device):
+        """nixl: the nixl_ep module (tests pass a stand-in); device: this process's GPU."""
+        self.cfg, self.store, self.owner, self.nixl, self.device = cfg, store, str(rank_id), nixl, device
+        self.timeout_ms = int(cfg.control.rank_timeout_s * 1000)
+        self.seat: int | None = None
+        self.buffer = None
+        self.geometry: Geometry | None = None
+        self.incarnation = 0  # buffers built by this process (a rebuild gives peers a new token to connect to)
+        self.peers: dict[int, str] = {}  # seat -> token of the peer buffer ours is connected to
+
+    @property
+    def token(self) -> str:
+        return f"{self.owner}.{self.incarnation}"
+
+    # ---- seats ---------------------------------------------------------------------------------------------
+
+    def _seat_key(self, s: int) -> str:
+        return f"nixl_ep/seat/{s}"
+
+    def _take(self, s: int) -> bool:
+        got = self.store.compare_set(self._seat_key(s), "", self.owner).decode()  # sets it when missing
+        if got == "free":
+            got = self.store.compare_set(self._seat_key(s), "free", self.owner).decode()
+        return got == self.owner
+
+    def _keep_or_claim_seat(self, hint: int) -> None:
+        """hint: the seat to try first (the epoch rank: a first epoch seats rank i in seat i)."""
+        if self.seat is not None:
+            if self._take(self.seat):  # still ours, or freed meanwhile (peers dropped us) and taken back
+                return
+            log.warning("nixl_ep seat %d went to another rank; claiming a new one", self.seat)
+            self._destroy_buffer()
+        s = hint
+        if not self._take(s):
+            s = 0
+            while not self._take(s):
+                s += 1
+        self.seat = s
+
+    def _free_seat(self, s: int, owner: str) -> None:
+        self.store.compare_set(self._seat_key(s), owner, "free")
+
+    # ---- buffer --------------------------------------------------------------------------------------------
+
+    def _destroy_buffer(self) -> None:
+        if self.buffer is not None:
+            self.buffer.destroy()
+        self.buffer, self.geometry, self.peers = None, None, {}
+
+    def _build_buffer(self, g: Geometry) -> None:
+        self._destroy_buffer()
+        nbytes = self.nixl.Buffer.get_low_latency_buffer_size_hint(g.max_tokens, g.hidden, g.seats,
+                                                                   g.seats * g.experts_per_seat)
+        buf = self.nixl.Buffer(rank=self.seat, explicitly_destroy=True, timeout_ms=self.timeout_ms)
+        buf.update_memory_buffers(num_ranks=g.seats, num_experts_per_rank=g.experts_per_seat, num_rdma_bytes=nbytes)
+        self.buffer, self.geometry = buf, g
+        self.incarnation += 1
+        log.info("nixl_ep buffer: seat %d of %d, %d experts per seat, %d tokens x %d hidden: %.1f MiB", self.seat,
+                 g.seats, g.experts_per_seat, g.max_tokens, g.hidden, nbytes / 2**20)
+
+    def _disconnect(self, seats: list[int]) -> dict[int, str]:
+        gone = {s: self.peers.pop(s) for s in seats}
+        if gone:
+            self.buffer.disconnect_ranks(list(gone))
+        return gone
+
+    # ---- epochs --------------------------------------------------------------------------------------------
+
+    def enter(self, epoch: int, me: int, group: EpochGroup, slot_offsets: list[int], hidden: int) -> list[int]:
+        """Make the buffer serve epoch `epoch` (this process is epoch rank `me`). Returns every member's seat."""
+        n = len(slot_offsets) - 1
+        if n == 1:  # alone: nothing moves between ranks; drop whoever was connected (they left)
+            departed = self._disconnect(list(self.peers)) if self.buffer is not None else {}
+            for s, token in departed.items():
+                self._free_seat(s, token.split(".")[0])
+            return [self.seat if self.seat is not None else 0]
+        es = dist.PrefixStore(f"{epoch}/nixl_ep", self.store)
+        self._keep_or_claim_seat(hint=me)
+        seats = [int(v) for v in self._all_gather(es, "seat", me, n, str(self.seat))]
+        stored = Geometry.decode(self.store.get("nixl_ep/geometry").decode()) \
+            if self.store.check(["nixl_ep/geometry"]) else None
+        geometry = required_geometry(self.cfg, hidden, seats, slot_offsets, stored)
+        self.store.set("nixl_ep/geometry", geometry.encode())  # every member writes the same value
+        if self.geometry != geometry:
+            self._build_buffer(geometry)
+        mine = {"seat": self.seat, "token": self.token, "peers": {str(s): t for s, t in self.peers.items()}}
+        records = [json.loads(v) for v in self._all_gather(es, "member", me, n, json.dumps(mine))]
+        new = pairs_to_connect(self.seat, self.token, self.peers, records)
+        members = {r["seat"]: r["token"] for r in records}
+        departed = self._disconnect([s for s in self.peers if s not in members])
+        self._disconnect([s for s in new if s in self.peers])  # half-open or stale: both sides connect afresh
+        if new:
+            self.buffer.set_tcp_store_group(dist.PrefixStore(f"{epoch}/nixl_ep/md", self.store))
+            self.buffer.connect_ranks(new)
+            self.peers.update({s: members[s] for s in new})
+        self.buffer.clean_mask_buffer()  # connected peers unmasked (a timed-out member gets another chance)
+        group.all_reduce_max([0])  # barrier: every member connected and past its seat claim
+        for s, token in departed.items():
+            self._free_seat(s, token.split(".")[0])
+        return seats
+
+    def _all_gather(self, es: dist.Store, name: str, me: int, n: int, value: str) -> list[bytes]:
+        """Through the store: members reach here minutes apart at worst (a model still loading at startup)."""
+        es.set(f"{name}/{me}", value)
+        keys = [f"{name}/{i}" for i in range(n)]
+        es.wait(keys, datetime.timedelta(seconds=4 * self.cfg.control.rank_timeout_s))
+        return es.multi_get(keys)
+
+    def masked_seats(self) -> list[int]:
+        if self.buffer is None:
+            return []
+        mask = torch.zeros(self.geometry.seats, dtype=torch.int32, device=self.device)
+        self.buffer.query_mask_buffer(mask)
+        return [s for s, m in enumerate(mask.tolist()) if m]
+
+    def mask(self, seat: int) -> None:
+        self.buffer.update_mask_buffer(seat, True)
+
+    def close(self) -> None:
+        """At process exit: release the buffer and the seat (survivors also free it when they drop this rank)."""
+        try:
+            self._destroy_buffer()
+            if self.seat is not None:
+                self._free_seat(self.seat, self.owner)
+        except Exception as e:  # the head (and its store) may be gone already
+            log.debug("nixl_ep close: %s", e)
+
+
+_runtime: NixlEpRuntime | None = None
+
+
+def process_runtime(cfg: Config, store_host: str, store_port: int, rank_id: int,
+                    device: torch.device) -> NixlEpRuntime:
+    """The process's runtime: one GPU, one buffer, kept across epochs (built on first use)."""
+    global _runtime
+    if _runtime is None:
+        nixl = import_nixl_ep()
+        store = connect_store(store_host, store_port, timeout_s=cfg.control.rank_timeout_s)
+        _runtime = NixlEpRuntime(cfg, store, rank_id, nixl, device)
+        atexit.register(_runtime.close)
+    return _runtime
+
+
+@dataclass
+class NixlEpHandle:
+    layout: torch.Tensor  # recv_x [E, R*Tmax, D]: expert outputs go back where their inputs arrived
+    rows: torch.Tensor  # [M] flat row of each received row in layout.view(-1, D)
+    topk: torch.Tensor  # [T', k] nixl expert ids (T' = max(T, 1): an empty batch sends one row that selects none)
+    nixl: tuple  # nixl_ep's own dispatch handle
+    num_tokens: int
+
+
+class NixlEpAllToAll:
+    """The AllToAll of one epoch over the process's nixl_ep buffer (a one-rank epoch moves nothing)."""
+
+    def __init__(self, runtime: NixlEpRuntime, rank_ids: list[int], me: int, seats: list[int],
+                 expert_map: ExpertMap, group: EpochGroup):
+        self.runtime, self.rank_ids, self.me, self.seats = runtime, rank_ids, me, seats
+        self.local = TorchAllToAll(group) if len(rank_ids) == 1 else None
+        if self.local is None:
+            g = runtime.geometry
+            self.buffer, self.max_tokens = runtime.buffer, g.max_tokens
+            self.num_experts = g.experts_per_seat * (max(seats) + 1)  # R = highest member seat + 1
+            self.expert_of_slot = slot_to_nixl_expert(expert_map.slot_offsets, seats, g.experts_per_seat).to(
+                expert_map.slot_owner.device)
+            self.topk_dtype = getattr(runtime.nixl, "topk_idx_t", torch.int64)
+
+    @classmethod
+    def for_epoch(cls, cfg: Config, arch, epoch, group: EpochGroup, expert_map: ExpertMap) -> NixlEpAllToAll:
+        """epoch: the P.Epoch being entered; arch: the model's MoEArch (hidden size, checkpoint dtype)."""
+        check_backend(cfg, arch.hidden_size, arch.torch_dtype, group.device)
+        runtime = process_runtime(cfg, epoch.store_host, epoch.store_port, epoch.rank_ids[group.rank], group.device)
+        seats = runtime.enter(epoch.epoch, group.rank, group, expert_map.slot_offsets, arch.hidden_size)
+        return cls(runtime, list(epoch.rank_ids), group.rank, seats, expert_map, group)
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.local is not None
+
+    def dispatch(self, x, slots, slot_owner, local_start):
+        if self.local is not None:
+            return self.local.dispatch(x, slots, slot_owner, local_start)
+        T, k = slots.shape
+        if T > self.max_tokens:
+            raise ValueError(f"{T} tokens in one dispatch, nixl_ep's buffer holds {self.max_tokens} "
+                             "(engine.max_num_batched_tokens)")
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"nixl_ep dispatches bfloat16 activations, got {x.dtype}")
+        topk = self.expert_of_slot[slots].to(self.topk_dtype)  # [T, k]
+        if T == 0:  # every member takes part in every dispatch: send one row that selects no expert
+            x, topk = x.new_zeros(1, x.shape[1]), topk.new_full((1, k), -1)
+        recv_x, recv_count, nixl_handle, _, _ = self.buffer.low_latency_dispatch(
+            x.contiguous(), topk.contiguous(), self.max_tokens, num_experts=self.num_experts, use_fp8=False)
+        E, RT, D = recv_x.shape
+        flat = received_rows(recv_count, RT)
+        rows = recv_x.view(E * RT, D).index_select(0, flat)
+        return rows, flat // RT, NixlEpHandle(recv_x, flat, topk, nixl_handle, T)
+
+    def combine(self, y, weights, handle):
+        if self.local is not None:
+            return self.local.combine(y, weights, handle)
+        layout = handle.layout
+        layout.view(-1, layout.shape[2]).index_copy_(0, handle.rows, y.to(layout.dtype))
+        w = weights.float() if handle.num_tokens else weights.new_zeros(1, weights.shape[1], dtype=torch.float32)
+        out, _, _ = self.buffer.low_latency_combine(layout, handle.topk, w.contiguous(), handle.nixl)
+        return out[: handle.num_tokens]
+
+    # ---- failure handling ----------------------------------------------------------------------------------
+
+    def failed_ranks(self) -> list[int]:
+        """Rank ids of this epoch's peers that nixl_ep masked (they timed out inside a dispatch/combine)."""
+        if self.local is not None:
+            return []
+        masked = set(self.runtime.masked_seats())
+        return [rid for i, (rid, s) in enumerate(zip(self.rank_ids, self.seats)) if i != self.me and s in masked]
+
+    def mask_ranks(self, rank_ids: list[int]) -> None:
+        """Stop exchanging with these peers now (declared dead): their experts contribute nothing until the next
+        epoch re-forms without them."""
+        if self.local is None:
+            for rid in rank_ids:
+                self.runtime.mask(self.seats[self.rank_ids.index(rid)])
+
+
+# ---- micro-benchmark: python -m eep_hpc.parallel.nixl_ep_all_to_all --bench (two GPUs) ---------------------------
+
+def _bench_worker(i: int, port: int, args) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from eep_hpc import protocol as P
+
+    torch.cuda.set_device(i)
+    dev = torch.device("cuda", i)
+    E, k, D = args.experts, args.top_k, args.hidden
+    cfg = Config()
+    cfg.parallel.backend, cfg.parallel.ranks, cfg.model.dtype = "nixl_ep", 2, "bfloat16"
+    cfg.engine.max_num_batched_tokens = max(args.tokens)
+    store = connect_store("127.0.0.1", port, timeout_s=120)
+    offsets = [0, E // 2, E]
+    epoch = P.Epoch(epoch=1, rank_ids=[0, 1], store_host="127.0.0.1", store_port=port,
+                    physical_to_logical=[list(range(E))], slot_offsets=offsets)
+    group = EpochGroup(store, 1, i, 2, dev, timeout_s=120)
+    emap = ExpertMap(epoch.physical_to_logical, offsets, i, E, dev)
+    nixl = NixlEpAllToAll.for_epoch(cfg, SimpleNamespace(hidden_size=D, torch_dtype=torch.bfloat16), epoch, group, emap)
+    torch_a2a = TorchAllToAll(group)
+    gen = torch.Generator(device=dev).manual_seed(1234 + i)
+    results = []
+    for T in args.tokens:
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        scores = torch.randn(T, E, device=dev, generator=gen).softmax(-1)
+        w, ids = scores.topk(k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+        slots = emap.choose_slots(0, ids)
+        topk, wf = nixl.expert_of_slot[slots].to(nixl.topk_dtype).contiguous(), w.float().contiguous()
+
+        def ours(a2a, x=x, slots=slots, w=w):  # dispatch -> (identity expert) -> combine, as ExpertParallel does
+            rows, _, handle = a2a.dispatch(x, slots, emap.slot_owner, emap.local_start)
+            return a2a.combine(rows, w, handle)
+
+        def raw(x=x, topk=topk, wf=wf):  # nixl_ep alone, no conversion to packed rows
+            recv, _, handle, _, _ = nixl.buffer.low_latency_dispatch(x, topk, nixl.max_tokens,
+                                                                     num_experts=nixl.num_experts, use_fp8=False)
+            return nixl.buffer.low_latency_combine(recv, topk, wf, handle)[0]
+
+        a, b = ours(nixl).float(), ours(torch_a2a).float()
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-6)) if T else 0.0
+        for name, fn in (("nixl_ep", lambda: ours(nixl)), ("nixl_ep_raw", raw), ("torch_nccl", lambda: ours(torch_a2a))):
+            for _ in range(args.warmup):
+                fn()
+            torch.cuda.synchronize()
+            group.all_reduce_max([0])
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            torch.cuda.synchronize()
+            results.append({"tokens": T, "backend": name, "us": (time.perf_counter() - t0) / args.iters * 1e6,
+                            "rel_err_vs_torch": rel})
+    store.set(f"bench/{i}", json.dumps(results))
+    if i == 0:
+        other = json.loads(store.get("bench/1"))
+        rows = [{**r, "us": max(r["us"], o["us"]), "us_per_rank": [r["us"], o["us"]]} for r, o in zip(results, other)]
+        try:
+            from importlib.metadata import version
+            nixl_version = version("nixl-cu13")
+        except Exception:
+            nixl_version = "?"
+        report = {"what": "MoE dispatch + combine per layer (identity expert), 2 ranks, wall time per iteration",
+                  "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "nixl": nixl_version,
+                  "hidden": D, "experts": E, "top_k": k, "max_tokens": nixl.max_tokens,
+                  "iters": args.iters, "results": rows}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        for r in rows:
+            print(f"{r['tokens']:5d} tokens/rank  {r['backend']:12s} {r['us']:9.1f} us  (rel err vs torch "
+                  f"{r['rel_err_vs_torch']:.1e})")
+    group.all_reduce_max([0])
+    _runtime.close()
+    group.destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import importlib
+
+    import torch.multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", action="store_true", required=True, help="time nixl_ep vs NCCL on two GPUs")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256], help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=2048)  # Qwen3-30B-A3B
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--out", default="nixl_ep_all_to_all.json")
+    args = ap.parse_args(argv)
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("the benchmark needs two CUDA GPUs")
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
+    worker = importlib.import_module(__spec__.name)._bench_worker if __name__ == "__main__" else _bench_worker
+    mp.spawn(worker, args=(master.port, args), nprocs=2, join=True)  # not __main__'s: workers share one _runtime
+
+
+if __name__ == "__main__":
+    main()
