@@ -61,7 +61,7 @@ def test_decode_cuda_graphs_keep_text_and_run(api, tmp_path):
     texts, graph_steps = {}, {}
     for graphs in (False, True):
         head = start_head(tmp_path / str(graphs), ranks=1, parallel={"device": "cuda"}, model={"dtype": "float32"},
-                          engine={"cuda_graphs": graphs, "cuda_graph_max_batch": 8})
+                          engine={"cuda_graphs": graphs, "cuda_graph_max_batch": 24})
         try:
             texts[graphs] = asyncio.run(reference_texts(head.url, head.model, 24))
             rank = head.state()["ranks"][0]

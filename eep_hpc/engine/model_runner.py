@@ -20,7 +20,7 @@ class ModelRunner:
                  dtype: torch.dtype, graph_max_batch: int = 0, max_model_len: int = 0):
         """graph_max_batch > 0 on CUDA: decode steps of up to that many sequences replay CUDA graphs."""
         self.model, self.device, self.block_size = model, device, block_size
-        self.num_kv_blocks = num_kv_blocks
+        self.num_kv_blocks, self.max_model_len = num_kv_blocks, max_model_len
         self.kv_caches = model.make_kv_caches(num_kv_blocks, block_size, dtype, device)
         self.graphs = None
         if graph_max_batch > 0 and device.type == "cuda":
@@ -42,6 +42,20 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return self.model(ids, pos, self.kv_caches, meta, ep)
+
+    def warmup(self, max_tokens: int, ep: ExpertParallel) -> None:
+        """Compile the kernels of large prefills before serving (Triton JITs each new tile config on first use):
+        max_tokens in sequences of at most max_model_len, then 4 of 64. Nothing is written to the cache (slot -1). Collective under EP:
+        every member of the epoch calls it."""
+        load = ep.load.clone()  # not real traffic
+        longest = min(max_tokens, self.max_model_len or max_tokens)
+        for seqs, n in ((max(1, max_tokens // longest), longest), (4, 64)):
+            width = -(-n // self.block_size)
+            self.forward([0] * (seqs * n), list(range(n)) * seqs, [-1] * (seqs * n), [n] * seqs, [n] * seqs,
+                         [[0] * width] * seqs, ep)
+        ep.load.copy_(load)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def run(self, batch, block_manager, ep: ExpertParallel) -> StepLogits:
         """batch: scheduled (seq, num_new_tokens) pairs -> logits of the sequences that sample (this step reaches

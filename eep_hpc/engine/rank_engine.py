@@ -59,6 +59,8 @@ class RankEngine:
         e = cfg.engine
         graph_batch = (e.cuda_graph_max_batch or e.max_num_seqs) if e.cuda_graphs else 0
         self.runner = ModelRunner(model, num_kv_blocks, e.block_size, device, dtype, graph_batch, self.max_model_len)
+        if device.type == "cuda" and ep is not None:
+            self.runner.warmup(e.max_num_batched_tokens, ep)
         if self.runner.graphs is not None and ep is not None:
             self.runner.graphs.capture_all(ep)
         self.eos_token_ids = eos_token_ids
@@ -104,10 +106,16 @@ class RankEngine:
         return self.scheduler.postprocess(out, sampled, logprobs)
 
     def swap_experts(self, staged, ep: ExpertParallel) -> None:
-        """Commit: the staged slot tensors and the new epoch's expert map/communicator replace the old ones."""
-        for block, w13, w2 in zip(self.model.moe_blocks(), staged.w13, staged.w2):
-            block.w13.data = w13
-            block.w2.data = w2
+        """Commit: the staged slot tensors (with the scales of fp8 experts) and the new epoch's expert
+        map/communicator replace the old ones."""
+        blocks = self.model.moe_blocks()
+        if blocks and (blocks[0].w13_scale is None) != (getattr(staged, "w13_scale", None) is None):
+            raise ValueError("staged experts and the model's slots differ in having fp8 scales")
+        for i, block in enumerate(blocks):
+            block.w13.data = staged.w13[i]
+            block.w2.data = staged.w2[i]
+            if block.w13_scale is not None:
+                block.w13_scale, block.w2_scale = staged.w13_scale[i], staged.w2_scale[i]
         self.ep = ep
 
     def stats(self, with_load: bool = False) -> RankStats:

@@ -1,0 +1,116 @@
+"""Where a decode step's time goes, on one GPU: the model alone (no scheduler, sampler or sockets), eager vs CUDA
+graph, timed with CUDA events, beside the memory roofline; plus the heaviest kernels of a graph-less step.
+
+    python -m eep_hpc.bench.step_profile --config configs/qwen3-30b-a3b-dummy.toml --batch 1 64 256 --context 320
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from eep_hpc.bench.roofline import measure_bandwidth, roofline
+from eep_hpc.config import load_config
+from eep_hpc.engine.cuda_graphs import DecodeGraphs
+from eep_hpc.engine.model_runner import ModelRunner
+from eep_hpc.engine.rank_engine import max_model_len, resolve_dtype
+from eep_hpc.model.arch import load_arch
+from eep_hpc.model.loader import build_model
+from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.eplb import initial_placement
+from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.parallel.groups import EpochGroup
+
+
+def cuda_ms(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def host_ms(fn, repeats: int) -> float:
+    """Wall time per call including the launches (what the engine's loop pays)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000 / repeats
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/qwen3-30b-a3b-dummy.toml")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context", type=int, default=320)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--top-kernels", type=int, default=15)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    device = torch.device("cuda")
+    arch = load_arch(cfg.model.path)
+    dtype = resolve_dtype(cfg, arch, device)
+    placement = initial_placement(len(arch.moe_layers), arch.num_experts, [arch.num_experts])
+    expert_map = ExpertMap(placement.physical_to_logical.tolist(), placement.slot_offsets, 0, arch.num_experts, device)
+    local = [expert_map.local_logical(layer) for layer in range(len(arch.moe_layers))]
+    model = build_model(arch, cfg.model, Path(cfg.model.path), local, max_model_len(cfg, arch), device, dtype)
+    ep = ExpertParallel(expert_map, TorchAllToAll(EpochGroup(None, 0, 0, 1, device)), arch.num_experts)
+    bs, ctx = cfg.engine.block_size, args.context
+    max_b = max(args.batch)
+    blocks_per_seq = -(-(ctx + 1) // bs)
+    runner = ModelRunner(model, max_b * blocks_per_seq + 1, bs, device, dtype)
+    graphs = DecodeGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)
+    bw = measure_bandwidth()
+    rows = []
+    for b in args.batch:
+        tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
+        slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
+        # random token ids, as `eep-hpc bench` sends: routing spreads over the experts as the roofline assumes
+        ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
+        inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
+        eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
+        graphed = lambda: graphs.run(*inputs, ep)
+        roof = roofline(arch, b, ctx + 1, bw)
+        row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
+               "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),
+               "graph_wall_ms": host_ms(graphed, args.repeats), "roofline_ms": roof["step_floor_ms"],
+               "bytes": roof["total_bytes"]}
+        row["graph_vs_roofline"] = row["graph_gpu_ms"] / row["roofline_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    # the heaviest kernels of one eager batch-1 step (a graph replay hides its kernels from the profiler)
+    b = 1
+    tables = [list(range(1, 1 + blocks_per_seq))]
+    step = lambda: runner.forward([1], [ctx], [tables[0][ctx // bs] * bs + ctx % bs], [1], [ctx + 1], tables, ep)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top_kernels]:
+        kernels.append({"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)})
+    total_us = sum(e.device_time_total for e in prof.key_averages())
+    launches = sum(e.count for e in prof.key_averages())
+    result = {"config": args.config, "device": torch.cuda.get_device_name(), "bandwidth_gbps": bw, "rows": rows,
+              "batch1_eager_kernels": {"launches": launches, "device_us_total": round(total_us, 1), "top": kernels}}
+    print(json.dumps(result["batch1_eager_kernels"], indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
