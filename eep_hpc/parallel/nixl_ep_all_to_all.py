@@ -38,6 +38,7 @@ import datetime
 import itertools
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,6 +54,9 @@ log = logging.getLogger("eep_hpc.nixl_ep")
 # hidden sizes nixl-cu13 1.4.1 compiles its low-latency kernels for (nixl_ep_cpp: dispatch<..., kHidden>)
 SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 NUM_MAX_NVL_PEERS = 8  # nixl_ep asserts num_ranks < 8 or num_ranks % 8 == 0
+# between dropping a peer and connecting the same seat again (nixl's elastic test pauses 5 s there: metadata
+# invalidation racing the re-add); only a peer that was half-connected or rebuilt its buffer pays it
+RECONNECT_PAUSE_S = 2.0
 
 
 def import_nixl_ep():
@@ -240,7 +244,8 @@ class NixlEpRuntime:
         new = pairs_to_connect(self.seat, self.token, self.peers, records)
         members = {r["seat"]: r["token"] for r in records}
         departed = self._disconnect([s for s in self.peers if s not in members])
-        self._disconnect([s for s in new if s in self.peers])  # half-open or stale: both sides connect afresh
+        if self._disconnect([s for s in new if s in self.peers]):  # half-open or stale: both sides connect afresh
+            time.sleep(RECONNECT_PAUSE_S)
         if new:
             self.buffer.set_tcp_store_group(dist.PrefixStore(f"{epoch}/nixl_ep/md", self.store))
             self.buffer.connect_ranks(new)
@@ -377,7 +382,6 @@ class NixlEpAllToAll:
 # ---- micro-benchmark: python -m eep_hpc.parallel.nixl_ep_all_to_all --bench (two GPUs) ---------------------------
 
 def _bench_worker(i: int, port: int, args) -> None:
-    import time
     from types import SimpleNamespace
 
     from eep_hpc import protocol as P
