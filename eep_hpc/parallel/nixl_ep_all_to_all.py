@@ -38,6 +38,7 @@ import datetime
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -445,8 +446,11 @@ def _bench_worker(i: int, port: int, args) -> None:
                   "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "nixl": nixl_version,
                   "hidden": D, "experts": E, "top_k": k, "max_tokens": nixl.max_tokens,
                   "iters": args.iters, "results": rows}
-        with open(args.out, "w") as f:
+        out = args.out or f"bench/{torch.cuda.get_device_name(dev).replace(' ', '-')}/nixl-ep-all-to-all.json"
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
+        print("wrote", out)
         for r in rows:
             print(f"{r['tokens']:5d} tokens/rank  {r['backend']:12s} {r['us']:9.1f} us  (rel err vs torch "
                   f"{r['rel_err_vs_torch']:.1e})")
@@ -469,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--out", default="nixl_ep_all_to_all.json")
+    ap.add_argument("--out", default="", help="default: bench/<GPU name>/nixl-ep-all-to-all.json")
     args = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         raise SystemExit("the benchmark needs two CUDA GPUs")
