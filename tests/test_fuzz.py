@@ -9,7 +9,7 @@ and headers. The admin routes that change the cluster are never sent anything. V
 (a few new tokens, at most 8 choices): the point is the API's input handling, not the engine's speed.
 
 The explicit cases at the end pin down what the fuzzing only samples: the context window (a 400, never clamped,
-like vLLM) and a JSON body under another content type.
+like vLLM), a JSON body under another content type, a client that goes away while sending its body.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 import typing
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlparse
 
 import httpx
 import pytest
@@ -494,3 +495,34 @@ def test_json_body_under_another_content_type_is_served(api, http, ctype):
     r = http.post(CMPL, content=body, headers={} if ctype is None else {"content-type": ctype})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == want
+
+
+def http_status_counts(http: httpx.Client, route: str) -> dict[str, float]:
+    """/metrics: eep_hpc:http_requests_total of one route, by status."""
+    out: dict[str, float] = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("eep_hpc:http_requests_total{") and f'route="{route}"' in line:
+            status = line.split('status="')[1].split('"')[0]
+            out[status] = out.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.mark.parametrize("path", [CMPL, CHAT])
+def test_client_gone_while_sending_its_body_is_no_server_error(api, http, server_errors, path):
+    """A client that announces a body and leaves half way: no 5xx in /metrics, nothing logged as an error, and the
+    server serves the next request."""
+    before = http_status_counts(http, path)
+    url = urlparse(api.url)
+    for partial in (b'{"prompt": "ab', b'{"messages": [{"role": "user", "content": "Hi"'):
+        with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                      + f"Content-Length: {len(partial) + 100}\r\n\r\n".encode() + partial)  # fmt: skip
+            time.sleep(0.3)  # the server is reading the body
+    end = time.monotonic() + 10
+    while http_status_counts(http, path).get("499", 0) < before.get("499", 0) + 2 and time.monotonic() < end:
+        time.sleep(0.1)
+    after = http_status_counts(http, path)
+    assert after.get("499", 0) == before.get("499", 0) + 2, (before, after)  # nginx's "client closed request"
+    assert after.get("500", 0) == before.get("500", 0), (before, after)
+    assert not server_errors(), server_errors()
+    assert http.post(CMPL, json={**BASE[CMPL], "max_tokens": 2}).status_code == 200

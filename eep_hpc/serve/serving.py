@@ -10,10 +10,11 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from eep_hpc.serve.engine_client import EngineClient
-from eep_hpc.serve.errors import error_body, internal_error, model_not_found, not_ready, validation_error
+from eep_hpc.serve.errors import ApiError, error_body, internal_error, model_not_found, not_ready, validation_error
 from eep_hpc.serve.generation import (
     Choice,
     ChoiceDelta,
@@ -39,7 +40,11 @@ class Serving:
     metrics: ApiMetrics
 
     async def parse(self, request: Request, cls: type[R]) -> R:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # nobody is left to read the answer; not a server error
+            message = "The client closed the connection before the request body was complete."
+            raise ApiError(CLIENT_CLOSED, message) from None
         try:
             req = cls.model_validate_json(body)
         except ValidationError as e:
