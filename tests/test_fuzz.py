@@ -9,7 +9,7 @@ and headers. The admin routes that change the cluster are never sent anything. V
 (a few new tokens, at most 8 choices): the point is the API's input handling, not the engine's speed.
 
 The explicit cases at the end pin down what the fuzzing only samples: the context window (a 400, never clamped,
-like vLLM), a JSON body under another content type, a client that goes away while sending its body.
+like vLLM), invalid UTF-8, a JSON body under another content type, a client that goes away while sending its body.
 """
 
 from __future__ import annotations
@@ -485,6 +485,22 @@ def test_prompt_past_the_context_window_is_a_400_that_says_so(api, http):
     assert r.status_code == 400 and assert_openai_error(r)["param"] == "max_tokens", r.text
     r = http.post(CMPL, json={"model": MODEL, "prompt": [7] * limit, "max_tokens": 1})
     assert r.status_code == 400 and assert_openai_error(r)["param"] == "prompt", r.text
+
+
+@pytest.mark.parametrize("path", [CMPL, CHAT])
+def test_invalid_utf8_body_is_a_400_that_says_so(api, http, path):
+    valid = json.dumps(BASE[path]).encode()
+    needle = b'"The capital of"' if path == CMPL else b'"Hi"'
+    for bad in (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xc0\xaf"):
+        for content in (valid.replace(needle, b'"caf' + bad + b'"'), valid[:-1] + b", " + bad + b"}"):
+            r = http.post(path, content=content, headers={"content-type": "application/json"})
+            err = assert_openai_error(r)
+            assert r.status_code == 400 and err["type"] == "invalid_request_error", err
+            assert "not valid UTF-8" in err["message"], err
+    # Text in another encoding, announced or not, is not JSON either (RFC 8259: UTF-8).
+    latin1 = json.dumps({**BASE[path], "user": "café"}, ensure_ascii=False).encode("latin-1")
+    r = http.post(path, content=latin1, headers={"content-type": "application/json; charset=latin-1"})
+    assert r.status_code == 400 and "not valid UTF-8" in assert_openai_error(r)["message"], r.text
 
 
 @pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded"])

@@ -90,10 +90,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def validation_error(errors: list[dict]) -> ApiError:
-    """One 400 from pydantic's error list: the first error names the param, the message lists them all."""
+def validation_error(errors: list[dict], body: bytes | None = None) -> ApiError:
+    """One 400 from pydantic's error list: the first error names the param, the message lists them all.
+    `body`, when given, is the raw request body (to tell a body that is not UTF-8 from one that is not JSON)."""
     if errors and errors[0].get("type") == "json_invalid":
         detail = errors[0].get("ctx", {}).get("error") or errors[0].get("msg", "")
+        try:
+            (body or b"").decode("utf-8")
+        except UnicodeDecodeError as e:  # e.g. Latin-1 text; JSON must be UTF-8 (RFC 8259)
+            detail = f"it is not valid UTF-8 ({e.reason} at byte {e.start})"
         return bad_request(f"Invalid JSON in request body: {detail}")
     messages = []
     for e in errors[:5]:

@@ -48,7 +48,7 @@ class Serving:
         try:
             req = cls.model_validate_json(body)
         except ValidationError as e:
-            raise validation_error(e.errors(include_url=False)) from None
+            raise validation_error(e.errors(include_url=False), body) from None
         model = getattr(req, "model", None)
         if model and model != self.engine.model_name:
             raise model_not_found(model)
