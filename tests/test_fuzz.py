@@ -9,7 +9,8 @@ and headers. The admin routes that change the cluster are never sent anything. V
 (a few new tokens, at most 8 choices): the point is the API's input handling, not the engine's speed.
 
 The explicit cases at the end pin down what the fuzzing only samples: the context window (a 400, never clamped,
-like vLLM), invalid UTF-8, a JSON body under another content type, a client that goes away while sending its body.
+like vLLM), huge max_tokens, invalid UTF-8, a JSON body under another content type, a client that goes away while
+sending its body.
 """
 
 from __future__ import annotations
@@ -485,6 +486,23 @@ def test_prompt_past_the_context_window_is_a_400_that_says_so(api, http):
     assert r.status_code == 400 and assert_openai_error(r)["param"] == "max_tokens", r.text
     r = http.post(CMPL, json={"model": MODEL, "prompt": [7] * limit, "max_tokens": 1})
     assert r.status_code == 400 and assert_openai_error(r)["param"] == "prompt", r.text
+
+
+@pytest.mark.parametrize("huge", [2**31, 2**63, 2**64, 10**30])
+def test_huge_max_tokens_is_a_400_naming_the_field_sent(api, http, huge):
+    """vLLM refuses prompt + max_tokens > max_model_len rather than clamping; so do we, for any size of number."""
+    limit = max_model_len(http)
+    msgs = [{"role": "user", "content": "Hi"}]
+    for path, body, param in [
+        (CMPL, {"prompt": "Hi", "max_tokens": huge}, "max_tokens"),
+        (CHAT, {"messages": msgs, "max_tokens": huge}, "max_tokens"),
+        (CHAT, {"messages": msgs, "max_completion_tokens": huge}, "max_completion_tokens"),
+        (CHAT, {"messages": msgs, "max_tokens": 1, "max_completion_tokens": huge}, "max_completion_tokens"),
+    ]:
+        r = http.post(path, json={"model": MODEL, **body})
+        err = assert_openai_error(r)
+        assert r.status_code == 400 and err["param"] == param, (path, body, err)
+        assert f"maximum context length is {limit} tokens" in err["message"], err
 
 
 @pytest.mark.parametrize("path", [CMPL, CHAT])

@@ -66,7 +66,8 @@ async def create_chat_completion(serving: Serving, request: Request) -> Response
     size = sum(len(m.content or "") for m in req.messages)
     text = await off_loop(size, render_prompt, serving, req)
     ids = await off_loop(len(text), engine.tokenizer.encode, text, add_special_tokens=req.add_special_tokens is True)
-    max_tokens = resolve_max_tokens(len(ids), req.requested_max_tokens, engine.max_model_len, "messages")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(len(ids), req.requested_max_tokens, engine.max_model_len, "messages", param)
     n = req.num_choices
     choices = [Choice(j, ids, sampling_params(req, max_tokens, j)) for j in range(n)]
 

@@ -52,8 +52,11 @@ def check_token_ids(ids: list[int], vocab: int | None) -> None:
             raise bad_request(f"Token id {bad} in the prompt is out of vocabulary (size {vocab}).", "prompt")
 
 
-def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int, where: str) -> int:
-    """Check the context window like vLLM does; None means "the rest of the context"."""
+def resolve_max_tokens(
+    prompt_len: int, max_tokens: int | None, max_model_len: int, where: str, param: str = "max_tokens"
+) -> int:
+    """Check the context window like vLLM does; None means "the rest of the context". `param` is the request
+    field max_tokens came from (chat: max_tokens or max_completion_tokens)."""
     if prompt_len == 0:
         raise bad_request(f"The {where} must not be empty.", "prompt" if where == "prompt" else "messages")
     if prompt_len >= max_model_len:
@@ -69,7 +72,7 @@ def resolve_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: i
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {where}, {max_tokens} in the completion). "
             f"Please reduce the length of the {where} or completion.",
-            "max_tokens",
+            param,
         )
     return max_tokens
 
