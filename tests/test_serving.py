@@ -1,5 +1,6 @@
-"""What a user of `eep-hpc serve` sees beyond single requests: batching does not change greedy text, idle ranks
-do not burn a core, Ctrl-C leaves no process behind, and dummy weights serve big architectures' shapes."""
+"""What a user of `eep-hpc serve` sees beyond single requests: batching does not change greedy text, clients that
+stall, read slowly or vanish harm no other stream, idle ranks do not burn a core, Ctrl-C leaves no process behind,
+and dummy weights serve big architectures' shapes."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from eep_hpc.config import ModelConfig
@@ -98,3 +101,104 @@ def test_dummy_weights_build_a_model_of_the_config_shape(tmp_path):
     assert torch.equal(a.layers[1].mlp.w13[2], b.layers[1].mlp.w13[0])
     assert torch.equal(a.embed_tokens.weight, b.embed_tokens.weight)
     assert a.embed_tokens.weight.std() > 0
+
+
+def kv_blocks_in_use(api) -> list[int]:
+    return [r["kv_blocks_used"] for r in api.state()["ranks"]]
+
+
+def aborted_requests(api) -> float:
+    """/metrics: engine requests that ended because their client went away."""
+    for line in httpx.get(f"{api.url}/metrics").text.splitlines():
+        if line.startswith("eep_hpc:request_success_total{") and 'finished_reason="abort"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def sse_texts(raw: bytes, n: int) -> list[str]:
+    """Text of each choice of a completions SSE body that must end with [DONE] and carry no error event."""
+    events = [line[len(b"data: ") :] for line in raw.split(b"\n") if line]
+    assert events and events[-1] == b"[DONE]", events[-2:]
+    texts = [""] * n
+    for e in events[:-1]:
+        chunk = json.loads(e)
+        assert "error" not in chunk, chunk
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"]
+    return texts
+
+
+def test_stalled_slow_and_vanishing_clients_leave_other_streams_exact(api):
+    """Around 16 greedy streams: a client that stops reading its (multi-megabyte) stream and later reads it slowly,
+    clients that disconnect mid-stream, mid-body and while waiting for a whole answer. The 16 streams finish, with
+    exactly the text they have alone, while the stalled client has still read nothing; it then gets its whole
+    stream, exact; and every KV block comes back."""
+    url, model = api.url, api.model
+    # echo + 20 logprobs of a ~1000-token prompt, 6 times: more than the kernel's socket buffers hold, so the
+    # server's writes to this client block until it reads.
+    big = {"model": model, "prompt": "x " * 1000, "max_tokens": 4, "echo": True, "logprobs": 20, "n": 6,
+           "temperature": 0}  # fmt: skip
+    # Long enough that only an abort frees their blocks within the test's wait below.
+    max_model_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+    long_stream = {"model": model, "prompt": "Go on and on:", "max_tokens": max_model_len - 32, "ignore_eos": True,
+                   "stream": True}  # fmt: skip
+
+    async def vanish_mid_stream(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", f"{url}/v1/completions", json=long_stream) as r:
+            assert r.status_code == 200
+            events = 0
+            async for line in r.aiter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    return  # closes the connection
+
+    async def vanish_mid_body() -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + b'{"prompt": "a')
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    async def vanish_waiting(client: httpx.AsyncClient) -> None:
+        body = {**long_stream, "stream": False}
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+
+    async def scenario():
+        alone = await reference_texts(url, model, 32)
+        async with httpx.AsyncClient(timeout=120) as client:
+            # Its text, the cheap way: every greedy choice is the echoed prompt and the same completion.
+            r = await client.post(f"{url}/v1/completions", json={**big, "n": 1, "logprobs": None})
+            assert r.status_code == 200, r.text
+            big_texts = [r.json()["choices"][0]["text"]] * big["n"]
+            # A fixed, small receive buffer: the client's kernel takes no more than this while the client stalls.
+            small = httpx.AsyncHTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)])
+            async with (
+                httpx.AsyncClient(transport=small, timeout=120) as slow_client,
+                slow_client.stream("POST", f"{url}/v1/completions", json={**big, "stream": True}) as slow,
+            ):
+                assert slow.status_code == 200
+                pieces = slow.aiter_raw()
+                received = [await anext(pieces)]
+                together, *_ = await asyncio.gather(
+                    reference_texts(url, model, 32),
+                    *[vanish_mid_stream(client) for _ in range(3)],
+                    vanish_mid_body(),
+                    vanish_waiting(client),
+                )
+                async for piece in pieces:  # now read, slowly
+                    received.append(piece)
+                    await asyncio.sleep(0.005)
+        return alone, together, big_texts, b"".join(received)
+
+    aborted = aborted_requests(api)
+    alone, together, big_texts, slow_body = asyncio.run(scenario())
+    assert together == alone
+    assert len(slow_body) > 4 * 2**20  # it did not fit in the socket buffers
+    assert sse_texts(slow_body, 6) == big_texts
+    end = time.monotonic() + 10  # the vanished requests would need ~2000 more decode steps to finish on their own
+    while (any(kv_blocks_in_use(api)) or aborted_requests(api) < aborted + 4) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not any(kv_blocks_in_use(api)), "the disconnected requests still hold KV blocks"
+    assert aborted_requests(api) == aborted + 4  # 3 mid-stream, 1 waiting (the one mid-body never started)
