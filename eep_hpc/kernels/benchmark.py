@@ -1,10 +1,12 @@
 """Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
 
-    python -m eep_hpc.kernels.benchmark [--out results.json] [--reps 50] [--sweep]
+    python -m eep_hpc.kernels.benchmark [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,...]
 
 Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
 (never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
-the replays. --sweep also times a few tile configs per case (to tune `pick_config`).
+the replays. --sweep also times a few tile configs per case (to tune `pick_config`). `moe_fp8` times the same MoE
+cases with the weights quantised to fp8 (e4m3, 128 x 128 block scales, as Qwen3-30B-A3B-FP8) and bf16 activations,
+beside the bf16 rows of `moe`; its error is against the dequantised weights (the kernel's own error, not fp8's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import traceback
 import torch
 
 from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference, write_kv
+from eep_hpc.kernels.fp8 import BlockScales, dequantize_blockwise, dequantize_w13, quantize_blockwise, quantize_w13
 from eep_hpc.kernels.moe import swiglu_experts_reference
 from eep_hpc.kernels.norm import rms_norm_reference
 
@@ -77,7 +80,7 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def bench_moe(results, reps, sweep, dtype):
+def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
     from eep_hpc.kernels.triton_moe import MoEConfig, pick_config, swiglu_experts_triton
 
     dev = torch.device("cuda")
@@ -86,22 +89,37 @@ def bench_moe(results, reps, sweep, dtype):
     configs = [MoEConfig(16, 32, 128, 1, 4, 4), MoEConfig(16, 32, 256, 1, 4, 3), MoEConfig(16, 64, 128, 1, 4, 4),
                MoEConfig(16, 64, 256, 1, 8, 3), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
                MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3)]
-    w13d, w2d = w13.double(), w2.double()
+    scales = None
+    if fp8:
+        block = (128, 128)
+        (w13, s13), (w2, s2) = quantize_w13(w13, block), quantize_blockwise(w2, block)
+        scales = BlockScales(s13, s2, block)
+        w13d, w2d = dequantize_w13(w13, s13, block, torch.float64), dequantize_blockwise(w2, s2, block, torch.float64)
+        # K tiles within one scale block; fp8 tiles are half the bytes, so also wider N tiles and deeper pipelines
+        configs = [c for c in configs if c.BLOCK_K <= 128] + [
+            MoEConfig(16, 128, 128, 1, 8, 4), MoEConfig(16, 64, 128, 1, 4, 6), MoEConfig(16, 256, 128, 1, 8, 3),
+            MoEConfig(32, 128, 128, 4, 8, 4)]
+    else:
+        w13d, w2d = w13.double(), w2.double()
+    per_expert = 3 * MOE_I * HIDDEN * w13.element_size()
+    if scales is not None:
+        per_expert += (scales.w13[0].numel() + scales.w2[0].numel()) * 4
     for name, tokens in [("decode-1", 1), ("decode-64", 64), ("decode-256", 256), ("prefill-512", 512)]:
         M = tokens * TOP_K
         x = torch.randn(M, HIDDEN, device=dev).to(dtype)
         slot = torch.rand(tokens, EXPERTS, device=dev).topk(TOP_K, dim=-1).indices.reshape(-1)
         used = int(slot.unique().numel())
-        bytes_ = used * 3 * MOE_I * HIDDEN * w13.element_size() + 2 * M * HIDDEN * x.element_size()
+        bytes_ = used * per_expert + 2 * M * HIDDEN * x.element_size()
         ref = swiglu_experts_reference(x.double(), slot, w13d, w2d)
         cfg = pick_config(M, EXPERTS, HIDDEN, MOE_I)
-        out = swiglu_experts_triton(x, slot, w13, w2)
-        row = dict(kernel="moe", case=name, dtype=str(dtype), M=M, slots_used=used, config=str(cfg),
-                   rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6)
-        timings(row, lambda: swiglu_experts_triton(x, slot, w13, w2), lambda: swiglu_experts_reference(x, slot, w13, w2),
-                reps, 5, out)
+        out = swiglu_experts_triton(x, slot, w13, w2, scales=scales)
+        row = dict(kernel="moe-fp8" if fp8 else "moe", case=name, dtype=f"fp8-e4m3 x {dtype}" if fp8 else str(dtype),
+                   M=M, slots_used=used, config=str(cfg), rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6)
+        timings(row, lambda: swiglu_experts_triton(x, slot, w13, w2, scales=scales),
+                lambda: swiglu_experts_reference(x, slot, w13, w2, scales), reps, 5, out)
         if sweep:
-            row["sweep"] = {str(c): gpu_us(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c), reps)[0]
+            row["sweep"] = {str(c): gpu_us(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c, scales=scales),
+                                           reps)[0]
                             for c in configs}
         results.append(row)
         print(row, flush=True)
@@ -181,7 +199,7 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--only", default="moe,attention,norm")
+    p.add_argument("--only", default="moe,moe_fp8,attention,norm")
     args = p.parse_args()
     torch.manual_seed(0)
     results = []
@@ -189,7 +207,8 @@ def main():
     dtype = torch.bfloat16
     sections = dict(norm=lambda: bench_norm(results, args.reps, dtype),
                     attention=lambda: bench_attention(results, args.reps, args.sweep, dtype),
-                    moe=lambda: bench_moe(results, args.reps, args.sweep, dtype))
+                    moe=lambda: bench_moe(results, args.reps, args.sweep, dtype),
+                    moe_fp8=lambda: bench_moe(results, args.reps, args.sweep, dtype, fp8=True))
     for name in only:
         try:
             sections[name]()

@@ -1,7 +1,8 @@
 """Expert computation over local physical slots: torch reference (CPU, tests).
 
 Rows arrive already dispatched: row m of x goes through the expert held in local slot `slot[m]`.
-SwiGLU experts stacked per slot: w13 [S, 2I, D] (gate rows then up rows), w2 [S, D, I].
+SwiGLU experts stacked per slot: w13 [S, 2I, D] (gate rows then up rows), w2 [S, D, I]; fp8 experts come with
+their block scales (`fp8.BlockScales`) and are dequantised slot by slot, in x's dtype.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from eep_hpc.kernels.fp8 import BlockScales, dequantize_blockwise, dequantize_w13
 
-def swiglu_experts_reference(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+
+def swiglu_experts_reference(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                             scales: BlockScales | None = None) -> torch.Tensor:
     """x [M, D], slot [M] -> [M, D] (unweighted expert outputs)."""
     out = torch.empty_like(x)
     if x.shape[0] == 0:
@@ -23,6 +27,10 @@ def swiglu_experts_reference(x: torch.Tensor, slot: torch.Tensor, w13: torch.Ten
             continue
         rows = order[start : start + n]
         start += n
-        gate, up = (x[rows] @ w13[s].t()).chunk(2, dim=-1)
-        out[rows] = (F.silu(gate) * up) @ w2[s].t()
+        a, b = w13[s], w2[s]
+        if scales is not None:
+            a = dequantize_w13(a, scales.w13[s], scales.block, x.dtype)
+            b = dequantize_blockwise(b, scales.w2[s], scales.block, x.dtype)
+        gate, up = (x[rows] @ a.t()).chunk(2, dim=-1)
+        out[rows] = (F.silu(gate) * up) @ b.t()
     return out

@@ -13,6 +13,7 @@ import torch
 
 from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference
 from eep_hpc.kernels.attention import write_kv as write_kv_reference
+from eep_hpc.kernels.fp8 import BlockScales
 from eep_hpc.kernels.moe import swiglu_experts_reference
 from eep_hpc.kernels.norm import rms_norm_reference
 
@@ -74,10 +75,13 @@ def paged_attention(
     return paged_attention_reference(q, k_cache, v_cache, meta, scale)
 
 
-def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """x [M, D], slot [M] -> [M, D]: row m through the SwiGLU expert in local slot slot[m] (unweighted)."""
+def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   scales: BlockScales | None = None) -> torch.Tensor:
+    """x [M, D], slot [M] -> [M, D]: row m through the SwiGLU expert in local slot slot[m] (unweighted).
+    With `scales`, w13/w2 are fp8 with block scales (fp8.py): dequantised in registers on the GPU path, slot by
+    slot in the reference."""
     if use_triton(x):
         from eep_hpc.kernels.triton_moe import swiglu_experts_triton
 
-        return swiglu_experts_triton(x, slot, w13, w2)
-    return swiglu_experts_reference(x, slot, w13, w2)
+        return swiglu_experts_triton(x, slot, w13, w2, scales=scales)
+    return swiglu_experts_reference(x, slot, w13, w2, scales)

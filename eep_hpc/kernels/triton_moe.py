@@ -11,6 +11,11 @@ weighted sum here: each row is computed exactly once and written back to its own
    the activation happens in registers, so [M, 2I] never reaches memory. h is [EM, I] in padded order.
 3. `_w2_kernel`: grouped GEMM out[r] = h[p] @ w2[s].T, stored straight to the row's original place.
 
+FP8 experts (HAS_SCALES): w13/w2 are float8_e4m3fn with block scales (see `fp8.py`), activations stay in x's
+dtype (weight-only W8A16). Each fp8 weight tile is widened to x's dtype in registers (exact: e4m3 fits in bf16),
+its dot is taken in fp32 and multiplied by the tile's per-column scales before it joins the accumulator. A K tile
+never straddles a scale block (BLOCK_K divides bk), so one scale per output column covers it.
+
 Shapes: M rows, D hidden, I expert intermediate, S local slots, EM = padded rows (a bound known from M and S alone,
 so buffers and grids depend on shapes only; CUDA graphs can capture a fixed M).
 """
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
 
 
 @dataclass(frozen=True)
@@ -150,11 +157,11 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "EM"])
 def _w13_silu_kernel(
-    x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
+    x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, scale_ptr,
     M, D, I, EM,
-    stride_xm, stride_we, stride_wn, stride_hm,
+    stride_xm, stride_we, stride_wn, stride_hm, stride_se, stride_sn, stride_sk, up_scale_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
@@ -173,6 +180,9 @@ def _w13_silu_kernel(
     # w13[s] is [2I, D] row-major; read as [BLOCK_K, BLOCK_N] tiles of its transpose
     g_ptrs = w13_ptr + s * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
+    if HAS_SCALES:  # scales of the tile's columns: gate rows' blocks, then up rows' from up_scale_row
+        sg_ptrs = scale_ptr + s * stride_se + (offs_n // SCALE_N) * stride_sn
+        su_ptrs = sg_ptrs + up_scale_row * stride_sn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -180,8 +190,15 @@ def _w13_silu_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        if HAS_SCALES:
+            kb = (k0 // SCALE_K) * stride_sk
+            sg = tl.load(sg_ptrs + kb, mask=n_ok, other=0.0)
+            su = tl.load(su_ptrs + kb, mask=n_ok, other=0.0)
+            acc_g += tl.dot(a, g.to(a.dtype), input_precision=PRECISION) * sg[None, :]
+            acc_u += tl.dot(a, u.to(a.dtype), input_precision=PRECISION) * su[None, :]
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -192,11 +209,11 @@ def _w13_silu_kernel(
 
 @triton.jit(do_not_specialize=["M", "EM"])
 def _w2_kernel(
-    h_ptr, w2_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr,
+    h_ptr, w2_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, scale_ptr,
     M, D, I, EM,
-    stride_hm, stride_we, stride_wn, stride_om,
+    stride_hm, stride_we, stride_wn, stride_om, stride_se, stride_sn, stride_sk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
@@ -213,29 +230,59 @@ def _w2_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
     b_ptrs = w2_ptr + s * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # w2[s] is [D, I]
+    if HAS_SCALES:
+        s_ptrs = scale_ptr + s * stride_se + (offs_n // SCALE_N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k_ok = offs_k < I - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_SCALES:
+            sc = tl.load(s_ptrs + (k0 // SCALE_K) * stride_sk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b.to(a.dtype), input_precision=PRECISION) * sc[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+def _scale_args(scales: BlockScales | None, w13: torch.Tensor, w2: torch.Tensor, S: int, I: int, D: int,
+                block_k13: int, block_k2: int):
+    """(w13 scale tensor, w2 scale tensor, SCALE_N, SCALE_K for w13, SCALE_K for w2, up_scale_row); the weights
+    themselves stand in as (unread) scale pointers without scales."""
+    if scales is None:
+        return w13, w2, 1, 1, 1, 0
+    bn, bk = scales.block
+    assert w13.dtype == w2.dtype == FP8, (w13.dtype, w2.dtype)
+    s13, s2 = expert_scale_shapes(I, D, scales.block)
+    assert scales.w13.shape == (S, *s13) and scales.w2.shape == (S, *s2), (scales.w13.shape, scales.w2.shape, s13, s2)
+    assert scales.w13.dtype == scales.w2.dtype == torch.float32
+    assert scales.w13.is_contiguous() and scales.w2.is_contiguous()
+
+    def group_k(K: int, block_k: int) -> int:
+        if bk >= K:  # one scale column: every K tile reads column 0
+            return triton.next_power_of_2(K)
+        assert bk % block_k == 0 and block_k >= 16, f"K tiles of {block_k} do not fit scale blocks of {bk}"
+        return bk
+
+    return scales.w13, scales.w2, bn, group_k(D, block_k13), group_k(I, block_k2), s13[0] // 2
+
+
 def swiglu_experts_triton(
     x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, scales: BlockScales | None = None,
 ) -> torch.Tensor:
     """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference, plus: rows whose
-    slot is outside [0, S) are skipped and their output rows left unwritten (padding of a fixed-size batch)."""
+    slot is outside [0, S) are skipped and their output rows left unwritten (padding of a fixed-size batch).
+    With `scales`, w13 and w2 are fp8 (e4m3) with those block scales (W8A16: x stays in its dtype)."""
     M, D = x.shape
     S, two_i, _ = w13.shape
     I = two_i // 2
     assert w13.shape == (S, 2 * I, D) and w2.shape == (S, D, I), (x.shape, w13.shape, w2.shape)
-    assert x.dtype == w13.dtype == w2.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert scales is not None or x.dtype == w13.dtype == w2.dtype, (x.dtype, w13.dtype, w2.dtype)
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1 and w13.stride(1) == D and w2.stride(1) == I
     out = torch.empty_like(x) if out is None else out
     assert out.shape == x.shape and out.dtype == x.dtype and out.stride(-1) == 1
@@ -243,25 +290,35 @@ def swiglu_experts_triton(
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or pick_config(M, S, D, I, x.dtype)
+    # w2's K is I: no K tile wider than I (rounded up to a power of two) for tiny models
+    bk13, bk2 = cfg.BLOCK_K, min(cfg.BLOCK_K, max(16, triton.next_power_of_2(I)))
+    if scales is not None:  # K tiles no wider than a scale block (128 for the checkpoints seen: no change)
+        bk13 = bk13 if scales.block[1] >= D else min(bk13, scales.block[1])
+        bk2 = bk2 if scales.block[1] >= I else min(bk2, scales.block[1])
+    s13, s2, scale_n, scale_k13, scale_k2, up_row = _scale_args(scales, w13, w2, S, I, D, bk13, bk2)
     sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
     EM = sorted_rows.shape[0]
     h = torch.empty(EM, I, dtype=x.dtype, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     num_m = EM // cfg.BLOCK_M
+    has_scales = scales is not None
     _w13_silu_kernel[(num_m * triton.cdiv(I, cfg.BLOCK_N),)](
-        x, w13, h, sorted_rows, block_slot, num_padded,
+        x, w13, h, sorted_rows, block_slot, num_padded, s13,
         M, D, I, EM,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, PRECISION=precision,
+        s13.stride(0) if has_scales else 0, s13.stride(1) if has_scales else 0, s13.stride(2) if has_scales else 0,
+        up_row,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk13, GROUP_M=cfg.GROUP_M, PRECISION=precision,
+        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    # w2's K is I: no K tile wider than I (rounded up to a power of two) for tiny models
-    bk2 = min(cfg.BLOCK_K, max(16, triton.next_power_of_2(I)))
     _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](
-        h, w2, out, sorted_rows, block_slot, num_padded,
+        h, w2, out, sorted_rows, block_slot, num_padded, s2,
         M, D, I, EM,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        s2.stride(0) if has_scales else 0, s2.stride(1) if has_scales else 0, s2.stride(2) if has_scales else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk2, GROUP_M=cfg.GROUP_M, PRECISION=precision,
+        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
