@@ -29,6 +29,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # 0 = the model's max_position_embeddings.
     max_model_len: int = 0
     seed: int = 0  # seed of dummy weights
+    # "auto": as config.json's quantization_config says; "fp8": block-scaled e4m3 weights (128 x 128) even for an
+    # unquantised checkpoint or dummy weights (quantised at load); "none": every weight in the serving dtype (an
+    # FP8 checkpoint is dequantised at load). FP8 expert slots stay fp8 on CUDA with Triton; elsewhere (CPU,
+    # EEP_HPC_KERNELS=reference) the loader dequantises them.
+    quantization: Literal["auto", "fp8", "none"] = "auto"
 
     def served_name(self) -> str:
         if self.name:

@@ -64,6 +64,15 @@ class DeepseekRouting:
 
 
 @dataclass(frozen=True)
+class Fp8Quantization:
+    """Block-scaled e4m3 weights (config.json `quantization_config` with quant_method "fp8", as Qwen3-*-FP8 and
+    DeepSeek-V3 ship): each quantised linear weight [out, in] is float8_e4m3fn with a float32 `<name>_scale_inv`
+    of one scale per `block` = (out, in) tile. Embeddings, norms, routers and lm_head stay unquantised."""
+
+    block: tuple[int, int] = (128, 128)
+
+
+@dataclass(frozen=True)
 class MoEArch:
     kind: str  # "qwen3_moe" | "mixtral" | "deepseek_v2"
     vocab_size: int
@@ -90,6 +99,9 @@ class MoEArch:
     mla: MLAArch | None = None
     routing: DeepseekRouting | None = None
     rope_scaling: YarnScaling | None = None
+    # How weights are stored: in the checkpoint (from config.json), and in a built model the expert slots (None
+    # there when the loader dequantised them to the serving dtype).
+    quantization: Fp8Quantization | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -186,6 +198,18 @@ def _deepseek_v2(cfg: dict, common: dict) -> MoEArch:
     )
 
 
+def _quantization(cfg: dict) -> Fp8Quantization | None:
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8" or q.get("fmt", "e4m3") != "e4m3" or not q.get("weight_block_size"):
+        raise ValueError(f"quantization {dict(q)} is not supported (only quant_method 'fp8', fmt 'e4m3' with "
+                         "weight_block_size: block-scaled FP8 checkpoints)")
+    bn, bk = q["weight_block_size"]
+    return Fp8Quantization(block=(int(bn), int(bk)))
+
+
 def _eos_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -213,6 +237,7 @@ def parse_arch(cfg: dict) -> MoEArch:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=_DTYPES.get(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16", torch.bfloat16),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        quantization=_quantization(cfg),
     )
     if kind == "deepseek_v2":
         return _deepseek_v2(cfg, common)

@@ -22,7 +22,9 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(a.hidden_size, a.intermediate_size)
         else:
             moe_index = a.moe_layers.index(layer)
-            self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.top_k, a.norm_topk_prob, moe_index, num_local_slots)
+            fp8_block = a.quantization.block if a.quantization else None  # fp8 expert slots (arch of the built model)
+            self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.top_k, a.norm_topk_prob,
+                                 moe_index, num_local_slots, fp8_block)
 
     def forward(self, x, positions, kv_cache, meta, ep: ExpertParallel):
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)

@@ -1,15 +1,22 @@
-"""Build a model for one rank: the skeleton, its non-expert weights, and the experts of its own slots."""
+"""Build a model for one rank: the skeleton, its non-expert weights, and the experts of its own slots.
+
+FP8 (model/fp8.py): the model is built from the arch of what it stores, i.e. `arch.quantization` is set only when
+its expert slots stay fp8 (CUDA with Triton); the weight source dequantises everything else.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from eep_hpc.config import ModelConfig
-from eep_hpc.model.arch import MoEArch
+from eep_hpc.kernels.fp8 import cdiv
+from eep_hpc.model.arch import MoEArch, load_arch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM
+from eep_hpc.model.fp8 import Fp8Source, expert_format, weight_format
 from eep_hpc.model.hf_names import expert_names, hf_name
 from eep_hpc.model.weights import DummySource, SafetensorsSource
 
@@ -19,10 +26,15 @@ def model_class(arch: MoEArch) -> type[MoEForCausalLM] | type[DeepseekV2ForCausa
     return DeepseekV2ForCausalLM if arch.kind == "deepseek_v2" else MoEForCausalLM
 
 
-def weight_source(cfg: ModelConfig, model_dir: Path, device: torch.device):
-    if cfg.load_format == "dummy":
-        return DummySource(cfg.seed, device)
-    return SafetensorsSource(model_dir)
+def weight_source(cfg: ModelConfig, model_dir: Path, device: torch.device, arch: MoEArch | None = None):
+    """Dummy or checkpoint weights; FP8 ones (a quantised checkpoint, or `quantization = "fp8"`) through an
+    `Fp8Source`, whose `get` dequantises."""
+    source = DummySource(cfg.seed, device) if cfg.load_format == "dummy" else SafetensorsSource(model_dir)
+    arch = arch or load_arch(model_dir)
+    fmt = weight_format(cfg, arch)
+    if fmt is None:
+        return source
+    return Fp8Source(source, fmt, stored=isinstance(source, SafetensorsSource) and arch.quantization is not None)
 
 
 def is_expert_param(name: str) -> bool:
@@ -45,9 +57,18 @@ def load_expert_slot(model: MoEForCausalLM, source, moe_index: int, slot: int, l
     layer = arch.moe_layers[moe_index]
     I, D = arch.moe_intermediate_size, arch.hidden_size
     gate, up, down = expert_names(arch, layer, logical)
-    block.w13[slot, :I].copy_(source.get(gate, (I, D)))
-    block.w13[slot, I:].copy_(source.get(up, (I, D)))
-    block.w2[slot].copy_(source.get(down, (D, I)))
+    if block.fp8_block is None:
+        block.w13[slot, :I].copy_(source.get(gate, (I, D)))
+        block.w13[slot, I:].copy_(source.get(up, (I, D)))
+        block.w2[slot].copy_(source.get(down, (D, I)))
+        return
+    g = cdiv(I, block.fp8_block[0])  # scale rows of the gate half
+    for q_dst, s_dst, name, shape in ((block.w13[slot, :I], block.w13_scale[slot, :g], gate, (I, D)),
+                                      (block.w13[slot, I:], block.w13_scale[slot, g:], up, (I, D)),
+                                      (block.w2[slot], block.w2_scale[slot], down, (D, I))):
+        q, scale = source.get_fp8(name, shape)
+        q_dst.copy_(q)
+        s_dst.copy_(scale)
 
 
 def build_model(
@@ -71,11 +92,12 @@ def build_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(arch)(arch, num_local_slots, max_positions)
+            built = dataclasses.replace(arch, quantization=expert_format(cfg, arch, device))
+            model = model_class(arch)(built, num_local_slots, max_positions)
     finally:
         torch.set_default_dtype(previous)
     model.eval()
-    source = weight_source(cfg, model_dir, device)
+    source = weight_source(cfg, model_dir, device, arch)
     if load_dense_weights:
         load_dense(model, source)
     for moe_index, logicals in enumerate(local_logical):

@@ -1,7 +1,8 @@
 """The sparse MoE block and the expert-parallel context its layers share.
 
-A rank holds only its own physical slots (`w13` [S_local, 2I, D], `w2` [S_local, D, I]); the router runs on every
-rank for its own tokens, and `ExpertParallel` moves (token, expert) pairs to the slot owners and back. Swapping
+A rank holds only its own physical slots (`w13` [S_local, 2I, D], `w2` [S_local, D, I]; fp8 slots also hold their
+block scales `w13_scale`, `w2_scale`, slot first, see kernels/fp8.py); the router runs on every rank for its own
+tokens, and `ExpertParallel` moves (token, expert) pairs to the slot owners and back. Swapping
 epochs or placements replaces `ExpertParallel` and the slot tensors between steps; the layer code never changes.
 """
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from eep_hpc.kernels import ops
+from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
 from eep_hpc.parallel.all_to_all import AllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 
@@ -28,22 +30,33 @@ class ExpertParallel:
         self.load.zero_()
         return load
 
-    def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2):
+    def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2, scales: BlockScales | None = None):
         ids = topk_ids.reshape(-1)
         self.load[layer].index_add_(0, ids, torch.ones_like(ids))
         slots = self.map.choose_slots(layer, topk_ids)
         rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
-        y = ops.swiglu_experts(rows, local_slot, w13, w2)
+        y = ops.swiglu_experts(rows, local_slot, w13, w2, scales)
         return self.all_to_all.combine(y, topk_weights, handle)
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool, moe_index: int, num_local_slots: int):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool, moe_index: int,
+                 num_local_slots: int, fp8_block: tuple[int, int] | None = None):
+        """fp8_block: expert slots in fp8 with scales of that block (buffers: they travel with the slots, never
+        with the dense weights); None: in the default dtype."""
         super().__init__()
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
-        self.w13 = nn.Parameter(torch.empty(num_local_slots, 2 * intermediate, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local_slots, hidden, intermediate), requires_grad=False)
+        S, dtype = num_local_slots, (FP8 if fp8_block else None)
+        self.w13 = nn.Parameter(torch.empty(S, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(S, hidden, intermediate, dtype=dtype), requires_grad=False)
+        self.fp8_block = fp8_block
+        s13, s2 = expert_scale_shapes(intermediate, hidden, fp8_block) if fp8_block else (None, None)
+        self.register_buffer("w13_scale", torch.empty(S, *s13, dtype=torch.float32) if s13 else None, persistent=False)
+        self.register_buffer("w2_scale", torch.empty(S, *s2, dtype=torch.float32) if s2 else None, persistent=False)
+
+    def scales(self) -> BlockScales | None:
+        return None if self.fp8_block is None else BlockScales(self.w13_scale, self.w2_scale, self.fp8_block)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (ids [T, k], weights [T, k]): softmax over all experts in fp32, top-k, optional renorm."""
@@ -55,4 +68,4 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
         ids, weights = self.route(x)
-        return ep.forward(self.moe_index, x, ids, weights, self.w13, self.w2)
+        return ep.forward(self.moe_index, x, ids, weights, self.w13, self.w2, self.scales())
