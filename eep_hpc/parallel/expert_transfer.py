@@ -6,8 +6,12 @@ slot tensors from: slots no move touches (they keep what the same rank held at t
 the source's published slots (no collective: a dead peer fails only its reader) or, without NIXL, by an all-to-all
 over a transfer group of all participants. For the all-to-all every participant knows the move list, so counts need
 no exchange: rank p sends, per layer, one row per move it sources for another rank, ordered by (destination
-position, move order), and receives rows in (source position, move order). A row is one expert: w13 [2I, D] and
-w2 [D, I] flattened.
+position, move order), and receives rows in (source position, move order). A row is one expert: its per-slot
+tensors (w13 [2I, D], w2 [D, I], and for fp8 experts their scales) as bytes, one after the other.
+
+An expert is the list of its per-slot tensors (`SlotTensors.kinds`): fp8 experts carry their block scales as two
+more kinds, so scales are staged, copied and sent with their weights by the same code; over NIXL the scales are
+published as layers L..2L-1 of the same descriptor table (`publish_slots`).
 """
 
 from __future__ import annotations
@@ -20,54 +24,98 @@ from eep_hpc.parallel.groups import EpochGroup
 
 
 @dataclass
-class StagedExperts:
-    w13: list[torch.Tensor]  # per MoE layer [S_new_local, 2I, D]
-    w2: list[torch.Tensor]  # per MoE layer [S_new_local, D, I]
-    bytes_received: int
-
-
-@dataclass
 class SlotTensors:
-    """This rank's old expert slots (None for a joining rank)."""
+    """Expert slots, per MoE layer: w13 [S, 2I, D], w2 [S, D, I] and, for fp8 experts, their block scales
+    w13_scale, w2_scale [S, ...] (None for experts in the serving dtype). A rank's old slots (None for a joining
+    rank), or the shapes to stage for its new ones."""
 
     w13: list[torch.Tensor]
     w2: list[torch.Tensor]
+    w13_scale: list[torch.Tensor] | None = None
+    w2_scale: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of_blocks(cls, blocks) -> SlotTensors:
+        """The slot tensors of a model's MoE blocks (`model.moe_blocks()`), scales included."""
+        fp8 = bool(blocks) and blocks[0].w13_scale is not None
+        return cls([b.w13.data for b in blocks], [b.w2.data for b in blocks],
+                   [b.w13_scale for b in blocks] if fp8 else None, [b.w2_scale for b in blocks] if fp8 else None)
+
+    def kinds(self) -> list[list[torch.Tensor]]:
+        """[kind][layer] -> [S, ...]: every per-slot tensor list, weights first."""
+        return [self.w13, self.w2] + ([self.w13_scale, self.w2_scale] if self.w13_scale is not None else [])
+
+
+@dataclass
+class StagedExperts(SlotTensors):
+    bytes_received: int = 0
+
+
+def _slot_specs(like: SlotTensors | None, old: SlotTensors | None, shape: tuple[int, int], dtype: torch.dtype):
+    """(per-slot shape, dtype) of each kind."""
+    ref = like or old
+    I, D = shape
+    specs = ([(tuple(k[0].shape[1:]), k[0].dtype) for k in ref.kinds()] if ref is not None
+             else [((2 * I, D), dtype), ((D, I), dtype)])
+    if len(specs) == 2 and specs[0][1].itemsize == 1:
+        raise ValueError("fp8 experts move with their scales: stage them like=SlotTensors.of_blocks(blocks)")
+    return specs
 
 
 def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, new_start: int, new_end: int,
-                  num_layers: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[StagedExperts, list]:
-    """New slot tensors with untouched slots and local copies filled in -> (staged, remote moves still to fetch)."""
-    I, D = shape
+                  num_layers: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                  like: SlotTensors | None = None) -> tuple[StagedExperts, list]:
+    """New slot tensors with untouched slots and local copies filled in -> (staged, remote moves still to fetch).
+    The kinds staged (and their per-slot shapes) are those of `like` (this rank's model's slots), else of `old`,
+    else w13/w2 of `shape` (I, D) and `dtype`."""
+    specs = _slot_specs(like, old, shape, dtype)
+    if old is not None and len(old.kinds()) != len(specs):
+        raise ValueError("the old expert slots lack the scales of fp8 experts: use SlotTensors.of_blocks(blocks)")
     n_new = new_end - new_start
-    w13s, w2s, remote = [], [], []
+    kinds: list[list[torch.Tensor]] = [[] for _ in specs]
+    remote = []
     for layer in range(num_layers):
-        w13 = torch.empty(n_new, 2 * I, D, dtype=dtype, device=device)
-        w2 = torch.empty(n_new, D, I, dtype=dtype, device=device)
+        new = [torch.empty(n_new, *slot_shape, dtype=dt, device=device) for slot_shape, dt in specs]
         moved_here = {m[4] for m in moves if m[0] == layer and m[3] == my_id}
+        olds = [k[layer] for k in old.kinds()] if old is not None else []
         if old is not None:
             for g in range(new_start, new_end):
                 if g not in moved_here:
-                    w13[g - new_start] = old.w13[layer][g - new_start]
-                    w2[g - new_start] = old.w2[layer][g - new_start]
+                    for t, o in zip(new, olds):
+                        t[g - new_start] = o[g - new_start]
         for m in moves:
             if m[0] != layer or m[3] != my_id:
                 continue
             if m[2] == my_id:
-                w13[m[4] - new_start] = old.w13[layer][m[5]]
-                w2[m[4] - new_start] = old.w2[layer][m[5]]
+                for t, o in zip(new, olds):
+                    t[m[4] - new_start] = o[m[5]]
             else:
                 remote.append(m)
-        w13s.append(w13)
-        w2s.append(w2)
-    return StagedExperts(w13s, w2s, 0), remote
+        for k, t in zip(kinds, new):
+            k.append(t)
+    return StagedExperts(*kinds[:2], *(kinds[2:] or [None, None])), remote
+
+
+def publish_slots(agent, epoch: int, slots: SlotTensors, reg=None) -> None:
+    """`agent.publish_experts` for every kind: scales go as layers L..2L-1 (w13_scale beside w13, w2_scale beside
+    w2), so a reader fetches them by the same (layer, slot) descriptors."""
+    if slots.w13_scale is None:
+        agent.publish_experts(epoch, slots.w13, slots.w2, reg)
+    else:
+        agent.publish_experts(epoch, slots.w13 + slots.w13_scale, slots.w2 + slots.w2_scale, reg)
 
 
 def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: list[list[int]], new_start: int):
     """Remote copies by NIXL READs into the staging tensors -> (bytes, their registration). The registration is
     kept: after the commit the staging tensors are what this rank serves to peers."""
-    reg = agent.register(staged.w13 + staged.w2) if staged.w13 and staged.w13[0].shape[0] else None
+    every = [t for k in staged.kinds() for t in k]
+    reg = agent.register(every) if staged.w13 and staged.w13[0].shape[0] else None
     try:
+        L = len(staged.w13)
         reads = [(m[2], m[0], m[5], staged.w13[m[0]][m[4] - new_start], staged.w2[m[0]][m[4] - new_start]) for m in remote]
+        if staged.w13_scale is not None:
+            reads += [(m[2], L + m[0], m[5], staged.w13_scale[m[0]][m[4] - new_start],
+                       staged.w2_scale[m[0]][m[4] - new_start]) for m in remote]
         return agent.fetch_experts(source_epoch, reads), reg
     except BaseException:
         if reg is not None:
@@ -78,9 +126,11 @@ def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: lis
 def exchange_over_group(group: EpochGroup, participants: list[int], my_id: int, moves: list[list[int]],
                         old: SlotTensors | None, staged: StagedExperts, new_start: int, num_layers: int,
                         shape: tuple[int, int]) -> int:
-    I, D = shape
+    """Remote copies by one all-to-all per layer over `group`; rows are experts as bytes (all kinds) -> bytes."""
     pos = {rid: i for i, rid in enumerate(participants)}
-    dtype, device = staged.w13[0].dtype, staged.w13[0].device
+    device = staged.w13[0].device
+    slot_bytes = [k[0].shape[1:].numel() * k[0].element_size() for k in staged.kinds()]
+    row_bytes = sum(slot_bytes)
     received = 0
     for layer in range(num_layers):
         layer_moves = [m for m in moves if m[0] == layer]
@@ -91,14 +141,17 @@ def exchange_over_group(group: EpochGroup, participants: list[int], my_id: int, 
             send_counts[p] += 1
         for p, _ in recvs:
             recv_counts[p] += 1
-        rows = [torch.cat([old.w13[layer][layer_moves[i][5]].reshape(-1), old.w2[layer][layer_moves[i][5]].reshape(-1)])
+        rows = [torch.cat([k[layer][layer_moves[i][5]].reshape(-1).view(torch.uint8) for k in old.kinds()])
                 for _, i in sends]
-        send = torch.stack(rows) if rows else torch.empty(0, 3 * I * D, dtype=dtype, device=device)
-        recv = torch.empty(len(recvs), 3 * I * D, dtype=dtype, device=device)
+        send = torch.stack(rows) if rows else torch.empty(0, row_bytes, dtype=torch.uint8, device=device)
+        recv = torch.empty(len(recvs), row_bytes, dtype=torch.uint8, device=device)
         group.all_to_all(recv, send, recv_counts, send_counts)
-        received += recv.numel() * recv.element_size()
+        received += recv.numel()
         for (_, i), data in zip(recvs, recv):
             slot = layer_moves[i][4] - new_start
-            staged.w13[layer][slot] = data[: 2 * I * D].view(2 * I, D)
-            staged.w2[layer][slot] = data[2 * I * D :].view(D, I)
+            offset = 0
+            for k, n in zip(staged.kinds(), slot_bytes):
+                dst = k[layer][slot]
+                dst.view(-1).view(torch.uint8).copy_(data[offset : offset + n])
+                offset += n
     return received

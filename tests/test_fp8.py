@@ -1,0 +1,433 @@
+"""FP8 (e4m3, block scales) weights: quantisation, FP8 checkpoints in Hugging Face's layout, the fp8 expert kernel,
+and fp8 experts moving between ranks with their scales.
+
+CPU: an FP8 checkpoint is dequantised at load, so its greedy tokens equal those of a checkpoint holding the
+dequantised weights; the same holds with fp8 expert slots kept in the model (served by the reference kernel, which
+dequantises slot by slot), which is the layout the GPU serves. Kernel checks run on a CUDA GPU, or on the CPU
+through Triton's interpreter with TRITON_INTERPRET=1 (fp32 activations and tiny shapes only); like
+tests/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
+float64 on the dequantised weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from eep_hpc import protocol as P
+from eep_hpc.config import Config, EngineConfig, ModelConfig
+from eep_hpc.engine.rank_engine import RankEngine, build_engine
+from eep_hpc.kernels import ops
+from eep_hpc.kernels.fp8 import (
+    FP8,
+    FP8_MAX,
+    BlockScales,
+    dequantize_blockwise,
+    dequantize_w13,
+    quantize_blockwise,
+    quantize_w13,
+    scale_shape,
+)
+from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.model import fp8 as model_fp8
+from eep_hpc.model.arch import Fp8Quantization, load_arch, parse_arch
+from eep_hpc.model.loader import build_model
+from eep_hpc.model.weights import DummySource
+from eep_hpc.parallel.expert_transfer import SlotTensors, exchange_over_group, stage_experts
+from eep_hpc.parallel.groups import EpochGroup, connect_store
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_kernels = pytest.mark.skipif(
+    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET), reason="needs a CUDA GPU with Triton"
+)
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU with Triton")
+big = pytest.mark.skipif(INTERPRET, reason="too large for the Triton interpreter")
+DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
+    if ref.numel() == 0:
+        return 0.0
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# ---- quantisation ----
+
+
+@pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((100, 70), (128, 128)), ((96, 200), (16, 32)),
+                                         ((3, 40, 24), (16, 16)), ((50, 64), (1, 64))], ids=str)
+def test_blockwise_round_trip(shape, block):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * torch.rand(shape[:-2] + (1, shape[-1])) * 3  # blocks of different ranges
+    q, s = quantize_blockwise(w, block)
+    assert q.dtype == FP8 and q.shape == w.shape and s.dtype == torch.float32
+    assert s.shape == shape[:-2] + scale_shape(shape[-2:], block)
+    s_full = s.repeat_interleave(block[0], -2)[..., : shape[-2], :].repeat_interleave(block[1], -1)[..., : shape[-1]]
+    # each block's largest magnitude maps to the largest e4m3 value
+    assert torch.allclose((q.float().abs() * s_full / s_full).amax(), torch.tensor(FP8_MAX))
+    back = dequantize_blockwise(q, s, block)
+    assert torch.equal(back, q.float() * s_full)
+    # round to nearest e4m3: half a unit in the last place (3 mantissa bits) plus half the smallest subnormal
+    assert ((back - w).abs() <= w.abs() * 2**-4 + s_full * 2**-10).all()
+    assert dequantize_blockwise(q, s, block, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_zero_block_quantises_to_zero():
+    w = torch.zeros(64, 64)
+    w[:32, :32] = torch.randn(32, 32)
+    q, s = quantize_blockwise(w, (32, 32))
+    back = dequantize_blockwise(q, s, (32, 32))
+    assert not back.isnan().any() and torch.equal(back[32:], torch.zeros(32, 64)) and (s > 0).all()
+
+
+def test_w13_scales_are_gate_then_up():
+    """Gate and up are separate checkpoint tensors: each is blocked from its own first row (I = 40 is not a
+    multiple of the block)."""
+    w13 = torch.randn(2, 80, 64)
+    q, s = quantize_w13(w13, (16, 32))
+    assert s.shape == (2, 2 * 3, 2)
+    qg, sg = quantize_blockwise(w13[:, :40], (16, 32))
+    assert torch.equal(q[:, :40].view(torch.uint8), qg.view(torch.uint8)) and torch.equal(s[:, :3], sg)
+    assert torch.equal(dequantize_w13(q, s, (16, 32))[:, 40:], dequantize_blockwise(q[:, 40:], s[:, 3:], (16, 32)))
+
+
+def _fp8_experts(S, D, I, block, device=DEVICE):
+    w13 = torch.randn(S, 2 * I, D, device=device) * D**-0.5
+    w2 = torch.randn(S, D, I, device=device) * I**-0.5
+    q13, s13 = quantize_w13(w13, block)
+    q2, s2 = quantize_blockwise(w2, block)
+    return q13, q2, BlockScales(s13, s2, block)
+
+
+def test_reference_kernel_dequantises_slot_by_slot():
+    torch.manual_seed(1)
+    q13, q2, sc = _fp8_experts(5, 64, 48, (16, 32), torch.device("cpu"))
+    x, slot = torch.randn(30, 64), torch.randint(0, 5, (30,))
+    w13, w2 = dequantize_w13(q13, sc.w13, sc.block), dequantize_blockwise(q2, sc.w2, sc.block)
+    want = swiglu_experts_reference(x, slot, w13, w2)
+    assert torch.equal(swiglu_experts_reference(x, slot, q13, q2, sc), want)
+    assert torch.equal(ops.swiglu_experts(x, slot, q13, q2, sc), want)  # CPU tensors: the reference
+
+
+def test_config_json_quantization():
+    base = json.loads((Path(__file__).parent.parent / "configs/models/qwen3-30b-a3b/config.json").read_text())
+    assert parse_arch(base).quantization is None
+    fp8 = dict(base, quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]})
+    assert parse_arch(fp8).quantization == Fp8Quantization((128, 128))
+    with pytest.raises(ValueError, match="not supported"):
+        parse_arch(dict(base, quantization_config={"quant_method": "gptq", "bits": 4}))
+
+
+# ---- FP8 checkpoints (Hugging Face layout) ----
+
+
+def save_fp8_copy(src: Path, dst: Path, block: tuple[int, int], dequantised: bool = False) -> Path:
+    """The checkpoint at src as an FP8 one (fp8 weights + float32 `_scale_inv`, config quantization_config), or,
+    with dequantised=True, as the unquantised checkpoint holding exactly the weights the FP8 one stands for."""
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for name in h.keys():  # noqa: SIM118 (safe_open is no dict)
+                t = h.get_tensor(name)
+                if model_fp8._QUANTISED.search(name):
+                    q, s = quantize_blockwise(t, block)
+                    if dequantised:
+                        out[name] = dequantize_blockwise(q, s, block, t.dtype)
+                    else:
+                        out[name], out[name + "_scale_inv"] = q, s
+                else:
+                    out[name] = t
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    if not dequantised:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def engine_for(model_dir: Path, device: str = "cpu", **model) -> RankEngine:
+    arch = load_arch(model_dir)
+    cfg = Config(model=ModelConfig(path=str(model_dir), **model), engine=EngineConfig(num_kv_blocks=128))
+    launch = P.RankLaunch(rank_id=0, head_address="", model_dir=str(model_dir), eos_token_ids=[], device=device,
+                          config=cfg)
+    epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
+                    physical_to_logical=[list(range(arch.num_experts))] * len(arch.moe_layers),
+                    slot_offsets=[0, arch.num_experts])
+    return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device(device)))
+
+
+def greedy(engine, prompts=PROMPTS, n=24):
+    sampling = P.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(P.AddRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling))
+    out = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def hf_checkpoint(request, tmp_path_factory):
+    from hf_reference import save_random_hf_model
+
+    return save_random_hf_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture
+def keep_fp8_on_cpu(monkeypatch):
+    """fp8 expert slots kept in the model on the CPU too (served by the reference kernel)."""
+    monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
+
+
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)], ids=str)
+def test_fp8_checkpoint_tokens_equal_dequantised_checkpoint(hf_checkpoint, block, tmp_path, monkeypatch):
+    fp8_dir = save_fp8_copy(hf_checkpoint, tmp_path / "fp8", block)
+    deq_dir = save_fp8_copy(hf_checkpoint, tmp_path / "deq", block, dequantised=True)
+    with safe_open(fp8_dir / "model.safetensors", "pt") as h:
+        names = list(h.keys())
+        first_gate = next(n for n in names if n.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")))
+        assert h.get_tensor(first_gate).dtype == FP8
+        assert any(n.endswith("q_proj.weight_scale_inv") for n in names) and "lm_head.weight_scale_inv" not in names
+    want = greedy(engine_for(deq_dir))
+    dequantised = engine_for(fp8_dir)  # CPU: every weight dequantised at load
+    assert dequantised.model.moe_blocks()[0].w13.dtype == torch.float32
+    assert greedy(dequantised) == want
+    monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
+    kept = engine_for(fp8_dir)  # the GPU's layout: fp8 slots + scales
+    block0 = kept.model.moe_blocks()[0]
+    assert block0.w13.dtype == FP8 and block0.w13_scale.dtype == torch.float32 and block0.fp8_block == block
+    assert greedy(kept) == want
+    # quantization = "none" dequantises even where fp8 slots could be kept
+    assert engine_for(fp8_dir, quantization="none").model.moe_blocks()[0].w13.dtype == torch.float32
+
+
+def test_fp8_dummy_weights_are_the_quantised_bf16_dummy_weights(keep_fp8_on_cpu):
+    from eep_hpc.model.tiny import ensure_tiny_checkpoint
+
+    path = Path(ensure_tiny_checkpoint())
+    arch = load_arch(path)
+    cfg = ModelConfig(path=str(path), load_format="dummy", quantization="fp8", seed=3)
+    local = [list(range(arch.num_experts))] * len(arch.moe_layers)
+    model = build_model(arch, cfg, path, local, 64, torch.device("cpu"), torch.float32)
+    raw = DummySource(3, torch.device("cpu"))
+    block, I, D = (128, 128), arch.moe_intermediate_size, arch.hidden_size
+    q, s = quantize_blockwise(raw.get("model.layers.0.mlp.experts.2.up_proj.weight", (I, D)), block)
+    moe = model.moe_blocks()[0]
+    assert torch.equal(moe.w13[2, I:].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(moe.w13_scale[2, moe.w13_scale.shape[1] // 2 :], s)
+    qp = "model.layers.0.self_attn.q_proj.weight"
+    shape = tuple(model.layers[0].self_attn.q_proj.weight.shape)
+    round_trip = dequantize_blockwise(*quantize_blockwise(raw.get(qp, shape), block), block)
+    assert torch.equal(model.layers[0].self_attn.q_proj.weight, round_trip)
+    # routers, embeddings and lm_head stay as drawn
+    assert torch.equal(model.layers[0].mlp.gate.weight, raw.get("model.layers.0.mlp.gate.weight", (arch.num_experts, D)))
+    assert torch.equal(model.lm_head.weight, raw.get("lm_head.weight", (arch.vocab_size, D)))
+
+
+def _tiny_path() -> Path:
+    from eep_hpc.model.tiny import ensure_tiny_checkpoint
+
+    return Path(ensure_tiny_checkpoint())
+
+
+def test_fp8_forced_on_a_checkpoint_kept_or_dequantised_gives_same_tokens(monkeypatch):
+    path = _tiny_path()
+    want = greedy(engine_for(path, quantization="fp8"), n=16)
+    monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
+    kept = engine_for(path, quantization="fp8")
+    assert kept.model.moe_blocks()[0].w13.dtype == FP8
+    assert greedy(kept, n=16) == want
+
+
+# ---- experts move with their scales ----
+
+
+def _fp8_slots(L, S, I, D, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    w13 = [torch.randn(S, 2 * I, D, generator=g) for _ in range(L)]
+    w2 = [torch.randn(S, D, I, generator=g) for _ in range(L)]
+    q13, s13 = zip(*(quantize_w13(w, block) for w in w13))
+    q2, s2 = zip(*(quantize_blockwise(w, block) for w in w2))
+    return SlotTensors(list(q13), list(q2), list(s13), list(s2))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_stage_experts_copies_scales_with_local_moves():
+    old = _fp8_slots(2, 4, 24, 32, (16, 16), 0)
+    # layer 1: global slot 0 now holds what local slot 3 held; slot 2 comes from another rank
+    moves = [[1, 7, 0, 0, 0, 3], [1, 5, 1, 0, 2, 0]]
+    staged, remote = stage_experts(0, moves, old, 0, 4, 2, (24, 32), FP8, torch.device("cpu"), like=old)
+    assert remote == [moves[1]] and staged.w13_scale is not None
+    for kind_new, kind_old in zip(staged.kinds(), old.kinds()):
+        assert _same(kind_new[0], kind_old[0])  # layer 0 untouched
+        assert _same(kind_new[1][0], kind_old[1][3]) and _same(kind_new[1][1], kind_old[1][1])
+    with pytest.raises(ValueError, match="scales"):  # fp8 slots without their scales cannot be staged
+        stage_experts(0, moves, SlotTensors(old.w13, old.w2), 0, 4, 2, (24, 32), FP8, torch.device("cpu"))
+    with pytest.raises(ValueError, match="scales"):
+        stage_experts(1, moves, None, 0, 4, 2, (24, 32), FP8, torch.device("cpu"))
+
+
+def test_exchange_over_group_sends_scales_with_experts():
+    """Two ranks (gloo, threads): each sends one fp8 expert of layer 1 to the other; bytes and scales arrive."""
+    from torch import distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    L, S, I, D, block = 2, 3, 24, 32, (16, 16)
+    olds = [_fp8_slots(L, S, I, D, block, seed) for seed in (10, 11)]
+    # [layer, logical, src, dst, dst_global_slot, src_local_slot]; rank r holds global slots [3r, 3r + 3)
+    moves = [[1, 0, 0, 1, 4, 2], [1, 1, 1, 0, 0, 1]]
+    results, errors = [None, None], []
+
+    def run(r):
+        try:
+            group = EpochGroup(connect_store("127.0.0.1", store.port), 5, r, 2, torch.device("cpu"), timeout_s=30,
+                               purpose="xfer/")
+            staged, _ = stage_experts(r, moves, olds[r], 3 * r, 3 * r + 3, L, (I, D), FP8, torch.device("cpu"),
+                                           like=olds[r])
+            staged.bytes_received = exchange_over_group(group, [0, 1], r, moves, olds[r], staged, 3 * r, L, (I, D))
+            results[r] = staged
+            group.destroy()
+        except Exception as e:  # noqa: BLE001 (surfaced below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors
+    for kind in range(4):
+        assert _same(results[1].kinds()[kind][1][1], olds[0].kinds()[kind][1][2])  # global 4 = rank 1's local 1
+        assert _same(results[0].kinds()[kind][1][0], olds[1].kinds()[kind][1][1])
+        assert _same(results[0].kinds()[kind][0], olds[0].kinds()[kind][0])  # layer 0 untouched
+    per_expert = sum(k[0][0].numel() * k[0].element_size() for k in olds[0].kinds())
+    assert results[0].bytes_received == results[1].bytes_received == per_expert
+
+
+def test_swap_experts_replaces_scales(keep_fp8_on_cpu):
+    engine = engine_for(_tiny_path(), quantization="fp8")
+    blocks = engine.model.moe_blocks()
+    slots = SlotTensors.of_blocks(blocks)
+    assert slots.w13_scale is not None and len(slots.kinds()) == 4
+    moves = [[0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 1, 0]]  # swap local slots 0 and 1 of layer 0
+    S = blocks[0].w13.shape[0]
+    staged, _ = stage_experts(0, moves, slots, 0, S, len(blocks), (0, 0), FP8, torch.device("cpu"), like=slots)
+    before = blocks[0].w13_scale.clone()
+    RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None), staged, None)
+    assert torch.equal(blocks[0].w13_scale[0], before[1]) and torch.equal(blocks[0].w13_scale[1], before[0])
+    assert blocks[0].w13_scale is staged.w13_scale[0] and blocks[0].w13.data_ptr() == staged.w13[0].data_ptr()
+    with pytest.raises(ValueError, match="scales"):
+        RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None),
+                                SlotTensors(staged.w13, staged.w2), None)
+
+
+# ---- the fp8 Triton kernel ----
+
+
+FP8_SHAPES = [
+    pytest.param(1, 4, 64, 32, (16, 32), id="one-row"),
+    pytest.param(37, 8, 64, 32, (16, 32), id="tiny-blocks"),
+    pytest.param(50, 3, 96, 48, (128, 128), id="ragged-one-block"),
+    pytest.param(30, 4, 160, 96, (32, 32), id="ragged-k-tiles"),
+    pytest.param(20, 5, 64, 48, (1, 64), id="per-channel"),
+    pytest.param(8, 128, 2048, 768, (128, 128), id="qwen3-decode-1", marks=big),
+    pytest.param(512, 128, 2048, 768, (128, 128), id="qwen3-decode-64", marks=big),
+    pytest.param(4096, 128, 2048, 768, (128, 128), id="qwen3-prefill-512", marks=big),
+    pytest.param(300, 16, 2048, 768, (1, 2048), id="qwen3-per-channel", marks=big),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,S,D,I,block", FP8_SHAPES)
+def test_swiglu_experts_fp8_triton(M, S, D, I, block, dtype):
+    from eep_hpc.kernels.triton_moe import MoEConfig, swiglu_experts_triton
+
+    torch.manual_seed(M * 7 + S)
+    for cfg in (None, MoEConfig(16, 32, 32, 2, 4, 2)):
+        q13, q2, sc = _fp8_experts(S, D, I, block)
+        x = torch.randn(M, D, device=DEVICE).to(dtype)
+        slot = torch.randint(0, S, (M,), device=DEVICE)
+        out = torch.full_like(x, float("nan"))
+        swiglu_experts_triton(x, slot, q13, q2, config=cfg, out=out, scales=sc)
+        ref = swiglu_experts_reference(x.double(), slot, dequantize_w13(q13, sc.w13, block, torch.float64),
+                                       dequantize_blockwise(q2, sc.w2, block, torch.float64))
+        assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
+
+
+@needs_kernels
+def test_swiglu_experts_fp8_triton_skips_padding_rows():
+    from eep_hpc.kernels.triton_moe import swiglu_experts_triton
+
+    q13, q2, sc = _fp8_experts(6, 64, 32, (16, 32))
+    x = torch.randn(40, 64, device=DEVICE)
+    slot = torch.randint(0, 6, (40,), device=DEVICE)
+    pad = torch.rand(40, device=DEVICE) < 0.3
+    slot = torch.where(pad, torch.where(torch.rand(40, device=DEVICE) < 0.5, -1, 6), slot)
+    out = torch.full_like(x, float("nan"))
+    swiglu_experts_triton(x, slot, q13, q2, out=out, scales=sc)
+    keep = ~pad
+    ref = swiglu_experts_reference(x[keep].double(), slot[keep], dequantize_w13(q13, sc.w13, sc.block, torch.float64),
+                                   dequantize_blockwise(q2, sc.w2, sc.block, torch.float64))
+    assert rel_err(out[keep], ref) <= TOL[torch.float32] and out[pad].isnan().all()
+
+
+@needs_gpu
+def test_ops_run_fp8_experts_in_triton_on_cuda():
+    q13, q2, sc = _fp8_experts(5, 64, 32, (16, 32))
+    x = torch.randn(30, 64, device="cuda", dtype=torch.bfloat16)
+    slot = torch.randint(0, 5, (30,), device="cuda")
+    got = ops.swiglu_experts(x, slot, q13, q2, sc)
+    ref = swiglu_experts_reference(x.double(), slot, dequantize_w13(q13, sc.w13, sc.block, torch.float64),
+                                   dequantize_blockwise(q2, sc.w2, sc.block, torch.float64))
+    assert rel_err(got, ref) <= TOL[torch.bfloat16]
+
+
+# ---- the FP8 model on a GPU ----
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_cpu(hf_checkpoint, tmp_path):
+    """fp32 activations with fp8 experts on the GPU (no TF32): the same greedy tokens as the CPU's dequantised
+    model; bf16 activations: close logits on the prompts."""
+    fp8_dir = save_fp8_copy(hf_checkpoint, tmp_path / "fp8", (16, 32))
+    cpu = engine_for(fp8_dir)
+    gpu = engine_for(fp8_dir, device="cuda", dtype="float32")
+    assert gpu.model.moe_blocks()[0].w13.dtype == FP8 and gpu.model.moe_blocks()[0].w13_scale.is_cuda
+    assert greedy(gpu) == greedy(cpu)
+    bf16 = engine_for(fp8_dir, device="cuda", dtype="bfloat16")
+    assert bf16.model.moe_blocks()[0].w13.dtype == FP8
+    assert all(len(t) == 8 for t in greedy(bf16, n=8))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
+    path = _tiny_path()
+    bf16 = engine_for(path, device="cuda", dtype="bfloat16", load_format="dummy")
+    fp8 = engine_for(path, device="cuda", dtype="bfloat16", load_format="dummy", quantization="fp8")
+    b, f = bf16.model.moe_blocks()[0], fp8.model.moe_blocks()[0]
+    assert f.w13.element_size() * 2 == b.w13.element_size() and f.w13.shape == b.w13.shape
+    assert all(len(t) == 8 for t in greedy(fp8, n=8))
