@@ -128,6 +128,10 @@ class PrepareEpoch(_Msg):
     broadcast_dense: bool = False
     # KV blocks a joining rank allocates (the smallest figure of the current ranks); 0 = size its own.
     num_kv_blocks: int = 0
+    # Members were lost abruptly: the current epoch's group is unusable. Survivors act on this at once (no step
+    # boundary agreement), drop their group and every request (the head re-sends them after the commit), and
+    # copies with src_rank_id -1 come from the checkpoint (experts only the lost ranks held).
+    recovery: bool = False
 
 
 class CommitEpoch(_Msg):
@@ -268,6 +272,15 @@ class NodeLeaving(_Msg):
     reason: str
 
 
+class GroupLost(_Msg):
+    """A collective of the current epoch failed (a peer died or timed out): this rank dropped its group and its
+    requests and waits, still answering pings, for a recovery PrepareEpoch."""
+
+    rank_id: int
+    epoch: int
+    error: str
+
+
 class RankFailed(_Msg):
     """Sent by a rank that is about to exit because of an error it cannot recover from."""
 
@@ -278,7 +291,7 @@ class RankFailed(_Msg):
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
 RankToHead = Union[
     RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
-    NodeLeaving, RankFailed,
+    NodeLeaving, GroupLost, RankFailed,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

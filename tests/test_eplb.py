@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eep_hpc.parallel.eplb import (
+    CHECKPOINT,
     EMPTY,
     ExpertMove,
     Placement,
@@ -328,6 +329,17 @@ def test_plan_moves_prefers_a_local_copy_then_the_least_loaded_sender():
         ExpertMove(layer=1, logical=0, src_rank=5, dst_rank=7, dst_slot=2),  # 5 and 6 have sent one each
         ExpertMove(layer=1, logical=2, src_rank=6, dst_rank=7, dst_slot=3),
     ]
+
+
+def test_plan_moves_never_reads_from_a_lost_rank():
+    """Rank 6 died: an expert it shared comes from the live replica, one only it held from the checkpoint."""
+    old = Placement(torch.tensor([[0, 1, 2, 0]]), [0, 2, 4])  # ids 5: [0, 1], 6: [2, 0]
+    new = Placement(torch.tensor([[0, 1, 2, 0]]), [0, 4])  # 5 alone: [0, 1, 2, 0]
+    assert plan_moves(old, [5, 6], new, [5], lost={6}) == [
+        ExpertMove(layer=0, logical=2, src_rank=CHECKPOINT, dst_rank=5, dst_slot=2),
+        ExpertMove(layer=0, logical=0, src_rank=5, dst_rank=5, dst_slot=3),  # its own copy, not the dead one's
+    ]
+    assert plan_moves(old, [5, 6], new, [5])[0].src_rank == 6  # alive, it would have sent it
 
 
 def test_plan_moves_raises_when_an_expert_has_no_holder():

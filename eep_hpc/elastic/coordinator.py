@@ -8,8 +8,9 @@ Protocol with the ranks (messages in protocol.py, one ROUTER socket here, one DE
    that arrives while the ranks are idle starts a wave (Wake to every member, since each MoE layer needs all of
    them); rank 0 reports WaveDone when all ran out of work, and a new wave starts if requests are still out.
    Outputs come back as StepOutputs and are fanned out to per-request queues.
-4. Ping every heartbeat; a rank that stops answering, fails, or whose job dies is marked FAILED and its requests
-   end with an error (fault tolerance moves them instead, in a later layer).
+4. Ping every heartbeat; a rank that stops answering, fails, or whose job dies is marked FAILED. A member lost
+   that way starts a recovery (scaling_ops.recover): survivors re-form without it and every open request starts
+   again on them, so no request fails while one member lives. New requests wait for the recovery to end.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from eep_hpc.config import Config
 from eep_hpc.elastic.autoscaler import Autoscaler
 from eep_hpc.elastic.membership import RankRecord, RankState, StartupError, is_pending, slots_per_rank
 from eep_hpc.elastic.scaling_ops import ScalingMixin
-from eep_hpc.elastic.scaling import ScaleEvent, ScalePhase
+from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
 from eep_hpc.parallel.eplb import Placement, initial_placement
 
 log = logging.getLogger("eep_hpc.coordinator")
+
+RECOVERY_ATTEMPTS = 5  # re-forming after a loss gives up (and fails the open requests) after this many tries
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Coordinator(ScalingMixin):
         self.expert_load = None  # [L, E] tokens per logical expert since the last rebalance
         self._acks: dict[tuple[str, int], set[int]] = {}  # (message kind, epoch) -> rank ids that sent it
         self._leaving: list[P.NodeLeaving] = []  # scheduler notices received, for status
+        self._recovery: asyncio.Task | None = None  # re-forming the group after members were lost
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -201,6 +205,9 @@ class Coordinator(ScalingMixin):
         return min(ready, key=load)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
+        if self._recovery is not None:  # members were lost: the survivors are re-forming, then take it
+            await self._wait_for(lambda: self._recovery is None, self.cfg.control.rank_timeout_s * 4,
+                                 "the serving group to recover", raise_on_failed=False)
         rec = self.route()
         stream = Stream(asyncio.Queue(), rec.rank_id, prompt_token_ids, sampling)
         self.streams[request_id] = stream
@@ -318,6 +325,10 @@ class Coordinator(ScalingMixin):
                 self._acks.setdefault(("EpochJoined", e), set()).add(msg.rank_id)
                 if e == self.epoch:
                     rec.state = RankState.READY
+            case P.GroupLost(epoch=e, error=err):
+                if e == self.epoch:
+                    log.warning("rank %d lost the group of epoch %d: %s", msg.rank_id, e, err)
+                    self._start_recovery()
             case P.RankFailed(error=err):
                 log.error("rank %d failed: %s", msg.rank_id, err)
                 self._fail(rec, err.splitlines()[0] if err else "rank failed")
@@ -341,6 +352,12 @@ class Coordinator(ScalingMixin):
 
     def _fail(self, rec: RankRecord, why: str) -> None:
         rec.state = RankState.FAILED
+        rec.job.kill()  # a rank declared dead must not come back half-alive
+        if rec.rank_id in self.members and not self._stopping:
+            log.error("member rank %d lost: %s", rec.rank_id, why)
+            self._start_recovery()  # its requests start again on the survivors
+            self._changed.set()
+            return
         for rid in list(rec.in_flight):
             stream = self.streams.get(rid)
             if stream is not None:
@@ -348,6 +365,58 @@ class Coordinator(ScalingMixin):
                                                         error=f"rank {rec.rank_id} failed: {why}"))
         rec.in_flight.clear()
         self._changed.set()
+
+    def _start_recovery(self) -> None:
+        if self._recovery is None and not self._stopping:
+            self._recovery = asyncio.create_task(self._recover_loop())
+            self._tasks.append(self._recovery)
+
+    async def _recover_loop(self) -> None:
+        """Until the survivors serve in a new epoch: let a scaling event in progress fail on the lost rank and
+        roll back, check which members are alive, re-form. Open requests wait meanwhile; they fail only when no
+        member is left."""
+        attempts = 0
+        try:
+            while not self._stopping:
+                while self.event is not None:
+                    await asyncio.sleep(0.05)
+                # a peer's broken connection is often heard of before its exit: give the launcher a moment to
+                # see which member died, rather than re-forming with it
+                deadline = time.monotonic() + 2 * self.cfg.control.heartbeat_s
+                await self._check_alive()
+                while not self._lost_members() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    await self._check_alive()
+                try:
+                    await self.recover()
+                    return
+                except ScaleBusy:
+                    continue
+                except ScaleFailed as e:
+                    attempts += 1
+                    alive = any(self.ranks[r].state == RankState.READY for r in self.members)
+                    if not alive or attempts >= RECOVERY_ATTEMPTS:
+                        log.error("cannot recover (attempt %d): %s", attempts, e)
+                        for stream in self.streams.values():
+                            stream.queue.put_nowait(P.RequestOutput(request_id="", new_token_ids=[], finish_reason="error",
+                                                                    error=f"the serving group could not recover: {e}"))
+                        return
+                    log.error("recovery attempt %d failed, retrying: %s", attempts, e)
+                await asyncio.sleep(0.5 * attempts)
+        finally:
+            self._recovery = None
+            self._changed.set()
+
+    def _lost_members(self) -> list[int]:
+        return [r for r in self.members if self.ranks[r].state in (RankState.FAILED, RankState.EXITED)]
+
+    async def _check_alive(self) -> None:
+        """Ask the launcher about every live rank now (not at the next heartbeat): a dead process is FAILED."""
+        live = [rec for rec in self.ranks.values() if rec.state not in (RankState.FAILED, RankState.EXITED)]
+        alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
+        for rec in live:
+            if not alive[rec.rank_id] and rec.state not in (RankState.FAILED, RankState.EXITED):
+                self._fail(rec, "its process exited")
 
     async def _heartbeat_loop(self) -> None:
         ctl = self.cfg.control

@@ -31,7 +31,7 @@ class ScaleFailed(RuntimeError):
 
 @dataclass
 class ScaleEvent:
-    kind: str  # "grow" | "shrink" | "rebalance"
+    kind: str  # "grow" | "shrink" | "rebalance" | "recover" (members lost abruptly)
     epoch: int
     old_members: list[int]
     new_members: list[int]
@@ -46,6 +46,8 @@ class ScaleEvent:
     dense_source: str = ""  # where joiners got their non-expert weights: "nixl:<rank>" / "checkpoint"
     dense_bytes: int = 0
     error: str = ""
+    lost: list[int] = field(default_factory=list)  # recover: members that died (not participants)
+    detect_s: float = 0.0  # recover: from the lost ranks' last message to the start of the event
 
     @property
     def joining(self) -> list[int]:
@@ -56,8 +58,13 @@ class ScaleEvent:
         return [r for r in self.old_members if r not in self.new_members]
 
     @property
+    def departing(self) -> list[int]:
+        """Leaving in order (drained, told to exit): the leaving ranks that were not lost."""
+        return [r for r in self.leaving if r not in self.lost]
+
+    @property
     def participants(self) -> list[int]:
-        return self.old_members + self.joining
+        return [r for r in self.old_members if r not in self.lost] + self.joining
 
     @property
     def gbps(self) -> float:
@@ -72,4 +79,6 @@ class ScaleEvent:
             "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),
             "requests_migrated": self.requests_migrated, "dense_source": self.dense_source,
             "dense_bytes": self.dense_bytes, "error": self.error,
+            **({"lost": self.lost, "detect_s": round(self.detect_s, 3),
+                "recovery_s": round(self.detect_s + self.prepare_s + self.commit_s, 3)} if self.kind == "recover" else {}),
         }

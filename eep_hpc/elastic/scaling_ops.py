@@ -16,7 +16,7 @@ import torch
 from eep_hpc import protocol as P
 from eep_hpc.elastic.membership import RankState, is_pending, slots_per_rank
 from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
-from eep_hpc.parallel.eplb import Placement, align_previous, plan_moves, rebalance
+from eep_hpc.parallel.eplb import CHECKPOINT, Placement, align_previous, plan_moves, rebalance
 
 log = logging.getLogger("eep_hpc.coordinator")
 
@@ -142,7 +142,7 @@ class ScalingMixin:
         kind, old, new_members = event.kind, event.old_members, event.new_members
         ctl = self.cfg.control
         try:
-            moves = plan_moves(self.placement, old, placement, new_members)
+            moves = plan_moves(self.placement, old, placement, new_members, lost=set(event.lost))
             event.experts_moved = sum(1 for m in moves if m.src_rank != m.dst_rank)
             target = P.Epoch(epoch=event.epoch, rank_ids=list(new_members), store_host=ctl.host, store_port=self.store.port,
                              physical_to_logical=placement.physical_to_logical.tolist(), slot_offsets=list(placement.slot_offsets))
@@ -151,16 +151,18 @@ class ScalingMixin:
             old_start = {rid: self.placement.slot_offsets[i] for i, rid in enumerate(old)}
 
             def src_local_slot(m) -> int:
+                if m.src_rank == CHECKPOINT:
+                    return -1
                 start = old_start[m.src_rank]
                 return old_p2l[m.layer].index(m.logical, start) - start
 
             prepare = P.PrepareEpoch(target=target, participants=event.participants, num_kv_blocks=kv,
-                                     source_epoch=self.epoch,
+                                     source_epoch=self.epoch, recovery=kind == "recover",
                                      moves=[[m.layer, m.logical, m.src_rank, m.dst_rank, m.dst_slot, src_local_slot(m)]
                                             for m in moves])
             log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,
                      new_members, event.experts_moved)
-            for rid in event.leaving:  # no new requests; in-flight ones move to survivors while experts are copied
+            for rid in event.departing:  # no new requests; in-flight ones move to survivors while experts are copied
                 self.ranks[rid].state = RankState.DRAINING
                 self._migrate_from(rid, new_members)
             for rid in event.joining:
@@ -186,7 +188,7 @@ class ScalingMixin:
                 self.send(rid, commit)
             self.wave_running = True
             await self._acked("EpochJoined", event.epoch, new_members, ctl.rank_timeout_s)
-            await self._acked("EpochLeft", event.epoch, event.leaving, ctl.rank_timeout_s)
+            await self._acked("EpochLeft", event.epoch, event.departing, ctl.rank_timeout_s)
         except BaseException as e:
             self._roll_back(event, e)
             raise
@@ -194,10 +196,12 @@ class ScalingMixin:
         self.members, self.placement, self.epoch = list(new_members), placement, event.epoch
         for rid in new_members:
             self.ranks[rid].state = RankState.READY
-        for rid in event.leaving:
+        for rid in event.departing:
             self._migrate_from(rid, new_members)  # any request that still slipped in
             self.send(rid, P.Shutdown())
             self.ranks[rid].state = RankState.EXITED
+        if kind == "recover":  # survivors dropped every request when their group broke: all start again
+            event.requests_migrated = self._resend_all(new_members)
         event.phase = ScalePhase.DONE
         self._finish(event)
         log.info("%s done: %s", kind, event.summary())
@@ -208,7 +212,7 @@ class ScalingMixin:
         log.error("%s to epoch %d failed, rolling back to epoch %d: %s", event.kind, event.epoch, self.epoch, event.error)
         for rid in event.participants:
             self.send(rid, P.AbortEpoch(epoch=event.epoch))
-        for rid in event.leaving:
+        for rid in event.departing:
             if self.ranks[rid].state == RankState.DRAINING:
                 self.ranks[rid].state = RankState.READY
         self._discard([r for r in event.joining if self.ranks[r].state != RankState.EXITED])
@@ -224,6 +228,40 @@ class ScalingMixin:
         self.event = None
         for key in [k for k in self._acks if k[1] <= event.epoch]:
             del self._acks[key]
+
+    def _resend_all(self, members: list[int]) -> int:
+        """Every open stream to the least-loaded member: re-prefill of prompt + tokens so far -> how many."""
+        for rec in self.ranks.values():
+            rec.in_flight.clear()
+        for rid, stream in self.streams.items():
+            target = min((self.ranks[r] for r in members), key=lambda r: (len(r.in_flight), r.rank_id))
+            stream.rank_id = target.rank_id
+            target.in_flight.add(rid)
+            self.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
+                                                   sampling=stream.sampling, output_token_ids=list(stream.output_token_ids)))
+        self._start_wave()
+        return len(self.streams)
+
+    async def recover(self) -> dict:
+        """Members died abruptly (no notice, no drain): the survivors re-form a group of a new epoch without them,
+        experts they alone held come from replicas on survivors or else the checkpoint, and every open request
+        starts again on the survivors from its tokens so far."""
+        lost = self._lost_members()
+        survivors = [r for r in self.members if r not in lost]
+        if not survivors:
+            raise ScaleFailed(f"every member ({self.members}) was lost")
+        event = self._open_event("recover", survivors)
+        event.lost = lost
+        if lost:
+            event.detect_s = max(0.0, event.started - min(self.ranks[r].last_seen for r in lost))
+        try:
+            slots = self._slots_for(survivors)
+            previous = align_previous(self.placement, self.members, survivors, slots)
+            new = await asyncio.to_thread(rebalance, self._load_or_uniform(), slots, previous)
+        except BaseException as e:
+            self._roll_back(event, e)
+            raise
+        return (await self._run_event(event, new)).summary()
 
     def _migrate_from(self, rank_id: int, survivors: list[int]) -> None:
         """Move every request of `rank_id` to the least-loaded survivor: re-prefill of prompt + tokens so far."""

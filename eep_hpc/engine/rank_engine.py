@@ -74,6 +74,12 @@ class RankEngine:
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort(request_ids)
 
+    def abort_all(self) -> int:
+        """Drop every request (their KV blocks too) -> how many."""
+        ids = [seq.request_id for seq in [*self.scheduler.waiting, *self.scheduler.running]]
+        self.abort(ids)
+        return len(ids)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

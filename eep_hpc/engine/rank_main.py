@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 import zmq
@@ -26,11 +27,12 @@ from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel.all_to_all import make_all_to_all
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.expert_transfer import (
-    SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, stage_experts,
+    SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, publish_slots, stage_experts,
 )
-from eep_hpc.parallel.groups import EpochGroup, connect_store
+from eep_hpc.parallel.eplb import CHECKPOINT
+from eep_hpc.parallel.groups import EpochGroup, GroupLost, connect_store
 from eep_hpc.parallel.weight_transfer import RankAgent, dense_tensors
-from eep_hpc.model.loader import load_dense, weight_source
+from eep_hpc.model.loader import load_dense, load_expert_slot, weight_source
 from pathlib import Path
 
 log = logging.getLogger("eep_hpc.rank")
@@ -59,6 +61,7 @@ class RankProcess:
         self.pending_commit: P.CommitEpoch | None = None
         self.agent: RankAgent | None = None  # NIXL: what this rank serves to peers, and its reads
         self.notice: str = ""  # set by a termination signal: ask the head to drain this rank, once
+        self.served = False  # has been a member of some epoch (a rank without a group then awaits recovery)
 
     def send(self, msg) -> None:
         self.sock.send(P.encode(msg), copy=False)
@@ -79,7 +82,10 @@ class RankProcess:
                                             seconds=ctl.leave_notice_s, reason=self.notice))
                     self.notice = ""
                 if self.active and not self.stopping:
-                    self.step_wave()
+                    try:
+                        self.step_wave()
+                    except GroupLost as e:
+                        self.lose_group(str(e))
             return 0
         except Exception as e:
             log.exception("rank %d failed", self.id)
@@ -125,7 +131,10 @@ class RankProcess:
             case P.PrepareEpoch():
                 if self.engine is None:  # joining, first message: build the skeleton, then say RankStaged
                     self.stage_joining(msg)
-                elif self.group is None:  # joining, second message (how to copy decided): nothing to serve yet
+                elif self.group is None:  # joining, second message (how to copy decided), or a survivor whose
+                    self.prepare(msg)    # group broke: no step boundary to agree on
+                elif msg.recovery:  # members died: whatever this group was doing, it is over
+                    self.lose_group(f"recovery to epoch {msg.target.epoch}")
                     self.prepare(msg)
                 else:
                     self.pending_prepare, self.active = msg, True
@@ -172,6 +181,18 @@ class RankProcess:
         if outputs:
             self.send(P.StepOutputs(rank_id=self.id, outputs=outputs, stats=self.engine.stats()))
 
+    def lose_group(self, why: str) -> None:
+        """The epoch's group is unusable (a peer died): drop it and every request (the head re-sends them after
+        the recovery commit), keep the model and KV cache, and wait for the head's recovery PrepareEpoch."""
+        if self.group is None:
+            return
+        epoch = self.group.epoch
+        log.warning("rank %d: lost the group of epoch %d (%s); dropping %d request(s), awaiting recovery",
+                    self.id, epoch, why, self.engine.abort_all())
+        self.group.destroy()
+        self.group, self.active, self.pending_prepare, self.pending_commit = None, False, None, None
+        self.send(P.GroupLost(rank_id=self.id, epoch=epoch, error=why))
+
     def join_epoch(self, msg: P.Epoch) -> None:
         ctl = self.launch.config.control
         if self.store is None:
@@ -180,7 +201,7 @@ class RankProcess:
         group = EpochGroup(self.store, msg.epoch, self.epoch_rank, len(msg.rank_ids), torch.device(self.launch.device),
                            timeout_s=ctl.rank_timeout_s)
         if self.engine is None:
-            self.group = group
+            self.group, self.served = group, True
             self.engine = build_engine(self.launch, msg, group)
             self.start_agent()
             self.publish(msg.epoch)
@@ -245,7 +266,7 @@ class RankProcess:
         try:
             if self.agent._dense_reg is None:
                 self.agent.publish_dense(dense_tensors(self.engine.model))
-            self.agent.publish_experts(epoch, [b.w13.data for b in blocks], [b.w2.data for b in blocks], expert_reg)
+            publish_slots(self.agent, epoch, SlotTensors.of_blocks(blocks), expert_reg)
             self.agent.retire_experts(keep_epoch=epoch)
         except Exception as e:
             log.warning("rank %d: cannot publish weights over NIXL (%s)", self.id, e)
@@ -261,10 +282,15 @@ class RankProcess:
             i = target.rank_ids.index(self.id) if member else 0
             start, end = (target.slot_offsets[i], target.slot_offsets[i + 1]) if member else (0, 0)
             blocks = self.engine.model.moe_blocks()
-            old = SlotTensors([b.w13.data for b in blocks], [b.w2.data for b in blocks]) if self.engine.ep else None
+            mine = SlotTensors.of_blocks(blocks)
+            old = mine if self.engine.ep else None
             shape = (arch.moe_intermediate_size, arch.hidden_size)
+            # experts whose every holder died come from the checkpoint; the rest move between live ranks
             staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
-                                           blocks[0].w13.dtype, device)
+                                           blocks[0].w13.dtype, device, like=mine)
+            self.load_from_checkpoint([m for m in remote if m[2] == CHECKPOINT], staged, start)
+            remote = [m for m in remote if m[2] != CHECKPOINT]
+            moves = [m for m in msg.moves if m[2] != CHECKPOINT]
             if msg.transfer == "nixl":
                 staged.bytes_received, reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote, start)
             else:
@@ -277,8 +303,8 @@ class RankProcess:
                         broadcast_bytes += t.numel() * t.element_size()
                 if self.engine.ep is not None:  # it had them already
                     broadcast_bytes = 0
-                staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, msg.moves, old, staged,
-                                                            start, len(blocks), shape)
+                staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, moves,
+                                                                              old, staged, start, len(blocks), shape)
                 xfer.destroy()
                 xfer = None
             if member:
@@ -299,6 +325,20 @@ class RankProcess:
             self.prepared = None
             self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
 
+    def load_from_checkpoint(self, moves: list[list[int]], staged: StagedExperts, start: int) -> None:
+        """Experts no live rank holds (their holders died), read from the checkpoint into staging."""
+        if not moves:
+            return
+        model = self.engine.model
+        source = weight_source(self.launch.config.model, Path(self.launch.model_dir), model.lm_head.weight.device)
+        blocks = model.moe_blocks()
+        for layer, logical, _, _, dst_slot, _ in moves:
+            into = SimpleNamespace(w13=staged.w13[layer], w2=staged.w2[layer], fp8_block=blocks[layer].fp8_block,
+                                   w13_scale=staged.w13_scale[layer] if staged.w13_scale is not None else None,
+                                   w2_scale=staged.w2_scale[layer] if staged.w2_scale is not None else None)
+            load_expert_slot(model, source, layer, dst_slot - start, logical, into=into)
+        log.info("rank %d: %d expert(s) restored from the checkpoint", self.id, len(moves))
+
     def commit(self, msg: P.CommitEpoch) -> None:
         prepared = self.prepared
         if prepared is None or prepared.msg.target.epoch != msg.epoch:
@@ -312,7 +352,7 @@ class RankProcess:
             a2a = make_all_to_all(self.launch.config, arch, target, prepared.group, prepared.expert_map)
             ep = ExpertParallel(prepared.expert_map, a2a, arch.num_experts)
             self.engine.swap_experts(prepared.staged, ep)
-            self.group, self.epoch_rank = prepared.group, target.rank_ids.index(self.id)
+            self.group, self.epoch_rank, self.served = prepared.group, target.rank_ids.index(self.id), True
             self.wave, self.active = msg.wave, True
             self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
             self.publish(msg.epoch, prepared.reg)
@@ -333,7 +373,7 @@ class RankProcess:
             if self.prepared.reg is not None:
                 self.agent.deregister(self.prepared.reg)
             self.prepared = None
-        if self.group is None:  # a joining rank whose join was called off
+        if self.group is None and not self.served:  # a joining rank whose join was called off
             self.stopping = True
 
 

@@ -51,9 +51,11 @@ def load_dense(model: MoEForCausalLM, source) -> None:
 
 
 @torch.inference_mode()
-def load_expert_slot(model: MoEForCausalLM, source, moe_index: int, slot: int, logical: int) -> None:
+def load_expert_slot(model: MoEForCausalLM, source, moe_index: int, slot: int, logical: int, into=None) -> None:
+    """The checkpoint's expert `logical` of MoE layer `moe_index` into local `slot` of the model's block, or of
+    `into` (like a block: w13, w2, w13_scale, w2_scale and fp8_block; e.g. the staged slots of a new epoch)."""
     arch = model.arch
-    block = model.moe_blocks()[moe_index]
+    block = into if into is not None else model.moe_blocks()[moe_index]
     layer = arch.moe_layers[moe_index]
     I, D = arch.moe_intermediate_size, arch.hidden_size
     gate, up, down = expert_names(arch, layer, logical)

@@ -414,14 +414,19 @@ class ExpertMove:
     dst_slot: int
 
 
-def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank_ids: list[int]) -> list[ExpertMove]:
+CHECKPOINT = -1  # source "rank" of a move whose every holder was lost: the expert is read from the checkpoint
+
+
+def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank_ids: list[int],
+               lost: frozenset[int] | set[int] = frozenset()) -> list[ExpertMove]:
     """The copies that turn ``old`` into ``new``, ordered by (layer, new rank position, slot).
 
     A new slot is identified by (rank id, index within that rank's slots); it needs no copy when the same slot held
     the same expert in ``old``. Otherwise the source is the destination rank itself if it held the expert in another
     slot, else the rank that held it with the fewest copies to other ranks planned so far (ties: earlier in
     ``old_rank_ids``).
-    Departing ranks (in ``old`` only) are sources like any other. Raises ValueError when no old rank held an expert.
+    Departing ranks (in ``old`` only) are sources like any other; `lost` ranks (died) are never sources, and an
+    expert only they held comes from CHECKPOINT. Raises ValueError when no old rank held an expert.
     """
     _check_ids(old, old_rank_ids, "old")
     _check_ids(new, new_rank_ids, "new")
@@ -438,7 +443,9 @@ def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank
         holders: dict[int, list[int]] = {}
         for i, rank_id in enumerate(old_rank_ids):
             for e in dict.fromkeys(old_slots[i]):
-                holders.setdefault(e, []).append(rank_id)
+                holders.setdefault(e, [])
+                if rank_id not in lost:
+                    holders[e].append(rank_id)
         new_row = new.physical_to_logical[layer].tolist()
         for j, dst in enumerate(new_rank_ids):
             before = old_slots[position[dst]] if dst in position else []
@@ -448,9 +455,11 @@ def plan_moves(old: Placement, old_rank_ids: list[int], new: Placement, new_rank
                     continue
                 if e in before:
                     src = dst  # local copy: not counted as sending
-                elif e in holders:
+                elif holders.get(e):
                     src = min(holders[e], key=lambda r: (sent[r], position[r]))
                     sent[src] += 1
+                elif e in holders:
+                    src = CHECKPOINT
                 else:
                     raise ValueError(f"layer {layer}: expert {e} of the new placement has no holder in the old one")
                 moves.append(ExpertMove(layer, e, src, dst, slot))

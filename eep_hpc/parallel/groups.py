@@ -9,6 +9,7 @@ model's device (NCCL on CUDA; the same gloo group on CPU). A one-rank epoch buil
 from __future__ import annotations
 
 import datetime
+import functools
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,23 @@ from eep_hpc import protocol as P
 
 def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class GroupLost(RuntimeError):
+    """A collective of the group failed: a peer died, or did not answer within the group's timeout."""
+
+
+def _collective(method):
+    """Any failure inside the process group surfaces as GroupLost, so callers tell a lost peer from a bug."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except GroupLost:
+            raise
+        except Exception as e:
+            raise GroupLost(f"epoch {self.epoch} group, rank {self.rank}/{self.size}: {type(e).__name__}: {e}") from e
+    return wrapper
 
 
 class EpochGroup:
@@ -38,6 +56,7 @@ class EpochGroup:
         else:
             self.dev = self.cpu
 
+    @_collective
     def all_reduce_max(self, values: list[int]) -> list[int]:
         if self.cpu is None:
             return values
@@ -47,12 +66,14 @@ class EpochGroup:
         self.cpu.allreduce([t], opts).wait()
         return t.tolist()
 
+    @_collective
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """In place on a CPU tensor."""
         if self.cpu is not None:
             self.cpu.allreduce([t]).wait()
         return t
 
+    @_collective
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
         """Rows of `inp` split by in_splits go to each rank; rows from each rank land in `out` by out_splits."""
         if self.dev is None:
@@ -60,6 +81,7 @@ class EpochGroup:
             return
         self.dev.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
 
+    @_collective
     def all_to_all_counts(self, send_counts: list[int]) -> list[int]:
         if self.cpu is None:
             return list(send_counts)
@@ -68,6 +90,7 @@ class EpochGroup:
         self.cpu.alltoall_base(recv, send, [1] * self.size, [1] * self.size, dist.AllToAllOptions()).wait()
         return recv.tolist()
 
+    @_collective
     def broadcast(self, t: torch.Tensor, src: int) -> None:
         if self.dev is None:
             return
