@@ -431,3 +431,33 @@ def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
     b, f = bf16.model.moe_blocks()[0], fp8.model.moe_blocks()[0]
     assert f.w13.element_size() * 2 == b.w13.element_size() and f.w13.shape == b.w13.shape
     assert all(len(t) == 8 for t in greedy(fp8, n=8))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_fp8_experts_grow_and_shrink_across_two_gpus_keep_text(tmp_path):
+    """fp8 experts and their scales move between GPUs (NIXL or the all-to-all) on grow and shrink; the text stays
+    that of the CPU's dequantised model (fp32 activations)."""
+    import asyncio
+
+    from conftest import start_head
+    from streaming_load import reference_texts
+
+    cpu_head = start_head(tmp_path / "cpu", ranks=1, model={"quantization": "fp8"})
+    try:
+        cpu = asyncio.run(reference_texts(cpu_head.url, cpu_head.model, 24))
+    finally:
+        cpu_head.stop()
+    head = start_head(tmp_path / "gpu", ranks=1, parallel={"device": "cuda"},
+                      model={"dtype": "float32", "quantization": "fp8"})
+    try:
+        one = asyncio.run(reference_texts(head.url, head.model, 24))
+        grown = head.call(head.head.coordinator.grow(1))
+        two = asyncio.run(reference_texts(head.url, head.model, 24))
+        shrunk = head.call(head.head.coordinator.shrink([head.state()["members"][0]]))
+        after = asyncio.run(reference_texts(head.url, head.model, 24))
+    finally:
+        head.stop()
+    assert grown["phase"] == shrunk["phase"] == "DONE", (grown, shrunk)
+    assert one == cpu and two == cpu and after == cpu
