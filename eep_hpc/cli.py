@@ -13,6 +13,22 @@ import httpx
 from eep_hpc.config import ConfigError, load_config
 
 
+def parse_setting(item: str) -> tuple[str, str, object]:
+    """--set SECTION.KEY=VALUE -> (section, key, value); the value is read as TOML (512, 0.9, true, "text"),
+    and as a plain string when it is not valid TOML."""
+    import tomllib
+
+    name, eq, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not eq or not dot or not section or not key:
+        raise SystemExit(f"eep-hpc: --set wants SECTION.KEY=VALUE (e.g. engine.max_num_seqs=512), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return section, key, value
+
+
 def _serve(args) -> int:
     from eep_hpc.cluster.head import Head
 
@@ -22,6 +38,9 @@ def _serve(args) -> int:
         "model": {"path": args.model},
         "control": {"run_dir": args.run_dir, "host": args.control_host},
     }
+    for item in args.set or []:
+        section, key, value = parse_setting(item)
+        overrides.setdefault(section, {})[key] = value
     cfg = load_config(args.config, **overrides)
     head = Head(cfg)
 
@@ -155,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="folder for logs and the discovery file (default runs/local)")
     s.add_argument("--control-host", help="address ranks reach the head at (on a cluster: this node's name)")
     s.add_argument("--launcher", choices=["local", "slurm"], help="where new ranks run")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set engine.max_num_seqs=512 (repeatable)")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="ranks, epoch, requests and expert placement of a running head")

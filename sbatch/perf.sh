@@ -2,8 +2,9 @@
 # The one-GPU performance run (issue #6): the seed's workload, batch-1 decode, a subset the transformers peer runs
 # too, the peer itself, and the memory roofline. One head serves all eep-hpc stages; the peer runs after it stops.
 #   sbatch --gpus=1 sbatch/perf.sh        (or `bash sbatch/perf.sh` on a GPU machine)
-# Env: CONFIG (default configs/qwen3-30b-a3b-dummy.toml), DEST (default bench/<gpu name>), STAGES (default
-# "seed batch1 subset profile peer roofline"), PEER_BATCHES (default "1 64").
+# Env: CONFIG (default configs/qwen3-30b-a3b-dummy.toml), SERVE_ARGS (more `eep-hpc serve` options, e.g.
+# "--set engine.max_num_seqs=512"), TAG (result file prefix, default the config's name), DEST (default
+# bench/<gpu name>), STAGES (default "seed batch1 subset profile peer roofline"), PEER_BATCHES (default "1 64").
 #SBATCH --job-name=eep-perf
 #SBATCH --nodes=1
 #SBATCH --time=60
@@ -15,13 +16,13 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-
 DEST=${DEST:-bench/$GPU}
 STAGES=${STAGES:-"seed batch1 subset profile peer roofline"}
 MODEL_DIR=$($PY -c "from eep_hpc.config import load_config; print(load_config('$CONFIG').model.path)")
-TAG=$(basename "$CONFIG" .toml)
+TAG=${TAG:-$(basename "$CONFIG" .toml)}
 mkdir -p "$DEST"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has seed || has batch1 || has subset; then
   RUN_DIR=$(mktemp -d)
-  $PY -m eep_hpc.cli serve --config "$CONFIG" --port 0 --run-dir "$RUN_DIR" > "$RUN_DIR/head.log" 2>&1 &
+  $PY -m eep_hpc.cli serve --config "$CONFIG" ${SERVE_ARGS:-} --port 0 --run-dir "$RUN_DIR" > "$RUN_DIR/head.log" 2>&1 &
   HEAD=$!
   trap 'kill -INT $HEAD 2>/dev/null; wait $HEAD 2>/dev/null || true; cp "$RUN_DIR/head.log" "$DEST/$TAG-head.log" 2>/dev/null || true' EXIT
   for _ in $(seq 1200); do

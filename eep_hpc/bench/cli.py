@@ -188,6 +188,8 @@ async def bench(args: argparse.Namespace) -> int:
         "command": shlex.join(sys.argv),
         "model": model,
         "dtype": args.dtype_label or state.get("dtype") or "unknown",
+        "quantization": state.get("quantization") or "none",
+        "backend": state.get("backend") or "unknown",
         "device": device_name(),
         "num_gpus": gpu_ranks(state),
         "num_ranks": len(state.get("members") or []),

@@ -462,6 +462,8 @@ class Coordinator(ScalingMixin):
         adapt = self.cfg.adapt
         return {"adapt": {"enabled": adapt.enabled, "min_ranks": adapt.min_ranks, "max_ranks": adapt.max_ranks,
                           "last": self.autoscaler.last.why if hasattr(self, "autoscaler") else ""},
+                "dtype": self.cfg.model.dtype, "quantization": self.cfg.model.quantization,
+                "backend": self.cfg.parallel.backend,
                 "epoch": self.epoch, "members": self.members, "wave": self.wave, "ranks": ranks,
                 "requests_in_flight": len(self.streams), "placement": placement,
                 "scaling": self.event.summary() if self.event else None,

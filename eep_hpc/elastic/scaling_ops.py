@@ -44,6 +44,7 @@ class ScalingMixin:
         are up waits for the event in progress, then runs."""
         if (n < 1) == (not pools) or (pools and any(c < 1 for c in pools.values())):
             raise ValueError("grow needs n >= 1, or pools with counts >= 1")
+        await self._reap_departed()
         joining = self.launch(n, pool, pools)
         ctl = self.cfg.control
         try:
@@ -73,6 +74,20 @@ class ScalingMixin:
             self._roll_back(event, e)
             raise
         return (await self._run_event(event, new)).summary()
+
+    async def _reap_departed(self, grace_s: float = 10.0) -> None:
+        """Ranks told to exit may still be tearing down (and hold their GPU): wait for them, then kill, so a new
+        rank is placed by what is really in use."""
+        now = time.monotonic()
+        recent = [r for r in self.ranks.values() if r.state == RankState.EXITED and now - r.last_seen < 60]
+        lingering = await asyncio.to_thread(lambda: [r for r in recent if r.job.alive()])
+        deadline = now + grace_s
+        while lingering and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            lingering = await asyncio.to_thread(lambda: [r for r in lingering if r.job.alive()])
+        for rec in lingering:
+            log.warning("rank %d did not exit %.0f s after it left; killing it", rec.rank_id, grace_s)
+            rec.job.kill()
 
     def cancel_pending(self, rank_ids: list[int]) -> list[int]:
         """Cancel ranks that were submitted but have not joined (e.g. queued node jobs)."""

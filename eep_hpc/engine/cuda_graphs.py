@@ -120,8 +120,14 @@ class DecodeGraphs:
 
     def _use(self, ep: ExpertParallel) -> None:
         if ep is not self.ep:
-            self.graphs.clear()  # they hold the previous epoch's expert tensors and maps
+            self.reset()
             self.ep = ep
+
+    def reset(self) -> None:
+        """Drop every graph: they hold the previous epoch's expert tensors and maps (memory a new epoch needs).
+        Their pool goes with them; a handle whose graphs are all gone must not be captured into again."""
+        self.graphs.clear()
+        self.pool, self.ep = None, None
 
     def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables, ep: ExpertParallel) -> torch.Tensor:
         """A decode batch -> hidden [B, D] (a view into the graph's output: read it before the next step)."""

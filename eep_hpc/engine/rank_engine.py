@@ -123,6 +123,8 @@ class RankEngine:
             if block.w13_scale is not None:
                 block.w13_scale, block.w2_scale = staged.w13_scale[i], staged.w2_scale[i]
         self.ep = ep
+        if self.runner.graphs is not None:  # captured with the old slots: re-captured on first use
+            self.runner.graphs.reset()
 
     def stats(self, with_load: bool = False) -> RankStats:
         bm = self.block_manager
