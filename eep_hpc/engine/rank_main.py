@@ -131,10 +131,11 @@ class RankProcess:
             case P.PrepareEpoch():
                 if self.engine is None:  # joining, first message: build the skeleton, then say RankStaged
                     self.stage_joining(msg)
-                elif self.group is None:  # joining, second message (how to copy decided), or a survivor whose
-                    self.prepare(msg)    # group broke: no step boundary to agree on
-                elif msg.recovery:  # members died: whatever this group was doing, it is over
-                    self.lose_group(f"recovery to epoch {msg.target.epoch}")
+                elif msg.recovery:  # members died: whatever this group was doing is over, and the head re-sends
+                    self.lose_group(f"recovery to epoch {msg.target.epoch}")  # every open request after the
+                    self.engine.abort_all()  # commit (also those that reached this rank after its group broke)
+                    self.prepare(msg)
+                elif self.group is None:  # joining, second message (how to copy decided): no step boundary
                     self.prepare(msg)
                 else:
                     self.pending_prepare, self.active = msg, True
