@@ -367,10 +367,23 @@ def test_head_serves_from_ranks_in_node_jobs_grows_and_drains_on_walltime_warnin
         assert len(head.coordinator.members) == 2
         assert [e.kind for e in head.coordinator.history][-2:] == ["grow", "shrink"]
         assert complete()["text"] == first["text"]
+        # A node job lost without notice (SIGKILL to every process of it, as at the end of a grace period or a
+        # crashed node): the survivors re-form without its rank, and serving goes on with the same text.
+        asyncio.run_coroutine_threadsafe(head.coordinator.grow(1), box["loop"]).result(300)
+        lost = launcher.jobs[2].job_id
+        subprocess.run(["scancel", "--signal=KILL", "--full", lost], check=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(e.kind == "recover" and e.phase.name == "DONE"
+                                                      for e in head.coordinator.history):
+            time.sleep(0.2)
+        recovered = [e for e in head.coordinator.history if e.kind == "recover"]
+        assert recovered and recovered[-1].phase.name == "DONE", [e.summary() for e in head.coordinator.history]
+        assert len(head.coordinator.members) == 2
+        assert complete()["text"] == first["text"]
     finally:
         if "loop" in box and "head" in box:
             box["loop"].call_soon_threadsafe(box["head"].request_stop)
         thread.join(120)
     assert not thread.is_alive()
-    for job in launcher.jobs:
+    for job in launcher.jobs[:2]:
         wait_sacct(job.job_id, job.job_id, {"COMPLETED"})  # ranks stopped by the head, agents exited 0

@@ -80,7 +80,9 @@ class Tokenizer:
         return self.special_tokens.get("bos_token")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a megabyte prompt tokenized in the API's
+        # worker thread then no longer stalls every other stream for seconds
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if not add_special_tokens:
             return ids
         # tokenizer.json's post-processor adds BOS/EOS where the model wants them; add_bos_token/add_eos_token in
