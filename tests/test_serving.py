@@ -87,6 +87,28 @@ def test_serve_cli_names_a_bad_config(tmp_path):
     assert "block_sise" in r.stderr
 
 
+@pytest.mark.parametrize("item, wanted", [
+    ("engine.max_num_seqs=512", ("engine", "max_num_seqs", 512)),
+    ("parallel.backend=nixl_ep", ("parallel", "backend", "nixl_ep")),
+    ('model.dtype="bfloat16"', ("model", "dtype", "bfloat16")),
+    ("engine.cuda_graphs=false", ("engine", "cuda_graphs", False)),
+    ("engine.gpu_memory_utilization=0.5", ("engine", "gpu_memory_utilization", 0.5)),
+])
+def test_serve_set_reads_values_as_toml(item, wanted):
+    from eep_hpc.cli import parse_setting
+
+    assert parse_setting(item) == wanted
+
+
+def test_serve_set_names_what_is_wrong():
+    r = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "serve", "--set", "engine.max_num_sqs=8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "max_num_sqs" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "serve", "--set", "max_num_seqs"], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "SECTION.KEY=VALUE" in r.stderr, r.stderr
+
+
 def test_dummy_weights_build_a_model_of_the_config_shape(tmp_path):
     cfg = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32,
