@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -367,10 +368,12 @@ def test_head_serves_from_ranks_in_node_jobs_grows_and_drains_on_walltime_warnin
         assert len(head.coordinator.members) == 2
         assert [e.kind for e in head.coordinator.history][-2:] == ["grow", "shrink"]
         assert complete()["text"] == first["text"]
-        # A node job lost without notice (SIGKILL to every process of it, as at the end of a grace period or a
-        # crashed node): the survivors re-form without its rank, and serving goes on with the same text.
+        # A node job's rank lost without notice (SIGKILL, as at the end of a grace period or on a crashed node),
+        # then the job itself: the survivors re-form without it, and serving goes on with the same text.
         asyncio.run_coroutine_threadsafe(head.coordinator.grow(1), box["loop"]).result(300)
         lost = launcher.jobs[2].job_id
+        rank = next(r for r in head.coordinator.ranks.values() if str(r.job.job_id) == str(lost))
+        os.kill(rank.pid, signal.SIGKILL)
         subprocess.run(["scancel", "--signal=KILL", "--full", lost], check=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not any(e.kind == "recover" and e.phase.name == "DONE"

@@ -179,6 +179,9 @@ class RankProcess:
             self.wave += 1
             return
         outputs = self.engine.step()
+        masked = getattr(self.engine.ep.all_to_all, "failed_ranks", None)
+        if masked is not None and masked():  # nixl_ep timed a peer out and masked it: this epoch is broken
+            raise GroupLost(f"nixl_ep masked rank(s) {masked()}")
         if outputs:
             self.send(P.StepOutputs(rank_id=self.id, outputs=outputs, stats=self.engine.stats()))
 
@@ -392,6 +395,9 @@ def run_rank(launch: P.RankLaunch) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{launch.rank_id} %(levelname)s %(message)s")
     faulthandler.register(signal.SIGQUIT, all_threads=True)  # `kill -QUIT <pid>` prints where a rank is stuck
     if launch.device.startswith("cuda"):
+        # a collective stuck on a dead peer times out by aborting its communicator, not by killing this process
+        # (torch's default): the survivor then reports GroupLost and takes part in the recovery
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         torch.cuda.set_device(torch.device(launch.device))
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))
     P.use_secret(P.read_secret(launch.config.control.secret_file))  # before the socket: its identity derives from it
