@@ -16,13 +16,8 @@ RANKS=${5:-1}
 shift $(( $# < 5 ? $# : 5 ))
 PY=${EEP_PYTHON:-python3}
 RUN_DIR=$(mktemp -d)
-$PY -m eep_hpc.cli serve --config "$CONFIG" ${SERVE_ARGS:-} --ranks "$RANKS" --port 0 --run-dir "$RUN_DIR" > "$RUN_DIR/head.log" 2>&1 &
-HEAD=$!
+source sbatch/head-lib.sh  # run from the repository root (as sbatch does from the submit dir)
 trap 'kill -INT $HEAD 2>/dev/null; wait $HEAD 2>/dev/null || true' EXIT
-for _ in $(seq 1200); do
-  [ -f "$RUN_DIR/head.json" ] && break
-  kill -0 $HEAD 2>/dev/null || { cat "$RUN_DIR/head.log"; exit 1; }
-  sleep 0.5
-done
+start_head "$RUN_DIR" --config "$CONFIG" ${SERVE_ARGS:-} --ranks "$RANKS"
 $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --num-prompts "$NUM_PROMPTS" --random-input-len "$IN" \
   --random-output-len "$OUT" "$@"

@@ -23,16 +23,11 @@ PROMPTS=${PROMPTS:-192}
 STAGES=${STAGES:-steady scaling}
 TAG=ep$RANKS
 mkdir -p "$DEST"
+source sbatch/head-lib.sh  # run from the repository root (as sbatch does from the submit dir)
 for BACKEND in ${BACKENDS:-torch nixl_ep}; do
   RUN_DIR=$(mktemp -d)
-  $PY -m eep_hpc.cli serve --config "$CONFIG" --ranks "$RANKS" --set parallel.backend="$BACKEND" \
-    --set engine.max_num_batched_tokens="${TOKENS:-512}" --port 0 --run-dir "$RUN_DIR" > "$RUN_DIR/head.log" 2>&1 &
-  HEAD=$!
-  for _ in $(seq 1200); do
-    [ -f "$RUN_DIR/head.json" ] && break
-    kill -0 $HEAD 2>/dev/null || { tail -50 "$RUN_DIR/head.log"; exit 1; }
-    sleep 0.5
-  done
+  start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend="$BACKEND" \
+    --set engine.max_num_batched_tokens="${TOKENS:-512}"
   bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN_LEN:-128}" \
     --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
   [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/$TAG-$BACKEND-steady.json"

@@ -22,14 +22,9 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has seed || has batch1 || has subset; then
   RUN_DIR=$(mktemp -d)
-  $PY -m eep_hpc.cli serve --config "$CONFIG" ${SERVE_ARGS:-} --port 0 --run-dir "$RUN_DIR" > "$RUN_DIR/head.log" 2>&1 &
-  HEAD=$!
+  source sbatch/head-lib.sh  # run from the repository root (as sbatch does from the submit dir)
   trap 'kill -INT $HEAD 2>/dev/null; wait $HEAD 2>/dev/null || true; cp "$RUN_DIR/head.log" "$DEST/$TAG-head.log" 2>/dev/null || true' EXIT
-  for _ in $(seq 1200); do
-    [ -f "$RUN_DIR/head.json" ] && break
-    kill -0 $HEAD 2>/dev/null || { cat "$RUN_DIR/head.log"; exit 1; }
-    sleep 0.5
-  done
+  start_head "$RUN_DIR" --config "$CONFIG" ${SERVE_ARGS:-}
   bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" "$@"; }
   # the seed: 512 prompts, random 128 in / 512 out, all sent at once
   has seed && bench --num-prompts 512 --random-input-len 128 --random-output-len 512 --result-file "$DEST/$TAG-seed-512x128x512.json"
