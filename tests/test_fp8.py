@@ -334,11 +334,11 @@ def test_swap_experts_replaces_scales(keep_fp8_on_cpu):
     S = blocks[0].w13.shape[0]
     staged, _ = stage_experts(0, moves, slots, 0, S, len(blocks), (0, 0), FP8, torch.device("cpu"), like=slots)
     before = blocks[0].w13_scale.clone()
-    RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None), staged, None)
+    RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None, runner=engine.runner), staged, None)
     assert torch.equal(blocks[0].w13_scale[0], before[1]) and torch.equal(blocks[0].w13_scale[1], before[0])
     assert blocks[0].w13_scale is staged.w13_scale[0] and blocks[0].w13.data_ptr() == staged.w13[0].data_ptr()
     with pytest.raises(ValueError, match="scales"):
-        RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None),
+        RankEngine.swap_experts(types.SimpleNamespace(model=engine.model, ep=None, runner=engine.runner),
                                 SlotTensors(staged.w13, staged.w2), None)
 
 

@@ -290,8 +290,9 @@ class RankProcess:
             old = mine if self.engine.ep else None
             shape = (arch.moe_intermediate_size, arch.hidden_size)
             # experts whose every holder died come from the checkpoint; the rest move between live ranks
+            joining = old is None and member and blocks[0].w13.shape[0] == end - start
             staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
-                                           blocks[0].w13.dtype, device, like=mine)
+                                           blocks[0].w13.dtype, device, like=mine, into=mine if joining else None)
             self.load_from_checkpoint([m for m in remote if m[2] == CHECKPOINT], staged, start)
             remote = [m for m in remote if m[2] != CHECKPOINT]
             moves = [m for m in msg.moves if m[2] != CHECKPOINT]

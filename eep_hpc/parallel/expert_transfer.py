@@ -64,10 +64,11 @@ def _slot_specs(like: SlotTensors | None, old: SlotTensors | None, shape: tuple[
 
 def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, new_start: int, new_end: int,
                   num_layers: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
-                  like: SlotTensors | None = None) -> tuple[StagedExperts, list]:
+                  like: SlotTensors | None = None, into: SlotTensors | None = None) -> tuple[StagedExperts, list]:
     """New slot tensors with untouched slots and local copies filled in -> (staged, remote moves still to fetch).
     The kinds staged (and their per-slot shapes) are those of `like` (this rank's model's slots), else of `old`,
-    else w13/w2 of `shape` (I, D) and `dtype`."""
+    else w13/w2 of `shape` (I, D) and `dtype`. `into`: fill these tensors instead of allocating new ones (a
+    joining rank's still empty slots: staging them twice would double its expert memory)."""
     specs = _slot_specs(like, old, shape, dtype)
     if old is not None and len(old.kinds()) != len(specs):
         raise ValueError("the old expert slots lack the scales of fp8 experts: use SlotTensors.of_blocks(blocks)")
@@ -75,7 +76,8 @@ def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, n
     kinds: list[list[torch.Tensor]] = [[] for _ in specs]
     remote = []
     for layer in range(num_layers):
-        new = [torch.empty(n_new, *slot_shape, dtype=dt, device=device) for slot_shape, dt in specs]
+        new = ([k[layer] for k in into.kinds()] if into is not None
+               else [torch.empty(n_new, *slot_shape, dtype=dt, device=device) for slot_shape, dt in specs])
         moved_here = {m[4] for m in moves if m[0] == layer and m[3] == my_id}
         olds = [k[layer] for k in old.kinds()] if old is not None else []
         if old is not None:
