@@ -392,7 +392,7 @@ class Coordinator(ScalingMixin):
                     return
                 except ScaleBusy:
                     continue
-                except ScaleFailed as e:
+                except Exception as e:  # ScaleFailed, or anything else: it must not leave requests waiting
                     attempts += 1
                     alive = any(self.ranks[r].state == RankState.READY for r in self.members)
                     if not alive or attempts >= RECOVERY_ATTEMPTS:
@@ -411,7 +411,8 @@ class Coordinator(ScalingMixin):
         return [r for r in self.members if self.ranks[r].state in (RankState.FAILED, RankState.EXITED)]
 
     async def _check_alive(self) -> None:
-        """Ask the launcher about every live rank now (not at the next heartbeat): a dead process is FAILED."""
+        """Ask the launcher about every live rank (alive() may ask the scheduler, so off the event loop): a dead
+        process is FAILED."""
         live = [rec for rec in self.ranks.values() if rec.state not in (RankState.FAILED, RankState.EXITED)]
         alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
         for rec in live:
@@ -422,18 +423,14 @@ class Coordinator(ScalingMixin):
         ctl = self.cfg.control
         while True:
             await asyncio.sleep(ctl.heartbeat_s)
+            await self._check_alive()
             now = time.monotonic()
-            live = [rec for rec in self.ranks.values() if rec.state not in (RankState.FAILED, RankState.EXITED)]
-            # alive() may ask the scheduler (sacct): off the event loop
-            alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
-            for rec in live:
-                if rec.state in (RankState.FAILED, RankState.EXITED):
+            for rec in list(self.ranks.values()):
+                if rec.state in (RankState.LAUNCHED, RankState.FAILED, RankState.EXITED):
                     continue
-                if not alive[rec.rank_id]:
-                    self._fail(rec, "its process exited")
-                elif rec.state != RankState.LAUNCHED and now - rec.last_seen > ctl.rank_timeout_s:
+                if now - rec.last_seen > ctl.rank_timeout_s:
                     self._fail(rec, f"no message for {ctl.rank_timeout_s:.0f} s")
-                elif rec.state != RankState.LAUNCHED:
+                else:
                     self.send(rec.rank_id, P.Ping(sent_at=time.time()))
 
     # ---- state for status / admin ---------------------------------------------------------------------------
