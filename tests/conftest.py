@@ -83,3 +83,17 @@ def api(tmp_path_factory):
     running = start_head(tmp_path_factory.mktemp("run"), ranks=1)
     yield running
     running.stop()
+
+
+def greedy(engine, prompts: list[list[int]], n: int = 24) -> list[list[int]]:
+    """Greedy token ids of each prompt, run to n tokens on an in-process RankEngine."""
+    from eep_hpc import protocol as P
+
+    sampling = P.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(P.AddRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling))
+    out = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return [out[str(i)] for i in range(len(prompts))]

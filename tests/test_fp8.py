@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import greedy
+
 from eep_hpc import protocol as P
 from eep_hpc.config import Config, EngineConfig, ModelConfig
 from eep_hpc.engine.rank_engine import RankEngine, build_engine
@@ -173,17 +175,6 @@ def engine_for(model_dir: Path, device: str = "cpu", **model) -> RankEngine:
     return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device(device)))
 
 
-def greedy(engine, prompts=PROMPTS, n=24):
-    sampling = P.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add(P.AddRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling))
-    out = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for o in engine.step():
-            out[o.request_id] += o.new_token_ids
-    return [out[str(i)] for i in range(len(prompts))]
-
-
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
 def hf_checkpoint(request, tmp_path_factory):
     from hf_reference import save_random_hf_model
@@ -206,15 +197,15 @@ def test_fp8_checkpoint_tokens_equal_dequantised_checkpoint(hf_checkpoint, block
         first_gate = next(n for n in names if n.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")))
         assert h.get_tensor(first_gate).dtype == FP8
         assert any(n.endswith("q_proj.weight_scale_inv") for n in names) and "lm_head.weight_scale_inv" not in names
-    want = greedy(engine_for(deq_dir))
+    want = greedy(engine_for(deq_dir), PROMPTS)
     dequantised = engine_for(fp8_dir)  # CPU: every weight dequantised at load
     assert dequantised.model.moe_blocks()[0].w13.dtype == torch.float32
-    assert greedy(dequantised) == want
+    assert greedy(dequantised, PROMPTS) == want
     monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
     kept = engine_for(fp8_dir)  # the GPU's layout: fp8 slots + scales
     block0 = kept.model.moe_blocks()[0]
     assert block0.w13.dtype == FP8 and block0.w13_scale.dtype == torch.float32 and block0.fp8_block == block
-    assert greedy(kept) == want
+    assert greedy(kept, PROMPTS) == want
     # quantization = "none" dequantises even where fp8 slots could be kept
     assert engine_for(fp8_dir, quantization="none").model.moe_blocks()[0].w13.dtype == torch.float32
 
@@ -250,11 +241,11 @@ def _tiny_path() -> Path:
 
 def test_fp8_forced_on_a_checkpoint_kept_or_dequantised_gives_same_tokens(monkeypatch):
     path = _tiny_path()
-    want = greedy(engine_for(path, quantization="fp8"), n=16)
+    want = greedy(engine_for(path, quantization="fp8"), PROMPTS, 16)
     monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
     kept = engine_for(path, quantization="fp8")
     assert kept.model.moe_blocks()[0].w13.dtype == FP8
-    assert greedy(kept, n=16) == want
+    assert greedy(kept, PROMPTS, 16) == want
 
 
 # ---- experts move with their scales ----
@@ -416,10 +407,10 @@ def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_cpu(hf_checkpoint, 
     cpu = engine_for(fp8_dir)
     gpu = engine_for(fp8_dir, device="cuda", dtype="float32")
     assert gpu.model.moe_blocks()[0].w13.dtype == FP8 and gpu.model.moe_blocks()[0].w13_scale.is_cuda
-    assert greedy(gpu) == greedy(cpu)
+    assert greedy(gpu, PROMPTS) == greedy(cpu, PROMPTS)
     bf16 = engine_for(fp8_dir, device="cuda", dtype="bfloat16")
     assert bf16.model.moe_blocks()[0].w13.dtype == FP8
-    assert all(len(t) == 8 for t in greedy(bf16, n=8))
+    assert all(len(t) == 8 for t in greedy(bf16, PROMPTS, 8))
 
 
 @needs_gpu
@@ -430,7 +421,7 @@ def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
     fp8 = engine_for(path, device="cuda", dtype="bfloat16", load_format="dummy", quantization="fp8")
     b, f = bf16.model.moe_blocks()[0], fp8.model.moe_blocks()[0]
     assert f.w13.element_size() * 2 == b.w13.element_size() and f.w13.shape == b.w13.shape
-    assert all(len(t) == 8 for t in greedy(fp8, n=8))
+    assert all(len(t) == 8 for t in greedy(fp8, PROMPTS, 8))
 
 
 @needs_gpu

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import greedy
+
 from eep_hpc import protocol as P
 from eep_hpc.config import Config, ModelConfig
 from eep_hpc.engine.rank_engine import build_engine
@@ -23,17 +25,6 @@ def single_rank_engine(model_dir, num_experts, num_moe_layers, **engine):
     epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
                     physical_to_logical=[list(range(num_experts))] * num_moe_layers, slot_offsets=[0, num_experts])
     return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device("cpu")))
-
-
-def greedy(engine, prompts, n):
-    sampling = P.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add(P.AddRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling))
-    out = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for o in engine.step():
-            out[o.request_id] += o.new_token_ids
-    return [out[str(i)] for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])

@@ -249,13 +249,18 @@ class ScalingMixin:
         for rec in self.ranks.values():
             rec.in_flight.clear()
         for rid, stream in self.streams.items():
-            target = min((self.ranks[r] for r in members), key=lambda r: (len(r.in_flight), r.rank_id))
-            stream.rank_id = target.rank_id
-            target.in_flight.add(rid)
-            self.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
-                                                   sampling=stream.sampling, output_token_ids=list(stream.output_token_ids)))
+            self._restart_on(rid, stream, members)
         self._start_wave()
         return len(self.streams)
+
+    def _restart_on(self, rid: str, stream, members: list[int]) -> None:
+        """Re-send a stream (prompt + tokens so far: re-prefill) to the least-loaded READY rank of `members`."""
+        target = min((self.ranks[r] for r in members if self.ranks[r].state == RankState.READY),
+                     key=lambda r: (len(r.in_flight), r.rank_id))
+        stream.rank_id = target.rank_id
+        target.in_flight.add(rid)
+        self.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
+                                               sampling=stream.sampling, output_token_ids=list(stream.output_token_ids)))
 
     async def recover(self) -> dict:
         """Members died abruptly (no notice, no drain): the survivors re-form a group of a new epoch without them,
@@ -289,12 +294,7 @@ class ScalingMixin:
             rec.in_flight.discard(rid)
             if stream is None:
                 continue
-            target = min((self.ranks[r] for r in survivors if self.ranks[r].state == RankState.READY),
-                         key=lambda r: (len(r.in_flight), r.rank_id))
-            stream.rank_id = target.rank_id
-            target.in_flight.add(rid)
-            self.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
-                                                   sampling=stream.sampling, output_token_ids=list(stream.output_token_ids)))
+            self._restart_on(rid, stream, survivors)
             if self.event is not None:
                 self.event.requests_migrated += 1
         self._start_wave()
