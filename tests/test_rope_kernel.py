@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from eep_hpc.kernels.attention import write_kv
+from eep_hpc.kernels.norm import rms_norm_reference
 from eep_hpc.kernels.rope import (
     qk_norm_rope_write_kv,
     qk_norm_rope_write_kv_reference,
@@ -157,6 +158,30 @@ def test_reference_is_the_models_composition(norm, dtype):
     again = dict(case, k_cache=k_before.clone(), v_cache=v_before.clone())
     assert torch.equal(qk_norm_rope_write_kv(**again), q)
     assert torch.equal(again["k_cache"], k_want)
+
+
+def test_reference_with_wider_norm_weights():
+    """fp32 norm weights (RMSNorm's default) on bf16 activations: q comes back in fp32
+    as the norm returns it, k is rounded to the cache's bf16 on the way in."""
+    torch.manual_seed(9)
+    T, Hq, Hkv, D = 11, 4, 2, 16
+    case, rope = _case(T, Hq, Hkv, D, torch.bfloat16, True, device=CPU, fill=0.0)
+    for name in ("q_norm_weight", "k_norm_weight"):
+        case[name] = case[name].float()
+    qkv, pos, slots = case["qkv"], case["positions"], case["slot_mapping"]
+    q = rms_norm_reference(
+        qkv[:, : Hq * D].reshape(T, Hq, D), case["q_norm_weight"], EPS
+    )
+    k = rms_norm_reference(
+        qkv[:, Hq * D : (Hq + Hkv) * D].reshape(T, Hkv, D), case["k_norm_weight"], EPS
+    )
+    q, k = rope(q, pos), rope(k, pos)
+    got = qk_norm_rope_write_kv_reference(**case)
+    assert got.dtype == torch.float32 and torch.equal(got, q)
+    keep = slots >= 0
+    k_cache = case["k_cache"].view(-1, Hkv, D)
+    assert k_cache.dtype == torch.bfloat16
+    assert torch.equal(k_cache[slots[keep]], k[keep].bfloat16())
 
 
 def test_rope_reference_matches_rotary_embedding():

@@ -67,7 +67,8 @@ def qk_norm_rope_write_kv_reference(
     # write_kv alone would wrap slot -1 around to the cache's last slot; the boolean
     # index syncs with the host on a GPU (the reference only: the Triton path does not)
     keep = slot_mapping >= 0
-    write_kv(k[keep], v[keep], k_cache, v_cache, slot_mapping[keep])
+    k = k[keep].to(k_cache.dtype)  # (promoted by norm weights wider than qkv)
+    write_kv(k, v[keep], k_cache, v_cache, slot_mapping[keep])
     return q
 
 
