@@ -224,10 +224,10 @@ def test_fp8_dummy_weights_are_the_quantised_bf16_dummy_weights(keep_fp8_on_cpu)
     moe = model.moe_blocks()[0]
     assert torch.equal(moe.w13[2, I:].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(moe.w13_scale[2, moe.w13_scale.shape[1] // 2 :], s)
-    qp = "model.layers.0.self_attn.q_proj.weight"
-    shape = tuple(model.layers[0].self_attn.q_proj.weight.shape)
-    round_trip = dequantize_blockwise(*quantize_blockwise(raw.get(qp, shape), block), block)
-    assert torch.equal(model.layers[0].self_attn.q_proj.weight, round_trip)
+    attn = model.layers[0].self_attn
+    qp, q_rows = "model.layers.0.self_attn.q_proj.weight", attn.qkv_split[0]  # q's rows lead the stacked qkv_proj
+    round_trip = dequantize_blockwise(*quantize_blockwise(raw.get(qp, (q_rows, D)), block), block)
+    assert torch.equal(attn.qkv_proj.weight[:q_rows], round_trip)
     # routers, embeddings and lm_head stay as drawn
     assert torch.equal(model.layers[0].mlp.gate.weight, raw.get("model.layers.0.mlp.gate.weight", (arch.num_experts, D)))
     assert torch.equal(model.lm_head.weight, raw.get("lm_head.weight", (arch.vocab_size, D)))

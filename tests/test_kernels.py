@@ -105,6 +105,30 @@ MOE_SHAPES = [
 ]
 
 
+def test_experts_read_a_shared_row_per_token():
+    """One rank hands each token over once for its k pairs: the same result as k copies of the row."""
+    torch.manual_seed(3)
+    x, slot, w13, w2 = _moe_inputs(12, 5, 16, 8, torch.float32)
+    tokens = x[:4]  # 4 tokens, k = 3: pair m reads token m // 3
+    shared = ops.swiglu_experts(tokens, slot, w13, w2)
+    assert torch.equal(shared, swiglu_experts_reference(tokens.repeat_interleave(3, 0), slot, w13, w2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_experts_triton_shared_rows(dtype):
+    from eep_hpc.kernels.triton_moe import swiglu_experts_triton
+
+    torch.manual_seed(11)
+    for T, k, S, D, I in ((1, 8, 16, 64, 32), (9, 2, 8, 96, 48)):
+        x, slot, w13, w2 = _moe_inputs(T * k, S, D, I, dtype)
+        tokens = x[:T]
+        out = torch.full((T * k, D), float("nan"), dtype=dtype, device=DEVICE)
+        swiglu_experts_triton(tokens, slot, w13, w2, out=out)
+        ref = swiglu_experts_reference(tokens.double().repeat_interleave(k, 0), slot, w13.double(), w2.double())
+        assert rel_err(out, ref) <= TOL[dtype]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,S,D,I,empty", MOE_SHAPES)

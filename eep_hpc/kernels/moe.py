@@ -15,8 +15,10 @@ from eep_hpc.kernels.fp8 import BlockScales, dequantize_blockwise, dequantize_w1
 
 def swiglu_experts_reference(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                              scales: BlockScales | None = None) -> torch.Tensor:
-    """x [M, D], slot [M] -> [M, D] (unweighted expert outputs)."""
-    out = torch.empty_like(x)
+    """x [R, D], slot [M] (M = R * fanout: pair m reads row m // fanout) -> [M, D] (unweighted expert outputs)."""
+    if x.shape[0] and slot.shape[0] != x.shape[0]:
+        x = x.repeat_interleave(slot.shape[0] // x.shape[0], dim=0)
+    out = x.new_empty(slot.shape[0], x.shape[1])
     if x.shape[0] == 0:
         return out
     order = torch.argsort(slot, stable=True)

@@ -77,7 +77,8 @@ def paged_attention(
 
 def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                    scales: BlockScales | None = None) -> torch.Tensor:
-    """x [M, D], slot [M] -> [M, D]: row m through the SwiGLU expert in local slot slot[m] (unweighted).
+    """x [R, D], slot [M] -> [M, D]: pair m through the SwiGLU expert in local slot slot[m] (unweighted), on row
+    m // (M / R) of x (one rank hands over each token once for its k pairs; an exchange hands over one row each).
     With `scales`, w13/w2 are fp8 with block scales (fp8.py): dequantised in registers on the GPU path, slot by
     slot in the reference."""
     if use_triton(x):

@@ -1,7 +1,8 @@
 """Fused SwiGLU experts over local slots in Triton (the GPU path of `moe.swiglu_experts_reference`).
 
-Rows arrive already dispatched (row m goes through local slot `slot[m]`), so there is no top-k fan-out and no
-weighted sum here: each row is computed exactly once and written back to its own place.
+Pairs arrive already dispatched (pair m goes through local slot `slot[m]`), so there is no weighted sum here: each
+pair is computed exactly once and written back to its own place. Its input row is x[m // FANOUT]: FANOUT = 1 after
+an exchange, top_k on one rank, where a token's k pairs read its row in place of k copies.
 
 1. `align_rows_by_slot` (one single-program kernel, no host sync): sort rows by slot and pad each slot's group to a
    multiple of BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one slot (like vLLM's
@@ -48,7 +49,9 @@ def pick_config(M: int, S: int, D: int, I: int, dtype: torch.dtype = torch.bfloa
         return MoEConfig(16, 32, 32, 1, 4, 2)
     rows_per_slot = M / max(S, 1)
     if rows_per_slot <= 4:  # decode: weight streaming, few rows per slot
-        cfg = MoEConfig(16, 64, 128, 1, 4, 4)
+        # a handful of slots hit (batch 1: top_k of them) gives too few 64-column programs to keep every SM
+        # streaming: halve the tile
+        cfg = MoEConfig(16, 32 if min(M, S) * triton.cdiv(I, 64) < 256 else 64, 128, 1, 4, 4)
     elif rows_per_slot <= 32:
         cfg = MoEConfig(32, 64, 128, 4, 4, 4)
     elif rows_per_slot <= 128:
@@ -162,6 +165,7 @@ def _w13_silu_kernel(
     stride_xm, stride_we, stride_wn, stride_hm, stride_se, stride_sn, stride_sk, up_scale_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+    FANOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
@@ -176,7 +180,7 @@ def _w13_silu_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    a_ptrs = x_ptr + (rows // FANOUT)[:, None].to(tl.int64) * stride_xm + offs_k[None, :]  # pair -> its x row
     # w13[s] is [2I, D] row-major; read as [BLOCK_K, BLOCK_N] tiles of its transpose
     g_ptrs = w13_ptr + s * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
@@ -274,18 +278,22 @@ def swiglu_experts_triton(
     x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, config: MoEConfig | None = None,
     out: torch.Tensor | None = None, scales: BlockScales | None = None,
 ) -> torch.Tensor:
-    """x [M, D], slot [M] -> [M, D] (unweighted expert outputs); same contract as the reference, plus: rows whose
-    slot is outside [0, S) are skipped and their output rows left unwritten (padding of a fixed-size batch).
-    With `scales`, w13 and w2 are fp8 (e4m3) with those block scales (W8A16: x stays in its dtype)."""
-    M, D = x.shape
+    """x [R, D], slot [M] (M = R * fanout: pair m reads row m // fanout) -> [M, D] (unweighted expert outputs);
+    same contract as the reference, plus: pairs whose slot is outside [0, S) are skipped and their output rows
+    left unwritten (padding of a fixed-size batch). With `scales`, w13 and w2 are fp8 (e4m3) with those block
+    scales (W8A16: x stays in its dtype)."""
+    R, D = x.shape
+    M = slot.shape[0]
+    fanout = M // R if R else 1
+    assert M == R * fanout, (x.shape, slot.shape)
     S, two_i, _ = w13.shape
     I = two_i // 2
     assert w13.shape == (S, 2 * I, D) and w2.shape == (S, D, I), (x.shape, w13.shape, w2.shape)
     assert x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     assert scales is not None or x.dtype == w13.dtype == w2.dtype, (x.dtype, w13.dtype, w2.dtype)
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1 and w13.stride(1) == D and w2.stride(1) == I
-    out = torch.empty_like(x) if out is None else out
-    assert out.shape == x.shape and out.dtype == x.dtype and out.stride(-1) == 1
+    out = x.new_empty(M, D) if out is None else out
+    assert out.shape == (M, D) and out.dtype == x.dtype and out.stride(-1) == 1
     if M == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -309,7 +317,7 @@ def swiglu_experts_triton(
         s13.stride(0) if has_scales else 0, s13.stride(1) if has_scales else 0, s13.stride(2) if has_scales else 0,
         up_row,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk13, GROUP_M=cfg.GROUP_M, PRECISION=precision,
-        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13,
+        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13, FANOUT=fanout,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](

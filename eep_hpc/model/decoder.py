@@ -26,10 +26,16 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.top_k, a.norm_topk_prob,
                                  moe_index, num_local_slots, fp8_block)
 
-    def forward(self, x, positions, kv_cache, meta, ep: ExpertParallel):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, ep) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+    def forward(self, x, residual, positions, kv_cache, meta, ep: ExpertParallel):
+        """(x, residual) -> (this layer's MLP output, the residual stream before it): each residual add happens
+        inside the next norm (the first layer's residual is None: x is the embedding)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return (self.mlp(h, ep) if isinstance(self.mlp, SparseMoE) else self.mlp(h)), residual
 
 
 class MoEForCausalLM(nn.Module):
@@ -62,10 +68,10 @@ class MoEForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata, ep: ExpertParallel):
         """input_ids, positions [T] -> hidden [T, D]. Runs every layer even for T = 0 (MoE collectives)."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv, meta, ep)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv, meta, ep)
+        return self.norm.add_forward(x, residual)[0] if residual is not None else self.norm(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

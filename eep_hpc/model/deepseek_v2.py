@@ -95,7 +95,8 @@ class DeepseekMoE(SparseMoE):
         return ids, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-        out = super().forward(x, ep)
+        ids, weights = self.route(x)
+        out = ep.forward(self.moe_index, x, ids, weights, self.w13, self.w2, self.scales())
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

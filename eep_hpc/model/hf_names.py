@@ -11,14 +11,22 @@ from __future__ import annotations
 from eep_hpc.model.arch import MoEArch
 
 
-def hf_name(arch: MoEArch, ours: str) -> str:
-    """Name of a non-expert parameter in the checkpoint."""
+# Our parameters that stack several checkpoint tensors along their rows, in row order.
+STACKED = {".self_attn.qkv_proj.": (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.")}
+
+
+def hf_names(arch: MoEArch, ours: str) -> list[str]:
+    """Names of the checkpoint tensors of a non-expert parameter: one, or the stacked parts (STACKED) in row
+    order."""
     if ours.startswith("lm_head."):
-        return ours
+        return [ours]
     name = "model." + ours
     if arch.kind == "mixtral":
         name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-    return name
+    for stacked, parts in STACKED.items():
+        if stacked in name:
+            return [name.replace(stacked, part) for part in parts]
+    return [name]
 
 
 def expert_names(arch: MoEArch, layer: int, expert: int) -> tuple[str, str, str]:

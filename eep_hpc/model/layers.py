@@ -8,6 +8,7 @@ from torch import nn
 
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata
+from eep_hpc.kernels.rope import qk_norm_rope_write_kv, rope_neox_reference
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +19,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and the next norm in one pass on the GPU."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -32,20 +37,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, D], positions [T]."""
-        cos = self.cos[positions][:, None, :]  # [T, 1, D/2]
-        sin = self.sin[positions][:, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        return rope_neox_reference(x, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
+    """GQA over the paged cache. q, k and v come from one projection (`qkv_proj`, rows: q heads, k heads, v heads;
+    the loader stacks the checkpoint's q_proj, k_proj and v_proj), and one fused op normalises q and k per head,
+    rotates them and writes k and v into the cache."""
+
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float, rope: RotaryEmbedding):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+        self.qkv_split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        self.qkv_proj = nn.Linear(hidden, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
@@ -54,14 +58,13 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
         k_cache, v_cache = kv_cache
-        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = qk_norm_rope_write_kv(
+            self.qkv_proj(x), positions, self.rope.cos, self.rope.sin, self.heads, self.kv_heads, self.head_dim,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.eps, k_cache, v_cache, meta.slot_mapping,
+        )
         out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 

@@ -17,7 +17,7 @@ from eep_hpc.model.arch import MoEArch, load_arch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM
 from eep_hpc.model.fp8 import Fp8Source, expert_format, weight_format
-from eep_hpc.model.hf_names import expert_names, hf_name
+from eep_hpc.model.hf_names import expert_names, hf_names
 from eep_hpc.model.weights import DummySource, SafetensorsSource
 
 
@@ -47,7 +47,13 @@ def load_dense(model: MoEForCausalLM, source) -> None:
     for name, param in model.named_parameters():
         if is_expert_param(name) or (name == "lm_head.weight" and model.arch.tie_word_embeddings):
             continue
-        param.copy_(source.get(hf_name(model.arch, name), tuple(param.shape)))
+        names = hf_names(model.arch, name)
+        if len(names) == 1:
+            param.copy_(source.get(names[0], tuple(param.shape)))
+            continue
+        rows = model.get_submodule(name.rsplit(".", 2)[0]).qkv_split  # a stacked projection's part sizes
+        for part, dst in zip(names, param.split(rows), strict=True):
+            dst.copy_(source.get(part, tuple(dst.shape)))
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ from torch import nn
 
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
+from eep_hpc.kernels.routing import route_topk
 from eep_hpc.parallel.all_to_all import AllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 
@@ -31,12 +32,25 @@ class ExpertParallel:
         return load
 
     def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2, scales: BlockScales | None = None):
+        """x [T, D] with its routing (topk_ids [T, k] logical experts, topk_weights [T, k]) -> [T, D]."""
         ids = topk_ids.reshape(-1)
         self.load[layer].index_add_(0, ids, torch.ones_like(ids))
-        slots = self.map.choose_slots(layer, topk_ids)
+        return self.experts(x, self.map.choose_slots(layer, topk_ids), topk_weights, w13, w2, scales)
+
+    def forward_softmax_topk(self, layer: int, x, gate_logits, top_k: int, renormalize: bool, w13, w2,
+                             scales: BlockScales | None = None):
+        """`forward` after softmax top-k routing of gate_logits [T, E]; the routing, the load count and the
+        choice of replicas are one fused op on the GPU."""
+        m = self.map
+        slots, weights = route_topk(gate_logits, top_k, renormalize, self.load[layer], m.replica_count[layer],
+                                    m.logical_to_physical[layer])
+        return self.experts(x, slots, weights.to(x.dtype), w13, w2, scales)
+
+    def experts(self, x, slots, weights, w13, w2, scales: BlockScales | None):
+        """x [T, D] through the physical slots [T, k] wherever they live, summed with weights [T, k]."""
         rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
         y = ops.swiglu_experts(rows, local_slot, w13, w2, scales)
-        return self.all_to_all.combine(y, topk_weights, handle)
+        return self.all_to_all.combine(y, weights, handle)
 
 
 class SparseMoE(nn.Module):
@@ -58,14 +72,7 @@ class SparseMoE(nn.Module):
     def scales(self) -> BlockScales | None:
         return None if self.fp8_block is None else BlockScales(self.w13_scale, self.w2_scale, self.fp8_block)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (ids [T, k], weights [T, k]): softmax over all experts in fp32, top-k, optional renorm."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights.to(x.dtype)
-
     def forward(self, x: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-        ids, weights = self.route(x)
-        return ep.forward(self.moe_index, x, ids, weights, self.w13, self.w2, self.scales())
+        """Softmax over all experts in fp32, top-k, optional renormalisation (kernels/routing.py), experts."""
+        return ep.forward_softmax_topk(self.moe_index, x, self.gate(x), self.top_k, self.renormalize, self.w13,
+                                       self.w2, self.scales())

@@ -28,7 +28,8 @@ class AllToAll(Protocol):
     def dispatch(
         self, x: torch.Tensor, slots: torch.Tensor, slot_owner: torch.Tensor, local_start: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
-        """x [T, D], slots [T, k] physical -> (rows [M, D], local slot of each row [M], handle)."""
+        """x [T, D], slots [T, k] physical -> (rows [R, D], local slot of each received pair [M], handle); pair m
+        reads row m // (M / R): one row per pair after an exchange, one row per token's k pairs when all are local."""
         ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -49,9 +50,11 @@ class TorchAllToAll:
 
     def dispatch(self, x, slots, slot_owner, local_start):
         T, k = slots.shape
-        if self.group.size == 1:  # every slot is local: pairs in (t, j) order, nothing to sort or exchange
-            rows = x[:, None, :].expand(T, k, x.shape[1]).reshape(T * k, x.shape[1])
-            return rows, slots.reshape(-1) - local_start, DispatchHandle(None, [], [], T, k)
+        if self.group.size == 1:  # every slot is local: pairs in (t, j) order share their token's row of x
+            local = slots.reshape(-1)
+            if not (isinstance(local_start, int) and local_start == 0):
+                local = local - local_start
+            return x, local, DispatchHandle(None, [], [], T, k)
         owners = slot_owner[slots.reshape(-1)]  # [T*k] destination rank of each pair
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.group.size).tolist()  # the one host sync per layer
@@ -76,10 +79,13 @@ class TorchAllToAll:
             pairs = y.new_empty(T * k, y.shape[1])
             pairs[handle.order] = back
             pairs = pairs.view(T, k, y.shape[1])
-        out = pairs[:, 0] * weights[:, :1]
-        for j in range(1, k):
-            out = out + pairs[:, j] * weights[:, j : j + 1]
-        return out
+        return weighted_sum(pairs, weights)
+
+
+def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """pairs [T, k, D], weights [T, k] -> [T, D]: one batched matmul (fp32 accumulation on the GPU); the sum
+    depends only on the values, not on which rank computed them."""
+    return torch.bmm(weights.to(pairs.dtype).unsqueeze(1), pairs).squeeze(1)
 
 
 def make_all_to_all(cfg, arch, epoch, group: EpochGroup, expert_map) -> AllToAll:
