@@ -1,5 +1,6 @@
 """Where a decode step's time goes, on one GPU: the model alone (no scheduler, sampler or sockets), eager vs CUDA
-graph, timed with CUDA events, beside the memory roofline; plus the heaviest kernels of a graph-less step.
+graph, timed with CUDA events, beside the memory roofline (`step_gpu_ms`: the graph replay plus the LM head and
+the greedy pick, the bytes the roofline counts); plus the heaviest kernels of a graph-less step.
 
     python -m eep_hpc.bench.step_profile --config configs/qwen3-30b-a3b-dummy.toml --batch 1 64 256 --context 320
 """
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=320)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top-kernels", type=int, default=15)
+    p.add_argument("--profile-batch", type=int, nargs="+", default=[1], help="batch sizes whose eager kernels to list")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -83,30 +85,41 @@ def main(argv=None) -> None:
         inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
         eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
         graphed = lambda: graphs.run(*inputs, ep)
+        # what the roofline counts: the layers, the LM head and the greedy pick (the engine's decode step)
+        whole = lambda: model.compute_logits(graphs.run(*inputs, ep)).argmax(dim=-1)
         roof = roofline(arch, b, ctx + 1, bw)
         row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
                "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),
-               "graph_wall_ms": host_ms(graphed, args.repeats), "roofline_ms": roof["step_floor_ms"],
-               "bytes": roof["total_bytes"]}
-        row["graph_vs_roofline"] = row["graph_gpu_ms"] / row["roofline_ms"]
+               "graph_wall_ms": host_ms(graphed, args.repeats), "step_gpu_ms": cuda_ms(whole, args.repeats),
+               "roofline_ms": roof["step_floor_ms"], "bytes": roof["total_bytes"]}
+        row["step_vs_roofline"] = row["step_gpu_ms"] / row["roofline_ms"]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    # the heaviest kernels of one eager batch-1 step (a graph replay hides its kernels from the profiler)
-    b = 1
-    tables = [list(range(1, 1 + blocks_per_seq))]
-    step = lambda: runner.forward([1], [ctx], [tables[0][ctx // bs] * bs + ctx % bs], [1], [ctx + 1], tables, ep)
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    # the heaviest kernels of one eager step (a graph replay hides its kernels from the profiler)
+    profiles = {}
+    for b in args.profile_batch:
+        tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
+        slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
+        ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
+        step = lambda: runner.forward(ids, [ctx] * b, slots, [1] * b, [ctx + 1] * b, tables, ep)
         step()
-        torch.cuda.synchronize()
-    kernels = []
-    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top_kernels]:
-        kernels.append({"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)})
-    total_us = sum(e.device_time_total for e in prof.key_averages())
-    launches = sum(e.count for e in prof.key_averages())
+        ep.take_load()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = []
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top_kernels]:
+            kernels.append({"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)})
+        profiles[f"batch{b}"] = {
+            "launches": sum(e.count for e in prof.key_averages()),
+            "device_us_total": round(sum(e.device_time_total for e in prof.key_averages()), 1),
+            # distinct experts the batch's tokens reached per MoE layer: what the step must read
+            "experts_touched_per_layer": round((ep.take_load() > 0).sum(dim=1).float().mean().item(), 1),
+            "top": kernels,
+        }
     result = {"config": args.config, "device": torch.cuda.get_device_name(), "bandwidth_gbps": bw, "rows": rows,
-              "batch1_eager_kernels": {"launches": launches, "device_us_total": round(total_us, 1), "top": kernels}}
-    print(json.dumps(result["batch1_eager_kernels"], indent=1))
+              "eager_kernels": profiles}
+    print(json.dumps(profiles, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
