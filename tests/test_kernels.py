@@ -108,7 +108,7 @@ MOE_SHAPES = [
 def test_experts_read_a_shared_row_per_token():
     """One rank hands each token over once for its k pairs: the same result as k copies of the row."""
     torch.manual_seed(3)
-    x, slot, w13, w2 = _moe_inputs(12, 5, 16, 8, torch.float32)
+    x, slot, w13, w2 = (t.cpu() for t in _moe_inputs(12, 5, 16, 8, torch.float32))
     tokens = x[:4]  # 4 tokens, k = 3: pair m reads token m // 3
     shared = ops.swiglu_experts(tokens, slot, w13, w2)
     assert torch.equal(shared, swiglu_experts_reference(tokens.repeat_interleave(3, 0), slot, w13, w2))
@@ -280,3 +280,4 @@ def test_ops_pick_triton_on_cuda_and_agree_with_reference():
     ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     got = ops.paged_attention(q, k_cache, v_cache, meta, 0.25)
     assert rel_err(got, paged_attention_reference(q, k_cache, v_cache, meta, 0.25)) <= 1e-4
+

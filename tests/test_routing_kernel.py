@@ -289,7 +289,7 @@ def test_route_topk_dispatches_to_triton_and_captures_in_a_graph(monkeypatch, T)
     calls = []
     kernel = triton_routing.route_topk_triton
     monkeypatch.setattr(
-        triton_routing, "route_topk_triton", lambda *a: calls.append(1) or kernel(*a)
+        triton_routing, "route_topk_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
     )
     E, k = 128, 8
     x = distinct_logits(T, E, k, torch.bfloat16)
@@ -310,3 +310,12 @@ def test_route_topk_dispatches_to_triton_and_captures_in_a_graph(monkeypatch, T)
             static_x, k, True, ref_load[LAYER], count[LAYER], l2p[LAYER]
         )
         assert_matches((slots, weights, load), (*ref, ref_load))
+
+
+def test_weights_come_back_in_the_asked_dtype():
+    """The model asks for its activation dtype: the fp32 weights, rounded once (no separate cast kernel)."""
+    logits = torch.randn(5, 8)
+    tables = (torch.zeros(8, dtype=torch.int64), torch.ones(8, dtype=torch.int64), torch.arange(8).unsqueeze(1))
+    _, fp32 = route_topk_reference(logits, 2, True, *tables)
+    _, bf16 = route_topk(logits, 2, True, *tables, weights_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, fp32.to(torch.bfloat16))

@@ -27,8 +27,10 @@ def route_topk_reference(
     load_row: torch.Tensor,
     replica_count_row: torch.Tensor,
     logical_to_physical_row: torch.Tensor,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (slots [T, k] int64, weights [T, k] float32); load_row [E] += tokens per expert."""
+    """logits [T, E] -> (slots [T, k] int64, weights [T, k] computed in fp32, returned in weights_dtype);
+    load_row [E] += tokens per expert."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -39,7 +41,7 @@ def route_topk_reference(
     dev, count = ids.device, replica_count_row[ids]
     pick = (torch.arange(T, device=dev)[:, None] + torch.arange(k, device=dev)) % count
     slots = logical_to_physical_row[ids, pick]
-    return slots.to(torch.int64), weights
+    return slots.to(torch.int64), weights.to(weights_dtype)
 
 
 def route_topk(
@@ -49,6 +51,7 @@ def route_topk(
     load_row: torch.Tensor,
     replica_count_row: torch.Tensor,
     logical_to_physical_row: torch.Tensor,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel on CUDA (one launch, no host sync, CUDA-graph capturable), else the reference."""
     args = (
@@ -62,5 +65,5 @@ def route_topk(
     if ops.use_triton(logits):
         from eep_hpc.kernels.triton_routing import route_topk_triton
 
-        return route_topk_triton(*args)
-    return route_topk_reference(*args)
+        return route_topk_triton(*args, weights_dtype=weights_dtype)
+    return route_topk_reference(*args, weights_dtype=weights_dtype)

@@ -81,7 +81,7 @@ def _route_topk_kernel(
     slot = tl.load(l2p_ptr + e * stride_pe + pick * stride_pr, mask=k_ok, other=-1)
     out_offs = rows64[:, None] * TOP_K + kcols[None, :]
     tl.store(slots_ptr + out_offs, slot.to(tl.int64), mask=k_ok)
-    tl.store(weights_ptr + out_offs, w, mask=k_ok)
+    tl.store(weights_ptr + out_offs, w.to(weights_ptr.dtype.element_ty), mask=k_ok)
 
     # [BLOCK_E] picks per expert in this tile, one masked atomic per expert hit
     hist = tl.sum((ok & (key == _TAKEN)).to(tl.int32), 0)
@@ -107,8 +107,10 @@ def route_topk_triton(
     load_row: torch.Tensor,
     replica_count_row: torch.Tensor,
     logical_to_physical_row: torch.Tensor,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (slots [T, k] int64, weights [T, k] float32); load_row [E] += tokens per expert.
+    """logits [T, E] -> (slots [T, k] int64, weights [T, k] in weights_dtype, computed in fp32); load_row [E] +=
+    tokens per expert.
     Any strides; the tables must be on logits' device. T = 0 launches nothing."""
     T, E = logits.shape
     assert 1 <= top_k <= E, (top_k, E)
@@ -118,7 +120,7 @@ def route_topk_triton(
     assert not (load_row.is_floating_point() or replica_count_row.is_floating_point())
     dev = logits.device
     slots = torch.empty(T, top_k, dtype=torch.int64, device=dev)
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    weights = torch.empty(T, top_k, dtype=weights_dtype, device=dev)
     if T == 0:
         return slots, weights
     block_e = triton.next_power_of_2(E)

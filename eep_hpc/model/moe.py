@@ -43,8 +43,8 @@ class ExpertParallel:
         choice of replicas are one fused op on the GPU."""
         m = self.map
         slots, weights = route_topk(gate_logits, top_k, renormalize, self.load[layer], m.replica_count[layer],
-                                    m.logical_to_physical[layer])
-        return self.experts(x, slots, weights.to(x.dtype), w13, w2, scales)
+                                    m.logical_to_physical[layer], weights_dtype=x.dtype)
+        return self.experts(x, slots, weights, w13, w2, scales)
 
     def experts(self, x, slots, weights, w13, w2, scales: BlockScales | None):
         """x [T, D] through the physical slots [T, k] wherever they live, summed with weights [T, k]."""
