@@ -11,9 +11,7 @@ float64 on the dequantised weights.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import threading
 import types
 from pathlib import Path
@@ -24,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import greedy
+
+from kernel_checks import DEVICE, DTYPES, TOL, big, needs_cuda, needs_kernels, rel_err
 
 from eep_hpc import protocol as P
 from eep_hpc.config import Config, EngineConfig, ModelConfig
@@ -47,24 +47,7 @@ from eep_hpc.model.weights import DummySource
 from eep_hpc.parallel.expert_transfer import SlotTensors, exchange_over_group, stage_experts
 from eep_hpc.parallel.groups import EpochGroup, connect_store
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_kernels = pytest.mark.skipif(
-    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET), reason="needs a CUDA GPU with Triton"
-)
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU with Triton")
-big = pytest.mark.skipif(INTERPRET, reason="too large for the Triton interpreter")
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
-    if ref.numel() == 0:
-        return 0.0
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 # ---- quantisation ----
@@ -384,7 +367,7 @@ def test_swiglu_experts_fp8_triton_skips_padding_rows():
     assert rel_err(out[keep], ref) <= TOL[torch.float32] and out[pad].isnan().all()
 
 
-@needs_gpu
+@needs_cuda
 def test_ops_run_fp8_experts_in_triton_on_cuda():
     q13, q2, sc = _fp8_experts(5, 64, 32, (16, 32))
     x = torch.randn(30, 64, device="cuda", dtype=torch.bfloat16)
@@ -398,7 +381,7 @@ def test_ops_run_fp8_experts_in_triton_on_cuda():
 # ---- the FP8 model on a GPU ----
 
 
-@needs_gpu
+@needs_cuda
 @pytest.mark.gpu
 def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_cpu(hf_checkpoint, tmp_path):
     """fp32 activations with fp8 experts on the GPU (no TF32): the same greedy tokens as the CPU's dequantised
@@ -413,7 +396,7 @@ def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_cpu(hf_checkpoint, 
     assert all(len(t) == 8 for t in greedy(bf16, PROMPTS, 8))
 
 
-@needs_gpu
+@needs_cuda
 @pytest.mark.gpu
 def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
     path = _tiny_path()
@@ -424,7 +407,7 @@ def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
     assert all(len(t) == 8 for t in greedy(fp8, PROMPTS, 8))
 
 
-@needs_gpu
+@needs_cuda
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_fp8_experts_grow_and_shrink_across_two_gpus_keep_text(tmp_path):

@@ -10,35 +10,17 @@ float64 on the same (already rounded) inputs by ||out - ref|| / ||ref||:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import pytest
 import torch
 
+from kernel_checks import DEVICE, DTYPES, HAS_TRITON, TOL, big, needs_kernels, rel_err
+
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference, write_kv
 from eep_hpc.kernels.moe import swiglu_experts_reference
 from eep_hpc.kernels.norm import rms_norm_reference
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON and not torch.cuda.is_available()
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-needs_kernels = pytest.mark.skipif(
-    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET), reason="needs a CUDA GPU with Triton"
-)
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
-big = pytest.mark.skipif(INTERPRET, reason="too large for the Triton interpreter")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
-    if ref.numel() == 0:
-        return 0.0
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 # ---- CPU: dispatch and metadata (always run) ----

@@ -11,11 +11,11 @@ filled with NaN first, compared with the reference computed in float64 on the sa
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
+
+from kernel_checks import DEVICE, DTYPES, INTERPRET, TOL, big, needs_cuda, needs_kernels, rel_err
 
 from eep_hpc.kernels.attention import write_kv
 from eep_hpc.kernels.norm import rms_norm_reference
@@ -26,25 +26,6 @@ from eep_hpc.kernels.rope import (
 )
 from eep_hpc.model.layers import RMSNorm, RotaryEmbedding
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = (
-    os.environ.get("TRITON_INTERPRET") == "1"
-    and HAS_TRITON
-    and not torch.cuda.is_available()
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-needs_kernels = pytest.mark.skipif(
-    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET),
-    reason="needs a CUDA GPU with Triton",
-)
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON),
-    reason="needs a CUDA GPU with Triton",
-)
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
-big = pytest.mark.skipif(INTERPRET, reason="too large for the Triton interpreter")
 
 EPS = 1e-6
 MAX_POS = 4096
@@ -52,14 +33,6 @@ BLOCK_SIZE = 16
 NAN = float("nan")
 CPU = torch.device("cpu")
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not out.isnan().any(), "unwritten (NaN-poisoned) or NaN output"
-    if ref.numel() == 0:
-        return 0.0
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _case(T, Hq, Hkv, D, dtype, norm, strided=False, device=DEVICE, fill=NAN):

@@ -12,29 +12,14 @@ model passes `load[layer]`), with and without replicated experts.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
+from kernel_checks import DEVICE, DTYPES, INTERPRET, needs_cuda, needs_kernels
+
 from eep_hpc.kernels.routing import route_topk, route_topk_reference
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = (
-    os.environ.get("TRITON_INTERPRET") == "1"
-    and HAS_TRITON
-    and not torch.cuda.is_available()
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_kernels = pytest.mark.skipif(
-    not ((torch.cuda.is_available() and HAS_TRITON) or INTERPRET),
-    reason="needs a CUDA GPU with Triton",
-)
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU"
-)
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
 WEIGHT_RTOL = 1e-6
 # tables for 3 MoE layers, routing layer 1 (row views with an offset)
 LAYERS, LAYER = 3, 1
