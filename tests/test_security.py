@@ -213,7 +213,7 @@ def test_the_same_frame_signed_with_the_runs_secret_is_taken(api):
 def test_a_rank_drops_frames_not_from_its_head():
     """Ranks only connect out (nothing listens for the control plane on a rank); should something else answer at the
     head's address (the head gone, its port taken), the rank drops what it is sent unless it is signed."""
-    from eep_hpc.engine.rank_main import RankProcess
+    from eep_hpc.rank.process import RankProcess
 
     P.ensure_secret()
     ctx = zmq.Context()

@@ -14,7 +14,7 @@ from pathlib import Path
 import submitit
 import torch
 
-from eep_hpc.engine.rank_main import run_rank
+from eep_hpc.rank.process import run_rank
 from eep_hpc.protocol import RankLaunch
 
 

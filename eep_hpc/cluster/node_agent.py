@@ -209,7 +209,7 @@ def _rank_preexec() -> None:
 
 def rank_child_main() -> int:
     launch = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=RankLaunch)
-    from eep_hpc.engine.rank_main import run_rank
+    from eep_hpc.rank.process import run_rank
 
     return run_rank(launch)
 
