@@ -7,13 +7,12 @@ never silently does nothing.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 import msgspec
-
-from eep_hpc.cluster.pools import Pool, name_pools
 
 TINY_MODEL = "tiny"
 
@@ -61,10 +60,12 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ranks: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # All-to-all backend for MoE dispatch/combine: "torch" (all_to_all over gloo/NCCL, CPU and GPU) or "nixl_ep"
-    # (nixl_ep's low-latency kernels; CUDA, bfloat16, hidden sizes 2048-8192; its buffer holds
-    # engine.max_num_batched_tokens tokens per rank and dispatch).
+    # All-to-all backend for MoE dispatch/combine: "torch" (all_to_all over gloo/NCCL in fixed-size buffers, CPU and
+    # GPU) or "nixl_ep" (nixl_ep's low-latency kernels; CUDA, bfloat16, hidden sizes 2048-8192).
     backend: Literal["torch", "nixl_ep"] = "torch"
+    # In a multi-rank epoch one MoE dispatch carries at most this many tokens per rank (nixl_ep: at least the
+    # largest decode graph); a bigger step runs its MoE in an agreed number of such chunks.
+    moe_chunk_tokens: int = 256
     # Ranks a nixl_ep buffer holds at once: peers join without rebuilding it up to this many; 0 = the largest of
     # ranks, adapt.max_ranks and 2. A bigger membership rebuilds every member's buffer.
     nixl_ep_max_ranks: int = 0
@@ -131,6 +132,77 @@ class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replace_before_s: float = 300.0
 
 
+# ---- node pools ([pools.NAME] tables; cluster/pools.py reads them from files) ------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Pool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One kind of Slurm node job the head may submit: a partition and one node's shape (cluster/pools.py)."""
+
+    # Filled in from the table's key ([pools.NAME]); when given it must match.
+    name: str = ""
+    partition: str = ""  # "" = the cluster's default partition
+    # GPUs per node (--gpus-per-node); 0 = a CPU node.
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0  # --cpus-per-task of the one node-agent task; 0 = Slurm's default
+    mem_gb: float = 0  # --mem; 0 = Slurm's default
+    time_limit_min: int = 60  # --time
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # Walltime warning: Slurm sends SIGUSR2 this many seconds before the time limit (--signal=USR2@warning_s);
+    # the node agent tells the head its ranks leave in that time. Slurm may send it up to a minute early (and
+    # with a 1-minute limit, before the agent is up): keep time limits well above warning_s + 60.
+    warning_s: int = 120
+    # Ranks the node agent starts on each node; 0 = gpus_per_node (one rank per GPU), or 1 on a CPU node.
+    ranks_per_node: int = 0
+    # How many expert slots a rank of this pool holds relative to others (e.g. 2.0 for GPUs with twice the
+    # memory): EPLB gives ranks of different node shapes slot capacities in this proportion.
+    expert_capacity: float = 1.0
+    # Shell lines run in the job script before the node agent starts (module load …, source venv/bin/activate).
+    setup: list[str] = []
+    # Further sbatch options, e.g. {reservation = "x", exclusive = true}; written as --KEY=VALUE.
+    sbatch: dict[str, str | int | bool] = {}
+
+    def __post_init__(self) -> None:
+        if self.name and not _NAME.match(self.name):
+            raise ValueError(f"pool name {self.name!r}: use letters, digits, '_', '.', '-'")
+        for field in ("gpus_per_node", "cpus_per_node", "ranks_per_node", "warning_s"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0")
+        if self.mem_gb < 0:
+            raise ValueError("mem_gb must be >= 0")
+        if self.time_limit_min < 1:
+            raise ValueError("time_limit_min must be >= 1")
+        if self.warning_s >= self.time_limit_min * 60:
+            raise ValueError(f"warning_s ({self.warning_s}) must be shorter than the time limit "
+                             f"({self.time_limit_min} min)")
+        if self.ranks_per_node == 0:
+            self.ranks_per_node = self.gpus_per_node or 1
+        if self.gpus_per_node and self.ranks_per_node > self.gpus_per_node:
+            raise ValueError(f"ranks_per_node ({self.ranks_per_node}) exceeds gpus_per_node ({self.gpus_per_node})")
+
+    def nodes_for(self, num_ranks: int) -> int:
+        """Nodes needed for num_ranks ranks of this pool."""
+        return -(-num_ranks // self.ranks_per_node)
+
+
+class PoolError(ValueError):
+    pass
+
+
+def name_pools(pools: dict[str, Pool]) -> dict[str, Pool]:
+    """Give each pool its table key as name (what msgspec cannot do while converting a dict of pools)."""
+    for key, pool in pools.items():
+        if not _NAME.match(key):
+            raise PoolError(f"pool name {key!r}: use letters, digits, '_', '.', '-'")
+        if pool.name and pool.name != key:
+            raise PoolError(f"[pools.{key}] has name = {pool.name!r}; leave it out or make it {key!r}")
+        pool.name = key
+    return pools
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
@@ -138,7 +210,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     adapt: AdaptConfig = msgspec.field(default_factory=AdaptConfig)
-    # Node shapes for Slurm growth, [pools.NAME] tables (cluster/pools.py).
+    # Node shapes for Slurm growth, [pools.NAME] tables (Pool above).
     pools: dict[str, Pool] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
