@@ -30,7 +30,7 @@ def parse_setting(item: str) -> tuple[str, str, object]:
 
 
 def _serve(args) -> int:
-    from eep_hpc.cluster.head import Head
+    from eep_hpc.head.main import Head
 
     overrides = {
         "serve": {"host": args.host, "port": args.port},

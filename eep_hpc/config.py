@@ -115,7 +115,7 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Adaptive scaling (elastic/autoscaler.py); `eep-hpc adapt --min A --max B` turns it on at run time."""
+    """Adaptive scaling (head/autoscaler.py); `eep-hpc adapt --min A --max B` turns it on at run time."""
 
     enabled: bool = False
     min_ranks: int = 1

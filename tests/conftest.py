@@ -47,7 +47,7 @@ class RunningHead:
 
 def start_head(run_dir: Path, ranks: int = 1, **overrides) -> RunningHead:
     """Start a head in a background thread (its own event loop) and wait until it serves."""
-    from eep_hpc.cluster.head import Head
+    from eep_hpc.head.main import Head
 
     sections = {"serve": {"port": 0}, "parallel": {"ranks": ranks, "device": "cpu"}, "control": {"run_dir": str(run_dir)}}
     for section, values in overrides.items():

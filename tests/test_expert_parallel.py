@@ -72,7 +72,7 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
 
 
 def test_ranks_of_different_shapes_get_expert_slots_by_capacity(tmp_path):
-    from eep_hpc.elastic.membership import slots_per_rank
+    from eep_hpc.head.membership import slots_per_rank
 
     assert slots_per_rank(8, 0, [1.0, 1.0, 1.0]) == [3, 3, 3]
     assert slots_per_rank(8, 0, [1.0, 2.0]) == [3, 6]

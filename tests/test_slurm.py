@@ -317,7 +317,7 @@ def test_pending_job_is_alive_until_cancelled(head, tmp_path):
 @pytest.mark.slurm
 @requires_slurm
 def test_head_serves_from_ranks_in_node_jobs_grows_and_drains_on_walltime_warning(tmp_path):
-    from eep_hpc.cluster.head import Head
+    from eep_hpc.head.main import Head
     from eep_hpc.cluster.slurm import SlurmLauncher
 
     raw = tomllib.loads(TEST_CONFIG.read_text())

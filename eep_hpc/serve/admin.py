@@ -15,8 +15,8 @@ import asyncio
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from eep_hpc.elastic.coordinator import Coordinator, StartupError
-from eep_hpc.elastic.scaling import ScaleBusy, ScaleFailed
+from eep_hpc.head.coordinator import Coordinator, StartupError
+from eep_hpc.head.events import ScaleBusy, ScaleFailed
 from eep_hpc.serve.errors import ApiError, bad_request
 
 

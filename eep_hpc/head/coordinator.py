@@ -9,7 +9,7 @@ Protocol with the ranks (messages in protocol.py, one ROUTER socket here, one DE
    them); rank 0 reports WaveDone when all ran out of work, and a new wave starts if requests are still out.
    Outputs come back as StepOutputs and are fanned out to per-request queues.
 4. Ping every heartbeat; a rank that stops answering, fails, or whose job dies is marked FAILED. A member lost
-   that way starts a recovery (scaling_ops.recover): survivors re-form without it and every open request starts
+   that way starts a recovery (scaling.recover): survivors re-form without it and every open request starts
    again on them, so no request fails while one member lives. New requests wait for the recovery to end.
 """
 
@@ -28,10 +28,10 @@ import zmq.asyncio
 from eep_hpc import protocol as P
 from eep_hpc.cluster.launcher import Launcher
 from eep_hpc.config import Config
-from eep_hpc.elastic.autoscaler import Autoscaler
-from eep_hpc.elastic.membership import RankRecord, RankState, StartupError, is_pending, slots_per_rank
-from eep_hpc.elastic.scaling_ops import ScalingMixin
-from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
+from eep_hpc.head.autoscaler import Autoscaler
+from eep_hpc.head.membership import RankRecord, RankState, StartupError, is_pending, slots_per_rank
+from eep_hpc.head.scaling import ScalingMixin
+from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
 from eep_hpc.parallel.eplb import Placement, initial_placement
 
 log = logging.getLogger("eep_hpc.coordinator")

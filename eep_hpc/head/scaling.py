@@ -14,8 +14,8 @@ import time
 import torch
 
 from eep_hpc import protocol as P
-from eep_hpc.elastic.membership import RankState, is_pending, slots_per_rank
-from eep_hpc.elastic.scaling import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
+from eep_hpc.head.membership import RankState, is_pending, slots_per_rank
+from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
 from eep_hpc.parallel.eplb import CHECKPOINT, Placement, align_previous, plan_moves, rebalance
 
 log = logging.getLogger("eep_hpc.coordinator")

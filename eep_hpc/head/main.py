@@ -16,8 +16,8 @@ from eep_hpc import protocol as P
 from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
 from eep_hpc.config import TINY_MODEL, Config
-from eep_hpc.elastic.coordinator import Coordinator
-from eep_hpc.elastic.metrics import CoordinatorCollector
+from eep_hpc.head.coordinator import Coordinator
+from eep_hpc.head.metrics import CoordinatorCollector
 from eep_hpc.engine.rank_engine import max_model_len
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
