@@ -1,9 +1,9 @@
 """The head's HTTP front: an OpenAI-compatible API over an EngineClient.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (SSE when stream=true), GET /v1/models[/{model}],
-GET /health, GET /metrics, GET /admin/state. The head may add more routes to the returned app; those under /v1/
-and /admin/ get the same bearer-token checks. `app.state.engine`, `app.state.metrics` (whose registry takes
-more collectors) and `app.state.serving` are set.
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE when stream=true; serving.py is the way of a request
+through them), GET /v1/models[/{model}], GET /health, GET /metrics, GET /admin/state. The head may add more routes
+to the returned app; those under /v1/ and /admin/ get the same bearer-token checks. `app.state.engine`,
+`app.state.metrics` (whose registry takes more collectors) and `app.state.serving` are set.
 
 Middleware, outermost first: HTTP metrics -> catch-all 500 -> bearer auth -> FastAPI's exception handlers.
 """
@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response
 
 from eep_hpc.config import ServeConfig
 from eep_hpc.serve.auth import BearerAuthMiddleware
-from eep_hpc.serve.chat import create_chat_completion
-from eep_hpc.serve.completions import create_completion
+from eep_hpc.serve.chat import ChatCompletion
+from eep_hpc.serve.completions import Completion
 from eep_hpc.serve.engine_client import EngineClient
 from eep_hpc.serve.errors import install_error_handlers, model_not_found, not_ready
 from eep_hpc.serve.metrics import CONTENT_TYPE, ApiMetrics, HttpMetricsMiddleware
@@ -35,11 +35,11 @@ def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(serving, request)
+        return await serving.handle(request, Completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(serving, request)
+        return await serving.handle(request, ChatCompletion)
 
     def model_card() -> ModelCard:
         name = engine.model_name

@@ -1,4 +1,4 @@
-"""POST /v1/completions: prompts (text or token ids, batched) x n choices, streaming or not.
+"""POST /v1/completions: prompts (text or token ids, batched) x n choices. The way of the request is serving.py's.
 
 echo puts the prompt before the completion (in the first chunk of a stream); with logprobs, the prompt tokens'
 logprobs come first too (the first prompt token's is null). text_offset counts characters of the choice's text.
@@ -6,38 +6,67 @@ logprobs come first too (the first prompt token's is null). text_offset counts c
 
 from __future__ import annotations
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from typing import Any
 
-from eep_hpc.serve.generation import (
-    Choice,
-    ChoiceDelta,
-    TokenLogprob,
-    check_token_ids,
-    clamp_logprob,
-    off_loop,
-    resolve_max_tokens,
-    sampling_params,
-    token_piece,
-    vocab_size,
-)
+from eep_hpc.serve.engine_client import EngineClient
+from eep_hpc.serve.generation import ChoiceDelta
+from eep_hpc.serve.logprobs import TokenLogprob, clamp_logprob, token_piece
 from eep_hpc.serve.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
-    UsageInfo,
-    now,
-    random_id,
 )
-from eep_hpc.serve.serving import Serving, dump_chunk
+from eep_hpc.serve.prompts import Choice, check_token_ids, prompt_choices, tokenize
+
+
+class Completion:
+    """One /v1/completions request, validated (serving.Endpoint): choice k is sample k % n of prompt k // n."""
+
+    request_type = CompletionRequest
+    id_prefix = "cmpl"
+    chunk_type = CompletionStreamResponse
+    body_type = CompletionResponse
+
+    def __init__(self, choices: list[Choice], prompt_tokens: int, texts: list["ChoiceText"]) -> None:
+        self.choices, self.prompt_tokens, self.texts = choices, prompt_tokens, texts
+
+    @classmethod
+    async def prepare(cls, req: CompletionRequest, engine: EngineClient) -> "Completion":
+        tokenizer, add_special, n = engine.tokenizer, req.add_special_tokens is not False, req.num_choices
+        prompts: list[list[int]] = []
+        choices: list[Choice] = []
+        for i, prompt in enumerate(req.prompt):
+            if isinstance(prompt, str):
+                ids = await tokenize(engine, prompt, add_special_tokens=add_special)
+            else:
+                ids = list(prompt)
+                check_token_ids(ids, engine)
+            choices += prompt_choices(engine, req, ids, req.max_tokens, i * n)
+            prompts.append(ids)
+        echoes: list[str | None] = [None] * len(prompts)
+        if req.echo:  # the prompt as the client sent it, or its token ids as text
+            for i, (prompt, ids) in enumerate(zip(req.prompt, prompts)):
+                echoes[i] = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+        logprobs = req.logprobs is not None
+        texts = [ChoiceText(tokenizer, echoes[k // n], logprobs) for k in range(len(choices))]
+        return cls(choices, sum(len(p) for p in prompts), texts)
+
+    def first_choices(self) -> list[CompletionChoice]:
+        return []
+
+    def stream_choice(self, d: ChoiceDelta) -> CompletionChoice:
+        text, logprobs = self.texts[d.index].add(d.text, d.logprobs, d.prompt_logprobs)
+        return CompletionChoice(index=d.index, text=text, logprobs=logprobs, finish_reason=d.finish_reason)
+
+    whole_choice = stream_choice  # a choice's whole output reads like one delta
 
 
 class ChoiceText:
     """What one choice has returned so far: the echo (once, first), and the offset of the next token's text."""
 
-    def __init__(self, tokenizer, echo: str | None, logprobs: bool) -> None:
+    def __init__(self, tokenizer: Any, echo: str | None, logprobs: bool) -> None:
         self.tokenizer, self.echo, self.logprobs = tokenizer, echo, logprobs
         self.offset = 0
 
@@ -70,63 +99,3 @@ class ChoiceText:
             for t, v in e.top:
                 top.setdefault(token_piece(self.tokenizer, t)[0], clamp_logprob(v))
             lp.top_logprobs.append(top)
-
-
-async def create_completion(serving: Serving, request: Request) -> Response:
-    req = await serving.parse(request, CompletionRequest)
-    engine = serving.engine
-    tokenizer, vocab = engine.tokenizer, vocab_size(engine)
-    add_special = req.add_special_tokens is not False
-    n = req.num_choices
-    prompts: list[list[int]] = []
-    choices: list[Choice] = []
-    for i, prompt in enumerate(req.prompt):
-        if isinstance(prompt, str):
-            ids = await off_loop(len(prompt), tokenizer.encode, prompt, add_special_tokens=add_special)
-        else:
-            ids = list(prompt)
-            check_token_ids(ids, vocab)
-        max_tokens = resolve_max_tokens(len(ids), req.max_tokens, engine.max_model_len, "prompt")
-        prompts.append(ids)
-        choices += [Choice(i * n + j, ids, sampling_params(req, max_tokens, j)) for j in range(n)]
-
-    request_id, created, model = random_id("cmpl"), now(), engine.model_name
-    prompt_tokens = sum(len(p) for p in prompts)
-    echoes: list[str | None] = [None] * len(prompts)
-    if req.echo:
-        for i, prompt in enumerate(req.prompt):
-            echoes[i] = prompt if isinstance(prompt, str) else tokenizer.decode(prompts[i], skip_special_tokens=False)
-    texts = [ChoiceText(tokenizer, echoes[k // n], req.logprobs is not None) for k in range(len(choices))]
-    deltas = serving.start(request_id, choices, req)
-
-    if req.stream:
-        include_usage = req.include_usage or req.continuous_usage
-
-        def chunk(d: ChoiceDelta, usage: UsageInfo | None) -> str:
-            text, logprobs = texts[d.index].add(d.text, d.logprobs, d.prompt_logprobs)
-            c = CompletionChoice(index=d.index, text=text, logprobs=logprobs, finish_reason=d.finish_reason)
-            body = CompletionStreamResponse(id=request_id, created=created, model=model, choices=[c], usage=usage)
-            return dump_chunk(body, include_usage)
-
-        def usage_chunk(usage: UsageInfo) -> str:
-            return CompletionStreamResponse(
-                id=request_id, created=created, model=model, choices=[], usage=usage
-            ).model_dump_json()
-
-        return serving.stream(deltas, len(choices), prompt_tokens, req, chunk, usage_chunk)
-
-    result = await serving.complete(request, deltas, len(choices))
-    if isinstance(result, Response):
-        return result
-    body = CompletionResponse(
-        id=request_id,
-        created=created,
-        model=model,
-        choices=[
-            CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=result.finish_reasons[k])
-            for k in range(len(choices))
-            for text, logprobs in [texts[k].add(result.texts[k], result.logprobs[k], result.prompt_logprobs[k])]
-        ],
-        usage=UsageInfo.of(prompt_tokens, sum(result.num_tokens)),
-    )
-    return JSONResponse(body.model_dump())

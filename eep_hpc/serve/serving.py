@@ -1,43 +1,86 @@
-"""What the OpenAI routes share: parsing a body, admitting a request (model, readiness), running its choices
-with or without streaming, and the usage figures."""
+"""The one way of an OpenAI request through serve/, for /v1/completions and /v1/chat/completions alike:
+
+    parse      the body into the endpoint's request model (a 400 naming the field), then admit it: the model
+               name (404) and readiness (503)
+    prepare    the endpoint turns it into engine choices, prompt token ids and SamplingParams, with every check
+               that needs the engine done once (prompts.py; a 400)
+    generate   one engine request per choice, detokenized, stop strings applied (generation.py)
+    respond    SSE chunks as the deltas come (stream=true), else the whole texts in one JSON body
+
+What differs between the two endpoints, how prompts become token ids and how a choice reads in a chunk or in the
+whole body, is an `Endpoint`: chat.py's ChatCompletion, completions.py's Completion. Everything else is here.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, TypeVar
+from typing import AsyncIterator, ClassVar, Protocol, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from eep_hpc.serve.engine_client import EngineClient
 from eep_hpc.serve.errors import ApiError, error_body, internal_error, model_not_found, not_ready, validation_error
-from eep_hpc.serve.generation import (
-    Choice,
-    ChoiceDelta,
-    Collected,
-    TextOptions,
-    collect,
-    start_choices,
-)
+from eep_hpc.serve.generation import ChoiceDelta, TextOptions, collect, generate
 from eep_hpc.serve.metrics import ApiMetrics
-from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo
+from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
+from eep_hpc.serve.prompts import Choice
 from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, event, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=BaseModel)
+E = TypeVar("E", bound="Endpoint")
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+
+
+class Endpoint(Protocol):
+    """One request of an endpoint, validated: its engine choices and how their output reads."""
+
+    request_type: ClassVar[type[SamplingRequest]]
+    id_prefix: ClassVar[str]  # response ids are "<prefix>-<random hex>"
+    chunk_type: ClassVar[type[BaseModel]]  # a streamed chunk: id, created, model, choices, usage
+    body_type: ClassVar[type[BaseModel]]  # the whole response: id, created, model, choices, usage
+
+    choices: list[Choice]  # the engine requests, in response order
+    prompt_tokens: int  # for usage
+
+    @classmethod
+    async def prepare(cls: type[E], req: SamplingRequest, engine: EngineClient) -> E:
+        """Prompts to token ids, and every check that needs the engine (ApiError on failure)."""
+        ...
+
+    def first_choices(self) -> list[BaseModel]:
+        """Chunk choices a stream starts with, before any text (chat: each choice's role)."""
+        ...
+
+    def stream_choice(self, d: ChoiceDelta) -> BaseModel:
+        """A chunk's choice for a delta."""
+        ...
+
+    def whole_choice(self, c: ChoiceDelta) -> BaseModel:
+        """The response's choice for a choice's whole output."""
+        ...
 
 
 @dataclass
 class Serving:
     engine: EngineClient
     metrics: ApiMetrics
+
+    async def handle(self, request: Request, endpoint: type[Endpoint]) -> Response:
+        req = await self.parse(request, endpoint.request_type)
+        api = await endpoint.prepare(req, self.engine)
+        reply = Reply(random_id(endpoint.id_prefix), now(), self.engine.model_name, api)
+        deltas = generate(self.engine, self.metrics, reply.id, api.choices, TextOptions.of(req))
+        if req.stream:
+            return reply.stream(deltas, req)
+        return await reply.collect(request, deltas)
 
     async def parse(self, request: Request, cls: type[R]) -> R:
         try:
@@ -56,45 +99,36 @@ class Serving:
             raise not_ready()
         return req
 
-    def start(self, request_id: str, choices: list[Choice], req: SamplingRequest) -> AsyncIterator[ChoiceDelta]:
-        options = TextOptions(
-            stop=list(req.stop or []),
-            include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens is not False,
-        )
-        return start_choices(self.engine, self.metrics, request_id, choices, options, time.monotonic())
 
-    async def complete(
-        self, request: Request, deltas: AsyncIterator[ChoiceDelta], num_choices: int
-    ) -> Collected | Response:
-        """Whole texts, or the response to send instead (client gone, engine error)."""
-        try:
-            result = await unless_disconnected(request, collect(deltas, num_choices))
-        except ClientDisconnected:
-            return Response(status_code=CLIENT_CLOSED)
-        if result.error:
-            raise internal_error(f"Generation failed: {result.error}")
-        return result
+@dataclass
+class Reply:
+    """The response to one request: its id, creation time and model, and the endpoint's choice layout."""
 
-    def stream(
-        self,
-        deltas: AsyncIterator[ChoiceDelta],
-        num_choices: int,
-        prompt_tokens: int,
-        req: SamplingRequest,
-        chunk: Callable[[ChoiceDelta, UsageInfo | None], str],
-        usage_chunk: Callable[[UsageInfo], str],
-        first: tuple[str, ...] = (),
-    ) -> EventStreamResponse:
-        """SSE: `first` events, a chunk per delta, the usage chunk if asked for, then [DONE]. An engine error
-        ends the stream with an error event; closing the stream closes the deltas (aborting the requests)."""
+    id: str
+    created: int
+    model: str
+    api: Endpoint
+
+    def body(self, choices: list[BaseModel], usage: UsageInfo | None, whole: bool = False) -> BaseModel:
+        cls = self.api.body_type if whole else self.api.chunk_type
+        return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest) -> EventStreamResponse:
+        """SSE: the endpoint's first chunks, a chunk per delta, the usage chunk if asked for, then [DONE]. An engine
+        error ends the stream with an error event; closing the stream closes the deltas (aborting the requests)."""
         include_usage, continuous = req.include_usage, req.continuous_usage
+        prompt_tokens, num_choices = self.api.prompt_tokens, len(self.api.choices)
+
+        def chunk(choice: BaseModel | None, usage: UsageInfo | None) -> bytes:
+            body = self.body([choice] if choice is not None else [], usage)
+            # OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no key else.
+            return event(body.model_dump_json(exclude=None if include_usage or continuous else {"usage"}))
 
         async def events() -> AsyncIterator[bytes]:
             tokens = [0] * num_choices
             try:
-                for e in first:
-                    yield event(e)
+                for c in self.api.first_choices():
+                    yield chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None)
                 async for d in deltas:
                     tokens[d.index] = d.num_tokens
                     if d.finish_reason == "error":
@@ -102,10 +136,10 @@ class Serving:
                         break
                     if d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
-                        yield event(chunk(d, usage))
+                        yield chunk(self.api.stream_choice(d), usage)
                 else:
                     if include_usage:
-                        yield event(usage_chunk(UsageInfo.of(prompt_tokens, sum(tokens))))
+                        yield chunk(None, UsageInfo.of(prompt_tokens, sum(tokens)))
             except Exception:
                 logger.exception("stream failed")
                 yield event(error_body("Internal server error.", "InternalServerError", None, 500))
@@ -115,7 +149,15 @@ class Serving:
 
         return EventStreamResponse(events())
 
-
-def dump_chunk(chunk: BaseModel, include_usage: bool) -> str:
-    """OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no usage key else."""
-    return chunk.model_dump_json() if include_usage else chunk.model_dump_json(exclude={"usage"})
+    async def collect(self, request: Request, deltas: AsyncIterator[ChoiceDelta]) -> Response:
+        """The whole texts in one body; 499 when the client left first, 500 on an engine error."""
+        try:
+            result = await unless_disconnected(request, collect(deltas, len(self.api.choices)))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        if result.error:
+            raise internal_error(f"Generation failed: {result.error}")
+        completion_tokens = sum(c.num_tokens for c in result.choices)
+        choices = [self.api.whole_choice(c) for c in result.choices]
+        body = self.body(choices, UsageInfo.of(self.api.prompt_tokens, completion_tokens), whole=True)
+        return JSONResponse(body.model_dump())
