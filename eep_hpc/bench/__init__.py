@@ -7,4 +7,8 @@ scale_plan.py  grow/shrink the serving group through the admin API while the loa
 metrics.py     vLLM-compatible summary (throughputs, mean/median/p99/std of TTFT, TPOT, ITL, E2EL)
 report.py      the result JSON (with device, workload, command, scale events) and the printed table
 cli.py         `add_bench_parser(subparsers)`: options, target discovery, and the run itself
+
+Beside it, each run as `python -m eep_hpc.bench.NAME`: kernels (Triton kernels against the torch references),
+step_profile (one step against the roofline), roofline (the bytes a decode step must read), hf_peer (transformers).
+Results kept in the repository go to results/ (results/README.md).
 """

@@ -1,6 +1,6 @@
 """Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
 
-    python -m eep_hpc.kernels.benchmark [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,...]
+    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,...]
 
 Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
 (never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
