@@ -199,7 +199,8 @@ class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     steps: int = 0
-    graph_steps: int = 0  # of those, decode steps replayed as CUDA graphs
+    graph_steps: int = 0  # of those, decode steps replayed as CUDA graphs (idle replays in a wave included)
+    host_collectives: int = 0  # control collectives run (the step agreement: one per step of a multi-rank epoch)
     # Prefix caching since start: tokens of admitted requests looked up, and those found in the cache.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

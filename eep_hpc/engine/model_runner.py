@@ -13,6 +13,7 @@ from eep_hpc.engine.cuda_graphs import DecodeGraphs
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.step_plan import StepPlan
 
 
 class ModelRunner:
@@ -43,7 +44,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return self.model(ids, pos, self.kv_caches, meta, ep)
 
-    def warmup(self, max_tokens: int, ep: ExpertParallel) -> None:
+    def warmup(self, max_tokens: int, ep: ExpertParallel, chunk_tokens: int = 0) -> None:
         """Compile the kernels of large prefills before serving (Triton JITs each new tile config on first use):
         max_tokens in sequences of at most max_model_len, then 4 of 64. Nothing is written to the cache (slot -1). Collective under EP:
         every member of the epoch calls it."""
@@ -51,14 +52,28 @@ class ModelRunner:
         longest = min(max_tokens, self.max_model_len or max_tokens)
         for seqs, n in ((max(1, max_tokens // longest), longest), (4, 64)):
             width = -(-n // self.block_size)
+            cap = chunk_tokens or seqs * n
+            ep.plan(chunks=-(-seqs * n // cap), chunk_tokens=cap)
             self.forward([0] * (seqs * n), list(range(n)) * seqs, [-1] * (seqs * n), [n] * seqs, [n] * seqs,
                          [[0] * width] * seqs, ep)
         ep.load.copy_(load)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run(self, batch, block_manager, ep: ExpertParallel) -> StepLogits:
-        """batch: scheduled (seq, num_new_tokens) pairs -> logits of the sequences that sample (this step reaches
+    def graph_sizes(self, ep: ExpertParallel) -> list[int]:
+        return self.graphs.sizes_for(ep) if self.graphs is not None else []
+
+    def graphable(self, batch, ep: ExpertParallel) -> bool:
+        """Can this batch of (seq, num_new_tokens) run as a decode graph: one new token each, no prompt logprobs
+        rows, not more sequences than the largest graph (an empty batch can: an idle rank replays)."""
+        if not self.graph_sizes(ep) or len(batch) > self.graphs.max_batch:
+            return False
+        return all(n == 1 and not (seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
+                   for seq, n in batch)
+
+    def run(self, batch, block_manager, ep: ExpertParallel, plan: StepPlan) -> StepLogits:
+        """batch: scheduled (seq, num_new_tokens) pairs, run as `plan` says (a graph of the agreed size, or eagerly
+        with the agreed MoE chunks) -> logits of the sequences that sample (this step reaches
         the end of their known tokens) and, for sequences that asked for prompt logprobs, of their chunk's rows
         that predict a prompt token. Only those rows go through the LM head."""
         input_ids, positions, slots, qlens, seq_lens, tables, last_rows, sampling = [], [], [], [], [], [], [], []
@@ -82,9 +97,10 @@ class ModelRunner:
                 if rows > 0:
                     prompt_rows += range(first_row, first_row + rows)
                     prompt_chunks.append((i, start, rows))
-        if self.graphs is not None and not prompt_rows and len(input_ids) == len(batch) and self.graphs.fits(len(batch), ep):
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, ep)
+        if plan.is_graph:
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, ep, plan.graph_size)
         else:
+            ep.plan(chunks=plan.chunks, chunk_tokens=plan.chunk_tokens)
             hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)
         idx = torch.tensor(last_rows + prompt_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[idx])  # [N + prompt rows, V]

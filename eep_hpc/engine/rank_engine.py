@@ -1,8 +1,10 @@
 """One rank's engine core, in process: scheduler + KV blocks + model runner + sampler, for the current epoch.
 
-It knows nothing of sockets: `add`, `abort`, `step` and `stats` are plain calls (tests drive it directly); the
-rank process (rank_main.py) feeds it from ZMQ. `step` runs every layer even with an empty batch, because the MoE
-collectives of an epoch need every member.
+It knows nothing of sockets: `add`, `abort`, `demand`, `step` and `stats` are plain calls (tests drive it directly);
+the rank process (rank/process.py) feeds it from ZMQ. In a multi-rank epoch a step is `demand()` (schedule, and say
+what the batch needs), one agreement with the other ranks (parallel/step_plan.py), then `step(plan)`, which runs
+every layer even with an empty batch, because the MoE collectives of an epoch need every member. Alone, `step()`
+plans for itself.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from eep_hpc.engine.block_manager import BlockManager
 from eep_hpc.engine.model_runner import ModelRunner
 from eep_hpc.engine.sampler import logprobs_of_tokens, sample, sampled_logprobs
 from eep_hpc.engine.scheduler import Scheduler, SchedulerOutput
-from eep_hpc.engine.sequence import Sequence
+from eep_hpc.engine.sequence import Sequence, SequenceStatus
 from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel import step_plan
+from eep_hpc.parallel.step_plan import StepDemand, StepPlan
 from eep_hpc.protocol import AddRequest, Logprobs, RankStats, RequestOutput
 
 
@@ -59,14 +63,31 @@ class RankEngine:
         e = cfg.engine
         graph_batch = (e.cuda_graph_max_batch or e.max_num_seqs) if e.cuda_graphs else 0
         self.runner = ModelRunner(model, num_kv_blocks, e.block_size, device, dtype, graph_batch, self.max_model_len)
-        if device.type == "cuda" and ep is not None:
-            self.runner.warmup(e.max_num_batched_tokens, ep)
-        if self.runner.graphs is not None and ep is not None:
-            self.runner.graphs.capture_all(ep)
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.engine.seed)
         self.steps = 0
+        self._scheduled: SchedulerOutput | None = None  # scheduled by demand(), run by the next step()
+        if ep is not None:
+            self.enter_epoch(ep)
+
+    def enter_epoch(self, ep: ExpertParallel) -> None:
+        """Serve with `ep` from now on; on CUDA, with every member of the epoch: compile the prefill kernels and
+        capture the decode graphs (collectives run in both, in the same order on every rank)."""
+        self.ep = ep
+        if self.runner.graphs is not None:  # captured with the old slots and map
+            self.runner.graphs.reset()
+        if self.device.type == "cuda":
+            self.runner.warmup(self.cfg.engine.max_num_batched_tokens, ep, self.chunk_tokens)
+            if self.runner.graphs is not None:
+                self.runner.graphs.capture_all(ep)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per rank one MoE dispatch carries in this epoch (0: no limit, one rank)."""
+        if self.ep is None or self.ep.map.num_ranks == 1:
+            return 0
+        return getattr(self.ep.all_to_all, "max_tokens", 0) or self.cfg.parallel.moe_chunk_tokens
 
     def add(self, msg: AddRequest) -> None:
         self.scheduler.add(Sequence.from_add_request(msg))
@@ -78,16 +99,42 @@ class RankEngine:
         """Drop every request (their KV blocks too) -> how many."""
         ids = [seq.request_id for seq in [*self.scheduler.waiting, *self.scheduler.running]]
         self.abort(ids)
+        self._scheduled = None
         return len(ids)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._scheduled is not None
 
-    def step(self) -> list[RequestOutput]:
-        """One forward over whatever is scheduled (possibly nothing) -> outputs of sequences that advanced."""
-        out: SchedulerOutput = self.scheduler.schedule()
+    def demand(self) -> StepDemand:
+        """Schedule the next step (kept for `step`, also across a prepare or commit the agreement chose instead)
+        and say what it needs."""
+        if self._scheduled is None and self.scheduler.has_work():
+            self._scheduled = self.scheduler.schedule()
+        out = self._scheduled
+        if out is None:
+            return StepDemand(graphable=True)
         batch = [(s.seq, s.num_new_tokens) for s in out.scheduled]
-        step = self.runner.run(batch, self.block_manager, self.ep)
+        return StepDemand(tokens=out.num_batched_tokens, seqs=len(batch),
+                          graphable=self.runner.graphable(batch, self.ep), busy=True)
+
+    def graph_sizes(self) -> list[int]:
+        return self.runner.graph_sizes(self.ep) if self.ep is not None else []
+
+    def plan_alone(self) -> StepPlan:
+        """The plan of a one-rank epoch: the agreement's decision over this rank's demand alone."""
+        values = step_plan.encode(self.demand(), 0, 0)
+        return step_plan.decide(values, self.graph_sizes(), self.chunk_tokens)
+
+    def step(self, plan: StepPlan | None = None) -> list[RequestOutput]:
+        """One forward over what demand() scheduled (possibly nothing), as `plan` says -> outputs of sequences that
+        advanced."""
+        if plan is None:
+            plan = self.plan_alone()
+        out, self._scheduled = self._scheduled or SchedulerOutput(), None
+        # a request aborted since demand() scheduled it is left out (its blocks are gone)
+        live = [i for i, s in enumerate(out.scheduled) if s.seq.status is SequenceStatus.RUNNING]
+        batch = [(out.scheduled[i].seq, out.scheduled[i].num_new_tokens) for i in live]
+        step = self.runner.run(batch, self.block_manager, self.ep, plan)
         self.steps += 1
         sampled: list[int | None] = [None] * len(batch)
         logprobs: list[Logprobs | None] = [None] * len(batch)
@@ -109,7 +156,11 @@ class RankEngine:
             seq.add_prompt_logprobs(start, logprobs_of_tokens(rows, targets, seq.sampling.prompt_logprobs))
         if out.is_empty:
             return []
-        return self.scheduler.postprocess(out, sampled, logprobs)
+        all_sampled: list[int | None] = [None] * len(out.scheduled)
+        all_logprobs: list[Logprobs | None] = [None] * len(out.scheduled)
+        for j, i in enumerate(live):
+            all_sampled[i], all_logprobs[i] = sampled[j], logprobs[j]
+        return self.scheduler.postprocess(out, all_sampled, all_logprobs)
 
     def swap_experts(self, staged, ep: ExpertParallel) -> None:
         """Commit: the staged slot tensors (with the scales of fp8 experts) and the new epoch's expert
@@ -123,8 +174,8 @@ class RankEngine:
             if block.w13_scale is not None:
                 block.w13_scale, block.w2_scale = staged.w13_scale[i], staged.w2_scale[i]
         self.ep = ep
-        if self.runner.graphs is not None:  # captured with the old slots: re-captured on first use
-            self.runner.graphs.reset()
+        if self.runner.graphs is not None:  # captured with the old slots: re-captured on first use, by every rank
+            self.runner.graphs.reset()  # at the step that first agrees on that size
 
     def stats(self, with_load: bool = False) -> RankStats:
         bm = self.block_manager

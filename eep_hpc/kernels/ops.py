@@ -14,7 +14,7 @@ import torch
 from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference
 from eep_hpc.kernels.attention import write_kv as write_kv_reference
 from eep_hpc.kernels.fp8 import BlockScales
-from eep_hpc.kernels.moe import swiglu_experts_reference
+from eep_hpc.kernels.moe import swiglu_experts_batched_reference, swiglu_experts_reference
 from eep_hpc.kernels.norm import rms_norm_reference
 
 
@@ -86,3 +86,14 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
 
         return swiglu_experts_triton(x, slot, w13, w2, scales=scales)
     return swiglu_experts_reference(x, slot, w13, w2, scales)
+
+
+def swiglu_experts_batched(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                           scales: BlockScales | None = None, rows_hint: int = 0) -> torch.Tensor:
+    """x [E, N, D], counts [E] -> [E, N, D]: the first counts[e] rows of x[e] through local expert e (nixl_ep's
+    dispatch layout, consumed in place). On the GPU the counts stay on the device; rows past them are unwritten."""
+    if use_triton(x):
+        from eep_hpc.kernels.triton_moe import swiglu_experts_batched_triton
+
+        return swiglu_experts_batched_triton(x, counts, w13, w2, scales, rows_hint)
+    return swiglu_experts_batched_reference(x, counts, w13, w2, scales, rows_hint)

@@ -298,13 +298,63 @@ def swiglu_experts_triton(
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or pick_config(M, S, D, I, x.dtype)
+    sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
+    _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M, fanout, cfg, scales)
+    return out
+
+
+def batched_rows(counts: torch.Tensor, rows_per_expert: int, block_m: int, sentinel: int):
+    """The `align_rows_by_slot` outputs for rows already grouped by expert, as nixl_ep's dispatch delivers them
+    (expert e's rows at e * rows_per_expert + [0, counts[e])): the blocks that hold rows come first, in expert
+    order; rows past the counts read `sentinel` (skipped). No host sync, shapes from the layout alone."""
+    E, dev = counts.shape[0], counts.device
+    per = -(-rows_per_expert // block_m)  # blocks an expert can fill
+    blocks = (counts.to(torch.int64) + block_m - 1) // block_m  # [E]
+    ends = torch.cumsum(blocks, 0)
+    b = torch.arange(E * per, device=dev)
+    e = torch.searchsorted(ends, b, right=True).clamp_max(E - 1)  # the expert of block b (past the end: E - 1)
+    first_row = (b - (ends[e] - blocks[e])) * block_m  # of block b inside its expert
+    i = torch.arange(block_m, device=dev)
+    t = first_row[:, None] + i[None, :]
+    ok = (b < ends[-1])[:, None] & (t < counts.to(torch.int64)[e][:, None])
+    sorted_rows = torch.where(ok, e[:, None] * rows_per_expert + t, sentinel).to(torch.int32).reshape(-1)
+    num_padded = (ends[-1:] * block_m).to(torch.int32)
+    return sorted_rows, e.to(torch.int32), num_padded
+
+
+def swiglu_experts_batched_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                                  scales: BlockScales | None = None, rows_hint: int = 0) -> torch.Tensor:
+    """x [E, N, D]: expert e's rows first in x[e], counts[e] of them (counts on the device: never read by the
+    host) -> [E, N, D], row (e, t) through the expert in local slot e for t < counts[e]; the rest unwritten.
+    Slots past w13's get no rows (E may exceed the slots a rank holds). rows_hint: about how many rows arrive in
+    all (picks the tiles; default: as if every expert were full)."""
+    E, N, D = x.shape
+    S, two_i, _ = w13.shape
+    I = two_i // 2
+    out = x.new_empty(E, N, D)
+    if E * N == 0:
+        return out
+    counts = counts[:S] if E > S else counts
+    cfg = pick_config(rows_hint or min(E, S) * N, S, D, I, x.dtype)
+    sorted_rows, block_slot, num_padded = batched_rows(counts, N, cfg.BLOCK_M, E * N)
+    flat = x.reshape(E * N, D)
+    _launch(flat if flat.stride(-1) == 1 else flat.contiguous(), w13, w2, out.view(E * N, D), sorted_rows,
+            block_slot, num_padded, E * N, 1, cfg, scales)
+    return out
+
+
+def _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M: int, fanout: int, cfg: MoEConfig,
+            scales: BlockScales | None) -> None:
+    """The two grouped GEMMs over rows sorted by slot (sorted_rows/block_slot/num_padded as align_rows_by_slot)."""
+    D = x.shape[1]
+    S, two_i, _ = w13.shape
+    I = two_i // 2
     # w2's K is I: no K tile wider than I (rounded up to a power of two) for tiny models
     bk13, bk2 = cfg.BLOCK_K, min(cfg.BLOCK_K, max(16, triton.next_power_of_2(I)))
     if scales is not None:  # K tiles no wider than a scale block (128 for the checkpoints seen: no change)
         bk13 = bk13 if scales.block[1] >= D else min(bk13, scales.block[1])
         bk2 = bk2 if scales.block[1] >= I else min(bk2, scales.block[1])
     s13, s2, scale_n, scale_k13, scale_k2, up_row = _scale_args(scales, w13, w2, S, I, D, bk13, bk2)
-    sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
     EM = sorted_rows.shape[0]
     h = torch.empty(EM, I, dtype=x.dtype, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -329,4 +379,3 @@ def swiglu_experts_triton(
         HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out

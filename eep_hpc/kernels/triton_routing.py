@@ -37,9 +37,9 @@ _TAKEN = tl.constexpr(-(2**63))  # the key of a taken (or masked) expert
 
 @triton.jit(do_not_specialize=["T"])
 def _route_topk_kernel(
-    logits_ptr, load_ptr, count_ptr, l2p_ptr, slots_ptr, weights_ptr, T, E,
+    logits_ptr, load_ptr, count_ptr, l2p_ptr, slots_ptr, weights_ptr, num_valid_ptr, T, E,
     stride_lt, stride_le, stride_load, stride_count, stride_pe, stride_pr,
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -79,6 +79,11 @@ def _route_topk_kernel(
     count = tl.load(count_ptr + e * stride_count, mask=k_ok, other=1)
     pick = (rows64[:, None] + kcols[None, :]) % tl.maximum(count, 1).to(tl.int64)
     slot = tl.load(l2p_ptr + e * stride_pe + pick * stride_pr, mask=k_ok, other=-1)
+    if HAS_VALID:  # rows from num_valid on are a graph's padding: never dispatched, never counted
+        valid = rows < tl.load(num_valid_ptr)
+        slot = tl.where(valid[:, None], slot, -1)
+        w = tl.where(valid[:, None], w, 0.0)
+        ok = ok & valid[:, None]
     out_offs = rows64[:, None] * TOP_K + kcols[None, :]
     tl.store(slots_ptr + out_offs, slot.to(tl.int64), mask=k_ok)
     tl.store(weights_ptr + out_offs, w.to(weights_ptr.dtype.element_ty), mask=k_ok)
@@ -108,9 +113,10 @@ def route_topk_triton(
     replica_count_row: torch.Tensor,
     logical_to_physical_row: torch.Tensor,
     weights_dtype: torch.dtype = torch.float32,
+    num_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (slots [T, k] int64, weights [T, k] in weights_dtype, computed in fp32); load_row [E] +=
-    tokens per expert.
+    tokens per expert. num_valid ([1] int on the device): rows from it on get slot -1, weight 0, no load.
     Any strides; the tables must be on logits' device. T = 0 launches nothing."""
     T, E = logits.shape
     assert 1 <= top_k <= E, (top_k, E)
@@ -126,10 +132,11 @@ def route_topk_triton(
     block_e = triton.next_power_of_2(E)
     block_t, num_warps = _config(T, block_e)
     _route_topk_kernel[(triton.cdiv(T, block_t),)](
-        logits, load_row, replica_count_row, l2p, slots, weights, T, E,
+        logits, load_row, replica_count_row, l2p, slots, weights,
+        num_valid if num_valid is not None else load_row, T, E,
         logits.stride(0), logits.stride(1), load_row.stride(0), replica_count_row.stride(0),
         l2p.stride(0), l2p.stride(1),
-        TOP_K=top_k, RENORMALIZE=bool(renormalize),
+        TOP_K=top_k, RENORMALIZE=bool(renormalize), HAS_VALID=num_valid is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         num_warps=num_warps,
     )  # fmt: skip

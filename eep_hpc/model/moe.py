@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eep_hpc.kernels import ops
 from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
 from eep_hpc.kernels.routing import route_topk
 from eep_hpc.parallel.all_to_all import AllToAll
@@ -25,6 +24,18 @@ class ExpertParallel:
         L = expert_map.physical_to_logical.shape[0]
         # tokens routed per logical expert since the last take, counted on the device (no sync per layer)
         self.load = torch.zeros(L, num_experts, dtype=torch.long, device=expert_map.slot_owner.device)
+        # the step's plan (parallel/step_plan.py), set before each forward: the MoE runs in `chunks` dispatches of
+        # at most `chunk_tokens` tokens (0: all in one); in a graph, `num_valid` ([1] on the device) says where
+        # the padding rows start
+        self.chunks, self.chunk_tokens = 1, 0
+        self.num_valid: torch.Tensor | None = None
+
+    @property
+    def graph_safe(self) -> bool:
+        return bool(getattr(self.all_to_all, "graph_safe", False))
+
+    def plan(self, chunks: int = 1, chunk_tokens: int = 0, num_valid: torch.Tensor | None = None) -> None:
+        self.chunks, self.chunk_tokens, self.num_valid = chunks, chunk_tokens, num_valid
 
     def take_load(self) -> torch.Tensor:
         load = self.load.to("cpu", copy=True)  # then zeroed in place: CUDA graphs captured this tensor
@@ -33,9 +44,13 @@ class ExpertParallel:
 
     def forward(self, layer: int, x, topk_ids, topk_weights, w13, w2, scales: BlockScales | None = None):
         """x [T, D] with its routing (topk_ids [T, k] logical experts, topk_weights [T, k]) -> [T, D]."""
-        ids = topk_ids.reshape(-1)
-        self.load[layer].index_add_(0, ids, torch.ones_like(ids))
-        return self.experts(x, self.map.choose_slots(layer, topk_ids), topk_weights, w13, w2, scales)
+        slots = self.map.choose_slots(layer, topk_ids)
+        ones = torch.ones_like(topk_ids)
+        if self.num_valid is not None:  # a graph's padding rows: not dispatched, not counted
+            valid = torch.arange(x.shape[0], device=slots.device)[:, None] < self.num_valid
+            slots, ones = torch.where(valid, slots, -1), ones * valid
+        self.load[layer].index_add_(0, topk_ids.reshape(-1), ones.reshape(-1))
+        return self.experts(x, slots, topk_weights, w13, w2, scales)
 
     def forward_softmax_topk(self, layer: int, x, gate_logits, top_k: int, renormalize: bool, w13, w2,
                              scales: BlockScales | None = None):
@@ -43,14 +58,25 @@ class ExpertParallel:
         choice of replicas are one fused op on the GPU."""
         m = self.map
         slots, weights = route_topk(gate_logits, top_k, renormalize, self.load[layer], m.replica_count[layer],
-                                    m.logical_to_physical[layer], weights_dtype=x.dtype)
+                                    m.logical_to_physical[layer], weights_dtype=x.dtype, num_valid=self.num_valid)
         return self.experts(x, slots, weights, w13, w2, scales)
 
     def experts(self, x, slots, weights, w13, w2, scales: BlockScales | None):
-        """x [T, D] through the physical slots [T, k] wherever they live, summed with weights [T, k]."""
-        rows, local_slot, handle = self.all_to_all.dispatch(x, slots, self.map.slot_owner, self.map.local_start)
-        y = ops.swiglu_experts(rows, local_slot, w13, w2, scales)
-        return self.all_to_all.combine(y, weights, handle)
+        """x [T, D] through the physical slots [T, k] wherever they live, summed with weights [T, k]; in the
+        step's agreed number of dispatches (every rank makes the same number, some of them empty)."""
+        cap = self.chunk_tokens or x.shape[0]
+        if self.chunks == 1:
+            return self._experts(x, slots, weights, w13, w2, scales, max(cap, x.shape[0]))
+        if x.shape[0] > self.chunks * cap:
+            raise ValueError(f"{x.shape[0]} tokens do not fit {self.chunks} MoE chunks of {cap}")
+        pieces = [self._experts(x[i : i + cap], slots[i : i + cap], weights[i : i + cap], w13, w2, scales, cap)
+                  for i in range(0, self.chunks * cap, cap)]
+        return torch.cat(pieces)
+
+    def _experts(self, x, slots, weights, w13, w2, scales, capacity: int):
+        a2a = self.all_to_all
+        rows, local_slot, handle = a2a.dispatch(x, slots, self.map.slot_owner, self.map.local_start, capacity)
+        return a2a.combine(a2a.run_experts(rows, local_slot, w13, w2, scales, handle), weights, handle)
 
 
 class SparseMoE(nn.Module):

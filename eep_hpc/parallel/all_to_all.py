@@ -12,24 +12,32 @@ from typing import Protocol
 
 import torch
 
+from eep_hpc.kernels import ops
 from eep_hpc.parallel.groups import EpochGroup
 
 
 @dataclass
 class DispatchHandle:
-    order: torch.Tensor | None  # [N] pair index (t * k + j) of each sent row, grouped by destination (None: 1 rank)
-    send_counts: list[int]
-    recv_counts: list[int]
+    dest: torch.Tensor | None  # [T*k] row of each pair in the fixed-size send buffer (padding: R * C), None: 1 rank
+    capacity: int  # C: pair rows per destination rank
     num_tokens: int
     top_k: int
 
 
 class AllToAll(Protocol):
+    graph_safe: bool  # a CUDA graph can capture dispatch and combine (no host sync, no host collective)
+
     def dispatch(
-        self, x: torch.Tensor, slots: torch.Tensor, slot_owner: torch.Tensor, local_start: torch.Tensor | int
+        self, x: torch.Tensor, slots: torch.Tensor, slot_owner: torch.Tensor, local_start: int, capacity: int
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
-        """x [T, D], slots [T, k] physical -> (rows [R, D], local slot of each received pair [M], handle); pair m
-        reads row m // (M / R): one row per pair after an exchange, one row per token's k pairs when all are local."""
+        """x [T, D], slots [T, k] physical (-1: padding, not sent); capacity: the most tokens any rank of the epoch
+        sends in this dispatch (agreed for the step, the same on all) -> (rows [R, D], local slot of each received
+        pair [M] (negative: padding), handle); pair m reads row m // (M / R): one row per pair after an exchange,
+        one row per token's k pairs when all are local. No host sync, no host collective."""
+        ...
+
+    def run_experts(self, rows, local_slot, w13, w2, scales, handle) -> torch.Tensor:
+        """The local experts over what dispatch received, in the layout combine reads."""
         ...
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -38,47 +46,54 @@ class AllToAll(Protocol):
 
 
 class TorchAllToAll:
-    """all_to_all_single over the epoch's device group (gloo on CPU, NCCL on CUDA)."""
+    """all_to_all_single over the epoch's device group (gloo on CPU, NCCL on CUDA), in buffers of a fixed size: every
+    rank sends every other `capacity * k` pair rows (padding rows carry slot -1), so nobody has to learn first how
+    many rows are coming: no count exchange and no host sync per layer, at the price of moving padding. It is the
+    CPU path and the GPU fallback; on GPUs nixl_ep sends only real rows."""
 
     def __init__(self, group: EpochGroup):
         self.group = group
 
     @property
     def graph_safe(self) -> bool:
-        """One rank exchanges nothing and never syncs with the host: its steps can be CUDA graphs."""
+        """One rank exchanges nothing: its steps can be CUDA graphs. (NCCL inside graphs is not tried yet.)"""
         return self.group.size == 1
 
-    def dispatch(self, x, slots, slot_owner, local_start):
+    def dispatch(self, x, slots, slot_owner, local_start, capacity):
         T, k = slots.shape
+        flat = slots.reshape(-1)
         if self.group.size == 1:  # every slot is local: pairs in (t, j) order share their token's row of x
-            local = slots.reshape(-1)
-            if not (isinstance(local_start, int) and local_start == 0):
-                local = local - local_start
-            return x, local, DispatchHandle(None, [], [], T, k)
-        owners = slot_owner[slots.reshape(-1)]  # [T*k] destination rank of each pair
-        order = torch.argsort(owners, stable=True)
-        send_counts = torch.bincount(owners, minlength=self.group.size).tolist()  # the one host sync per layer
-        recv_counts = self.group.all_to_all_counts(send_counts)
-        M = sum(recv_counts)
-        send_rows = x[(order // k).to(x.device)]
-        rows = x.new_empty(M, x.shape[1])
-        self.group.all_to_all(rows, send_rows, recv_counts, send_counts)
-        send_slots = slots.reshape(-1)[order].to(x.device)
-        recv_slots = torch.empty(M, dtype=torch.long, device=x.device)
-        self.group.all_to_all(recv_slots, send_slots, recv_counts, send_counts)
-        handle = DispatchHandle(order, send_counts, recv_counts, T, k)
-        return rows, recv_slots - local_start, handle
+            local = flat if local_start == 0 else torch.where(flat >= 0, flat - local_start, -1)
+            return x, local, DispatchHandle(None, 0, T, k)
+        R, C, D = self.group.size, max(capacity, T) * k, x.shape[1]
+        valid = flat >= 0
+        owner = torch.where(valid, slot_owner[flat.clamp_min(0)], R)  # R: sent nowhere
+        onehot = torch.nn.functional.one_hot(owner, R + 1)
+        before = (onehot.cumsum(0) - onehot).gather(1, owner[:, None]).squeeze(1)  # earlier pairs, same owner
+        dest = torch.where(valid, owner * C + before, R * C)
+        send_rows = x.new_zeros(R * C + 1, D)
+        send_rows.index_copy_(0, dest, x.repeat_interleave(k, dim=0) if T else x.new_zeros(0, D))
+        send_slots = torch.full((R * C + 1,), -1, dtype=torch.long, device=x.device)
+        send_slots.index_copy_(0, dest, flat)
+        rows = x.new_empty(R * C, D)
+        recv_slots = torch.empty(R * C, dtype=torch.long, device=x.device)
+        self.group.all_to_all(rows, send_rows[: R * C], [C] * R, [C] * R)
+        self.group.all_to_all(recv_slots, send_slots[: R * C], [C] * R, [C] * R)
+        local = torch.where(recv_slots >= 0, recv_slots - local_start, -1)
+        return rows, local, DispatchHandle(dest, C, T, k)
+
+    def run_experts(self, rows, local_slot, w13, w2, scales, handle):
+        return ops.swiglu_experts(rows, local_slot, w13, w2, scales)
 
     def combine(self, y, weights, handle):
-        T, k = handle.num_tokens, handle.top_k
-        if handle.order is None:
-            pairs = y.view(T, k, y.shape[1])
+        T, k, D = handle.num_tokens, handle.top_k, y.shape[1]
+        if handle.dest is None:
+            pairs = y.view(T, k, D)
         else:
-            back = y.new_empty(sum(handle.send_counts), y.shape[1])
-            self.group.all_to_all(back, y, handle.send_counts, handle.recv_counts)
-            pairs = y.new_empty(T * k, y.shape[1])
-            pairs[handle.order] = back
-            pairs = pairs.view(T, k, y.shape[1])
+            R, C = self.group.size, handle.capacity
+            back = y.new_zeros(R * C + 1, D)  # the last row: where padding pairs read their zero
+            self.group.all_to_all(back[: R * C], y, [C] * R, [C] * R)
+            pairs = back.index_select(0, handle.dest).view(T, k, D)
         return weighted_sum(pairs, weights)
 
 

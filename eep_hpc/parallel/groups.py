@@ -2,8 +2,9 @@
 (`protocol.epoch_store_prefix`: f"{epoch}-<tag>/", the tag derived from the run's secret).
 
 Never through init_process_group/WORLD: a process destroys one epoch's groups and builds the next of another size.
-`cpu` (gloo) carries small control collectives (is anyone busy, load counts); `device` carries tensors of the
+`cpu` (gloo) carries small control collectives (the step's agreement, KV sizing); `device` carries tensors of the
 model's device (NCCL on CUDA; the same gloo group on CPU). A one-rank epoch builds no group at all.
+`host_collectives` counts the control collectives this group ran: the step loop makes exactly one per step.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class EpochGroup:
         """purpose names a second group of the same epoch (e.g. "xfer" for the expert transfer)."""
         self.epoch, self.rank, self.size, self.device = epoch, rank, size, device
         self.cpu = self.dev = None
+        self.host_collectives = 0
         if size == 1:
             return
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -60,18 +62,12 @@ class EpochGroup:
     def all_reduce_max(self, values: list[int]) -> list[int]:
         if self.cpu is None:
             return values
+        self.host_collectives += 1
         t = torch.tensor(values, dtype=torch.long)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         self.cpu.allreduce([t], opts).wait()
         return t.tolist()
-
-    @_collective
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """In place on a CPU tensor."""
-        if self.cpu is not None:
-            self.cpu.allreduce([t]).wait()
-        return t
 
     @_collective
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> None:
@@ -80,15 +76,6 @@ class EpochGroup:
             out.copy_(inp)
             return
         self.dev.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
-
-    @_collective
-    def all_to_all_counts(self, send_counts: list[int]) -> list[int]:
-        if self.cpu is None:
-            return list(send_counts)
-        send = torch.tensor(send_counts, dtype=torch.long)
-        recv = torch.empty_like(send)
-        self.cpu.alltoall_base(recv, send, [1] * self.size, [1] * self.size, dist.AllToAllOptions()).wait()
-        return recv.tolist()
 
     @_collective
     def broadcast(self, t: torch.Tensor, src: int) -> None:

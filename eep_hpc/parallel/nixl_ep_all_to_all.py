@@ -22,10 +22,13 @@ Entering an epoch (at startup and at every commit, all members together; `NixlEp
  4. masks: connected peers on, everyone else off (`clean_mask_buffer`); a barrier; then the seats of departed
     peers are freed for later joiners.
 
-Data path: `low_latency_dispatch` delivers recv_x [E, R*Tmax, D] (R = highest member seat + 1) with the rows of
-local expert e packed at the front, recv_count[e] of them. They become packed rows + local slot per row for the
-expert kernel (one host sync per layer: the number of rows, as in the torch backend); expert outputs go back into
-recv_x at the same places, and `low_latency_combine` returns the weighted sum over k (fp32, k = 0, 1, ...).
+Data path, with no host sync and no host collective (CUDA-graph capturable): `low_latency_dispatch` delivers
+recv_x [E, R*Tmax, D] (R = highest member seat + 1, Tmax the buffer's tokens per dispatch) with the rows of local
+expert e packed at the front, recv_count[e] of them, on the device. The experts run on that layout as it is
+(`ops.swiglu_experts_batched`: blocks of rows per expert, the counts read on the GPU), writing their outputs in
+the same layout, which `low_latency_combine` reads to return the weighted sum over k (fp32, k = 0, 1, ...).
+Top-k entries of -1 (a graph's padding rows) are not sent. A step bigger than Tmax tokens runs its MoE in chunks
+the ranks agreed on (parallel/step_plan.py).
 
 Failures: a peer that stops answering inside dispatch/combine is masked by the kernels after the timeout (its
 experts then contribute nothing); `failed_ranks()` reads the masks so the rank process can report the peer lost.
@@ -46,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from eep_hpc.config import Config, ConfigError
+from eep_hpc.kernels import ops
 from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.groups import EpochGroup, connect_store
@@ -116,7 +120,9 @@ def required_geometry(cfg: Config, hidden: int, seats: list[int], slot_offsets: 
     p = cfg.parallel
     want_seats = max(p.nixl_ep_max_ranks or max(p.ranks, cfg.adapt.max_ranks, 2), max(seats) + 1)
     local_slots = max(b - a for a, b in itertools.pairwise(slot_offsets))
-    max_tokens = -(-cfg.engine.max_num_batched_tokens // 4) * 4  # nixl_ep: R * Tmax must be a multiple of 4
+    e = cfg.engine
+    largest_graph = (e.cuda_graph_max_batch or e.max_num_seqs) if e.cuda_graphs else 0
+    max_tokens = -(-max(p.moe_chunk_tokens, largest_graph) // 4) * 4  # nixl_ep: R * Tmax must be a multiple of 4
     merged = Geometry(want_seats, max(local_slots, 1), max_tokens, hidden).merge(stored)
     return replace(merged, seats=seat_capacity(merged.seats))
 
@@ -142,14 +148,6 @@ def pairs_to_connect(my_seat: int, my_token: str, my_peers: dict[int, str], reco
         if not both:
             out.append(r["seat"])
     return out
-
-
-def received_rows(recv_count: torch.Tensor, rows_per_expert: int) -> torch.Tensor:
-    """recv_count [E] -> [M] flat indices e * rows_per_expert + t of the valid rows (t < recv_count[e]), grouped by
-    expert. The one host sync of a dispatch: M is data-dependent."""
-    t = torch.arange(rows_per_expert, device=recv_count.device)
-    valid = t[None, :] < recv_count[:, None].to(torch.long)  # [E, R*Tmax]
-    return valid.view(-1).nonzero().squeeze(1)
 
 
 class NixlEpRuntime:
@@ -301,11 +299,10 @@ def process_runtime(cfg: Config, store_host: str, store_port: int, rank_id: int,
 
 @dataclass
 class NixlEpHandle:
-    layout: torch.Tensor  # recv_x [E, R*Tmax, D]: expert outputs go back where their inputs arrived
-    rows: torch.Tensor  # [M] flat row of each received row in layout.view(-1, D)
     topk: torch.Tensor  # [T', k] nixl expert ids (T' = max(T, 1): an empty batch sends one row that selects none)
     nixl: tuple  # nixl_ep's own dispatch handle
     num_tokens: int
+    top_k: int
 
 
 class NixlEpAllToAll:
@@ -315,6 +312,7 @@ class NixlEpAllToAll:
                  expert_map: ExpertMap, group: EpochGroup):
         self.runtime, self.rank_ids, self.me, self.seats = runtime, rank_ids, me, seats
         self.local = TorchAllToAll(group) if len(rank_ids) == 1 else None
+        self.max_tokens = 0  # tokens per rank one dispatch carries (0: a one-rank epoch, no limit)
         if self.local is None:
             g = runtime.geometry
             self.buffer, self.max_tokens = runtime.buffer, g.max_tokens
@@ -333,34 +331,37 @@ class NixlEpAllToAll:
 
     @property
     def graph_safe(self) -> bool:
-        return self.local is not None
+        """nixl_ep's low-latency kernels are capturable, and nothing here syncs with the host."""
+        return True
 
-    def dispatch(self, x, slots, slot_owner, local_start):
+    def dispatch(self, x, slots, slot_owner, local_start, capacity):
         if self.local is not None:
-            return self.local.dispatch(x, slots, slot_owner, local_start)
+            return self.local.dispatch(x, slots, slot_owner, local_start, capacity)
         T, k = slots.shape
         if T > self.max_tokens:
             raise ValueError(f"{T} tokens in one dispatch, nixl_ep's buffer holds {self.max_tokens} "
-                             "(engine.max_num_batched_tokens)")
+                             "(parallel.moe_chunk_tokens; the step plan cuts bigger steps into chunks)")
         if x.dtype != torch.bfloat16:
             raise TypeError(f"nixl_ep dispatches bfloat16 activations, got {x.dtype}")
-        topk = self.expert_of_slot[slots].to(self.topk_dtype)  # [T, k]
+        topk = torch.where(slots >= 0, self.expert_of_slot[slots.clamp_min(0)], -1).to(self.topk_dtype)
         if T == 0:  # every member takes part in every dispatch: send one row that selects no expert
             x, topk = x.new_zeros(1, x.shape[1]), topk.new_full((1, k), -1)
         recv_x, recv_count, nixl_handle, _, _ = self.buffer.low_latency_dispatch(
             x.contiguous(), topk.contiguous(), self.max_tokens, num_experts=self.num_experts, use_fp8=False)
-        E, RT, D = recv_x.shape
-        flat = received_rows(recv_count, RT)
-        rows = recv_x.view(E * RT, D).index_select(0, flat)
-        return rows, flat // RT, NixlEpHandle(recv_x, flat, topk, nixl_handle, T)
+        return recv_x, recv_count, NixlEpHandle(topk, nixl_handle, T, k)
+
+    def run_experts(self, rows, local_slot, w13, w2, scales, handle):
+        if self.local is not None:
+            return self.local.run_experts(rows, local_slot, w13, w2, scales, handle)
+        # rows: recv_x [E, R*Tmax, D], local_slot: recv_count [E] (on the device)
+        return ops.swiglu_experts_batched(rows, local_slot, w13, w2, scales,
+                                          rows_hint=max(1, handle.num_tokens) * handle.top_k)
 
     def combine(self, y, weights, handle):
         if self.local is not None:
             return self.local.combine(y, weights, handle)
-        layout = handle.layout
-        layout.view(-1, layout.shape[2]).index_copy_(0, handle.rows, y.to(layout.dtype))
         w = weights.float() if handle.num_tokens else weights.new_zeros(1, weights.shape[1], dtype=torch.float32)
-        out, _, _ = self.buffer.low_latency_combine(layout, handle.topk, w.contiguous(), handle.nixl)
+        out, _, _ = self.buffer.low_latency_combine(y, handle.topk, w.contiguous(), handle.nixl)
         return out[: handle.num_tokens]
 
     # ---- failure handling ----------------------------------------------------------------------------------
@@ -378,109 +379,3 @@ class NixlEpAllToAll:
         if self.local is None:
             for rid in rank_ids:
                 self.runtime.mask(self.seats[self.rank_ids.index(rid)])
-
-
-# ---- micro-benchmark: python -m eep_hpc.parallel.nixl_ep_all_to_all --bench (two GPUs) ---------------------------
-
-def _bench_worker(i: int, port: int, args) -> None:
-    from types import SimpleNamespace
-
-    from eep_hpc import protocol as P
-
-    torch.cuda.set_device(i)
-    dev = torch.device("cuda", i)
-    E, k, D = args.experts, args.top_k, args.hidden
-    cfg = Config()
-    cfg.parallel.backend, cfg.parallel.ranks, cfg.model.dtype = "nixl_ep", 2, "bfloat16"
-    cfg.engine.max_num_batched_tokens = max(args.tokens)
-    store = connect_store("127.0.0.1", port, timeout_s=120)
-    offsets = [0, E // 2, E]
-    epoch = P.Epoch(epoch=1, rank_ids=[0, 1], store_host="127.0.0.1", store_port=port,
-                    physical_to_logical=[list(range(E))], slot_offsets=offsets)
-    group = EpochGroup(store, 1, i, 2, dev, timeout_s=120)
-    emap = ExpertMap(epoch.physical_to_logical, offsets, i, E, dev)
-    nixl = NixlEpAllToAll.for_epoch(cfg, SimpleNamespace(hidden_size=D, torch_dtype=torch.bfloat16), epoch, group, emap)
-    torch_a2a = TorchAllToAll(group)
-    gen = torch.Generator(device=dev).manual_seed(1234 + i)
-    results = []
-    for T in args.tokens:
-        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, generator=gen)
-        scores = torch.randn(T, E, device=dev, generator=gen).softmax(-1)
-        w, ids = scores.topk(k, dim=-1)
-        w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
-        slots = emap.choose_slots(0, ids)
-        topk, wf = nixl.expert_of_slot[slots].to(nixl.topk_dtype).contiguous(), w.float().contiguous()
-
-        def ours(a2a, x=x, slots=slots, w=w):  # dispatch -> (identity expert) -> combine, as ExpertParallel does
-            rows, _, handle = a2a.dispatch(x, slots, emap.slot_owner, emap.local_start)
-            return a2a.combine(rows, w, handle)
-
-        def raw(x=x, topk=topk, wf=wf):  # nixl_ep alone, no conversion to packed rows
-            recv, _, handle, _, _ = nixl.buffer.low_latency_dispatch(x, topk, nixl.max_tokens,
-                                                                     num_experts=nixl.num_experts, use_fp8=False)
-            return nixl.buffer.low_latency_combine(recv, topk, wf, handle)[0]
-
-        a, b = ours(nixl).float(), ours(torch_a2a).float()
-        rel = float((a - b).norm() / b.norm().clamp_min(1e-6)) if T else 0.0
-        for name, fn in (("nixl_ep", lambda: ours(nixl)), ("nixl_ep_raw", raw), ("torch_nccl", lambda: ours(torch_a2a))):
-            for _ in range(args.warmup):
-                fn()
-            torch.cuda.synchronize()
-            group.all_reduce_max([0])
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            torch.cuda.synchronize()
-            results.append({"tokens": T, "backend": name, "us": (time.perf_counter() - t0) / args.iters * 1e6,
-                            "rel_err_vs_torch": rel})
-    store.set(f"bench/{i}", json.dumps(results))
-    if i == 0:
-        other = json.loads(store.get("bench/1"))
-        rows = [{**r, "us": max(r["us"], o["us"]), "us_per_rank": [r["us"], o["us"]]} for r, o in zip(results, other)]
-        try:
-            from importlib.metadata import version
-            nixl_version = version("nixl-cu13")
-        except Exception:
-            nixl_version = "?"
-        report = {"what": "MoE dispatch + combine per layer (identity expert), 2 ranks, wall time per iteration",
-                  "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "nixl": nixl_version,
-                  "hidden": D, "experts": E, "top_k": k, "max_tokens": nixl.max_tokens,
-                  "iters": args.iters, "results": rows}
-        out = args.out or f"bench/{torch.cuda.get_device_name(dev).replace(' ', '-')}/nixl-ep-all-to-all.json"
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=1)
-        print("wrote", out)
-        for r in rows:
-            print(f"{r['tokens']:5d} tokens/rank  {r['backend']:12s} {r['us']:9.1f} us  (rel err vs torch "
-                  f"{r['rel_err_vs_torch']:.1e})")
-    group.all_reduce_max([0])
-    _runtime.close()
-    group.destroy()
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import importlib
-
-    import torch.multiprocessing as mp
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bench", action="store_true", required=True, help="time nixl_ep vs NCCL on two GPUs")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256], help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=2048)  # Qwen3-30B-A3B
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--out", default="", help="default: bench/<GPU name>/nixl-ep-all-to-all.json")
-    args = ap.parse_args(argv)
-    if torch.cuda.device_count() < 2:
-        raise SystemExit("the benchmark needs two CUDA GPUs")
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
-    worker = importlib.import_module(__spec__.name)._bench_worker if __name__ == "__main__" else _bench_worker
-    mp.spawn(worker, args=(master.port, args), nprocs=2, join=True)  # not __main__'s: workers share one _runtime
-
-
-if __name__ == "__main__":
-    main()

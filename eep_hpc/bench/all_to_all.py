@@ -1,0 +1,132 @@
+"""MoE dispatch + combine per layer: this project's nixl_ep backend against raw nixl_ep and the torch/NCCL backend.
+
+    python -m eep_hpc.bench.all_to_all [--tokens 1 64 256] [--out FILE]
+
+Two ranks: on two GPUs, or two processes sharing one GPU (then without NCCL, which refuses two ranks on one
+device). Writes a JSON report (default: results/<GPU name>/nixl-ep-all-to-all.json)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from eep_hpc.config import Config
+from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.parallel.groups import EpochGroup, connect_store
+from eep_hpc.parallel import nixl_ep_all_to_all as nx
+from eep_hpc.parallel.nixl_ep_all_to_all import NixlEpAllToAll
+
+
+def _bench_worker(i: int, port: int, args) -> None:
+    from types import SimpleNamespace
+
+    from eep_hpc import protocol as P
+
+    shared = torch.cuda.device_count() < 2
+    dev = torch.device("cuda", 0 if shared else i)
+    torch.cuda.set_device(dev)
+    E, k, D = args.experts, args.top_k, args.hidden
+    cfg = Config()
+    cfg.parallel.backend, cfg.parallel.ranks, cfg.model.dtype = "nixl_ep", 2, "bfloat16"
+    cfg.parallel.moe_chunk_tokens, cfg.engine.cuda_graphs = max(args.tokens), False
+    store = connect_store("127.0.0.1", port, timeout_s=120)
+    offsets = [0, E // 2, E]
+    epoch = P.Epoch(epoch=1, rank_ids=[0, 1], store_host="127.0.0.1", store_port=port,
+                    physical_to_logical=[list(range(E))], slot_offsets=offsets)
+    group = EpochGroup(store, 1, i, 2, dev, timeout_s=120)
+    emap = ExpertMap(epoch.physical_to_logical, offsets, i, E, dev)
+    nixl = NixlEpAllToAll.for_epoch(cfg, SimpleNamespace(hidden_size=D, torch_dtype=torch.bfloat16), epoch, group, emap)
+    torch_a2a = None if shared else TorchAllToAll(group)
+    gen = torch.Generator(device=dev).manual_seed(1234 + i)
+    results = []
+    for T in args.tokens:
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        scores = torch.randn(T, E, device=dev, generator=gen).softmax(-1)
+        w, ids = scores.topk(k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+        slots = emap.choose_slots(0, ids)
+        topk, wf = nixl.expert_of_slot[slots].to(nixl.topk_dtype).contiguous(), w.float().contiguous()
+
+        def ours(a2a, x=x, slots=slots, w=w):  # dispatch -> (identity expert) -> combine, as ExpertParallel does
+            rows, _, handle = a2a.dispatch(x, slots, emap.slot_owner, emap.local_start, T)
+            return a2a.combine(rows, w, handle)
+
+        def raw(x=x, topk=topk, wf=wf):  # nixl_ep alone, no conversion to packed rows
+            recv, _, handle, _, _ = nixl.buffer.low_latency_dispatch(x, topk, nixl.max_tokens,
+                                                                     num_experts=nixl.num_experts, use_fp8=False)
+            return nixl.buffer.low_latency_combine(recv, topk, wf, handle)[0]
+
+        a = ours(nixl).float()
+        b = ours(torch_a2a).float() if torch_a2a else raw().float()  # the identity expert: combine(dispatch(x))
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-6)) if T else 0.0
+        runs = [("nixl_ep", lambda: ours(nixl)), ("nixl_ep_raw", raw)]
+        if torch_a2a:
+            runs.append(("torch_nccl", lambda: ours(torch_a2a)))
+        for name, fn in runs:
+            for _ in range(args.warmup):
+                fn()
+            torch.cuda.synchronize()
+            group.all_reduce_max([0])
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                fn()
+            torch.cuda.synchronize()
+            results.append({"tokens": T, "backend": name, "us": (time.perf_counter() - t0) / args.iters * 1e6,
+                            "rel_err_vs_reference": rel})
+    store.set(f"bench/{i}", json.dumps(results))
+    if i == 0:
+        other = json.loads(store.get("bench/1"))
+        rows = [{**r, "us": max(r["us"], o["us"]), "us_per_rank": [r["us"], o["us"]]} for r, o in zip(results, other)]
+        try:
+            from importlib.metadata import version
+            nixl_version = version("nixl-cu13")
+        except Exception:
+            nixl_version = "?"
+        report = {"what": "MoE dispatch + combine per layer (identity expert), 2 ranks, wall time per iteration",
+                  "ranks_share_one_gpu": shared, "reference": "raw nixl_ep" if shared else "torch/NCCL backend",
+                  "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "nixl": nixl_version,
+                  "hidden": D, "experts": E, "top_k": k, "max_tokens": nixl.max_tokens,
+                  "iters": args.iters, "results": rows}
+        out = args.out or f"results/{torch.cuda.get_device_name(dev).replace(' ', '-')}/nixl-ep-all-to-all.json"
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        print("wrote", out)
+        for r in rows:
+            print(f"{r['tokens']:5d} tokens/rank  {r['backend']:12s} {r['us']:9.1f} us  (rel err vs reference "
+                  f"{r['rel_err_vs_reference']:.1e})")
+    group.all_reduce_max([0])
+    nx._runtime.close()
+    group.destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import importlib
+
+    import torch.multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256], help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=2048)  # Qwen3-30B-A3B
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--out", default="", help="default: results/<GPU name>/nixl-ep-all-to-all.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU (two ranks share it when there is only one)")
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
+    worker = importlib.import_module(__spec__.name)._bench_worker if __name__ == "__main__" else _bench_worker
+    mp.spawn(worker, args=(master.port, args), nprocs=2, join=True)
+
+
+if __name__ == "__main__":
+    main()

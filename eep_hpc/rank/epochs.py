@@ -1,0 +1,329 @@
+"""The rank's side of the epoch protocol: one object holding what this rank is a member of (its group, its engine)
+and the epoch change under way, with an explicit state.
+
+An epoch change, seen from a rank that serves (the head's side is head/scaling):
+    PrepareEpoch ─▶ STAGING ──(the step boundary every member agrees on)──▶ prepare: experts staged, the next
+    epoch's group built ─▶ PREPARED ──CommitEpoch──▶ COMMITTING ──(agreed boundary)──▶ commit: groups and expert
+    tables swapped ─▶ (no change under way). AbortEpoch at any point drops what was staged.
+A joining rank (no engine yet) builds its skeleton at its first PrepareEpoch and prepares at its second, with no
+step boundary to wait for; a recovery PrepareEpoch (members died) drops the broken group and prepares at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from eep_hpc import protocol as P
+from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
+from eep_hpc.model.loader import load_dense, load_expert_slot, weight_source
+from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.all_to_all import make_all_to_all
+from eep_hpc.parallel.eplb import CHECKPOINT
+from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.parallel.expert_transfer import (
+    SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, publish_slots, stage_experts,
+)
+from eep_hpc.parallel.groups import EpochGroup, connect_store
+from eep_hpc.parallel.weight_transfer import RankAgent, dense_tensors
+
+log = logging.getLogger("eep_hpc.rank")
+
+
+class ChangeState(enum.Enum):
+    STAGING = "staging"  # a PrepareEpoch held, waiting for the step boundary every member agrees on
+    PREPARED = "prepared"  # experts staged and the next group built: waiting for CommitEpoch
+    COMMITTING = "committing"  # a CommitEpoch held, waiting for the agreed step boundary
+
+
+@dataclass
+class EpochChange:
+    """The move to one target epoch, from PrepareEpoch to commit or abort."""
+    msg: P.PrepareEpoch
+    state: ChangeState = ChangeState.STAGING
+    staged: StagedExperts | None = None
+    group: EpochGroup | None = None  # the target epoch's group (None: this rank leaves)
+    expert_map: ExpertMap | None = None
+    reg: object = None  # NIXL registration of the staged expert tensors
+    commit: P.CommitEpoch | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.msg.target.epoch
+
+    def drop(self, agent) -> None:
+        if self.group is not None:
+            self.group.destroy()
+        if self.reg is not None:
+            agent.deregister(self.reg)
+
+
+class RankEpochs:
+    """What this rank serves in (group, engine) and the change under way. `send` is the one way out to the head."""
+
+    def __init__(self, launch: P.RankLaunch, send: Callable[[object], None]):
+        self.launch, self.id, self.send = launch, launch.rank_id, send
+        self.engine: RankEngine | None = None
+        self.group: EpochGroup | None = None
+        self.epoch_rank = 0
+        self.store = None
+        self.agent: RankAgent | None = None  # NIXL: what this rank serves to peers, and its reads
+        self.weight_transfer = launch.config.parallel.weight_transfer  # "collective" once NIXL turned out missing
+        self.change: EpochChange | None = None
+        self.served = False  # has been a member of some epoch (a rank without a group then awaits recovery)
+        self._retired_collectives = 0  # host collectives of this rank's groups already destroyed
+        self.left = False  # a joining rank whose join was called off: the process ends
+
+    @property
+    def host_collectives(self) -> int:
+        """Control collectives this rank has run since it started (one per step of a multi-rank epoch)."""
+        return self._retired_collectives + (self.group.host_collectives if self.group is not None else 0)
+
+    def _retire(self, group: EpochGroup) -> None:
+        self._retired_collectives += group.host_collectives
+        group.destroy()
+
+    # ---- what the step agreement carries ------------------------------------------------------------------
+
+    @property
+    def prepare_epoch(self) -> int:
+        """The epoch this rank is ready to prepare at the next agreed boundary (0: none)."""
+        c = self.change
+        return c.epoch if c is not None and c.state is ChangeState.STAGING else 0
+
+    @property
+    def commit_epoch(self) -> int:
+        c = self.change
+        return c.epoch if c is not None and c.state is ChangeState.COMMITTING else 0
+
+    # ---- messages -----------------------------------------------------------------------------------------
+
+    def on_epoch(self, msg: P.Epoch) -> None:
+        """The first epoch: build the engine with this rank's slots and the group."""
+        if self.engine is not None:
+            raise RuntimeError("an Epoch message is only for the first epoch; later ones go through PrepareEpoch")
+        ctl = self.launch.config.control
+        if self.store is None:
+            self.store = connect_store(msg.store_host, msg.store_port, timeout_s=ctl.rank_timeout_s)
+        self.epoch_rank = msg.rank_ids.index(self.id)
+        self.group = EpochGroup(self.store, msg.epoch, self.epoch_rank, len(msg.rank_ids),
+                                torch.device(self.launch.device), timeout_s=ctl.rank_timeout_s)
+        self.served = True
+        self.engine = build_engine(self.launch, msg, self.group)
+        self.start_agent()
+        self.publish(msg.epoch)
+        e = self.engine
+        self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.block_manager.num_free_blocks,
+                              block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len,
+                              nixl=self.agent is not None))
+        self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
+
+    def on_prepare(self, msg: P.PrepareEpoch) -> bool:
+        """-> whether the wave must run (a boundary to agree on)."""
+        if self.engine is None:  # joining, first message: build the skeleton, then say RankStaged
+            self.stage_joining(msg)
+        elif msg.recovery:  # members died: whatever this group was doing is over, and the head re-sends
+            self.lose_group(f"recovery to epoch {msg.target.epoch}")  # every open request after the commit
+            self.engine.abort_all()  # (also those that reached this rank after its group broke)
+            self.prepare(EpochChange(msg))
+        elif self.group is None:  # joining, second message (how to copy decided): no step boundary
+            self.prepare(EpochChange(msg))
+        else:
+            self.change = EpochChange(msg)
+            return True
+        return False
+
+    def on_commit(self, msg: P.CommitEpoch) -> bool:
+        """-> True when the commit waits for a step boundary the members agree on (a rank with no group, joining
+        or recovering, commits as soon as the process calls `commit`)."""
+        c = self.change
+        if c is None or c.state is not ChangeState.PREPARED or c.epoch != msg.epoch:
+            self.send(P.PrepareFailed(rank_id=self.id, epoch=msg.epoch, error="commit of an epoch never prepared"))
+            return False
+        c.commit, c.state = msg, ChangeState.COMMITTING
+        return self.group is not None
+
+    def on_abort(self, epoch: int) -> None:
+        c = self.change
+        if c is not None and c.epoch == epoch:
+            c.drop(self.agent)
+            self.change = None
+        if self.group is None and not self.served:  # a joining rank whose join was called off
+            self.left = True
+
+    def lose_group(self, why: str) -> None:
+        """The epoch's group is unusable (a peer died): drop it and every request (the head re-sends them after
+        the recovery commit), keep the model and KV cache, and wait for the head's recovery PrepareEpoch."""
+        if self.group is None:
+            return
+        epoch = self.group.epoch
+        log.warning("rank %d: lost the group of epoch %d (%s); dropping %d request(s), awaiting recovery",
+                    self.id, epoch, why, self.engine.abort_all())
+        self._retire(self.group)
+        self.group = None
+        if self.change is not None:
+            self.change.drop(self.agent)
+            self.change = None
+        self.send(P.GroupLost(rank_id=self.id, epoch=epoch, error=why))
+
+    # ---- joining ------------------------------------------------------------------------------------------
+
+    def stage_joining(self, msg: P.PrepareEpoch) -> None:
+        target = msg.target
+        i = target.rank_ids.index(self.id)
+        if self.store is None:
+            self.store = connect_store(target.store_host, target.store_port,
+                                       timeout_s=self.launch.config.control.rank_timeout_s)
+        got = {}
+
+        def fill_dense(model):
+            """From a peer over NIXL; else by a broadcast from a peer during prepare (say "broadcast" and leave
+            them empty for now); the checkpoint only when no peer serves (weight_transfer = "checkpoint")."""
+            t0 = time.monotonic()
+            peers = [r for r in msg.participants if r != self.id]
+            if self.start_agent():
+                try:
+                    peer, nbytes = self.agent.fetch_dense(peers, dense_tensors(model))
+                    got.update(source=f"nixl:{peer}", nbytes=nbytes, seconds=time.monotonic() - t0)
+                    return
+                except Exception as e:  # nixl missing or no peer readable: a collective broadcast instead
+                    log.warning("rank %d: dense weights over NIXL failed (%s); asking for a broadcast", self.id, e)
+            if self.weight_transfer != "checkpoint" and peers:
+                got.update(source="broadcast", nbytes=0, seconds=0.0)
+                return
+            load_dense(model, weight_source(self.launch.config.model, Path(self.launch.model_dir),
+                                            model.lm_head.weight.device))
+            got.update(source="checkpoint", nbytes=sum(t.numel() * t.element_size() for t in dense_tensors(model).values()),
+                       seconds=time.monotonic() - t0)
+
+        self.engine = build_skeleton(self.launch, target.slot_offsets[i + 1] - target.slot_offsets[i],
+                                     msg.num_kv_blocks, fill_dense)
+        self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch, dense_source=got["source"],
+                               dense_bytes=got["nbytes"], dense_seconds=got["seconds"], nixl=self.agent is not None))
+
+    def start_agent(self) -> bool:
+        """The NIXL agent, when configured and nixl works here; without it weights move over collectives."""
+        if self.agent is None and self.weight_transfer == "nixl":
+            try:
+                self.agent = RankAgent(self.id, self.store)
+            except Exception as e:
+                log.warning("rank %d: no NIXL (%s): weights move over collectives and the checkpoint", self.id, e)
+                self.weight_transfer = "collective"
+        return self.agent is not None
+
+    def publish(self, epoch: int, expert_reg=None) -> None:
+        """Offer this rank's dense weights (once) and this epoch's expert slots to peers over NIXL."""
+        if self.agent is None:
+            return
+        blocks = self.engine.model.moe_blocks()
+        try:
+            if self.agent._dense_reg is None:
+                self.agent.publish_dense(dense_tensors(self.engine.model))
+            publish_slots(self.agent, epoch, SlotTensors.of_blocks(blocks), expert_reg)
+            self.agent.retire_experts(keep_epoch=epoch)
+        except Exception as e:
+            log.warning("rank %d: cannot publish weights over NIXL (%s)", self.id, e)
+
+    # ---- prepare (in the background of serving), commit (at a step boundary) ------------------------------
+
+    def prepare(self, change: EpochChange | None = None) -> None:
+        """Stage the experts this rank will newly own and build the target epoch's group -> PREPARED."""
+        change = change or self.change
+        self.change = change
+        msg = change.msg
+        target, t0 = msg.target, time.monotonic()
+        device = torch.device(self.launch.device)
+        timeout = self.launch.config.control.transfer_timeout_s
+        xfer = None
+        try:
+            arch = self.engine.model.arch
+            member = self.id in target.rank_ids
+            i = target.rank_ids.index(self.id) if member else 0
+            start, end = (target.slot_offsets[i], target.slot_offsets[i + 1]) if member else (0, 0)
+            blocks = self.engine.model.moe_blocks()
+            mine = SlotTensors.of_blocks(blocks)
+            old = mine if self.engine.ep else None
+            shape = (arch.moe_intermediate_size, arch.hidden_size)
+            # experts whose every holder died come from the checkpoint; the rest move between live ranks
+            joining = old is None and member and blocks[0].w13.shape[0] == end - start
+            staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
+                                           blocks[0].w13.dtype, device, like=mine, into=mine if joining else None)
+            self.load_from_checkpoint([m for m in remote if m[2] == CHECKPOINT], staged, start)
+            remote = [m for m in remote if m[2] != CHECKPOINT]
+            moves = [m for m in msg.moves if m[2] != CHECKPOINT]
+            if msg.transfer == "nixl":
+                staged.bytes_received, change.reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote,
+                                                                    start)
+            else:
+                xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
+                                  device, timeout_s=timeout, purpose="xfer/")
+                broadcast_bytes = 0
+                if msg.broadcast_dense:  # a joiner could not read them over NIXL: participant 0 sends them to all
+                    for t in dense_tensors(self.engine.model).values():
+                        xfer.broadcast(t, src=0)
+                        broadcast_bytes += t.numel() * t.element_size()
+                if self.engine.ep is not None:  # it had them already
+                    broadcast_bytes = 0
+                staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, moves,
+                                                                              old, staged, start, len(blocks), shape)
+                xfer.destroy()
+                xfer = None
+            change.staged = staged
+            if member:
+                change.group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device,
+                                          timeout_s=timeout)
+                change.expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts,
+                                              device)
+            change.state = ChangeState.PREPARED
+            self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=staged.bytes_received,
+                                      seconds=time.monotonic() - t0))
+        except Exception as e:
+            log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
+            if xfer is not None:
+                xfer.destroy()
+            change.drop(self.agent)
+            self.change = None
+            self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
+
+    def load_from_checkpoint(self, moves: list[list[int]], staged: StagedExperts, start: int) -> None:
+        """Experts no live rank holds (their holders died), read from the checkpoint into staging."""
+        if not moves:
+            return
+        model = self.engine.model
+        source = weight_source(self.launch.config.model, Path(self.launch.model_dir), model.lm_head.weight.device)
+        blocks = model.moe_blocks()
+        for layer, logical, _, _, dst_slot, _ in moves:
+            into = SimpleNamespace(w13=staged.w13[layer], w2=staged.w2[layer], fp8_block=blocks[layer].fp8_block,
+                                   w13_scale=staged.w13_scale[layer] if staged.w13_scale is not None else None,
+                                   w2_scale=staged.w2_scale[layer] if staged.w2_scale is not None else None)
+            load_expert_slot(model, source, layer, dst_slot - start, logical, into=into)
+        log.info("rank %d: %d expert(s) restored from the checkpoint", self.id, len(moves))
+
+    def commit(self) -> int | None:
+        """Switch to the prepared epoch -> the wave this rank serves in now (None: it left the group)."""
+        change, self.change = self.change, None
+        target, msg = change.msg.target, change.commit
+        old_group = self.group
+        wave = None
+        if change.group is not None:
+            arch = self.engine.model.arch
+            a2a = make_all_to_all(self.launch.config, arch, target, change.group, change.expert_map)
+            ep = ExpertParallel(change.expert_map, a2a, arch.num_experts)
+            self.engine.swap_experts(change.staged, ep)
+            self.group, self.epoch_rank, self.served = change.group, target.rank_ids.index(self.id), True
+            wave = msg.wave
+            self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))
+            self.publish(msg.epoch, change.reg)
+        else:
+            self.group = None
+            self.send(P.EpochLeft(rank_id=self.id, epoch=msg.epoch))
+        if old_group is not None:
+            self._retire(old_group)
+        return wave

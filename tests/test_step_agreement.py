@@ -1,0 +1,161 @@
+"""One agreement per step across real rank processes (gloo): what each rank runs is agreed once per step, nothing
+is asked of other ranks inside the layer loop, big steps run their MoE in agreed chunks, an idle rank takes part,
+and the greedy tokens equal one rank's."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from eep_hpc import protocol as P
+from eep_hpc.config import load_config
+from eep_hpc.engine.rank_engine import build_engine
+from eep_hpc.model.arch import load_arch
+from eep_hpc.model.tiny import ensure_tiny_checkpoint
+from eep_hpc.parallel import step_plan
+from eep_hpc.parallel.groups import EpochGroup, connect_store
+from eep_hpc.parallel.step_plan import StepDemand, decide, encode
+
+CHUNK = 8  # tokens per rank per MoE dispatch: the 20-token prompt below takes 3 chunks
+PROMPTS = {0: [[5, 17, 3, 99, 41, 7, 250, 12, 64, 3, 8, 91, 33, 2, 71, 18, 150, 6, 27, 44]],  # one long prefill
+           1: [[7, 7, 300], [11, 2]],  # two short ones
+           2: []}  # idle throughout
+MAX_TOKENS = 6
+
+
+def _config():
+    return load_config(None, parallel={"device": "cpu", "moe_chunk_tokens": CHUNK},
+                       engine={"num_kv_blocks": 64, "enable_prefix_caching": False})
+
+
+def _launch(rank_id: int, model_dir: str) -> P.RankLaunch:
+    return P.RankLaunch(rank_id=rank_id, head_address="tcp://127.0.0.1:1", model_dir=model_dir, eos_token_ids=[],
+                        device="cpu", config=_config())
+
+
+def _epoch(num_ranks: int, port: int, num_layers: int, num_experts: int) -> P.Epoch:
+    per = num_experts // num_ranks
+    offsets = [i * per for i in range(num_ranks)] + [num_experts]
+    return P.Epoch(epoch=1, rank_ids=list(range(num_ranks)), store_host="127.0.0.1", store_port=port,
+                   physical_to_logical=[list(range(num_experts))] * num_layers, slot_offsets=offsets)
+
+
+def _add(engine, prompts: list[list[int]], tag: str) -> None:
+    sampling = P.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add(P.AddRequest(request_id=f"{tag}{i}", prompt_token_ids=p, sampling=sampling))
+
+
+def _worker(rank: int, num_ranks: int, port: int, model_dir: str, results) -> None:
+    torch.set_num_threads(1)
+    arch = load_arch(model_dir)
+    store = connect_store("127.0.0.1", port)
+    group = EpochGroup(store, 1, rank, num_ranks, torch.device("cpu"), timeout_s=60)
+    engine = build_engine(_launch(rank, model_dir), _epoch(num_ranks, port, len(arch.moe_layers), arch.num_experts),
+                          group)
+    exchanges = 0
+    exchange = group.all_to_all
+
+    def counting_all_to_all(*args, **kwargs):
+        nonlocal exchanges
+        exchanges += 1
+        return exchange(*args, **kwargs)
+
+    group.all_to_all = counting_all_to_all
+    _add(engine, PROMPTS.get(rank, []), f"r{rank}-")
+    plans, per_step_host, per_step_exchanges, tokens = [], [], [], {}
+    while True:
+        before = group.host_collectives
+        plan = step_plan.agree(group, engine.demand(), engine.graph_sizes(), engine.chunk_tokens)
+        assert group.host_collectives == before + 1
+        if not plan.busy:
+            break
+        plans.append(plan)
+        before, ex = group.host_collectives, exchanges
+        for out in engine.step(plan):
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        per_step_host.append(group.host_collectives - before)
+        per_step_exchanges.append(exchanges - ex)
+    results[rank] = {"plans": plans, "host": per_step_host, "exchanges": per_step_exchanges, "tokens": tokens,
+                     "steps": engine.steps, "moe_layers": len(arch.moe_layers)}
+    group.destroy()
+
+
+def _one_rank_tokens(model_dir: str) -> dict[str, list[int]]:
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
+    arch = load_arch(model_dir)
+    group = EpochGroup(store, 1, 0, 1, torch.device("cpu"))
+    engine = build_engine(_launch(0, model_dir), _epoch(1, store.port, len(arch.moe_layers), arch.num_experts), group)
+    for rank, prompts in PROMPTS.items():
+        _add(engine, prompts, f"r{rank}-")
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
+    model_dir = str(ensure_tiny_checkpoint(os.environ.get("EEP_HPC_CACHE")))
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_worker, args=(r, num_ranks, master.port, model_dir, results)) for r in range(num_ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    res = [results[r] for r in range(num_ranks)]
+
+    # every rank took the same plan at every step (and so the same number of steps)
+    assert all(r["plans"] == res[0]["plans"] for r in res)
+    plans = res[0]["plans"]
+    assert all(r["steps"] == len(plans) for r in res)
+    # the step itself asks nobody anything: no host collective inside the layer loop
+    assert all(h == 0 for r in res for h in r["host"])
+    # the 20-token prefill ran its MoE in ceil(20 / CHUNK) = 3 agreed chunks on every rank, the idle one included;
+    # each chunk is one dispatch (rows + slots) and one combine per MoE layer
+    first = plans[0]
+    assert (first.chunks, first.chunk_tokens, first.max_tokens) == (3, CHUNK, 20)
+    layers = res[0]["moe_layers"]
+    for r in res:
+        assert r["exchanges"] == [3 * p.chunks * layers for p in plans]
+    # greedy tokens equal one rank's serving every prompt
+    want = _one_rank_tokens(model_dir)
+    got = {k: v for r in res for k, v in r["tokens"].items()}
+    assert got == {k: v for k, v in want.items() if int(k.split("-")[0][1:]) < num_ranks}
+    assert all(len(v) == MAX_TOKENS for v in got.values())
+
+
+def test_plan_decisions():
+    """The decision every rank takes from the element-wise maximum of their demands."""
+    sizes = [1, 2, 4, 8, 16]
+    both = [encode(StepDemand(tokens=3, seqs=3, busy=True), 0, 0), encode(StepDemand(), 0, 0)]
+    values = [max(col) for col in zip(*both)]
+    # decode-only and idle: one graph of the smallest size that holds the largest batch
+    plan = decide(values, sizes, 256)
+    assert plan.is_graph and plan.graph_size == 4
+    # no graphs (CPU, or a backend that cannot be captured): eager, one chunk
+    assert decide(values, [], 256) == step_plan.StepPlan(busy=True, chunks=1, chunk_tokens=3, max_tokens=3)
+    # one rank prefills 600 tokens: nobody replays; three chunks of 256 on everyone
+    prefill = encode(StepDemand(tokens=600, seqs=1, graphable=False, busy=True), 0, 0)
+    plan = decide([max(col) for col in zip(prefill, both[0])], sizes, 256)
+    assert not plan.is_graph and (plan.chunks, plan.chunk_tokens) == (3, 256)
+    # a batch bigger than the largest graph runs eagerly
+    assert not decide(encode(StepDemand(tokens=17, seqs=17, busy=True), 0, 0), sizes, 256).is_graph
+    # nobody busy: the wave ends
+    assert not decide(encode(StepDemand(), 0, 0), sizes, 256).busy
+    # a prepare runs only when every member holds it (max == min); one lacking it keeps the group stepping
+    holds, lacks = encode(StepDemand(busy=True), 7, 0), encode(StepDemand(busy=True), 0, 0)
+    assert decide([max(c) for c in zip(holds, holds)], sizes, 256).prepare_epoch == 7
+    plan = decide([max(c) for c in zip(holds, lacks)], sizes, 256)
+    assert plan.prepare_epoch == 0 and plan.busy
+    assert decide([max(c) for c in zip(encode(StepDemand(), 0, 9), encode(StepDemand(), 0, 9))],
+                  sizes, 256).commit_epoch == 9
