@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import start_head
 from eep_hpc.bench.cli import add_bench_parser
 from eep_hpc.bench.client import RequestResult
 from eep_hpc.bench.dataset import random_requests, token_range
 from eep_hpc.bench.driver import run_load
 from eep_hpc.bench.metrics import summarize
 from eep_hpc.bench.scale_plan import parse_plan
+from support import start_head
 
 RESULT_KEYS = [
     "completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",

@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 
-from conftest import start_head
 from eep_hpc import protocol as P
 from eep_hpc.config import Config, EngineConfig, ModelConfig
 from eep_hpc.engine.rank_engine import build_engine
@@ -21,7 +20,7 @@ from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from hf_reference import hf_model, save_random_hf_model
 from streaming_load import reference_texts, run_load
 from eep_hpc.parallel.groups import EpochGroup
-from test_model_reference import NEW_TOKENS, PROMPTS, greedy
+from support import NEW_TOKENS, TOKEN_PROMPTS as PROMPTS, greedy, start_head
 
 # DeepSeek-V2-Lite's config.json as published (old-style rope_scaling), for parsing and cache sizing.
 V2_LITE_CONFIG = {

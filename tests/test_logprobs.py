@@ -11,6 +11,7 @@ import torch
 
 from eep_hpc import protocol as P
 from hf_reference import hf_model, save_random_hf_model
+from support import single_rank_engine
 
 TOL = 2e-4
 TOP = 5
@@ -42,8 +43,6 @@ def checkpoint(request, tmp_path_factory):
 
 
 def engine_for(path, ref, **engine):
-    from test_model_reference import single_rank_engine
-
     cfg = ref.config
     num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
     num_moe = len([i for i in range(cfg.num_hidden_layers) if i not in (getattr(cfg, "mlp_only_layers", None) or [])])

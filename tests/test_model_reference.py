@@ -5,26 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import greedy
-
-from eep_hpc import protocol as P
-from eep_hpc.config import Config, ModelConfig
-from eep_hpc.engine.rank_engine import build_engine
-from eep_hpc.parallel.groups import EpochGroup
 from hf_reference import hf_model, save_random_hf_model
-
-PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116]]
-NEW_TOKENS = 32
-
-
-def single_rank_engine(model_dir, num_experts, num_moe_layers, **engine):
-    cfg = Config(model=ModelConfig(path=str(model_dir)))
-    if engine:
-        cfg.engine = type(cfg.engine)(**engine)
-    launch = P.RankLaunch(rank_id=0, head_address="", model_dir=str(model_dir), eos_token_ids=[], device="cpu", config=cfg)
-    epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
-                    physical_to_logical=[list(range(num_experts))] * num_moe_layers, slot_offsets=[0, num_experts])
-    return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device("cpu")))
+from support import NEW_TOKENS, TOKEN_PROMPTS as PROMPTS, greedy, single_rank_engine
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])

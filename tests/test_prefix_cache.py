@@ -15,7 +15,7 @@ from eep_hpc.config import EngineConfig
 from eep_hpc.engine.block_manager import BlockManager
 from eep_hpc.engine.scheduler import Scheduler
 from eep_hpc.engine.sequence import Sequence, SequenceStatus
-from test_scheduler import model_token
+from support import model_token, single_rank_engine, start_head, wait_until
 
 # ---- block manager ------------------------------------------------------------------------------------------
 
@@ -224,8 +224,6 @@ def qwen_checkpoint(tmp_path_factory):
 
 
 def engine_for(path, **engine):
-    from test_model_reference import single_rank_engine
-
     return single_rank_engine(path, 8, 2, **engine)
 
 
@@ -298,11 +296,8 @@ def chat_texts(url: str, questions: list[str]) -> list[str]:
 
 
 def test_http_greedy_same_with_and_without_prefix_caching(api, tmp_path):
-    from conftest import start_head
-
     questions = ["What is 2 + 2?", "Name a colour.", "What is 2 + 3?", "Name a colour."]
-    rank = next(iter(api.head.coordinator.ranks.values()))
-    hits_before = rank.stats.prefix_cache_hits
+    hits_before = api.state()["ranks"][0]["prefix_cache_hits"]
     got = chat_texts(api.url, questions)
     plain = start_head(tmp_path, ranks=1, engine={"enable_prefix_caching": False})
     try:
@@ -310,5 +305,6 @@ def test_http_greedy_same_with_and_without_prefix_caching(api, tmp_path):
     finally:
         plain.stop()
     assert got == want
-    api.state()  # stats arrive with step outputs and heartbeats
-    assert rank.stats.prefix_cache_hits > hits_before
+    # the rank's counts reach the head with its step outputs and heartbeats
+    wait_until(lambda: api.state()["ranks"][0]["prefix_cache_hits"] > hits_before, 10,
+               f"the served rank counting prefix cache hits (was {hits_before})")

@@ -1,5 +1,4 @@
 import random
-import zlib
 
 import pytest
 
@@ -8,6 +7,7 @@ from eep_hpc.engine.block_manager import BlockManager
 from eep_hpc.engine.scheduler import Scheduler, SchedulerOutput
 from eep_hpc.engine.sequence import Sequence, SequenceStatus
 from eep_hpc.protocol import AddRequest, RequestOutput, SamplingParams
+from support import model_token
 
 EOS = 2
 
@@ -15,11 +15,6 @@ EOS = 2
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_batched=64, max_model_len=1024, eos=(EOS,)) -> Scheduler:
     cfg = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched)
     return Scheduler(cfg, BlockManager(num_blocks, block_size), max_model_len, list(eos))
-
-
-def model_token(request_id: str, index: int) -> int:
-    """What the fake model samples as output number `index` of a request: never EOS, same after any preemption."""
-    return 10 + zlib.crc32(f"{request_id}/{index}".encode()) % 1000
 
 
 class FakeModel:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -26,28 +25,9 @@ from eep_hpc import protocol as P
 from eep_hpc.cluster.node_agent import agent_identity
 from eep_hpc.cluster.pools import Pool, PoolError, load_pools, name_pools, parse_pools
 from eep_hpc.config import Config, ControlConfig
+from support import TEST_CONFIG, sacct, wait_sacct, why_no_slurm
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_CONFIG = ROOT / "configs" / "slurm-test.toml"
-
-
-def _why_no_slurm() -> str:
-    if not os.environ.get("SLURM_CONF"):
-        return 'SLURM_CONF is not set (start the test cluster: eval "$(.ci/slurm-up)")'
-    if shutil.which("sinfo") is None:
-        return "Slurm's commands are not installed"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer in 20 s"
-    if out.returncode != 0:
-        return f"sinfo failed: {out.stderr.strip()}"
-    if not {"big", "small", "low"} <= set(out.stdout.split()):
-        return "not the .ci/slurm-up test cluster (partitions big, small, low missing)"
-    return ""
-
-
-NO_SLURM = _why_no_slurm()
+NO_SLURM = why_no_slurm()
 requires_slurm = pytest.mark.skipif(bool(NO_SLURM), reason=NO_SLURM)
 
 
@@ -169,24 +149,6 @@ def launcher(tmp_path):
         if job.alive():
             subprocess.run(["scancel", "--signal=KILL", "--full", job.job_id])
             subprocess.run(["scancel", job.job_id])
-
-
-def sacct(job_id: str) -> dict[str, tuple[str, str]]:
-    """JobID -> (State, ExitCode) of the job, its het components and steps."""
-    out = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"], capture_output=True,
-                         text=True, check=True).stdout
-    return {jid: (state.split()[0], code) for jid, state, code in (line.split("|") for line in out.splitlines())}
-
-
-def wait_sacct(job_id: str, key: str, states: set[str], timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = sacct(job_id)
-        if info.get(key, ("",))[0] in states:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"sacct {key}: {info.get(key)} not in {states} after {timeout_s:.0f} s: {info}")
-        time.sleep(0.5)
 
 
 # ---- node jobs -----------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from streaming_load import reference_texts, run_load
-from test_slurm import NO_SLURM, ROOT, TEST_CONFIG, sacct, wait_sacct
+from support import ROOT, TEST_CONFIG, sacct, wait_sacct, why_no_slurm
 
+NO_SLURM = why_no_slurm()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(NO_SLURM), reason=NO_SLURM)]
 EEP = [sys.executable, "-m", "eep_hpc.cli"]
 
