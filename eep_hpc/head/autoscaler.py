@@ -1,8 +1,9 @@
 """Adaptive scaling (like dask-jobqueue's adapt, with its job lifetime): grow while load stays high, shrink ranks
 that stay idle, replace ranks before their lifetime (walltime) ends, never below `min_ranks` or above `max_ranks`.
 
-`decide` is a pure function of what the coordinator observed; `Autoscaler` keeps the little history it needs
-(how long pressure or idleness has lasted) and asks the coordinator to grow or shrink, one event at a time.
+`decide` is a pure function of the policy and what the head observed; `Autoscaler` keeps the policy in force (the
+configured [adapt] table until `eep-hpc adapt` replaces it) and the little history it needs (how long pressure or
+idleness has lasted), and grows or shrinks through scaling.py, one event at a time.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from eep_hpc.config import AdaptConfig
+from eep_hpc.head.membership import Membership
+from eep_hpc.head.scaling import Scaling
+from eep_hpc.head.streams import Streams
 
 log = logging.getLogger("eep_hpc.adapt")
 
@@ -65,17 +72,28 @@ def idle(ranks: list[RankLoad]) -> bool:
 
 
 class Autoscaler:
-    def __init__(self, coordinator, cfg: AdaptConfig):
-        self.c, self.cfg = coordinator, cfg
+    def __init__(self, policy: AdaptConfig, membership: Membership, scaling: Scaling, streams: Streams,
+                 ready: Callable[[], bool]):
+        """ready(): the head serves and is not going down."""
+        self.policy = policy  # replaced whole by adjust(); the config it came from is never changed
+        self.membership, self.scaling, self.streams, self.ready = membership, scaling, streams, ready
         self._pressure_since: float | None = None
         self._idle_since: float | None = None
         self.last: Decision = Decision()
 
+    def adjust(self, **changes) -> None:
+        """A new policy: these fields changed (e.g. enabled, min_ranks, max_ranks from `eep-hpc adapt`)."""
+        self.policy = msgspec.structs.replace(self.policy, **changes)
+
+    def state(self) -> dict:
+        p = self.policy
+        return {"enabled": p.enabled, "min_ranks": p.min_ranks, "max_ranks": p.max_ranks, "last": self.last.why}
+
     def observe(self, now: float) -> list[RankLoad]:
-        c = self.c
+        m = self.membership
         ranks = []
-        for rid in c.members:
-            rec = c.ranks[rid]
+        for rid in m.members:
+            rec = m.ranks[rid]
             s = rec.stats
             ranks.append(RankLoad(rid, now - rec.started, s.num_running, s.num_waiting,
                                   s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0))
@@ -83,24 +101,25 @@ class Autoscaler:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.interval_s)
-            if not self.cfg.enabled or self.c.event is not None or not self.c.ready():
+            await asyncio.sleep(self.policy.interval_s)
+            policy = self.policy
+            if not policy.enabled or self.scaling.busy() or not self.ready():
                 continue
             now = time.monotonic()
             ranks = self.observe(now)
-            self._pressure_since = (self._pressure_since or now) if under_pressure(self.cfg, ranks) else None
-            busy_streams = len(self.c.streams) > 0
+            self._pressure_since = (self._pressure_since or now) if under_pressure(policy, ranks) else None
+            busy_streams = len(self.streams.open) > 0
             self._idle_since = (self._idle_since or now) if idle(ranks) and not busy_streams else None
-            d = decide(self.cfg, ranks, now - (self._pressure_since or now), now - (self._idle_since or now))
+            d = decide(policy, ranks, now - (self._pressure_since or now), now - (self._idle_since or now))
             self.last = d
             if not (d.grow or d.shrink):
                 continue
             log.info("adapt: %s", d.why)
             try:
                 if d.grow:
-                    await self.c.grow(d.grow)
+                    await self.scaling.grow(d.grow)
                 else:
-                    await self.c.shrink(d.shrink)
+                    await self.scaling.shrink(d.shrink)
                 self._pressure_since = self._idle_since = None
             except Exception as e:  # a failed event rolled back; try again next round
                 log.warning("adapt: %s failed: %s", d.why, e)

@@ -1,9 +1,9 @@
-"""One scaling event (grow, shrink, rebalance) as a state machine the coordinator drives, with its measurements.
+"""One scaling event (grow, shrink, rebalance, recover) as a state machine, with its measurements.
 
-PREPARING → COMMITTING → DONE, or → ROLLED_BACK from either of the first two. Exactly one event runs at a time; the
-coordinator refuses a second with `ScaleBusy` (a clear 409 for the API) instead of queueing it behind a stuck one,
-and every exit path — success, failure, timeout, cancellation — leaves `phase` terminal, so "already scaling" can
-never outlive the event.
+PREPARING → COMMITTING → DONE, or → ROLLED_BACK from either of the first two. Exactly one event runs at a time
+(epoch_exchange.py drives it); a second is refused with `ScaleBusy` (a clear 409 for the API) instead of queueing it
+behind a stuck one, and every exit path — success, failure, timeout, cancellation — leaves `phase` terminal, so
+"already scaling" can never outlive the event.
 """
 
 from __future__ import annotations

@@ -5,23 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import socket
 from pathlib import Path
 
-import msgspec
-
-from eep_hpc import protocol as P
 from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
 from eep_hpc.config import TINY_MODEL, Config
-from eep_hpc.head.coordinator import Coordinator
-from eep_hpc.head.metrics import CoordinatorCollector
 from eep_hpc.engine.rank_engine import max_model_len
+from eep_hpc.head.coordinator import Coordinator
+from eep_hpc.head.credentials import make_credentials, rank_config, serve_config
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.model.tokenizer import Tokenizer
+from eep_hpc.serve.admin import add_admin_routes
+from eep_hpc.serve.app import create_app
 from eep_hpc.serve.server import ApiServer
 
 log = logging.getLogger("eep_hpc.head")
@@ -61,67 +59,21 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
                        model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)
 
 
-def private_run_dir(cfg: Config) -> Path:
-    """The run dir holds the run's secrets and submitit's pickled launches (jobs/): only its owner may enter it."""
-    path = Path(cfg.control.run_dir)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
-        log.info("run dir %s: mode %o -> 700 (it holds secrets)", path, path.stat().st_mode & 0o777)
-        path.chmod(0o700)
-    return path
-
-
-def ensure_admin_token(cfg: Config) -> Path | None:
-    """A head running as a Slurm job guards its admin routes by default: other users of the cluster can reach its
-    port. A random token goes to <run_dir>/admin-token (mode 600), which the discovery file points at, so the
-    owner's CLI finds it and nobody else can read it."""
-    if cfg.serve.admin_token or not os.environ.get("SLURM_JOB_ID"):
-        return None
-    cfg.serve.admin_token = secrets.token_urlsafe(32)
-    return discovery.write_private(Path(cfg.control.run_dir) / "admin-token", cfg.serve.admin_token)
-
-
-def ensure_api_key(cfg: Config) -> Path | None:
-    """Likewise /v1/*: a head running as a Slurm job needs an API key unless serve.api_key names one. A random key
-    goes to <run_dir>/api-key (mode 600); the discovery file and the log say where. `eep-hpc serve` outside Slurm
-    (a laptop, 127.0.0.1) stays keyless unless configured."""
-    if cfg.serve.api_key or not os.environ.get("SLURM_JOB_ID"):
-        return None
-    cfg.serve.api_key = "sk-eep-" + secrets.token_urlsafe(32)
-    return discovery.write_private(Path(cfg.control.run_dir) / "api-key", cfg.serve.api_key)
-
-
-def ensure_control_secret(cfg: Config) -> Path:
-    """The run's control secret (protocol.py, "signed frames"), written before any rank starts to
-    <run_dir>/control-secret (mode 600); ranks and node agents find the file through control.secret_file."""
-    path = Path(cfg.control.secret_file or Path(cfg.control.run_dir) / P.SECRET_FILE)
-    cfg.control.secret_file = str(P.write_secret(path, P.ensure_secret()))
-    return Path(cfg.control.secret_file)
-
-
-def without_serve_secrets(cfg: Config) -> Config:
-    """The config ranks get (RankLaunch.config, pickled by submitit into run_dir/jobs): no API key or admin token,
-    which ranks never need."""
-    serve = msgspec.structs.replace(cfg.serve, api_key="", admin_token="")
-    return msgspec.structs.replace(cfg, serve=serve)
-
-
 class Head:
-    def __init__(self, cfg: Config, launcher=None):
-        from eep_hpc.serve.admin import add_admin_routes
-        from eep_hpc.serve.app import create_app
+    """The head's composition root: credentials, the coordinator, and the HTTP API with the admin routes and
+    metrics over it."""
 
-        self.cfg = cfg
-        private_run_dir(cfg)
-        self.admin_token_file = ensure_admin_token(cfg)
-        self.api_key_file = ensure_api_key(cfg)
-        self.secret_file = ensure_control_secret(cfg)
+    def __init__(self, cfg: Config, launcher=None):
+        self.cfg = cfg  # as loaded; never changed
+        creds = make_credentials(cfg)
+        self.api_key_file, self.admin_token_file, self.secret_file = (creds.api_key_file, creds.admin_token_file,
+                                                                      creds.secret_file)
         if self.api_key_file:
             log.info("API key required on /v1/*: 'Authorization: Bearer <key>' with the key in %s", self.api_key_file)
-        self.coordinator = build_coordinator(without_serve_secrets(cfg), launcher)
-        self.app = create_app(self.coordinator, cfg.serve)
-        add_admin_routes(self.app, self.coordinator)
-        self.app.state.metrics.registry.register(CoordinatorCollector(self.coordinator))
+        self.coordinator = build_coordinator(rank_config(cfg, creds), launcher)
+        self.app = create_app(self.coordinator, serve_config(cfg, creds))
+        add_admin_routes(self.app, self.coordinator.admin)
+        self.app.state.metrics.registry.register(self.coordinator.metrics)
         self.url = ""
         self._stop = asyncio.Event()
 

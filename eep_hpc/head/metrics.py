@@ -1,18 +1,21 @@
-"""Prometheus view of the coordinator: ranks, epoch, and every scaling event's figures, read at scrape time."""
+"""Prometheus view of the cluster: ranks, epoch, and every scaling event's figures, read at scrape time."""
 
 from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from eep_hpc.head.epoch_exchange import EpochExchange
+from eep_hpc.head.membership import Membership
 
-class CoordinatorCollector:
-    def __init__(self, coordinator):
-        self.c = coordinator
+
+class ClusterCollector:
+    def __init__(self, membership: Membership, exchange: EpochExchange):
+        self.membership, self.exchange = membership, exchange
 
     def collect(self):
-        c = self.c
-        yield GaugeMetricFamily("eep_hpc:epoch", "Epoch serving now.", value=c.epoch)
-        yield GaugeMetricFamily("eep_hpc:num_ranks", "Member ranks of the serving epoch.", value=len(c.members))
+        m, history = self.membership, self.exchange.history
+        yield GaugeMetricFamily("eep_hpc:epoch", "Epoch serving now.", value=m.epoch)
+        yield GaugeMetricFamily("eep_hpc:num_ranks", "Member ranks of the serving epoch.", value=len(m.members))
         per_rank = {
             "kv_blocks_used": GaugeMetricFamily("eep_hpc:rank_kv_blocks_used", "KV blocks in use.", labels=["rank"]),
             "kv_blocks_total": GaugeMetricFamily("eep_hpc:rank_kv_blocks_total", "KV blocks.", labels=["rank"]),
@@ -23,21 +26,21 @@ class CoordinatorCollector:
             "prefix_cache_hits": CounterMetricFamily("eep_hpc:rank_prefix_cache_hits",
                                                      "Prompt tokens found in the prefix cache.", labels=["rank"]),
         }
-        for rid in c.members:
-            stats = c.ranks[rid].stats
+        for rid in m.members:
+            stats = m.ranks[rid].stats
             for field, family in per_rank.items():
                 family.add_metric([str(rid)], getattr(stats, field))
         yield from per_rank.values()
 
         events = CounterMetricFamily("eep_hpc:scale_events", "Scaling events by kind and result.", labels=["kind", "result"])
         counts: dict[tuple[str, str], int] = {}
-        for e in c.history:
+        for e in history:
             key = (e.kind, "done" if e.phase.name == "DONE" else "rolled_back")
             counts[key] = counts.get(key, 0) + 1
         for (kind, result), n in sorted(counts.items()):
             events.add_metric([kind, result], n)
         yield events
-        done = [e for e in c.history if e.phase.name == "DONE"]
+        done = [e for e in history if e.phase.name == "DONE"]
         for name, doc, attr in [
             ("scale_prepare_seconds", "Prepare time of the last scaling event.", "prepare_s"),
             ("scale_commit_pause_ms", "Longest inter-token gap around the last commit.", "commit_pause_ms"),
@@ -52,4 +55,4 @@ class CoordinatorCollector:
                 g.add_metric([kind], v)
             yield g
         yield CounterMetricFamily("eep_hpc:requests_migrated", "Requests moved to other ranks by scaling.",
-                                  value=sum(e.requests_migrated for e in c.history))
+                                  value=sum(e.requests_migrated for e in history))

@@ -6,18 +6,54 @@ POST /admin/rebalance       {}                                   re-place expert
 POST /admin/adapt           {"min": 1, "max": 4}                 grow under load, shrink when idle, within bounds
 Each answers the event's figures (prepare_s, commit_pause_ms, bytes_moved, gbps, requests_migrated); 409 while
 another event runs, 400 for bad arguments, 503 when the event failed and was rolled back (still serving).
+
+The routes talk to a `ClusterAdmin` (the head's is head/admin.py), never to the head's state.
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Protocol
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from eep_hpc.head.coordinator import Coordinator, StartupError
-from eep_hpc.head.events import ScaleBusy, ScaleFailed
 from eep_hpc.serve.errors import ApiError, bad_request
+
+
+class ScaleConflict(RuntimeError):
+    """Another scaling event is in progress (409)."""
+
+
+class ScaleRolledBack(RuntimeError):
+    """The event failed and was rolled back; the service still serves (503)."""
+
+
+class ClusterAdmin(Protocol):
+    """What the admin routes may do. Bad arguments raise ValueError, and events ScaleConflict or ScaleRolledBack."""
+
+    def pools(self) -> list[str]:
+        """Names of the configured pools (node shapes)."""
+        ...
+
+    def members(self) -> dict[int, str]:
+        """Member rank id -> its host, in epoch order (the newest last)."""
+        ...
+
+    def check_idle(self) -> None:
+        """ScaleConflict while an event runs."""
+        ...
+
+    async def grow(self, n: int, pool: str, pools: dict[str, int] | None, wait: bool) -> dict:
+        """n ranks of one pool, or {pool: count} in one job; wait=False answers once they are submitted."""
+        ...
+
+    async def shrink(self, rank_ids: list[int]) -> dict: ...
+
+    async def rebalance(self) -> dict: ...
+
+    def set_adapt(self, enabled: bool, min_ranks: int, max_ranks: int, **tuning: float) -> dict:
+        """The adaptive-scaling policy from now on -> its state (enabled, min_ranks, max_ranks, last)."""
+        ...
 
 
 class GrowRequest(BaseModel):
@@ -46,58 +82,53 @@ class ShrinkRequest(BaseModel):
     node: str | None = None
 
 
-def pick_ranks(coordinator: Coordinator, req: ShrinkRequest) -> list[int]:
+def pick_ranks(members: dict[int, str], req: ShrinkRequest) -> list[int]:
+    """members: rank id -> host, in epoch order."""
     given = [x is not None for x in (req.n, req.rank_ids, req.node)]
     if sum(given) != 1:
         raise bad_request("give exactly one of n, rank_ids, node")
     if req.rank_ids is not None:
         return req.rank_ids
     if req.node is not None:
-        on_node = [r for r in coordinator.members if coordinator.ranks[r].host == req.node]
+        on_node = [r for r, host in members.items() if host == req.node]
         if not on_node:
             raise bad_request(f"no member rank runs on node {req.node!r}", "node")
         return on_node
-    if req.n >= len(coordinator.members):
-        raise bad_request(f"cannot remove {req.n} of {len(coordinator.members)} ranks: at least one must stay", "n")
-    return coordinator.members[-req.n :]  # the newest ranks leave first
+    if req.n >= len(members):
+        raise bad_request(f"cannot remove {req.n} of {len(members)} ranks: at least one must stay", "n")
+    return list(members)[-req.n :]  # the newest ranks leave first
 
 
 async def _run(action):
     try:
         return await action
-    except ScaleBusy as e:
+    except ScaleConflict as e:
         raise ApiError(409, str(e), "ConflictError", None, "scaling_in_progress") from None
     except ValueError as e:
         raise bad_request(str(e)) from None
-    except (ScaleFailed, StartupError) as e:
+    except ScaleRolledBack as e:
         raise ApiError(503, f"scaling failed and was rolled back; still serving: {e}", "ScaleFailed", None,
                        "scale_rolled_back") from None
 
 
-def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
+def add_admin_routes(app: FastAPI, admin: ClusterAdmin) -> None:
     @app.post("/admin/scale/grow")
     async def grow(req: GrowRequest) -> dict:
         n = req.n if (req.n or req.pools) else 1
+        pools = admin.pools()
         if req.pools:
-            unknown = [p for p in req.pools if p not in coordinator.cfg.pools]
+            unknown = [p for p in req.pools if p not in pools]
             if unknown:
-                raise bad_request(f"unknown pool(s) {unknown}; configured: {sorted(coordinator.cfg.pools)}", "pools")
-        if req.pool and req.pool not in coordinator.cfg.pools:
-            raise bad_request(f"unknown pool {req.pool!r}; configured: {sorted(coordinator.cfg.pools)}", "pool")
-        action = coordinator.grow(0 if req.pools else n, req.pool, req.pools)
-        if req.wait:
-            return await _run(action)
-        before = coordinator.next_rank_id
-        task = asyncio.create_task(action)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged and in history
-        await asyncio.sleep(0)  # let it submit
-        return {"kind": "grow", "phase": "SUBMITTED", "rank_ids": list(range(before, coordinator.next_rank_id))}
+                raise bad_request(f"unknown pool(s) {unknown}; configured: {sorted(pools)}", "pools")
+        if req.pool and req.pool not in pools:
+            raise bad_request(f"unknown pool {req.pool!r}; configured: {sorted(pools)}", "pool")
+        return await _run(admin.grow(0 if req.pools else n, req.pool, req.pools, req.wait))
 
     @app.post("/admin/scale/shrink")
     async def shrink(req: ShrinkRequest) -> dict:
         async def act():
-            coordinator.check_idle()  # "busy" before judging the arguments against a membership about to change
-            return await coordinator.shrink(pick_ranks(coordinator, req))
+            admin.check_idle()  # "busy" before judging the arguments against a membership about to change
+            return await admin.shrink(pick_ranks(admin.members(), req))
 
         return await _run(act())
 
@@ -105,13 +136,10 @@ def add_admin_routes(app: FastAPI, coordinator: Coordinator) -> None:
     async def adapt(req: AdaptRequest) -> dict:
         if req.min > req.max:
             raise bad_request(f"min ({req.min}) must not exceed max ({req.max})", "min")
-        cfg = coordinator.cfg.adapt
-        cfg.enabled, cfg.min_ranks, cfg.max_ranks = req.enabled, req.min, req.max
-        for name in ("sustain_s", "idle_s", "queue_high", "lifetime_s"):
-            if getattr(req, name) is not None:
-                setattr(cfg, name, getattr(req, name))
-        return coordinator.cluster_state()["adapt"]
+        tuning = {name: getattr(req, name) for name in ("sustain_s", "idle_s", "queue_high", "lifetime_s")
+                  if getattr(req, name) is not None}
+        return admin.set_adapt(req.enabled, req.min, req.max, **tuning)
 
     @app.post("/admin/rebalance")
     async def rebalance() -> dict:
-        return await _run(coordinator.rebalance_experts())
+        return await _run(admin.rebalance())

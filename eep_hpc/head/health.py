@@ -1,0 +1,62 @@
+"""Heartbeats and failure detection. Every heartbeat the launcher is asked which rank processes still live, and
+every live rank is pinged (its Pong carries its stats); a rank whose process is gone, that said RankFailed, or that
+sent nothing for control.rank_timeout_s is FAILED and its job killed, so it cannot come back half-alive.
+
+A member that fails is recovered from (`on_member_lost`: recovery.py re-forms the survivors and restarts its
+requests there); a rank that was not a member takes its requests down with it, with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from eep_hpc import protocol as P
+from eep_hpc.head.link import RankLink
+from eep_hpc.head.membership import GONE, Membership, RankRecord, RankState
+from eep_hpc.head.streams import Streams
+
+log = logging.getLogger("eep_hpc.coordinator")
+
+
+class Health:
+    def __init__(self, membership: Membership, link: RankLink, streams: Streams, heartbeat_s: float,
+                 rank_timeout_s: float, on_member_lost: Callable[[], bool]):
+        """on_member_lost() starts a recovery and says whether one will run (not while the head stops)."""
+        self.membership, self.link, self.streams = membership, link, streams
+        self.heartbeat_s, self.rank_timeout_s = heartbeat_s, rank_timeout_s
+        self.on_member_lost = on_member_lost
+
+    def fail(self, rec: RankRecord, why: str) -> None:
+        rec.state = RankState.FAILED
+        rec.job.kill()  # a rank declared dead must not come back half-alive
+        if rec.rank_id in self.membership.members and self.on_member_lost():
+            log.error("member rank %d lost: %s", rec.rank_id, why)  # its requests start again on the survivors
+        else:
+            self.streams.fail_on(rec, why)
+        self.membership.changed()
+
+    async def check_alive(self) -> None:
+        """Ask the launcher about every live rank (alive() may ask the scheduler, so off the event loop): a dead
+        process is FAILED."""
+        live = self.membership.live()
+        alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
+        for rec in live:
+            if not alive[rec.rank_id] and rec.state not in GONE:
+                self.fail(rec, "its process exited")
+
+    async def run(self) -> None:
+        """The heartbeat, until cancelled."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            await self.check_alive()
+            now = time.monotonic()
+            for rec in list(self.membership.ranks.values()):
+                if rec.state in (RankState.LAUNCHED, *GONE):
+                    continue
+                if now - rec.last_seen > self.rank_timeout_s:
+                    self.fail(rec, f"no message for {self.rank_timeout_s:.0f} s")
+                else:
+                    self.link.send(rec.rank_id, P.Ping(sent_at=time.time()))
