@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
 import httpx
 import pytest
 
-from conftest import start_head
 from streaming_load import reference_texts, run_load
-from test_elastic import alive, only_held_by
+from support import alive, only_held_by, pid_of, start_head, until, wait_for_event
 
 MAX_TOKENS = 32
 
 
-def pid_of(state: dict, rank_id: int) -> int:
-    return next(r["pid"] for r in state["ranks"] if r["rank_id"] == rank_id)
-
-
-async def wait_for_event(head, kind: str, count: int, timeout_s: float = 120) -> dict:
-    """The `count`-th scale event of `kind` that completed (phase DONE)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = [e for e in head.state()["scale_events"] if e["kind"] == kind and e["phase"] == "DONE"]
-        if len(done) >= count:
-            return done[count - 1]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"no {kind} event within {timeout_s} s: {head.state()['scale_events']}")
+def serving_on(head, rank_id: int):
+    """A fact to wait for: the rank holds requests of the load (so that losing it moves requests)."""
+    return lambda: any(r["rank_id"] == rank_id and r["requests_in_flight"] > 0 for r in head.state()["ranks"])
 
 
 def check_texts(result, reference) -> None:
@@ -52,7 +42,7 @@ def test_kill9_of_a_member_under_load_loses_no_request(tmp_path):
         async def scenario():
             stop = asyncio.Event()
             load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
-            await asyncio.sleep(0.8)
+            await until(serving_on(head, victim), 60, f"rank {victim} serving requests of the load")
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             event = await wait_for_event(head, "recover", 1)
@@ -82,8 +72,9 @@ def test_kill9_of_a_member_under_load_loses_no_request(tmp_path):
 
 @pytest.mark.parametrize("who", ["departing", "sending"])
 def test_kill9_during_a_scaling_event_rolls_back_then_recovers(tmp_path, who):
-    """A departing rank dies while its shrink copies experts, or the peer a joiner reads weights from dies during
-    the grow: the event rolls back, the survivors re-form, and no request fails."""
+    """A departing rank dies while its shrink prepares, or a serving peer (which a joiner may read weights from)
+    dies during the grow: the event rolls back (503, the event ROLLED_BACK naming the dead rank), the survivors
+    re-form without it, and no request fails."""
     head = start_head(tmp_path, ranks=3 if who == "departing" else 2)
     try:
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
@@ -91,36 +82,53 @@ def test_kill9_during_a_scaling_event_rolls_back_then_recovers(tmp_path, who):
         victim = before["members"][-1]
         pid = pid_of(before, victim)
         coordinator = head.head.coordinator
+        kind = "shrink" if who == "departing" else "grow"
+
+        async def kill_once_the_event_opens() -> str:
+            """On the head's event loop, so the kill lands before the coordinator handles any reply to the event's
+            first messages: well before every participant could have prepared, let alone committed."""
+            while coordinator.event is None or coordinator.event.kind != kind:
+                await asyncio.sleep(0.001)
+            os.kill(pid, signal.SIGKILL)
+            return coordinator.event.phase.name
 
         async def scenario():
             stop = asyncio.Event()
             load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=10))
-            await asyncio.sleep(0.5)
+            await until(serving_on(head, victim), 60, f"rank {victim} serving requests of the load")
+            killer = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(kill_once_the_event_opens(), head.loop))
             path, body = (("/admin/scale/shrink", {"rank_ids": [victim]}) if who == "departing"
                           else ("/admin/scale/grow", {"n": 1}))
             async with httpx.AsyncClient(timeout=300) as client:
-                scaling = asyncio.create_task(client.post(f"{head.url}{path}", json=body))
-                while coordinator.event is None:  # kill it once the event is under way
-                    await asyncio.sleep(0.005)
-                os.kill(pid, signal.SIGKILL)
-                response = await scaling
+                response = await client.post(f"{head.url}{path}", json=body)
+            phase_at_kill = await killer
             event = await wait_for_event(head, "recover", 1)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # serving goes on on the survivors
             stop.set()
-            return await load, response, event
+            return await load, response, event, phase_at_kill
 
-        result, response, event = asyncio.run(scenario())
+        result, response, event, phase_at_kill = asyncio.run(scenario())
         after = head.state()
         check_texts(result, reference)
+        assert phase_at_kill == "PREPARING"
+        # the event rolled back, and said why: the API's 503 and the event in /admin/state give the same reason,
+        # the ranks that failed the event's step (the dead one, or a survivor that could not copy from it)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "scale_rolled_back", error
+        why = re.fullmatch(r"scaling failed and was rolled back; still serving: "
+                           r"(rank\(s\) \[[\d, ]+\] failed during \w+ of epoch (\d+))", error["message"])
+        assert why, error
+        scaled = [e for e in after["scale_events"] if e["kind"] == kind]
+        assert [e["phase"] for e in scaled] == ["ROLLED_BACK"], scaled
+        assert scaled[0]["error"] == f"ScaleFailed: {why.group(1)}" and scaled[0]["epoch"] == int(why.group(2)), scaled
+        assert scaled[0]["to_ranks"] == (2 if who == "departing" else 3)
+        # then the recovery: the survivors serve in a new epoch without the dead rank, with the same text
         assert event["phase"] == "DONE" and event["lost"] == [victim], event
-        assert victim not in after["members"]
-        # the event rolled back with a clear error (or, had the loss come after its commit, completed)
-        scaled = [e for e in after["scale_events"] if e["kind"] == ("shrink" if who == "departing" else "grow")][-1]
-        if response.status_code == 200:
-            assert scaled["phase"] == "DONE"
-        else:
-            assert response.status_code == 503 and "rolled back" in response.json()["error"]["message"], response.text
-            assert scaled["phase"] == "ROLLED_BACK"
+        kinds = [e["kind"] for e in after["scale_events"]]
+        assert kinds[0] == kind and set(kinds[1:]) == {"recover"}, after["scale_events"]
+        assert after["members"] == [m for m in before["members"] if m != victim]
+        assert not alive(pid)
         assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
     finally:
         head.stop()
