@@ -1,0 +1,45 @@
+#!/bin/bash
+# The one-GPU lab for multi-rank work: EP=1 and EP=2 on the same GPU (two rank processes share it), nixl_ep, the
+# same load on each; then EP=2 while the group scales 2 -> 1 -> 2. Results: bench JSON (with per-rank step
+# counters and scale events) under DEST.
+#   bash sbatch/ep-lab.sh                         (one GPU; MPS=1 runs the two ranks under an MPS daemon)
+# Env: CONFIG (configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS_LIST ("1 2"), PROMPTS (256), IN_LEN/OUT_LEN (128/128),
+# CONCURRENCY (64), KV_BLOCKS (4096 per rank: fixed, since two ranks on one GPU cannot size by free memory),
+# GRAPH_MAX (64: largest decode graph), STAGES ("steady scaling"), PLAN (1,2), DEST (results/<gpu>-lab).
+#SBATCH --job-name=eep-ep-lab
+#SBATCH --nodes=1
+#SBATCH --gpus=1
+#SBATCH --time=30
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+PY=${EEP_PYTHON:-python3}
+CONFIG=${CONFIG:-configs/qwen3-30b-a3b-dummy-ep2.toml}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9.\n-' '-')
+DEST=${DEST:-results/$GPU-lab}
+PROMPTS=${PROMPTS:-256}
+STAGES=${STAGES:-steady scaling}
+mkdir -p "$DEST"
+if [[ ${MPS:-0} == 1 ]]; then
+  export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+  nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+source sbatch/head-lib.sh  # run from the repository root
+bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN_LEN:-128}" \
+  --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
+for RANKS in ${RANKS_LIST:-1 2}; do
+  RUN_DIR=$(mktemp -d)
+  T0=$(date +%s)
+  start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend=nixl_ep \
+    --set engine.num_kv_blocks="${KV_BLOCKS:-4096}" --set engine.cuda_graph_max_batch="${GRAPH_MAX:-64}" \
+    --set adapt.max_ranks=2
+  echo "ep$RANKS: serving after $(( $(date +%s) - T0 )) s"
+  [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/ep$RANKS-nixl_ep-steady.json"
+  [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]] && bench --num-prompts $((PROMPTS * 2)) \
+    --scale-plan "${PLAN:-1,2}" --scale-interval 8 --result-file "$DEST/ep$RANKS-nixl_ep-scaling.json"
+  $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep -v "^layer" || true
+  kill -INT $HEAD; wait $HEAD || true
+  grep -E "ERROR|Traceback" "$RUN_DIR/head.log" | head -20 || true
+  { cat "$RUN_DIR/head.log"; find "$RUN_DIR" -name "*.err" -exec tail -n 30 {} +; } > "$DEST/ep$RANKS-logs.txt" 2>&1 || true
+done
+echo "results in $DEST"
