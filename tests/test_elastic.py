@@ -6,43 +6,14 @@ import asyncio
 import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-from conftest import start_head
 from streaming_load import reference_texts, run_load
+from support import alive, only_held_by, rank_pids, rss_kib, start_head, until, wait_gone
 
 MAX_TOKENS = 32
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def rss_kib(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
-
-
-def rank_pids(head) -> dict[int, int]:
-    return {r["rank_id"]: r["pid"] for r in head.state()["ranks"] if r["pid"]}
-
-
-def only_held_by(placement: dict, members: list[int], leaving: list[int]) -> set[tuple[int, int]]:
-    """(layer, expert) pairs whose every replica sits on a leaving rank."""
-    offs = placement["slot_offsets"]
-    out = set()
-    for layer, row in enumerate(placement["physical_to_logical"]):
-        holders: dict[int, set[int]] = {}
-        for i, rid in enumerate(members):
-            for e in row[offs[i] : offs[i + 1]]:
-                holders.setdefault(e, set()).add(rid)
-        out |= {(layer, e) for e, h in holders.items() if h <= set(leaving)}
-    return out
+EXIT_WITHIN_S = 8.0  # a rank that left exits on the head's Shutdown at once
 
 
 async def post(url: str, path: str, body: dict) -> httpx.Response:
@@ -88,6 +59,7 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
             for action, body in plan:
                 await asyncio.sleep(0.4)
                 before = head.state()
+                pid_of = {r["rank_id"]: r["pid"] for r in before["ranks"]}
                 r = await post(head.url, f"/admin/scale/{action}", body)
                 assert r.status_code == 200, r.text
                 events.append(r.json())
@@ -95,6 +67,8 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
                 seen_pids.update(rank_pids(head).values())
                 if action == "shrink":
                     leaving = [m for m in before["members"] if m not in after["members"]]
+                    # gone before the next grow (which would kill a rank that lingers): a rank that left exits
+                    await wait_gone([pid_of[m] for m in leaving], EXIT_WITHIN_S, f"ranks {leaving} after their shrink")
                     sole = only_held_by(before["placement"], before["members"], leaving)
                     sole_experts_moved += len(sole)
                     for layer, e in sole:  # the expert now lives on a survivor
@@ -229,12 +203,12 @@ def test_sigterm_to_a_rank_drains_it_with_zero_failed_requests(tmp_path):
         async def scenario():
             stop = asyncio.Event()
             load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
-            await asyncio.sleep(0.5)
+            await until(lambda: any(r["rank_id"] == victim and r["requests_in_flight"] for r in head.state()["ranks"]),
+                        60, f"rank {victim} serving requests of the load")  # so that its drain moves requests
             os.kill(pid, 15)  # what scancel or a preemption delivers
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and victim in head.state()["members"]:
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(0.5)
+            await until(lambda: victim not in head.state()["members"], 120, f"rank {victim} drained after SIGTERM",
+                        interval_s=0.2)
+            await asyncio.sleep(0.5)  # the load goes on on the survivors
             stop.set()
             return await load
 
@@ -245,10 +219,8 @@ def test_sigterm_to_a_rank_drains_it_with_zero_failed_requests(tmp_path):
         assert result.failures == []
         for k, texts in result.texts.items():
             assert all(t == reference[k] for t in texts)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and alive(pid):
-            time.sleep(0.2)
-        assert not alive(pid)
+        assert after["scale_events"][-1]["requests_migrated"] > 0
+        asyncio.run(wait_gone([pid], EXIT_WITHIN_S, f"rank {victim} after its drain"))
     finally:
         head.stop()
 
