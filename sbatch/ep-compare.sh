@@ -8,7 +8,7 @@
 # Env: CONFIG (default configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS (default 2), BACKENDS (default "torch nixl_ep"),
 # PLAN (default 1,2,1,2), PROMPTS (default 192; the scaling run sends twice as many), IN_LEN/OUT_LEN (128/128),
 # CONCURRENCY (64), TOKENS (max_num_batched_tokens, default 512: nixl_ep sizes its buffers by it), STAGES
-# (default "steady scaling"), DEST (default bench/<gpu name>-x<RANKS>).
+# (default "steady scaling"), DEST (default results/<gpu name>-x<RANKS>).
 #SBATCH --job-name=eep-ep
 #SBATCH --nodes=1
 #SBATCH --time=60
@@ -18,7 +18,7 @@ PY=${EEP_PYTHON:-python3}
 CONFIG=${CONFIG:-configs/qwen3-30b-a3b-dummy-ep2.toml}
 RANKS=${RANKS:-2}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9.\n-' '-')
-DEST=${DEST:-bench/$GPU-x$RANKS}
+DEST=${DEST:-results/$GPU-x$RANKS}
 PROMPTS=${PROMPTS:-192}
 STAGES=${STAGES:-steady scaling}
 TAG=ep$RANKS

@@ -4,7 +4,7 @@
 #   sbatch --gpus=1 sbatch/perf.sh        (or `bash sbatch/perf.sh` on a GPU machine)
 # Env: CONFIG (default configs/qwen3-30b-a3b-dummy.toml), SERVE_ARGS (more `eep-hpc serve` options, e.g.
 # "--set engine.max_num_seqs=512"), TAG (result file prefix, default the config's name), DEST (default
-# bench/<gpu name>), STAGES (default "seed batch1 subset profile peer roofline"), PEER_BATCHES (default "1 64").
+# results/<gpu name>), STAGES (default "seed batch1 subset profile peer roofline"), PEER_BATCHES (default "1 64").
 #SBATCH --job-name=eep-perf
 #SBATCH --nodes=1
 #SBATCH --time=60
@@ -13,7 +13,7 @@ set -euo pipefail
 PY=${EEP_PYTHON:-python3}
 CONFIG=${CONFIG:-configs/qwen3-30b-a3b-dummy.toml}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9.\n-' '-')
-DEST=${DEST:-bench/$GPU}
+DEST=${DEST:-results/$GPU}
 STAGES=${STAGES:-"seed batch1 subset profile peer roofline"}
 MODEL_DIR=$($PY -c "from eep_hpc.config import load_config; print(load_config('$CONFIG').model.path)")
 TAG=${TAG:-$(basename "$CONFIG" .toml)}

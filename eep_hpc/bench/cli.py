@@ -13,6 +13,7 @@ import shlex
 import sys
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 
 import httpx
 
@@ -21,7 +22,7 @@ from eep_hpc.bench.dataset import BenchRequest, random_requests
 from eep_hpc.bench.driver import run_load
 from eep_hpc.bench.metrics import summarize
 from eep_hpc.bench.progress import Progress
-from eep_hpc.bench.report import MAX_ERRORS, device_name, table, write_result
+from eep_hpc.bench.report import MAX_ERRORS, default_path, device_name, table, write_result
 from eep_hpc.bench.scale_plan import ScalePlan, event_line, parse_plan
 
 ADMIN_TIMEOUT_S = 900.0  # one scale event (a grow starts processes and moves experts)
@@ -67,7 +68,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "past --num-prompts until the plan is done")
     s.add_argument("--scale-interval", type=float, default=5.0, help="seconds before each step (default %(default)s)")
     r = b.add_argument_group("result")
-    r.add_argument("--result-file", help="JSON result path (default bench/<timestamp>-<model>.json)")
+    r.add_argument("--result-file", help="JSON result path (default: <run dir>/bench/<timestamp>-<model>.json, with "
+                                          "the run dir as for --run-dir, also when --url is given)")
     r.add_argument("--dtype-label", help="dtype to record (default: GET /admin/state's, else 'unknown')")
     b.set_defaults(func=run_bench)
     return b
@@ -93,6 +95,14 @@ def target(args: argparse.Namespace) -> tuple[str, str]:
     info = read(args.run_dir)
     args.api_key = args.api_key or read_token(info.api_key_file)
     return info.api_url.rstrip("/"), args.admin_token or read_token(info.admin_token_file)
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    """Where the result goes without --result-file: the run dir of --run-dir, else the one `eep-hpc status` would
+    use ($EEP_RUN_DIR, else the newest runs/*/ with a head.json, else runs/local), also when --url names the head."""
+    from eep_hpc.cluster.discovery import find_run_dir
+
+    return Path(args.run_dir) if args.run_dir else find_run_dir()
 
 
 def bearer(token: str) -> dict:
@@ -204,7 +214,7 @@ async def bench(args: argparse.Namespace) -> int:
         "scale_events": scale.events if plan else [],
         "scale_plan_error": plan_error,
     }
-    path = write_result(result, args.result_file)
+    path = write_result(result, args.result_file or default_path(run_dir(args), model))
     print(table(result))
     print(f"result written to {path}")
     return 0 if metrics["failed"] == 0 and not plan_error else 1

@@ -5,7 +5,7 @@ exactly `--output-len` new tokens, random token-id prompts of `--input-len`). Pe
 and the mean decode step (time after the first token / (output_len - 1)), in the keys eep-hpc's results use.
 
     python -m eep_hpc.bench.hf_peer configs/models/qwen3-30b-a3b --batch 1 64 --input-len 128 --output-len 128 \
-        --out bench/hf-peer.json
+        --out results/hf-peer.json
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--experts-implementation", default="grouped_mm",
                    help="transformers' experts backend ('eager' loops over experts; '' = the library default)")
-    p.add_argument("--out", default="bench/hf-peer.json")
+    p.add_argument("--out", default="results/hf-peer.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.monotonic()

@@ -34,13 +34,15 @@ def device_name() -> str:
     return "unknown"
 
 
-def default_path(model: str, now: float | None = None) -> Path:
+def default_path(run_dir: str | Path, model: str, now: float | None = None) -> Path:
+    """<run dir>/bench/<timestamp>-<model>.json: a result stays with the run it measured, out of the repository
+    (results kept there are copied to results/ on purpose, or written there with --result-file)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return Path("bench") / f"{stamp}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model).strip('_') or 'model'}.json"
+    return Path(run_dir) / "bench" / f"{stamp}-{re.sub(r'[^A-Za-z0-9._-]+', '_', model).strip('_') or 'model'}.json"
 
 
-def write_result(result: dict, path: str | Path | None) -> Path:
-    out = Path(path) if path else default_path(result.get("model", "model"))
+def write_result(result: dict, path: str | Path) -> Path:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
