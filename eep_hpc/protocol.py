@@ -28,7 +28,7 @@ PROTOCOL_VERSION = 1
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True, array_like=True):
     pass
 
 
@@ -64,7 +64,7 @@ class RankLaunch(msgspec.Struct, kw_only=True):
 # ---- head -> rank -------------------------------------------------------------------------------------------
 
 
-class AddRequest(_Msg):
+class AddRequest(_Msg, gc=False):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
@@ -182,7 +182,7 @@ class Logprobs(msgspec.Struct, kw_only=True, array_like=True, gc=False):
         return len(self.token_logprobs)
 
 
-class RequestOutput(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
+class RequestOutput(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True, gc=False):
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
@@ -208,7 +208,7 @@ class RankStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     expert_load: list[list[int]] = []
 
 
-class StepOutputs(_Msg):
+class StepOutputs(_Msg, gc=False):
     rank_id: int
     outputs: list[RequestOutput]
     stats: RankStats
