@@ -31,7 +31,7 @@ from eep_hpc.head.expert_load import ExpertLoad
 from eep_hpc.head.health import Health
 from eep_hpc.head.jobs import RankJobs
 from eep_hpc.head.link import RankLink
-from eep_hpc.head.membership import Membership, RankState, slots_per_rank
+from eep_hpc.head.membership import Membership, RankState
 from eep_hpc.head.metrics import ClusterCollector
 from eep_hpc.head.notices import NodeNotices
 from eep_hpc.head.recovery import Recovery
@@ -90,8 +90,8 @@ class Coordinator:
         ids = self.jobs.launch(num_ranks)
         await m.wait_for(lambda: all(m.ranks[i].state == RankState.CONNECTED for i in ids), timeout_s,
                          f"{num_ranks} rank(s) to start")
-        slots = slots_per_rank(self.num_experts, self.cfg.parallel.redundant_experts, [m.ranks[i].capacity for i in ids])
-        self.exchange.form_first(ids, initial_placement(self.num_moe_layers, self.num_experts, slots))
+        placement = initial_placement(self.num_moe_layers, self.num_experts, self.scaling.slots_for(ids))
+        self.exchange.form_first(ids, placement)
         await m.wait_for(lambda: all(m.ranks[i].state == RankState.READY for i in ids), timeout_s,
                          "the ranks to load the model")
         log.info("serving on %d rank(s), epoch %d", len(ids), m.epoch)
@@ -117,7 +117,8 @@ class Coordinator:
     def ready(self) -> bool:
         return not self._stopping and bool(self.membership.ready())
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
+    def generate(self, request_id: str, prompt_token_ids: list[int],
+                 sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
         return self.streams.generate(request_id, prompt_token_ids, sampling)
 
     async def abort(self, request_id: str) -> None:

@@ -59,7 +59,8 @@ class Streams:
 
         return min(ready, key=load)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
         m = self.membership
         if m.recovering:  # members were lost: the survivors are re-forming, then take it
             await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
