@@ -109,7 +109,7 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A rank told to terminate (SIGTERM) asks to be drained within this many seconds (Slurm's KillWait/GraceTime).
     leave_notice_s: float = 30.0
     run_dir: str = "runs/local"
-    # The run's control secret (protocol.py signs every head/rank/agent message with it): the head writes it to
+    # The run's control secret (signing.py signs every head/rank/agent message with it): the head writes it to
     # this file (default <run_dir>/control-secret, mode 600) before it starts ranks, which read it from there.
     secret_file: str = ""
 

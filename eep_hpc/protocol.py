@@ -1,8 +1,9 @@
 """Every message between the head, node agents and ranks, declared once and used by both ends.
 
 Wire format: one ZMQ frame per message, msgpack (msgspec, tagged by class name) behind an HMAC-SHA256 signature
-with the run's secret and a per-sender counter (see "signed frames" at the end); no pickle on the wire.
-The head binds a ROUTER socket; each rank connects a DEALER whose identity is `rank_identity(rank_id)`.
+with the run's secret and a per-sender counter (signing.py: encode, decode_for_rank, decode_for_head); no pickle on
+the wire. The head binds a ROUTER socket; each rank connects a DEALER whose identity is
+`signing.rank_identity(rank_id)`.
 
 Ids: `rank_id` is a stable integer the head assigns when it launches a rank; an *epoch* orders the member ranks
 (`Epoch.rank_ids`), and a rank's index in that list is its rank within that epoch's groups.
@@ -10,13 +11,6 @@ Ids: `rank_id` is a stable integer the head assigns when it launches a rank; an 
 
 from __future__ import annotations
 
-import hmac
-import itertools
-import os
-import secrets
-import threading
-import time
-from pathlib import Path
 from typing import Literal, Union
 
 import msgspec
@@ -294,178 +288,3 @@ RankToHead = Union[
     RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
     NodeLeaving, GroupLost, RankFailed,
 ]
-
-_encoder = msgspec.msgpack.Encoder()
-_to_rank = msgspec.msgpack.Decoder(HeadToRank)
-_to_head = msgspec.msgpack.Decoder(RankToHead)
-
-
-# ---- signed frames ------------------------------------------------------------------------------------------
-#
-# Anyone on the cluster can connect to the head's ROUTER socket, so every frame is signed with the run's secret
-# (32 random bytes the head writes to <run_dir>/control-secret, mode 600; ranks and node agents read that file,
-# never argv or the environment). A frame is
-#
-#     tag (32 bytes) | sender (8 bytes) | counter (8 bytes, big-endian) | msgpack payload
-#
-# with tag = HMAC-SHA256(secret, sender | counter | payload). `sender` is random per process and `counter` counts
-# the frames it encoded, so a receiver takes each (sender, counter) once: a frame recorded on the wire and sent
-# again is dropped. Counters may arrive out of order by up to REPLAY_WINDOW frames (one process may encode on
-# several threads); older ones are dropped too. No clocks are compared, so node clocks need not agree.
-# Routing identities are derived from the secret as well (`identity_suffix`), so a process without it cannot take
-# a rank's identity on the ROUTER socket before the rank connects.
-
-SECRET_BYTES = 32
-SECRET_FILE = "control-secret"
-REPLAY_WINDOW = 1024
-_TAG, _HEADER = 32, 48  # tag bytes; tag + sender + counter
-
-
-class BadMessage(ValueError):
-    """A frame the receiver drops (and logs): not signed with this run's secret, replayed, or malformed."""
-
-
-class BadSignature(BadMessage):
-    pass
-
-
-class ReplayedMessage(BadMessage):
-    pass
-
-
-_secret: bytes | None = None
-_sender = os.urandom(8)
-_counter = itertools.count(1)
-_seen: dict[bytes, tuple[int, int]] = {}  # sender -> (highest counter, bitmap of the REPLAY_WINDOW below it)
-_lock = threading.Lock()
-
-
-def _new_sender() -> None:  # a forked child is another sender (its counter would repeat the parent's)
-    global _sender, _counter
-    _sender, _counter = os.urandom(8), itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_new_sender)
-
-
-def use_secret(secret: bytes) -> None:
-    """Install the run's secret in this process: every frame it encodes is signed with it, every frame it decodes
-    must be. Ranks and node agents call it once at start, with `read_secret(config.control.secret_file)`."""
-    global _secret
-    if len(secret) < 16:
-        raise ValueError(f"a control secret needs at least 16 bytes, got {len(secret)}")
-    _secret = bytes(secret)
-
-
-def ensure_secret() -> bytes:
-    """The secret installed in this process, or a new random one installed now (the head's). Heads that share a
-    process (tests) share it, so their ranks all verify what this process signs."""
-    if _secret is None:
-        use_secret(secrets.token_bytes(SECRET_BYTES))
-    return _secret
-
-
-def _mac(data: bytes) -> bytes:
-    if _secret is None:
-        raise RuntimeError("no control secret installed in this process (protocol.use_secret): the head and its "
-                           "ranks sign every message with the run's secret")
-    return hmac.digest(_secret, data, "sha256")
-
-
-def write_secret(path: str | Path, secret: bytes) -> Path:
-    """Write a secret (hex) to a file only this user can read (mode 600, also when the file existed)."""
-    from eep_hpc.cluster.discovery import write_private
-
-    return write_private(path, secret.hex() + "\n")
-
-
-def read_secret(path: str | Path) -> bytes:
-    """The run's secret from its file; refused when others may read the file (like ssh with a private key)."""
-    if not path:
-        raise RuntimeError("no control secret file given (config.control.secret_file is set by the head)")
-    path = Path(path)
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise PermissionError(f"{path} has mode {mode & 0o777:o}: the control secret must be readable by its owner "
-                              f"only (chmod 600)")
-    return bytes.fromhex(path.read_text().strip())
-
-
-def identity_suffix() -> str:
-    """A routing-identity suffix that only holders of the secret can compute."""
-    return _mac(b"eep-hpc routing identity")[:8].hex()
-
-
-def epoch_store_prefix(epoch: int) -> str:
-    """TCPStore prefix of an epoch's groups. The store has no access control; with the secret in the prefix nobody
-    can plant keys for a future epoch before its ranks write the first one (plain f"{epoch}/" in a process with no
-    secret, e.g. a unit test of groups)."""
-    if _secret is None:
-        return f"{epoch}/"
-    return f"{epoch}-{_mac(b'eep-hpc store epoch %d' % epoch)[:8].hex()}/"
-
-
-def seal(name: str, data: bytes) -> bytes:
-    """Sign a value another process of the run reads back by `name` (e.g. from the TCPStore): tag | data."""
-    return _mac(name.encode() + b"\0" + data) + data
-
-
-def unseal(name: str, sealed: bytes) -> bytes:
-    tag, data = sealed[:_TAG], sealed[_TAG:]
-    if not hmac.compare_digest(tag, _mac(name.encode() + b"\0" + data)):
-        raise BadSignature(f"{name!r} is not signed with this run's secret")
-    return data
-
-
-def encode(msg: _Msg) -> bytes:
-    body = _sender + next(_counter).to_bytes(8, "big") + _encoder.encode(msg)
-    return _mac(body) + body
-
-
-def _verified_payload(data: bytes) -> bytes:
-    if len(data) <= _HEADER:
-        raise BadSignature(f"a frame of {len(data)} bytes cannot be signed")
-    tag, body = data[:_TAG], data[_TAG:]
-    if not hmac.compare_digest(tag, _mac(body)):
-        raise BadSignature("signature does not verify (not sent by a process holding this run's secret)")
-    sender, counter = body[:8], int.from_bytes(body[8:16], "big")
-    with _lock:
-        top, seen = _seen.get(sender, (0, 0))
-        if counter > top:
-            seen = ((seen << (counter - top)) | 1) & ((1 << REPLAY_WINDOW) - 1)
-            top = counter
-        elif top - counter >= REPLAY_WINDOW or seen >> (top - counter) & 1:
-            raise ReplayedMessage(f"frame {counter} of sender {sender.hex()} was seen already (or is too old)")
-        else:
-            seen |= 1 << (top - counter)
-        _seen[sender] = (top, seen)
-    return body[16:]
-
-
-def decode_for_rank(data: bytes) -> HeadToRank:
-    """Raises BadMessage for a frame to drop."""
-    return _to_rank.decode(_verified_payload(data))
-
-
-def decode_for_head(data: bytes) -> RankToHead:
-    """Raises BadMessage for a frame to drop."""
-    return _to_head.decode(_verified_payload(data))
-
-
-_drops = [0, -1e9]  # frames dropped since the last warning, when that warning was logged
-
-
-def log_dropped(logger, origin, error: Exception, every_s: float = 10.0) -> None:
-    """Log a dropped frame: the first at once, then at most one warning per `every_s` with the count, so that a
-    process flooding the socket cannot flood the log."""
-    with _lock:
-        _drops[0] += 1
-        now = time.monotonic()
-        if now - _drops[1] < every_s:
-            return
-        count, _drops[0], _drops[1] = _drops[0], 0, now
-    logger.warning("dropped %d control message(s) that failed verification; latest from %s: %s", count, origin, error)
-
-
-def rank_identity(rank_id: int) -> bytes:
-    return f"rank-{rank_id}-{identity_suffix()}".encode()

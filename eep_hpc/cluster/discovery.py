@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 
+from eep_hpc.signing import write_private
+
 FILE_NAME = "head.json"
 
 
@@ -22,17 +24,6 @@ class HeadInfo(msgspec.Struct, kw_only=True):
     model: str
     admin_token_file: str = ""
     api_key_file: str = ""  # set when the head made its own key (a Slurm job without serve.api_key)
-
-
-def write_private(path: str | Path, data: str | bytes) -> Path:
-    """Write a file only its owner can read (mode 600, also when it existed with another mode)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return path.resolve()
 
 
 def read_token(path: str) -> str:

@@ -31,6 +31,7 @@ import msgspec
 import zmq
 
 from eep_hpc import protocol as P
+from eep_hpc import signing
 from eep_hpc.protocol import RankLaunch
 
 log = logging.getLogger("eep_hpc.node_agent")
@@ -66,7 +67,7 @@ def run_node_agent(plans: list[NodePlan]) -> AgentResult:
     if index >= len(plans):
         raise RuntimeError(f"node index {index} but the job carries plans for {len(plans)} node(s)")
     # the run's secret signs its notices; the head's file, never a pickled copy (submitit's job files hold the path)
-    P.use_secret(P.read_secret(plans[index].launches[0].config.control.secret_file))
+    signing.use_secret(signing.read_secret(plans[index].launches[0].config.control.secret_file))
     return NodeAgent(plans[index]).run()
 
 
@@ -168,13 +169,13 @@ class NodeAgent:
             self._sock = zmq.Context.instance().socket(zmq.DEALER)
             self._sock.setsockopt(zmq.IDENTITY, agent_identity(self.job_id, self.index))
             self._sock.connect(address)
-        self._sock.send(P.encode(msg), copy=False)
+        self._sock.send(signing.encode(msg), copy=False)
         self.notified += 1
 
 
 def agent_identity(job_id: str, node_index: int) -> bytes:
     """Unguessable without the run's secret, so nobody can take it on the head's socket before the agent."""
-    return f"agent-{job_id}-{node_index}-{P.identity_suffix()}".encode()
+    return f"agent-{job_id}-{node_index}-{signing.identity_suffix()}".encode()
 
 
 def slurm_kill_wait_s(default: float = 30.0) -> float:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from eep_hpc import protocol as P
-from eep_hpc.cluster import discovery
+from eep_hpc import signing
 from eep_hpc.config import Config, ServeConfig
 
 log = logging.getLogger("eep_hpc.head")
@@ -53,12 +52,13 @@ def make_credentials(cfg: Config) -> Credentials:
     api_key, api_key_file = cfg.serve.api_key, None
     if not api_key and in_slurm:
         api_key = "sk-eep-" + secrets.token_urlsafe(32)
-        api_key_file = discovery.write_private(run_dir / "api-key", api_key)
+        api_key_file = signing.write_private(run_dir / "api-key", api_key)
     admin_token, admin_token_file = cfg.serve.admin_token, None
     if not admin_token and in_slurm:
         admin_token = secrets.token_urlsafe(32)
-        admin_token_file = discovery.write_private(run_dir / "admin-token", admin_token)
-    secret_file = P.write_secret(cfg.control.secret_file or run_dir / P.SECRET_FILE, P.ensure_secret())
+        admin_token_file = signing.write_private(run_dir / "admin-token", admin_token)
+    secret_file = signing.write_secret(cfg.control.secret_file or run_dir / signing.SECRET_FILE,
+                                       signing.ensure_secret())
     return Credentials(api_key, admin_token, secret_file, api_key_file, admin_token_file)
 
 

@@ -1,8 +1,8 @@
 """The head's link to its ranks and node agents: the ROUTER socket they connect to (one DEALER each), and the
 TCPStore master where each epoch's groups meet (`Epoch.store_host/port`).
 
-Every frame is signed with the run's secret; a frame that does not verify, was seen before, or has an unexpected
-shape is dropped and counted, and never ends the receive loop (anyone on the cluster can connect).
+Every frame is signed with the run's secret (signing.py); a frame that does not verify, was seen before, or has
+an unexpected shape is dropped and counted, and never ends the receive loop (anyone on the cluster can connect).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from eep_hpc import protocol as P
+from eep_hpc import signing
 from eep_hpc.parallel.eplb import Placement
 
 log = logging.getLogger("eep_hpc.coordinator")
@@ -54,7 +55,7 @@ class RankLink:
         """Never waits. Sends go through the asyncio socket itself: ZMQ's readiness signal is edge-triggered, and
         an operation behind the event loop's back (e.g. on a shadow socket) can swallow the edge the pending
         receive is waiting for."""
-        fut = self._sock.send_multipart([P.rank_identity(rank_id), P.encode(msg)], flags=zmq.NOBLOCK)
+        fut = self._sock.send_multipart([signing.rank_identity(rank_id), signing.encode(msg)], flags=zmq.NOBLOCK)
         name = type(msg).__name__
 
         def check(f):
@@ -69,10 +70,10 @@ class RankLink:
             sender, *frames = await self._sock.recv_multipart()
             try:
                 if len(frames) != 1:  # anyone can connect: no frame layout may end this loop
-                    raise P.BadMessage(f"{len(frames)} frames, not 1")
-                handle(P.decode_for_head(frames[0]))
-            except P.BadMessage as e:
+                    raise signing.BadMessage(f"{len(frames)} frames, not 1")
+                handle(signing.decode_for_head(frames[0]))
+            except signing.BadMessage as e:
                 self.dropped += 1
-                P.log_dropped(log, sender[:64], e)
+                signing.log_dropped(log, sender[:64], e)
             except Exception:
                 log.exception("bad message from a rank")
