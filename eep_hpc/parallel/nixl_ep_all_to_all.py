@@ -334,6 +334,16 @@ class NixlEpAllToAll:
         """nixl_ep's low-latency kernels are capturable, and nothing here syncs with the host."""
         return True
 
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        return None if self.local is not None else torch.float32  # low_latency_combine reads fp32 weights
+
+    def to_destinations(self, slots: torch.Tensor) -> torch.Tensor:
+        """Physical slots -> nixl expert ids (in nixl_ep's index dtype); -1 stays -1 (not sent)."""
+        if self.local is not None:
+            return slots
+        return torch.where(slots >= 0, self.expert_of_slot[slots.clamp_min(0)], -1).to(self.topk_dtype)
+
     def dispatch(self, x, slots, slot_owner, local_start, capacity):
         if self.local is not None:
             return self.local.dispatch(x, slots, slot_owner, local_start, capacity)
@@ -343,7 +353,7 @@ class NixlEpAllToAll:
                              "(parallel.moe_chunk_tokens; the step plan cuts bigger steps into chunks)")
         if x.dtype != torch.bfloat16:
             raise TypeError(f"nixl_ep dispatches bfloat16 activations, got {x.dtype}")
-        topk = torch.where(slots >= 0, self.expert_of_slot[slots.clamp_min(0)], -1).to(self.topk_dtype)
+        topk = slots if slots.dtype == self.topk_dtype else slots.to(self.topk_dtype)  # already nixl expert ids
         if T == 0:  # every member takes part in every dispatch: send one row that selects no expert
             x, topk = x.new_zeros(1, x.shape[1]), topk.new_full((1, k), -1)
         recv_x, recv_count, nixl_handle, _, _ = self.buffer.low_latency_dispatch(
@@ -360,8 +370,8 @@ class NixlEpAllToAll:
     def combine(self, y, weights, handle):
         if self.local is not None:
             return self.local.combine(y, weights, handle)
-        w = weights.float() if handle.num_tokens else weights.new_zeros(1, weights.shape[1], dtype=torch.float32)
-        out, _, _ = self.buffer.low_latency_combine(y, handle.topk, w.contiguous(), handle.nixl)
+        w = weights if handle.num_tokens else weights.new_zeros(1, weights.shape[1])
+        out, _, _ = self.buffer.low_latency_combine(y, handle.topk, w.float().contiguous(), handle.nixl)
         return out[: handle.num_tokens]
 
     # ---- failure handling ----------------------------------------------------------------------------------
