@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from eep_hpc import protocol as P
+from eep_hpc import signing
 
 
 def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
@@ -49,7 +49,7 @@ class EpochGroup:
         if size == 1:
             return
         timeout = datetime.timedelta(seconds=timeout_s)
-        prefix = P.epoch_store_prefix(epoch) + purpose
+        prefix = signing.epoch_store_prefix(epoch) + purpose
         self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}cpu/", store), rank, size, timeout)
         if device.type == "cuda":
             opts = dist.ProcessGroupNCCL.Options()

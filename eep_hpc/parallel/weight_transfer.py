@@ -21,7 +21,7 @@ import uuid
 import msgspec
 import torch
 
-from eep_hpc import protocol as P
+from eep_hpc import signing
 
 log = logging.getLogger("eep_hpc.weights")
 
@@ -106,7 +106,7 @@ class RankAgent:
         msg = PublishedDense(self.agent.get_agent_metadata(),
                              self.agent.get_serialized_descs(self.agent.get_xfer_descs(local)),
                              list(tensors), [list(t.shape) for t in local], str(local[0].dtype))
-        self.store.set(dense_key(self.rank_id), P.seal(dense_key(self.rank_id), msgspec.msgpack.encode(msg)))
+        self.store.set(dense_key(self.rank_id), signing.seal(dense_key(self.rank_id), msgspec.msgpack.encode(msg)))
 
     def publish_experts(self, epoch: int, w13: list[torch.Tensor], w2: list[torch.Tensor], reg=None) -> None:
         """Publish this epoch's expert tensors (per MoE layer [S, 2I, D] and [S, D, I]) slot by slot. `reg` is
@@ -122,7 +122,7 @@ class RankAgent:
                   for s in range(a.shape[0])] for a, b in zip(w13, w2)]
         msg = PublishedExperts(self.agent.get_agent_metadata(), _mem_type(w13[0]), slots)
         key = experts_key(epoch, self.rank_id)
-        self.store.set(key, P.seal(key, msgspec.msgpack.encode(msg)))
+        self.store.set(key, signing.seal(key, msgspec.msgpack.encode(msg)))
 
     def retire_experts(self, keep_epoch: int) -> None:
         """Deregister expert tensors of epochs before `keep_epoch` (after a commit nobody reads them)."""
@@ -141,7 +141,7 @@ class RankAgent:
                 if not self.store.check([dense_key(peer)]):
                     errors.append(f"rank {peer} published no weights")
                     continue
-                pub = msgspec.msgpack.decode(P.unseal(dense_key(peer), self.store.get(dense_key(peer))),
+                pub = msgspec.msgpack.decode(signing.unseal(dense_key(peer), self.store.get(dense_key(peer))),
                                              type=PublishedDense)
                 if (pub.names, pub.shapes, pub.dtype) != (list(tensors), [list(t.shape) for t in local], str(local[0].dtype)):
                     errors.append(f"rank {peer} holds differently shaped weights")
@@ -168,7 +168,7 @@ class RankAgent:
             key = experts_key(epoch, src)
             if not self.store.check([key]):
                 raise RuntimeError(f"rank {src} published no experts for epoch {epoch}")
-            pub = msgspec.msgpack.decode(P.unseal(key, self.store.get(key)), type=PublishedExperts)
+            pub = msgspec.msgpack.decode(signing.unseal(key, self.store.get(key)), type=PublishedExperts)
             remote, local = [], []
             for _, layer, slot, w13, w2 in rows:
                 a13, n13, a2, n2, dev = pub.slots[layer][slot]

@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from eep_hpc import protocol as P
+from eep_hpc import signing
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import GroupLost
 from eep_hpc.rank.epochs import RankEpochs
@@ -34,7 +35,7 @@ class RankProcess:
         self.id = launch.rank_id
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, P.rank_identity(self.id))
+        self.sock.setsockopt(zmq.IDENTITY, signing.rank_identity(self.id))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(launch.head_address)
         self.epochs = RankEpochs(launch, self.send)
@@ -49,7 +50,7 @@ class RankProcess:
         return self.epochs.engine
 
     def send(self, msg) -> None:
-        self.sock.send(P.encode(msg), copy=False)
+        self.sock.send(signing.encode(msg), copy=False)
 
     def run(self) -> int:
         ctl = self.launch.config.control
@@ -92,9 +93,9 @@ class RankProcess:
             except zmq.Again:
                 return
             try:
-                msg = P.decode_for_rank(data)
-            except P.BadMessage as e:  # not from this run's head: dropped, and not counted as hearing from it
-                P.log_dropped(log, self.launch.head_address, e)
+                msg = signing.decode_for_rank(data)
+            except signing.BadMessage as e:  # not from this run's head: dropped, and not counted as hearing from it
+                signing.log_dropped(log, self.launch.head_address, e)
                 continue
             self.last_heard = time.monotonic()
             self.handle(msg)
@@ -189,7 +190,7 @@ def run_rank(launch: P.RankLaunch) -> int:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         torch.cuda.set_device(torch.device(launch.device))
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))
-    P.use_secret(P.read_secret(launch.config.control.secret_file))  # before the socket: its identity derives from it
+    signing.use_secret(signing.read_secret(launch.config.control.secret_file))  # before the socket: its identity derives from it
     rank = RankProcess(launch)
 
     def on_term(signum, frame):  # scancel / preemption / a user's kill: leave in order, not abruptly
