@@ -17,7 +17,7 @@ import msgspec
 
 from eep_hpc.config import Config
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: messages are msgspec arrays (array_like), RankStats counts host collectives
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 

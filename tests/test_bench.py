@@ -106,7 +106,7 @@ def test_bench_request_rate_mode_and_default_result_path(api, tmp_path, monkeypa
     args = parse("--url", api.url, "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4",
                  "--random-range-ratio", "0.5", "--request-rate", "20", "--dtype-label", "fp32")
     assert args.func(args) == 0
-    [path] = (tmp_path / "bench").glob("*.json")
+    [path] = (tmp_path / "runs" / "local" / "bench").glob("*.json")
     assert path.name.endswith(f"-{api.model}.json")
     result = json.loads(path.read_text())
     assert result["completed"] == 6 and result["failed"] == 0 and result["request_rate"] == 20.0
