@@ -1,17 +1,23 @@
 """FP8 (e4m3, block scales) weights: quantisation, FP8 checkpoints in Hugging Face's layout, the fp8 expert kernel,
 and fp8 experts moving between ranks with their scales.
 
-CPU: an FP8 checkpoint is dequantised at load, so its greedy tokens equal those of a checkpoint holding the
-dequantised weights; the same holds with fp8 expert slots kept in the model (served by the reference kernel, which
-dequantises slot by slot), which is the layout the GPU serves. Kernel checks run on a CUDA GPU, or on the CPU
-through Triton's interpreter with TRITON_INTERPRET=1 (fp32 activations and tiny shapes only); like
-tests/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
-float64 on the dequantised weights.
+Every reference here is built from the format's definition by code in this file (`ref_quantize`,
+`ref_dequantize`: block by block, w = q * scale_inv of its block), never by the code under test. Block scales are
+checked on weights whose every block has its own known largest magnitude, so the expected scale of each block is
+known by construction. CPU: an FP8 checkpoint is dequantised at load, so its greedy tokens equal those of a
+checkpoint holding the dequantised weights; the same holds with fp8 expert slots kept in the model (served by the
+reference kernel, which dequantises slot by slot), which is the layout the GPU serves. Kernel checks run on a CUDA
+GPU, or on the CPU through Triton's interpreter with TRITON_INTERPRET=1 (fp32 activations and tiny shapes only);
+like tests/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
+float64 on the dequantised weights. On a GPU: fp32 activations give the dequantised checkpoint's greedy tokens
+exactly, bf16 activations logprobs within twice transformers' own bf16 error on the dequantised checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 import types
 from pathlib import Path
@@ -31,7 +37,6 @@ from eep_hpc.engine.rank_engine import RankEngine, build_engine
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.fp8 import (
     FP8,
-    FP8_MAX,
     BlockScales,
     dequantize_blockwise,
     dequantize_w13,
@@ -50,7 +55,116 @@ from eep_hpc.parallel.groups import EpochGroup, connect_store
 PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
 
 
+# ---- FP8 from its definition (the references: no code under test) ----
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+# The weights an FP8 checkpoint keeps in fp8 (Qwen3-*-FP8, DeepSeek-V3): attention and MLP/expert projections; not
+# embeddings, norms, routers or lm_head.
+QUANTISED = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|mlp\.experts\.\d+\.(gate|up|down)_proj"
+                       r"|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
+
+
+def blocks(shape, block):
+    """(i, j, rows, cols) of every block of a [..., N, K] weight, row blocks first; edge blocks are partial."""
+    (N, K), (bn, bk) = shape[-2:], block
+    for i in range(math.ceil(N / bn)):
+        for j in range(math.ceil(K / bk)):
+            yield i, j, slice(i * bn, (i + 1) * bn), slice(j * bk, (j + 1) * bk)
+
+
+def ref_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block, dtype=torch.float32) -> torch.Tensor:
+    """w = q * scale_inv[block of the element], block by block (in float64 for float64, else in float32)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.empty(q.shape, dtype=wide, device=q.device)
+    for i, j, rows, cols in blocks(q.shape, block):
+        w[..., rows, cols] = q[..., rows, cols].to(wide) * scale_inv[..., i, j, None, None].to(wide)
+    return w.to(dtype)
+
+
+def ref_quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block scaled so that its largest magnitude is 448: scale_inv = amax / 448 (an all-zero block gets the
+    smallest normal float32), q = e4m3(w / scale_inv) rounded to nearest."""
+    nb, kb = (math.ceil(n / b) for n, b in zip(w.shape[-2:], block))
+    q = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    s = torch.empty(*w.shape[:-2], nb, kb, dtype=torch.float32, device=w.device)
+    for i, j, rows, cols in blocks(w.shape, block):
+        b = w[..., rows, cols].float()
+        si = (b.abs().amax(dim=(-2, -1), keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        q[..., rows, cols] = (b / si).clamp(-E4M3_MAX, E4M3_MAX)
+        s[..., i, j] = si[..., 0, 0]
+    return q.to(FP8), s
+
+
+def ref_quantize_w13(w13: torch.Tensor, block):
+    """[..., 2I, D]: gate and up quantised apart (separate checkpoint tensors); their scales stacked gate first."""
+    I = w13.shape[-2] // 2
+    (qg, sg), (qu, su) = ref_quantize(w13[..., :I, :], block), ref_quantize(w13[..., I:, :], block)
+    return torch.cat([qg, qu], dim=-2), torch.cat([sg, su], dim=-2)
+
+
+def ref_dequantize_w13(q, s, block, dtype=torch.float32):
+    I, g = q.shape[-2] // 2, s.shape[-2] // 2
+    return torch.cat([ref_dequantize(q[..., :I, :], s[..., :g, :], block, dtype),
+                      ref_dequantize(q[..., I:, :], s[..., g:, :], block, dtype)], dim=-2)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def known_max_weight(shape, block, seed):
+    """A weight [..., N, K] whose every block holds one element of magnitude m (its sign alternating, its place
+    varying) and the rest below 0.9 m, with m different in every block (powers of 2^(1/4) over five octaves,
+    shuffled): (weight, m per block [..., ceil(N/bn), ceil(K/bk)])."""
+    g = torch.Generator().manual_seed(seed)
+    grid = (*shape[:-2], *(math.ceil(n / b) for n, b in zip(shape[-2:], block)))
+    amax = (2.0 ** (torch.randperm(math.prod(grid), generator=g).float() / 4 - 6)).reshape(grid)
+    assert amax.unique().numel() == amax.numel()
+    w = torch.empty(shape)
+    for i, j, rows, cols in blocks(shape, block):
+        part = w[..., rows, cols]
+        m = amax[..., i, j, None, None]
+        part.copy_((torch.rand(part.shape, generator=g) * 1.8 - 0.9) * m)
+        r, c = (3 * i + j) % part.shape[-2], (i + 5 * j) % part.shape[-1]
+        part[..., r, c] = m[..., 0, 0] * (-1) ** (i + j)
+    return w, amax
+
+
 # ---- quantisation ----
+
+SHAPES = [((40, 100), (16, 32)), ((48, 48), (16, 16)), ((2, 33, 70), (16, 32)), ((300, 260), (128, 128)),
+          ((5, 64), (1, 64)), ((3, 64, 96), (32, 32))]
+
+
+@pytest.mark.parametrize("shape,block", SHAPES, ids=str)
+def test_block_scales_are_each_blocks_own_maximum(shape, block):
+    """Scales in the blocks' order (row block, then column block, per leading index): a scale per matrix, per row
+    or column of blocks, or with the block grid transposed, gives other values."""
+    w, amax = known_max_weight(shape, block, seed=len(shape) + shape[-1])
+    q, s = quantize_blockwise(w, block)
+    assert q.dtype == FP8 and q.shape == w.shape and s.dtype == torch.float32
+    assert s.shape == amax.shape and torch.equal(s, amax / E4M3_MAX)
+    for i, j, rows, cols in blocks(shape, block):  # each block's largest magnitude maps to +-448 exactly
+        qb, wb = q[..., rows, cols].float(), w[..., rows, cols]
+        assert torch.equal(qb.abs().amax(dim=(-2, -1)), torch.full(amax.shape[:-2], E4M3_MAX))
+        assert torch.equal(qb.abs() == E4M3_MAX, wb.abs() == amax[..., i, j, None, None])
+        assert torch.equal(qb.sign(), wb.sign())
+    assert same_bits(q, ref_quantize(w, block)[0])
+
+
+@pytest.mark.parametrize("shape,block", SHAPES, ids=str)
+def test_dequantise_multiplies_each_block_by_its_own_scale(shape, block):
+    g = torch.Generator().manual_seed(shape[-1])
+    q = (torch.rand(shape, generator=g) * 2 * E4M3_MAX - E4M3_MAX).to(FP8)
+    _, s = known_max_weight(shape, block, seed=1)  # distinct scales, one per block
+    want = ref_dequantize(q, s, block)
+    assert torch.equal(dequantize_blockwise(q, s, block), want)
+    assert torch.equal(dequantize_blockwise(q, s, block, torch.bfloat16), want.to(torch.bfloat16))
+    # by hand: the first and the last element (of the first and the last block)
+    got = dequantize_blockwise(q, s, block)
+    for corner in ((0,) * len(shape), (-1,) * len(shape)):
+        assert got[corner] == q[corner].float() * s[corner]
 
 
 @pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((100, 70), (128, 128)), ((96, 200), (16, 32)),
@@ -61,12 +175,12 @@ def test_blockwise_round_trip(shape, block):
     q, s = quantize_blockwise(w, block)
     assert q.dtype == FP8 and q.shape == w.shape and s.dtype == torch.float32
     assert s.shape == shape[:-2] + scale_shape(shape[-2:], block)
-    s_full = s.repeat_interleave(block[0], -2)[..., : shape[-2], :].repeat_interleave(block[1], -1)[..., : shape[-1]]
-    # each block's largest magnitude maps to the largest e4m3 value
-    assert torch.allclose((q.float().abs() * s_full / s_full).amax(), torch.tensor(FP8_MAX))
+    for _, _, rows, cols in blocks(shape, block):  # each block's largest magnitude maps to 448
+        assert torch.equal(q[..., rows, cols].float().abs().amax(dim=(-2, -1)), torch.full(shape[:-2], E4M3_MAX))
     back = dequantize_blockwise(q, s, block)
-    assert torch.equal(back, q.float() * s_full)
+    assert torch.equal(back, ref_dequantize(q, s, block))
     # round to nearest e4m3: half a unit in the last place (3 mantissa bits) plus half the smallest subnormal
+    s_full = ref_dequantize(torch.ones(shape).to(FP8), s, block)
     assert ((back - w).abs() <= w.abs() * 2**-4 + s_full * 2**-10).all()
     assert dequantize_blockwise(q, s, block, torch.bfloat16).dtype == torch.bfloat16
 
@@ -81,20 +195,22 @@ def test_zero_block_quantises_to_zero():
 
 def test_w13_scales_are_gate_then_up():
     """Gate and up are separate checkpoint tensors: each is blocked from its own first row (I = 40 is not a
-    multiple of the block)."""
-    w13 = torch.randn(2, 80, 64)
-    q, s = quantize_w13(w13, (16, 32))
+    multiple of the block), gate's scales first."""
+    block = (16, 32)
+    gate, gate_max = known_max_weight((2, 40, 64), block, seed=5)
+    up, up_max = known_max_weight((2, 40, 64), block, seed=6)
+    q, s = quantize_w13(torch.cat([gate, up], dim=1), block)
     assert s.shape == (2, 2 * 3, 2)
-    qg, sg = quantize_blockwise(w13[:, :40], (16, 32))
-    assert torch.equal(q[:, :40].view(torch.uint8), qg.view(torch.uint8)) and torch.equal(s[:, :3], sg)
-    assert torch.equal(dequantize_w13(q, s, (16, 32))[:, 40:], dequantize_blockwise(q[:, 40:], s[:, 3:], (16, 32)))
+    assert torch.equal(s, torch.cat([gate_max, up_max], dim=1) / E4M3_MAX)
+    assert same_bits(q, torch.cat([ref_quantize(gate, block)[0], ref_quantize(up, block)[0]], dim=1))
+    assert torch.equal(dequantize_w13(q, s, block), ref_dequantize_w13(q, s, block))
 
 
 def _fp8_experts(S, D, I, block, device=DEVICE):
     w13 = torch.randn(S, 2 * I, D, device=device) * D**-0.5
     w2 = torch.randn(S, D, I, device=device) * I**-0.5
-    q13, s13 = quantize_w13(w13, block)
-    q2, s2 = quantize_blockwise(w2, block)
+    q13, s13 = ref_quantize_w13(w13, block)
+    q2, s2 = ref_quantize(w2, block)
     return q13, q2, BlockScales(s13, s2, block)
 
 
@@ -102,7 +218,7 @@ def test_reference_kernel_dequantises_slot_by_slot():
     torch.manual_seed(1)
     q13, q2, sc = _fp8_experts(5, 64, 48, (16, 32), torch.device("cpu"))
     x, slot = torch.randn(30, 64), torch.randint(0, 5, (30,))
-    w13, w2 = dequantize_w13(q13, sc.w13, sc.block), dequantize_blockwise(q2, sc.w2, sc.block)
+    w13, w2 = ref_dequantize_w13(q13, sc.w13, sc.block), ref_dequantize(q2, sc.w2, sc.block)
     want = swiglu_experts_reference(x, slot, w13, w2)
     assert torch.equal(swiglu_experts_reference(x, slot, q13, q2, sc), want)
     assert torch.equal(ops.swiglu_experts(x, slot, q13, q2, sc), want)  # CPU tensors: the reference
@@ -123,28 +239,35 @@ def test_config_json_quantization():
 
 def save_fp8_copy(src: Path, dst: Path, block: tuple[int, int], dequantised: bool = False) -> Path:
     """The checkpoint at src as an FP8 one (fp8 weights + float32 `_scale_inv`, config quantization_config), or,
-    with dequantised=True, as the unquantised checkpoint holding exactly the weights the FP8 one stands for."""
+    with dequantised=True, as the unquantised checkpoint holding exactly the weights the FP8 one stands for (which
+    is also what `quantization = "fp8"` forced on src serves). Quantised by `ref_quantize` (QUANTISED names)."""
     dst.mkdir(parents=True, exist_ok=True)
     out = {}
     for f in sorted(src.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
             for name in h.keys():  # noqa: SIM118 (safe_open is no dict)
-                t = h.get_tensor(name)
-                if model_fp8._QUANTISED.search(name):
-                    q, s = quantize_blockwise(t, block)
-                    if dequantised:
-                        out[name] = dequantize_blockwise(q, s, block, t.dtype)
-                    else:
-                        out[name], out[name + "_scale_inv"] = q, s
-                else:
-                    out[name] = t
+                out[name] = h.get_tensor(name)
+    write_fp8_copy(out, src, dst, block, dequantised)
+    return dst
+
+
+def write_fp8_copy(weights: dict, src: Path, dst: Path, block: tuple[int, int], dequantised: bool) -> None:
+    out = {}
+    for name, t in weights.items():
+        if QUANTISED.search(name):
+            q, s = ref_quantize(t, block)
+            if dequantised:
+                out[name] = ref_dequantize(q, s, block, t.dtype)
+            else:
+                out[name], out[name + "_scale_inv"] = q, s
+        else:
+            out[name] = t
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
     if not dequantised:
         cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                       "weight_block_size": list(block)}
     (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def engine_for(model_dir: Path, device: str = "cpu", **model) -> RankEngine:
@@ -203,13 +326,13 @@ def test_fp8_dummy_weights_are_the_quantised_bf16_dummy_weights(keep_fp8_on_cpu)
     model = build_model(arch, cfg, path, local, 64, torch.device("cpu"), torch.float32)
     raw = DummySource(3, torch.device("cpu"))
     block, I, D = (128, 128), arch.moe_intermediate_size, arch.hidden_size
-    q, s = quantize_blockwise(raw.get("model.layers.0.mlp.experts.2.up_proj.weight", (I, D)), block)
+    q, s = ref_quantize(raw.get("model.layers.0.mlp.experts.2.up_proj.weight", (I, D)), block)
     moe = model.moe_blocks()[0]
-    assert torch.equal(moe.w13[2, I:].view(torch.uint8), q.view(torch.uint8))
+    assert same_bits(moe.w13[2, I:], q)
     assert torch.equal(moe.w13_scale[2, moe.w13_scale.shape[1] // 2 :], s)
     attn = model.layers[0].self_attn
     qp, q_rows = "model.layers.0.self_attn.q_proj.weight", attn.qkv_split[0]  # q's rows lead the stacked qkv_proj
-    round_trip = dequantize_blockwise(*quantize_blockwise(raw.get(qp, (q_rows, D)), block), block)
+    round_trip = ref_dequantize(*ref_quantize(raw.get(qp, (q_rows, D)), block), block)
     assert torch.equal(attn.qkv_proj.weight[:q_rows], round_trip)
     # routers, embeddings and lm_head stay as drawn
     assert torch.equal(model.layers[0].mlp.gate.weight, raw.get("model.layers.0.mlp.gate.weight", (arch.num_experts, D)))
@@ -222,13 +345,17 @@ def _tiny_path() -> Path:
     return Path(ensure_tiny_checkpoint())
 
 
-def test_fp8_forced_on_a_checkpoint_kept_or_dequantised_gives_same_tokens(monkeypatch):
+def test_fp8_forced_on_a_checkpoint_kept_or_dequantised_gives_the_round_tripped_tokens(tmp_path, monkeypatch):
+    """quantization = "fp8" on an unquantised checkpoint serves its weights round-tripped through fp8 (128 x 128
+    blocks): the tokens of a checkpoint holding those weights, made here."""
     path = _tiny_path()
-    want = greedy(engine_for(path, quantization="fp8"), PROMPTS, 16)
+    want = greedy(engine_for(save_fp8_copy(path, tmp_path / "deq", (128, 128), dequantised=True)), PROMPTS, 16)
+    assert greedy(engine_for(path, quantization="fp8"), PROMPTS, 16) == want
     monkeypatch.setattr(model_fp8, "keeps_fp8", lambda device: True)
     kept = engine_for(path, quantization="fp8")
     assert kept.model.moe_blocks()[0].w13.dtype == FP8
     assert greedy(kept, PROMPTS, 16) == want
+    assert greedy(engine_for(path), PROMPTS, 16) != want, "fp8 rounding should change some token of the tiny model"
 
 
 # ---- experts move with their scales ----
@@ -238,13 +365,9 @@ def _fp8_slots(L, S, I, D, block, seed):
     g = torch.Generator().manual_seed(seed)
     w13 = [torch.randn(S, 2 * I, D, generator=g) for _ in range(L)]
     w2 = [torch.randn(S, D, I, generator=g) for _ in range(L)]
-    q13, s13 = zip(*(quantize_w13(w, block) for w in w13))
-    q2, s2 = zip(*(quantize_blockwise(w, block) for w in w2))
+    q13, s13 = zip(*(ref_quantize_w13(w, block) for w in w13))
+    q2, s2 = zip(*(ref_quantize(w, block) for w in w2))
     return SlotTensors(list(q13), list(q2), list(s13), list(s2))
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def test_stage_experts_copies_scales_with_local_moves():
@@ -254,8 +377,8 @@ def test_stage_experts_copies_scales_with_local_moves():
     staged, remote = stage_experts(0, moves, old, 0, 4, 2, (24, 32), FP8, torch.device("cpu"), like=old)
     assert remote == [moves[1]] and staged.w13_scale is not None
     for kind_new, kind_old in zip(staged.kinds(), old.kinds()):
-        assert _same(kind_new[0], kind_old[0])  # layer 0 untouched
-        assert _same(kind_new[1][0], kind_old[1][3]) and _same(kind_new[1][1], kind_old[1][1])
+        assert same_bits(kind_new[0], kind_old[0])  # layer 0 untouched
+        assert same_bits(kind_new[1][0], kind_old[1][3]) and same_bits(kind_new[1][1], kind_old[1][1])
     with pytest.raises(ValueError, match="scales"):  # fp8 slots without their scales cannot be staged
         stage_experts(0, moves, SlotTensors(old.w13, old.w2), 0, 4, 2, (24, 32), FP8, torch.device("cpu"))
     with pytest.raises(ValueError, match="scales"):
@@ -292,9 +415,9 @@ def test_exchange_over_group_sends_scales_with_experts():
         t.join(90)
     assert not errors, errors
     for kind in range(4):
-        assert _same(results[1].kinds()[kind][1][1], olds[0].kinds()[kind][1][2])  # global 4 = rank 1's local 1
-        assert _same(results[0].kinds()[kind][1][0], olds[1].kinds()[kind][1][1])
-        assert _same(results[0].kinds()[kind][0], olds[0].kinds()[kind][0])  # layer 0 untouched
+        assert same_bits(results[1].kinds()[kind][1][1], olds[0].kinds()[kind][1][2])  # global 4 = rank 1's local 1
+        assert same_bits(results[0].kinds()[kind][1][0], olds[1].kinds()[kind][1][1])
+        assert same_bits(results[0].kinds()[kind][0], olds[0].kinds()[kind][0])  # layer 0 untouched
     per_expert = sum(k[0][0].numel() * k[0].element_size() for k in olds[0].kinds())
     assert results[0].bytes_received == results[1].bytes_received == per_expert
 
@@ -345,8 +468,8 @@ def test_swiglu_experts_fp8_triton(M, S, D, I, block, dtype):
         slot = torch.randint(0, S, (M,), device=DEVICE)
         out = torch.full_like(x, float("nan"))
         swiglu_experts_triton(x, slot, q13, q2, config=cfg, out=out, scales=sc)
-        ref = swiglu_experts_reference(x.double(), slot, dequantize_w13(q13, sc.w13, block, torch.float64),
-                                       dequantize_blockwise(q2, sc.w2, block, torch.float64))
+        ref = swiglu_experts_reference(x.double(), slot, ref_dequantize_w13(q13, sc.w13, block, torch.float64),
+                                       ref_dequantize(q2, sc.w2, block, torch.float64))
         assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
 
 
@@ -362,8 +485,9 @@ def test_swiglu_experts_fp8_triton_skips_padding_rows():
     out = torch.full_like(x, float("nan"))
     swiglu_experts_triton(x, slot, q13, q2, out=out, scales=sc)
     keep = ~pad
-    ref = swiglu_experts_reference(x[keep].double(), slot[keep], dequantize_w13(q13, sc.w13, sc.block, torch.float64),
-                                   dequantize_blockwise(q2, sc.w2, sc.block, torch.float64))
+    ref = swiglu_experts_reference(x[keep].double(), slot[keep],
+                                   ref_dequantize_w13(q13, sc.w13, sc.block, torch.float64),
+                                   ref_dequantize(q2, sc.w2, sc.block, torch.float64))
     assert rel_err(out[keep], ref) <= TOL[torch.float32] and out[pad].isnan().all()
 
 
@@ -373,65 +497,130 @@ def test_ops_run_fp8_experts_in_triton_on_cuda():
     x = torch.randn(30, 64, device="cuda", dtype=torch.bfloat16)
     slot = torch.randint(0, 5, (30,), device="cuda")
     got = ops.swiglu_experts(x, slot, q13, q2, sc)
-    ref = swiglu_experts_reference(x.double(), slot, dequantize_w13(q13, sc.w13, sc.block, torch.float64),
-                                   dequantize_blockwise(q2, sc.w2, sc.block, torch.float64))
+    ref = swiglu_experts_reference(x.double(), slot, ref_dequantize_w13(q13, sc.w13, sc.block, torch.float64),
+                                   ref_dequantize(q2, sc.w2, sc.block, torch.float64))
     assert rel_err(got, ref) <= TOL[torch.bfloat16]
 
 
 # ---- the FP8 model on a GPU ----
 
 
+def engine_logprobs(engine, prompts: list[list[int]], n: int, vocab: int) -> tuple[list, list]:
+    """Greedy runs with every token's logprob (the whole vocabulary): per prompt its generated ids and the
+    log-softmax rows [len(prompt) - 1 + n, vocab] that predict tokens 1.. of prompt + generated, on the CPU."""
+    sampling = P.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=vocab, prompt_logprobs=vocab)
+    for i, p in enumerate(prompts):
+        engine.add(P.AddRequest(request_id=str(i), prompt_token_ids=p, sampling=sampling))
+    ids = {str(i): [] for i in range(len(prompts))}
+    rows = {str(i): {"prompt": [], "out": []} for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            ids[o.request_id] += o.new_token_ids
+            for kind, lp in (("prompt", o.prompt_logprobs), ("out", o.logprobs)):
+                for top_ids, top_lp in zip(lp.top_ids, lp.top_logprobs) if lp is not None else ():
+                    row = torch.full((vocab,), float("nan"))
+                    row[torch.tensor(top_ids)] = torch.tensor(top_lp)
+                    rows[o.request_id][kind].append(row)
+    out_ids, out_rows = [], []
+    for i, p in enumerate(prompts):
+        r = rows[str(i)]
+        assert len(r["prompt"]) == len(p) - 1 and len(r["out"]) == len(ids[str(i)]) == n
+        out_ids.append(ids[str(i)])
+        out_rows.append(torch.stack(r["prompt"] + r["out"]))
+        assert not out_rows[-1].isnan().any()
+    return out_ids, out_rows
+
+
+def full_logprob_errors(seqs, rows, ref, other) -> tuple[list, list]:
+    """Per prompt, per predicted position: the RMS over the vocabulary of |rows - ref| and of |other - ref|, ref
+    and other being transformers models run on the same sequences."""
+    ours, theirs = [], []
+    for seq, got in zip(seqs, rows):
+        with torch.no_grad():
+            want, alt = (torch.log_softmax(m(torch.tensor([seq], device=m.device)).logits[0, :-1].float().cpu(), -1)
+                         for m in (ref, other))
+        ours.append((got - want).pow(2).mean(-1).sqrt().tolist())
+        theirs.append((alt - want).pow(2).mean(-1).sqrt().tolist())
+    return ours, theirs
+
+
 @needs_cuda
 @pytest.mark.gpu
-def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_cpu(hf_checkpoint, tmp_path):
-    """fp32 activations with fp8 experts on the GPU (no TF32): the same greedy tokens as the CPU's dequantised
-    model; bf16 activations: close logits on the prompts."""
+def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_dequantised(hf_checkpoint, tmp_path):
+    """fp32 activations with fp8 experts on the GPU (no TF32): the greedy tokens of the dequantised checkpoint on
+    the CPU, exactly. bf16 activations: logprobs (the whole vocabulary, prompt and 8 generated tokens) against
+    transformers fp32 on the dequantised checkpoint, within twice transformers' own bf16 error there."""
+    from hf_reference import hf_model
+    from test_gpu import assert_within_bf16_error
+
     fp8_dir = save_fp8_copy(hf_checkpoint, tmp_path / "fp8", (16, 32))
-    cpu = engine_for(fp8_dir)
+    deq_dir = save_fp8_copy(hf_checkpoint, tmp_path / "deq", (16, 32), dequantised=True)
+    want = greedy(engine_for(deq_dir), PROMPTS)
     gpu = engine_for(fp8_dir, device="cuda", dtype="float32")
     assert gpu.model.moe_blocks()[0].w13.dtype == FP8 and gpu.model.moe_blocks()[0].w13_scale.is_cuda
-    assert greedy(gpu, PROMPTS) == greedy(cpu, PROMPTS)
+    assert greedy(gpu, PROMPTS) == want
     bf16 = engine_for(fp8_dir, device="cuda", dtype="bfloat16")
     assert bf16.model.moe_blocks()[0].w13.dtype == FP8
-    assert all(len(t) == 8 for t in greedy(bf16, PROMPTS, 8))
+    vocab = load_arch(deq_dir).vocab_size
+    ids, rows = engine_logprobs(bf16, PROMPTS, 8, vocab)
+    seqs = [p + t for p, t in zip(PROMPTS, ids)]
+    assert_within_bf16_error(*full_logprob_errors(seqs, rows, hf_model(deq_dir), hf_model(deq_dir, torch.bfloat16,
+                                                                                           "cuda")))
+
+
+def save_dummy_round_trip(src: Path, dst: Path, seed: int, device: str, block: tuple[int, int]) -> Path:
+    """The checkpoint `load_format = "dummy", quantization = "fp8"` stands for: src's tensors (names, shapes) as
+    drawn by the dummy source on `device` (its generator is the device's), QUANTISED ones round-tripped."""
+    dst.mkdir(parents=True)
+    raw = DummySource(seed, torch.device(device))
+    with safe_open(src / "model.safetensors", "pt") as h:
+        names = list(h.keys())  # noqa: SIM118 (safe_open is no dict)
+        weights = {name: raw.get(name, tuple(h.get_slice(name).get_shape())).float().cpu() for name in names}
+    write_fp8_copy(weights, src, dst, block, dequantised=True)
+    return dst
 
 
 @needs_cuda
 @pytest.mark.gpu
-def test_fp8_dummy_on_gpu_is_half_the_expert_bytes():
+def test_fp8_dummy_on_gpu_is_half_the_expert_bytes_and_the_round_tripped_model(tmp_path):
     path = _tiny_path()
     bf16 = engine_for(path, device="cuda", dtype="bfloat16", load_format="dummy")
     fp8 = engine_for(path, device="cuda", dtype="bfloat16", load_format="dummy", quantization="fp8")
     b, f = bf16.model.moe_blocks()[0], fp8.model.moe_blocks()[0]
     assert f.w13.element_size() * 2 == b.w13.element_size() and f.w13.shape == b.w13.shape
-    assert all(len(t) == 8 for t in greedy(fp8, PROMPTS, 8))
+    del bf16, fp8
+    # fp32 activations: the greedy tokens of a checkpoint holding the dummy weights round-tripped here, on the CPU
+    fp8 = engine_for(path, device="cuda", dtype="float32", load_format="dummy", quantization="fp8", seed=5)
+    assert fp8.model.moe_blocks()[0].w13.dtype == FP8
+    twin = save_dummy_round_trip(path, tmp_path / "twin", 5, "cuda", (128, 128))
+    assert greedy(fp8, PROMPTS, 16) == greedy(engine_for(twin), PROMPTS, 16)
 
 
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_fp8_experts_grow_and_shrink_across_two_gpus_keep_text(tmp_path):
-    """fp8 experts and their scales move between GPUs (NIXL or the all-to-all) on grow and shrink; the text stays
-    that of the CPU's dequantised model (fp32 activations)."""
-    import asyncio
-
+def test_fp8_experts_grow_and_shrink_across_two_gpus_keep_token_ids(tmp_path):
+    """fp8 experts and their scales move between GPUs (NIXL or the all-to-all) on grow and shrink; the greedy token
+    ids stay those of the checkpoint holding the round-tripped weights, on the CPU (fp32 activations)."""
     from conftest import start_head
-    from streaming_load import reference_texts
+    from test_gpu import PROMPT_IDS, greedy_ids, id_token_model, scale
 
-    cpu_head = start_head(tmp_path / "cpu", ranks=1, model={"quantization": "fp8"})
-    try:
-        cpu = asyncio.run(reference_texts(cpu_head.url, cpu_head.model, 24))
-    finally:
-        cpu_head.stop()
+    tiny = _tiny_path()
+    want = greedy(engine_for(save_fp8_copy(tiny, tmp_path / "deq", (128, 128), dequantised=True)), PROMPT_IDS, 24)
     head = start_head(tmp_path / "gpu", ranks=1, parallel={"device": "cuda"},
-                      model={"dtype": "float32", "quantization": "fp8"})
+                      model={"path": str(id_token_model(tiny, tmp_path / "ids")), "dtype": "float32",
+                             "quantization": "fp8"})
+    got = {}
     try:
-        one = asyncio.run(reference_texts(head.url, head.model, 24))
-        grown = head.call(head.head.coordinator.grow(1))
-        two = asyncio.run(reference_texts(head.url, head.model, 24))
-        shrunk = head.call(head.head.coordinator.shrink([head.state()["members"][0]]))
-        after = asyncio.run(reference_texts(head.url, head.model, 24))
+        got["one"] = greedy_ids(head.url, head.model, PROMPT_IDS, 24)
+        grown = scale(head, "grow", {"n": 1})
+        members = head.state()["members"]
+        got["two"] = greedy_ids(head.url, head.model, PROMPT_IDS, 24)
+        shrunk = scale(head, "shrink", {"rank_ids": [members[0]]})
+        got["after"] = greedy_ids(head.url, head.model, PROMPT_IDS, 24)
     finally:
         head.stop()
     assert grown["phase"] == shrunk["phase"] == "DONE", (grown, shrunk)
-    assert one == cpu and two == cpu and after == cpu
+    assert len(members) == 2
+    for phase, ids in got.items():
+        assert ids == want, phase
