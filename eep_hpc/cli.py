@@ -66,13 +66,16 @@ def _status(args) -> int:
         print(json.dumps(state, indent=2))
         return 0
     print(f"epoch {state['epoch']}  ranks {len(state['members'])}  requests in flight {state['requests_in_flight']}")
-    print(f"{'rank':>4} {'state':<9} {'host':<16} {'device':<7} {'running':>7} {'waiting':>7} {'kv used':>12}")
+    print(f"{'rank':>4} {'state':<9} {'host':<16} {'device':<7} {'running':>7} {'waiting':>7} {'kv used':>12} "
+          f"{'steps':>8} {'graphs':>6}")
     if state.get("scaling"):
         print(f"scaling now: {state['scaling']['kind']} to epoch {state['scaling']['epoch']} ({state['scaling']['phase'].lower()})")
     for r in state["ranks"]:
         kv = f"{r['kv_blocks_used']}/{r['kv_blocks_total']}"
+        steps = r.get("steps", 0)
+        graphs = f"{100 * r.get('graph_steps', 0) / steps:.0f}%" if steps else "-"  # share of steps replayed
         print(f"{r['rank_id']:>4} {r['state']:<9} {r['host'][:16]:<16} {r['device']:<7} {r['num_running']:>7} "
-              f"{r['num_waiting']:>7} {kv:>12}")
+              f"{r['num_waiting']:>7} {kv:>12} {steps:>8} {graphs:>6}")
     placement = state.get("placement")
     if placement:
         offs = placement["slot_offsets"]

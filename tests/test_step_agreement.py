@@ -159,3 +159,37 @@ def test_plan_decisions():
     assert plan.prepare_epoch == 0 and plan.busy
     assert decide([max(c) for c in zip(encode(StepDemand(), 0, 9), encode(StepDemand(), 0, 9))],
                   sizes, 256).commit_epoch == 9
+
+
+def test_operators_see_steps_and_host_collectives(tmp_path):
+    """Through a real head with 2 rank processes: every rank steps in lockstep (the same number of steps, one
+    agreement per step or wave end), as /admin/state, /metrics and `eep-hpc status` report."""
+    import httpx
+
+    from support import metric, start_head, wait_until
+
+    head = start_head(tmp_path, ranks=2)
+    try:
+        for i in range(6):
+            r = httpx.post(f"{head.url}/v1/completions", timeout=60,
+                           json={"model": head.model, "prompt": [3 + i, 7, 11], "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 200, r.text
+
+        def settled():  # the ranks' stats arrive with their outputs and pongs: wait until both reported all steps
+            ranks = head.state()["ranks"]
+            steps = [r["steps"] for r in ranks]
+            return ranks if len(set(steps)) == 1 and steps[0] >= 5 else None
+
+        ranks = wait_until(settled, 30, "both ranks report the same step count")
+        for r in ranks:
+            # one host collective per agreement: each step (6 requests x 5 tokens, one after another), and beside
+            # them only wave ends (at most 2 per request: a Wake can arrive before the request it is for) and the KV
+            # sizing at start; a collective per layer would add at least one per step (30)
+            assert r["steps"] >= 30 and r["steps"] <= r["host_collectives"] <= r["steps"] + 2 * 6 + 1, r
+            rid = str(r["rank_id"])
+            assert metric(head.url, "eep_hpc:rank_steps_total", rank=rid) == r["steps"]
+            assert metric(head.url, "eep_hpc:rank_host_collectives_total", rank=rid) == r["host_collectives"]
+            assert metric(head.url, "eep_hpc:rank_graph_steps_total", rank=rid) == r["graph_steps"] == 0  # CPU
+        assert ranks[0]["host_collectives"] == ranks[1]["host_collectives"]
+    finally:
+        head.stop()

@@ -25,6 +25,12 @@ class ClusterCollector:
                                                         "Prompt tokens looked up in the prefix cache.", labels=["rank"]),
             "prefix_cache_hits": CounterMetricFamily("eep_hpc:rank_prefix_cache_hits",
                                                      "Prompt tokens found in the prefix cache.", labels=["rank"]),
+            "steps": CounterMetricFamily("eep_hpc:rank_steps", "Model steps run.", labels=["rank"]),
+            "graph_steps": CounterMetricFamily("eep_hpc:rank_graph_steps",
+                                               "Steps replayed as CUDA graphs (idle replays included).", labels=["rank"]),
+            "host_collectives": CounterMetricFamily("eep_hpc:rank_host_collectives",
+                                                    "Control collectives (one per step of a multi-rank epoch).",
+                                                    labels=["rank"]),
         }
         for rid in m.members:
             stats = m.ranks[rid].stats

@@ -20,7 +20,7 @@ def rank_state(rec: RankRecord, members: list[int]) -> dict:
         "host": rec.host, "pid": rec.pid, "device": rec.device, "job_id": rec.job.job_id,
         "requests_in_flight": len(rec.in_flight),
         "num_running": s.num_running, "num_waiting": s.num_waiting, "steps": s.steps,
-        "graph_steps": s.graph_steps,
+        "graph_steps": s.graph_steps, "host_collectives": s.host_collectives,
         "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.kv_blocks_total,
         "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
     }
