@@ -86,7 +86,7 @@ def test_nixl_ep_on_cpu_is_a_config_error():
 
 def test_geometry_only_grows_and_seats_round_to_nvl_peers():
     cfg = Config()
-    cfg.engine.max_num_batched_tokens = 30
+    cfg.parallel.moe_chunk_tokens, cfg.engine.cuda_graphs = 30, False  # tokens per dispatch: rounded up to 4
     g = nx.required_geometry(cfg, 2048, [0, 1], [0, 7, 18], None)
     assert g == nx.Geometry(seats=2, experts_per_seat=11, max_tokens=32, hidden=2048)
     assert nx.required_geometry(cfg, 2048, [0, 1, 2], [0, 6, 12, 18], g) == nx.Geometry(3, 11, 32, 2048)
@@ -94,9 +94,7 @@ def test_geometry_only_grows_and_seats_round_to_nvl_peers():
     assert nx.Geometry.decode(g.encode()) == g
 
 
-def test_received_rows_and_slot_table():
-    counts = torch.tensor([2, 0, 3], dtype=torch.int32)
-    assert nx.received_rows(counts, 4).tolist() == [0, 1, 8, 9, 10]
+def test_slot_table():
     table = nx.slot_to_nixl_expert([0, 2, 5], seats=[3, 0], experts_per_seat=4)
     assert table.tolist() == [12, 13, 0, 1, 2]
 
@@ -251,7 +249,7 @@ def test_epochs_connect_disconnect_reconnect_and_reuse_seats_cpu():
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=30))
     port, fabric = master.port, Fabric()
     cfg = Config()
-    cfg.engine.max_num_batched_tokens = 8
+    cfg.parallel.moe_chunk_tokens, cfg.engine.cuda_graphs = 8, False
     cfg.control.rank_timeout_s = 30
     cfg.parallel.nixl_ep_max_ranks = 3
     rts = {rid: cpu_rank(cfg, port, rid, fabric) for rid in range(4)}
@@ -300,7 +298,7 @@ def _gpu_worker(i: int, port: int) -> None:
     store = connect_store("127.0.0.1", port, 120)
     cfg = Config()
     cfg.parallel.backend, cfg.parallel.ranks, cfg.model.dtype = "nixl_ep", 2, "bfloat16"
-    cfg.engine.max_num_batched_tokens = 128
+    cfg.parallel.moe_chunk_tokens, cfg.engine.cuda_graphs = 128, False
     arch = SimpleNamespace(hidden_size=D, torch_dtype=torch.bfloat16)
     w13_all, w2_all = expert_weights(D, I, torch.bfloat16, dev)
 
