@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from eep_hpc.serve.stop_strings import StopMatcher
+from support import metric, wait_until
 
 TIMEOUT = 120.0
 
@@ -80,6 +81,11 @@ def wait_kv_free(api, deadline_s: float = 30.0) -> list[int]:
         time.sleep(0.1)
         used = kv_blocks_used(api.state())
     return used
+
+
+def aborted_requests(api) -> float:
+    """/metrics: engine requests that ended because their client went away."""
+    return metric(api.url, "eep_hpc:request_success_total", finished_reason="abort")
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = "", type_: str | None = None) -> dict:
@@ -514,6 +520,7 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(api, client, path):
     max_tokens = min(max_model_len - 64, 1000)
     body = {**body, "model": api.model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     assert wait_kv_free(api) == [0] * len(kv_blocks_used(api.state()))
+    aborted = aborted_requests(api)
     with httpx.Client(base_url=api.url, timeout=TIMEOUT) as own:
         with own.stream("POST", path, json=body) as r:
             assert r.status_code == 200
@@ -524,16 +531,21 @@ def test_client_disconnect_mid_stream_frees_kv_blocks(api, client, path):
                     if got == 4:
                         break
             assert sum(kv_blocks_used(api.state())) > 0  # the request holds blocks while it runs
-    # The client is gone: the request is aborted and its blocks come back.
+    # The client is gone: the request is aborted (long before its max_tokens) and its blocks come back.
+    wait_until(lambda: aborted_requests(api) > aborted, 30, "the server aborting the request whose client left")
     assert wait_kv_free(api) == [0] * len(kv_blocks_used(api.state()))
+    assert aborted_requests(api) == aborted + 1
 
 
 def test_client_disconnect_non_streaming_frees_kv_blocks(api, client):
     max_model_len = client.get("/v1/models").json()["data"][0]["max_model_len"]
     body = {"model": api.model, "prompt": "Go on:", "max_tokens": min(max_model_len - 32, 1000), "ignore_eos": True}
-    with pytest.raises(httpx.TimeoutException):
+    aborted = aborted_requests(api)
+    with pytest.raises(httpx.TimeoutException):  # the client waits 0.5 s for an answer, then leaves
         httpx.post(api.url + "/v1/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.5))
+    wait_until(lambda: aborted_requests(api) > aborted, 30, "the server aborting the request whose client left")
     assert wait_kv_free(api) == [0] * len(kv_blocks_used(api.state()))
+    assert aborted_requests(api) == aborted + 1
 
 
 # ---- auth ----------------------------------------------------------------------------------------------------

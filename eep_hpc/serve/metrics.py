@@ -25,6 +25,9 @@ class ApiMetrics:
             "eep_hpc:http_requests", "HTTP requests by route, method and status code.",
             ["route", "method", "status"], registry=r,
         )  # fmt: skip
+        self.http_requests_in_progress = Gauge(
+            "eep_hpc:http_requests_in_progress", "HTTP requests being served now (from their headers on).", registry=r
+        )
         self.num_requests_running = Gauge(
             "eep_hpc:num_requests_running", "Engine requests in flight (one per choice).", ["model_name"], registry=r
         )
@@ -109,8 +112,10 @@ class HttpMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.http_requests_in_progress.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.metrics.http_requests_in_progress.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.http_requests.labels(route, scope.get("method", ""), str(status)).inc()
