@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import start_head
 from streaming_load import reference_texts, run_load
+from support import start_head, wait_until
 
 MAX_TOKENS = 24
 
@@ -28,11 +28,26 @@ def test_greedy_text_identical_across_rank_counts(ranks, single_rank_reference, 
         assert len(offsets) == ranks + 1
         for row in state["placement"]["physical_to_logical"]:
             assert set(row) == set(range(8)), "every expert needs a slot"
+        before = {r["rank_id"]: r for r in state["ranks"]}
         got = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
         assert got == single_rank_reference
-        # requests were spread over the ranks (routing by load), and every rank ran MoE layers for others
-        steps = [r for r in head.state()["ranks"]]
-        assert all(r["state"] == "READY" for r in steps)
+        # Requests were spread over the ranks (routing by load): each admitted prompts of its own. And every rank
+        # ran every MoE layer with the others: the ranks of an epoch step together (each step's dispatch and
+        # combine are collectives of all members), so every rank's step count grew, by the same number. A rank
+        # that skipped steps, or that others' tokens never reached, would fall behind or hang the others.
+        # (Counts reach the head with step outputs and heartbeats: wait until every rank has reported its last.)
+        def settled():
+            now = {r["rank_id"]: r for r in head.state()["ranks"]}
+            grew = {rid: r["steps"] - before[rid]["steps"] for rid, r in now.items()}
+            return grew if len(set(grew.values())) == 1 and min(grew.values()) > 0 else None
+
+        grew = wait_until(settled, 15, lambda: "every rank stepping as often as the others: steps "
+                          + str({r["rank_id"]: r["steps"] for r in head.state()["ranks"]}))
+        assert min(grew.values()) >= MAX_TOKENS  # at least one step per generated token
+        after = {r["rank_id"]: r for r in head.state()["ranks"]}
+        admitted = {rid: after[rid]["prefix_cache_queries"] - before[rid]["prefix_cache_queries"] for rid in after}
+        assert all(n > 0 for n in admitted.values()), f"a rank served no request of its own: {admitted}"
+        assert all(r["state"] == "READY" for r in after.values())
     finally:
         head.stop()
 
