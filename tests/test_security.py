@@ -18,9 +18,9 @@ import msgspec
 import pytest
 import zmq
 
-from conftest import start_head
 from eep_hpc import protocol as P
 from eep_hpc.config import Config
+from support import start_head, wait_until
 
 PROMPT = "The secret of the cluster is"
 
@@ -165,6 +165,8 @@ def test_forged_control_messages_are_dropped_and_change_nothing(api):
             s.setsockopt(zmq.IDENTITY, ident)
         s.connect(coordinator.address)
         socks.append(s)
+    dropped = api.state()["control_messages_dropped"]
+    sent = 0
     try:
         for sock in socks:
             for msg in forgeries:
@@ -173,13 +175,18 @@ def test_forged_control_messages_are_dropped_and_change_nothing(api):
             sock.send_multipart([b"two", b"frames"])  # no frame layout may stop the head's receive loop
             sock.send(b"")
             sock.send(os.urandom(1 << 20))
-        time.sleep(1.0)  # the head has read them all by now
+            sent += 2 * len(forgeries) + 3
+        # the head has read every one of them, and refused each
+        wait_until(lambda: api.state()["control_messages_dropped"] >= dropped + sent, 30,
+                   lambda: f"the head refusing all {sent} forged frames (refused: "
+                           f"{api.state()['control_messages_dropped'] - dropped})")
         text, finish = stream.result()
     finally:
         for s in socks:
             s.close()
         ctx.term()
     assert (text, finish) == (reference, "length")
+    assert api.state()["control_messages_dropped"] == dropped + sent
     assert snapshot(api) == before
     assert coordinator.ranks[0].stats.num_running != 99
     complete(api.url, 8)  # and it keeps serving
@@ -233,13 +240,16 @@ def test_a_rank_drops_frames_not_from_its_head():
         ping = P.encode(P.Ping(sent_at=1.0))
         router.send_multipart([ident, ping])
         router.send_multipart([ident, ping])  # replayed: one Pong only
-        time.sleep(0.5)
-        rank.drain(timeout_ms=1000)
-        assert not rank.stopping
+        router.send_multipart([ident, P.encode(P.Ping(sent_at=2.0))])  # the last frame: the rank has read them all
         pongs = []
-        while router.poll(500):
-            pongs.append(P.decode_for_head(router.recv_multipart()[1]))
-        assert [type(m) for m in pongs] == [P.Pong] and rank.last_heard > heard
+        deadline = time.monotonic() + 30
+        while not any(m.sent_at == 2.0 for m in pongs):
+            assert time.monotonic() < deadline, f"the rank answered {pongs} to its last Ping"
+            rank.drain(timeout_ms=100)
+            while router.poll(0):
+                pongs.append(P.decode_for_head(router.recv_multipart()[1]))
+        assert not rank.stopping
+        assert [(type(m), m.sent_at) for m in pongs] == [(P.Pong, 1.0), (P.Pong, 2.0)] and rank.last_heard > heard
         router.send_multipart([ident, P.encode(P.Shutdown())])
         rank.drain(timeout_ms=5000)
         assert rank.stopping

@@ -23,6 +23,7 @@ from eep_hpc.config import ModelConfig
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.loader import build_model
 from streaming_load import PROMPTS, reference_texts, stream_completion
+from support import wait_until
 
 
 def test_sixteen_concurrent_streams_match_one_at_a_time(api):
@@ -42,11 +43,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_idle_rank_does_not_spin(api):
-    asyncio.run(reference_texts(api.url, api.model, 4))  # it has served, and is idle again
-    pid = api.state()["ranks"][0]["pid"]
+    wave = api.state()["wave"]
+    asyncio.run(reference_texts(api.url, api.model, 4))  # it has served
+    # and is idle again: its last wave ended (the rank said so), no request is open
+    state = wait_until(lambda: (s := api.state())["wave"] > wave and not s["wave_running"]
+                       and s["requests_in_flight"] == 0 and s, 30, "the rank's wave to end")
+    pid = state["ranks"][0]["pid"]
     before = cpu_seconds(pid)
-    time.sleep(3.0)
+    time.sleep(3.0)  # the window measured: an idle rank blocks on its socket, waking only for the heartbeat
     used = cpu_seconds(pid) - before
+    assert not api.state()["wave_running"], "a wave started during the window: it measured no idle rank"
     assert used < 0.3, f"an idle rank used {used:.2f} s of CPU in 3 s"
 
 
