@@ -171,9 +171,9 @@ def test_joiner_dying_during_expert_transfer_rolls_back(tmp_path):
         def kill_when_staged():
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                staged = [k for k in list(coordinator._acks) if k[0] == "RankStaged"]
+                staged = [k for k in list(coordinator.exchange.acks) if k[0] == "RankStaged"]
                 if staged:
-                    for rid in coordinator._acks[staged[0]]:
+                    for rid in coordinator.exchange.acks[staged[0]]:
                         coordinator.ranks[rid].job.kill()  # it has its weights and waits for the experts
                     return
                 time.sleep(0.01)

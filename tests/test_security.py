@@ -19,6 +19,7 @@ import pytest
 import zmq
 
 from eep_hpc import protocol as P
+from eep_hpc import signing
 from eep_hpc.config import Config
 from support import start_head, wait_until
 
@@ -26,7 +27,7 @@ PROMPT = "The secret of the cluster is"
 
 
 def signed(msg, key: bytes, sender: bytes = b"\x07" * 8, counter: int = 1) -> bytes:
-    """A frame as protocol.encode builds it, but with any key, sender and counter."""
+    """A frame as signing.encode builds it, but with any key, sender and counter."""
     body = sender + counter.to_bytes(8, "big") + msgspec.msgpack.encode(msg)
     return hmac.digest(key, body, "sha256") + body
 
@@ -35,10 +36,10 @@ def signed(msg, key: bytes, sender: bytes = b"\x07" * 8, counter: int = 1) -> by
 
 
 def test_frames_verify_and_every_forgery_is_refused():
-    key = P.ensure_secret()
+    key = signing.ensure_secret()
     msg = P.RankFailed(rank_id=0, error="boom")
-    assert P.decode_for_head(P.encode(msg)) == msg
-    good = P.encode(msg)
+    assert signing.decode_for_head(signing.encode(msg)) == msg
+    good = signing.encode(msg)
     forged = {
         "unsigned msgpack": msgspec.msgpack.encode(msg),
         "another run's secret": signed(msg, os.urandom(32)),
@@ -48,48 +49,48 @@ def test_frames_verify_and_every_forgery_is_refused():
         "empty": b"",
     }
     for what, frame in forged.items():
-        with pytest.raises(P.BadSignature):
-            P.decode_for_head(frame)
+        with pytest.raises(signing.BadSignature):
+            signing.decode_for_head(frame)
             pytest.fail(what)
-    with pytest.raises(P.BadSignature):  # the head's direction is checked the same way
-        P.decode_for_rank(msgspec.msgpack.encode(P.Shutdown()))
-    assert P.decode_for_head(good) == msg
-    with pytest.raises(P.ReplayedMessage):  # a recorded frame sent again
-        P.decode_for_head(good)
+    with pytest.raises(signing.BadSignature):  # the head's direction is checked the same way
+        signing.decode_for_rank(msgspec.msgpack.encode(P.Shutdown()))
+    assert signing.decode_for_head(good) == msg
+    with pytest.raises(signing.ReplayedMessage):  # a recorded frame sent again
+        signing.decode_for_head(good)
     # frames of one sender may arrive out of order (several threads), each is taken once
     sender = os.urandom(8)
     for n in (5, 3, 4, 1):
-        assert P.decode_for_head(signed(msg, key, sender, n)) == msg
+        assert signing.decode_for_head(signed(msg, key, sender, n)) == msg
     for n in (3, 5):
-        with pytest.raises(P.ReplayedMessage):
-            P.decode_for_head(signed(msg, key, sender, n))
-    assert P.decode_for_head(signed(msg, key, sender, 5 + P.REPLAY_WINDOW)) == msg
-    with pytest.raises(P.ReplayedMessage):  # too old to tell
-        P.decode_for_head(signed(msg, key, sender, 2))
+        with pytest.raises(signing.ReplayedMessage):
+            signing.decode_for_head(signed(msg, key, sender, n))
+    assert signing.decode_for_head(signed(msg, key, sender, 5 + signing.REPLAY_WINDOW)) == msg
+    with pytest.raises(signing.ReplayedMessage):  # too old to tell
+        signing.decode_for_head(signed(msg, key, sender, 2))
 
 
 def test_identities_and_store_values_need_the_secret():
-    P.ensure_secret()
-    ident = P.rank_identity(0)
+    signing.ensure_secret()
+    ident = signing.rank_identity(0)
     assert ident.startswith(b"rank-0-") and len(ident) > len(b"rank-0-") + 8  # not guessable: b"rank-0" is not it
-    sealed = P.seal("weights/3", b"nixl metadata")
-    assert P.unseal("weights/3", sealed) == b"nixl metadata"
+    sealed = signing.seal("weights/3", b"nixl metadata")
+    assert signing.unseal("weights/3", sealed) == b"nixl metadata"
     for name, value in [("weights/3", b"\0" * 32 + b"nixl metadata"),  # written by someone else
                         ("weights/4", sealed),  # moved to another key
                         ("weights/3", sealed[:-1] + b"X")]:  # changed
-        with pytest.raises(P.BadSignature):
-            P.unseal(name, value)
+        with pytest.raises(signing.BadSignature):
+            signing.unseal(name, value)
 
 
 def test_secret_file_is_for_its_owner_only(tmp_path):
-    path = P.write_secret(tmp_path / "control-secret", b"s" * 32)
+    path = signing.write_secret(tmp_path / "control-secret", b"s" * 32)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert P.read_secret(path) == b"s" * 32
+    assert signing.read_secret(path) == b"s" * 32
     path.chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
-        P.read_secret(path)
+        signing.read_secret(path)
     with pytest.raises(RuntimeError, match="secret_file"):
-        P.read_secret("")
+        signing.read_secret("")
 
 
 # ---- the head's socket ---------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def snapshot(head) -> dict:
     st = head.state()
     return {"epoch": st["epoch"], "members": st["members"], "scale_events": len(st["scale_events"]),
             "ranks": [(r["rank_id"], r["state"], r["pid"], r["host"]) for r in st["ranks"]],
-            "notices": len(c._leaving)}
+            "notices": len(c.notices.received)}
 
 
 def test_forged_control_messages_are_dropped_and_change_nothing(api):
@@ -206,7 +207,7 @@ def test_the_same_frame_signed_with_the_runs_secret_is_taken(api):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(coordinator.address)
     try:
-        sock.send(P.encode(forged))
+        sock.send(signing.encode(forged))
         text, finish = stream.result()
     finally:
         sock.close()
@@ -222,7 +223,7 @@ def test_a_rank_drops_frames_not_from_its_head():
     head's address (the head gone, its port taken), the rank drops what it is sent unless it is signed."""
     from eep_hpc.rank.process import RankProcess
 
-    P.ensure_secret()
+    signing.ensure_secret()
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -237,20 +238,20 @@ def test_a_rank_drops_frames_not_from_its_head():
         for frame in (msgspec.msgpack.encode(P.Shutdown()), signed(P.Shutdown(), os.urandom(32)), b"",
                       signed(P.Shutdown(), os.urandom(32), counter=2)):
             router.send_multipart([ident, frame])
-        ping = P.encode(P.Ping(sent_at=1.0))
+        ping = signing.encode(P.Ping(sent_at=1.0))
         router.send_multipart([ident, ping])
         router.send_multipart([ident, ping])  # replayed: one Pong only
-        router.send_multipart([ident, P.encode(P.Ping(sent_at=2.0))])  # the last frame: the rank has read them all
+        router.send_multipart([ident, signing.encode(P.Ping(sent_at=2.0))])  # the last frame: the rank has read them all
         pongs = []
         deadline = time.monotonic() + 30
         while not any(m.sent_at == 2.0 for m in pongs):
             assert time.monotonic() < deadline, f"the rank answered {pongs} to its last Ping"
             rank.drain(timeout_ms=100)
             while router.poll(0):
-                pongs.append(P.decode_for_head(router.recv_multipart()[1]))
+                pongs.append(signing.decode_for_head(router.recv_multipart()[1]))
         assert not rank.stopping
         assert [(type(m), m.sent_at) for m in pongs] == [(P.Pong, 1.0), (P.Pong, 2.0)] and rank.last_heard > heard
-        router.send_multipart([ident, P.encode(P.Shutdown())])
+        router.send_multipart([ident, signing.encode(P.Shutdown())])
         rank.drain(timeout_ms=5000)
         assert rank.stopping
     finally:
@@ -291,7 +292,7 @@ def test_slurm_head_requires_an_api_key_the_owner_finds(tmp_path, monkeypatch):
         for f in (key_file, token_file, run_dir / "control-secret", run_dir / "head.json"):
             assert f.stat().st_mode & 0o777 == 0o600, f
         key, token = key_file.read_text().strip(), token_file.read_text().strip()
-        secret = P.read_secret(run_dir / "control-secret")
+        secret = signing.read_secret(run_dir / "control-secret")
 
         url = info["api_url"]
         for headers, why in [({}, "Missing API key"), ({"Authorization": "Bearer sk-wrong"}, "Incorrect API key"),
@@ -319,11 +320,11 @@ def test_slurm_head_requires_an_api_key_the_owner_finds(tmp_path, monkeypatch):
         # NIXL metadata signed
         store = head.head.coordinator.store
         keys = store.list_keys()
-        assert any(k.startswith(P.epoch_store_prefix(0) + "cpu/") for k in keys), keys
+        assert any(k.startswith(signing.epoch_store_prefix(0) + "cpu/") for k in keys), keys
         assert not any(k.startswith("0/") for k in keys), keys
         for k in keys:
             if k.startswith(("weights/", "experts/")):
-                P.unseal(k, store.get(k))
+                signing.unseal(k, store.get(k))
 
         # the owner's CLI finds the key and the token through the run dir
         assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0

@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 from eep_hpc import protocol as P
+from eep_hpc import signing
 from eep_hpc.cluster.node_agent import agent_identity
 from eep_hpc.cluster.pools import Pool, PoolError, load_pools, name_pools, parse_pools
 from eep_hpc.config import Config, ControlConfig
@@ -80,7 +81,7 @@ class FakeHead:
         self.address = f"tcp://127.0.0.1:{port}"
         self.hellos: dict[int, P.RankHello] = {}
         # like the head: the run's secret in a file its ranks and agents read (this process signs with it)
-        self.secret_file = P.write_secret(secret_file, P.ensure_secret())
+        self.secret_file = signing.write_secret(secret_file, signing.ensure_secret())
 
     def launches(self, rank_ids, head_timeout_s: float = 60.0) -> list[P.RankLaunch]:
         cfg = Config(control=ControlConfig(head_timeout_s=head_timeout_s, secret_file=str(self.secret_file)))
@@ -105,8 +106,8 @@ class FakeHead:
                                          f"{job.node_job.job.stdout()}")
                 continue
             ident, data = self.sock.recv_multipart()
-            msg = P.decode_for_head(data)
-            assert isinstance(msg, P.RankHello) and ident == P.rank_identity(msg.rank_id)
+            msg = signing.decode_for_head(data)
+            assert isinstance(msg, P.RankHello) and ident == signing.rank_identity(msg.rank_id)
             self.hellos[msg.rank_id] = msg
         return self.hellos
 
@@ -120,12 +121,12 @@ class FakeHead:
                 continue
             ident, data = self.sock.recv_multipart()
             if ident.startswith(b"agent-"):
-                return ident, P.decode_for_head(data)
+                return ident, signing.decode_for_head(data)
         raise TimeoutError(f"no notice from a node agent in {timeout_s:.0f} s")
 
     def shutdown(self, rank_ids) -> None:
         for r in rank_ids:
-            self.sock.send_multipart([P.rank_identity(r), P.encode(P.Shutdown())])
+            self.sock.send_multipart([signing.rank_identity(r), signing.encode(P.Shutdown())])
 
     def close(self) -> None:
         self.sock.close()

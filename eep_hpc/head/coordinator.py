@@ -218,11 +218,3 @@ class Coordinator:
     @property
     def store(self):
         return self.link.store
-
-    @property
-    def _acks(self) -> dict[tuple[str, int], set[int]]:  # tests/test_elastic.py
-        return self.exchange.acks
-
-    @property
-    def _leaving(self) -> list[P.NodeLeaving]:  # tests/test_security.py
-        return self.notices.received

@@ -1,5 +1,5 @@
 """Stateless process groups, one set per epoch, built from the head's TCPStore under the epoch's prefix
-(`protocol.epoch_store_prefix`: f"{epoch}-<tag>/", the tag derived from the run's secret).
+(`signing.epoch_store_prefix`: f"{epoch}-<tag>/", the tag derived from the run's secret).
 
 Never through init_process_group/WORLD: a process destroys one epoch's groups and builds the next of another size.
 `cpu` (gloo) carries small control collectives (the step's agreement, KV sizing); `device` carries tensors of the

@@ -5,7 +5,7 @@ the head's TCPStore:
 - `weights/<rank_id>`: its dense parameters (everything but the expert slots), for joining ranks;
 - `experts/<epoch>/<rank_id>`: one descriptor per (MoE layer, local slot) of its expert tensors in that epoch,
   for expert copies when the placement changes (grow, shrink, rebalance).
-Values are signed with the run's secret (`protocol.seal`): the store has no access control, and a reader must not
+Values are signed with the run's secret (`signing.seal`): the store has no access control, and a reader must not
 be pointed at memory of a process outside the run. Readers never make the source wait: a source keeps serving while
 others read it, and its old expert tensors stay alive until the commit, which comes only after every reader reported
 its copies done. A dead source fails only its reader's transfer (and so the scaling event, which rolls back); no
