@@ -22,7 +22,8 @@ from eep_hpc.config import Config, ConfigError, load_config
 from eep_hpc.kernels.moe import swiglu_experts_reference
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel import nixl_ep_all_to_all as nx
-from eep_hpc.parallel.all_to_all import TorchAllToAll, make_all_to_all
+from eep_hpc.parallel.all_to_all import TorchAllToAll
+from eep_hpc.parallel.backends import make_all_to_all
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.groups import EpochGroup, connect_store
 

@@ -198,7 +198,7 @@ def build_engine(launch, epoch_msg, group) -> RankEngine:
 
     from eep_hpc.model.arch import load_arch
     from eep_hpc.model.loader import build_model
-    from eep_hpc.parallel.all_to_all import make_all_to_all
+    from eep_hpc.parallel.backends import make_all_to_all
     from eep_hpc.parallel.expert_map import ExpertMap
 
     cfg = launch.config

@@ -112,13 +112,3 @@ def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """pairs [T, k, D], weights [T, k] -> [T, D]: one batched matmul (fp32 accumulation on the GPU); the sum
     depends only on the values, not on which rank computed them."""
     return torch.bmm(weights.to(pairs.dtype).unsqueeze(1), pairs).squeeze(1)
-
-
-def make_all_to_all(cfg, arch, epoch, group: EpochGroup, expert_map) -> AllToAll:
-    """The backend cfg.parallel.backend names, for one epoch (`epoch` is the P.Epoch entered, `arch` the model's
-    MoEArch): "torch" (CPU and GPU, the default) or "nixl_ep" (CUDA; a config error elsewhere)."""
-    if cfg.parallel.backend == "nixl_ep":
-        from eep_hpc.parallel.nixl_ep_all_to_all import NixlEpAllToAll
-
-        return NixlEpAllToAll.for_epoch(cfg, arch, epoch, group, expert_map)
-    return TorchAllToAll(group)

@@ -25,7 +25,7 @@ from eep_hpc import protocol as P
 from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
 from eep_hpc.model.loader import load_dense, load_expert_slot, weight_source
 from eep_hpc.model.moe import ExpertParallel
-from eep_hpc.parallel.all_to_all import make_all_to_all
+from eep_hpc.parallel.backends import make_all_to_all
 from eep_hpc.parallel.eplb import CHECKPOINT
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.expert_transfer import (
