@@ -8,15 +8,21 @@
 - the fake model's sampling rule of the scheduler tests: `model_token`
 - the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`
 
-Streaming load (streaming_load.py) and random Hugging Face checkpoints (hf_reference.py) keep their own modules.
+- streaming load over HTTP with reference texts: `run_load`, `reference_texts`, `stream_completion`, `PROMPTS`
+- random Hugging Face checkpoints and their transformers models: `save_random_hf_model`, `hf_model`
+- token-id prompts read back through the API (a tokenizer whose token i is "<ti>"): `PROMPT_IDS`, `id_token_model`,
+  `complete`, `greedy_ids`, `scale`, `engine_for`; bf16 against transformers' own error: `assert_within_bf16_error`
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import torch
 
 T = TypeVar("T")
 
@@ -285,3 +292,248 @@ def wait_sacct(job_id: str, key: str, states: set[str], timeout_s: float = 60.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"sacct {key}: {info.get(key)} not in {states} after {timeout_s:.0f} s: {info}")
         time.sleep(0.5)
+
+
+# ---- streaming load over HTTP ------------------------------------------------------------------------------------
+
+
+PROMPTS = [f"Request {i}: the {w} of the story is" for i, w in enumerate(
+    ["start", "middle", "end", "hero", "place", "time", "cause", "moral",
+     "voice", "twist", "theme", "setting", "plot", "villain", "ending", "title"])]
+
+
+@dataclass
+class LoadResult:
+    texts: dict[int, list[str]] = field(default_factory=dict)  # prompt index -> texts of completed requests
+    failures: list[str] = field(default_factory=list)
+    completed: int = 0
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    text, done, finish = [], False, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            text.append(chunk["choices"][0]["text"])
+            finish = chunk["choices"][0]["finish_reason"] or finish
+    if not done or finish != "length":
+        raise RuntimeError(f"stream ended without [DONE] or with finish_reason={finish!r}")
+    return "".join(text)
+
+
+async def reference_texts(url: str, model: str, max_tokens: int, headers: dict | None = None) -> list[str]:
+    async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+        return list(await asyncio.gather(*[stream_completion(client, url, model, p, max_tokens) for p in PROMPTS]))
+
+
+async def run_load(url: str, model: str, max_tokens: int, stop: asyncio.Event, streams: int = 16,
+                   headers: dict | None = None) -> LoadResult:
+    """`streams` clients, each issuing requests back to back (prompt i, i + streams, ...) until `stop` is set."""
+    result = LoadResult()
+
+    async def client_loop(worker: int):
+        async with httpx.AsyncClient(timeout=300, headers=headers) as client:
+            i = worker
+            while not stop.is_set():
+                k = i % len(PROMPTS)
+                try:
+                    text = await stream_completion(client, url, model, PROMPTS[k], max_tokens)
+                    result.texts.setdefault(k, []).append(text)
+                    result.completed += 1
+                except Exception as e:  # every failure is a test failure; keep going to count them all
+                    result.failures.append(f"prompt {k}: {type(e).__name__}: {e}")
+                i += streams
+
+    await asyncio.gather(*[client_loop(w) for w in range(streams)])
+    return result
+
+
+# ---- random Hugging Face checkpoints ----------------------------------------------------------------------------
+
+
+# DeepSeek-V2-Lite's shape in small: MLA with q straight from q_proj, yarn RoPE, a dense first layer, shared experts;
+# and group-limited routing with a scaled top-k (V2's, not Lite's) so that every routing path is exercised.
+DEEPSEEK_V2_LITE_LIKE = dict(
+    num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+    n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+    q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+    topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                     "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1},
+)
+# DeepSeek-V2's (full) attention shape: q through a low-rank q_a_proj / q_a_layernorm / q_b_proj; greedy routing.
+DEEPSEEK_V2_LIKE = dict(
+    DEEPSEEK_V2_LITE_LIKE, q_lora_rank=24, topk_method="greedy", n_group=None, topk_group=None,
+    routed_scaling_factor=1.0, num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+def save_random_hf_model(kind: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """kind: qwen3_moe | mixtral | deepseek_v2_lite | deepseek_v2; overrides replace DeepSeek config fields."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            **common, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], rope_theta=10000.0,
+        )
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif kind.startswith("deepseek_v2"):
+        shape = DEEPSEEK_V2_LITE_LIKE if kind == "deepseek_v2_lite" else DEEPSEEK_V2_LIKE
+        cfg = transformers.DeepseekV2Config(**{**common, **shape, **overrides})
+        model = transformers.DeepseekV2ForCausalLM(cfg)
+    else:
+        cfg = transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=8, rope_theta=1e6)
+        model = transformers.MixtralForCausalLM(cfg)
+    # HF initialises with std 0.02: scale up so logits are spread and greedy choices are clear-cut
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15 if p.dim() > 1 else 1.0)
+            elif kind.startswith("deepseek_v2"):  # norm weights away from 1, so a misplaced norm shows
+                p.normal_(1.0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+# ---- token-id prompts through the API; bf16 against transformers -------------------------------------------------
+
+
+# 16 token-id prompts of the tiny vocabulary (ids 3..511, past its special tokens): one token, short ones, and
+# lengths on both sides of a 16-token KV block.
+PROMPT_LENGTHS = [1, 2, 3, 5, 8, 13, 15, 16, 17, 24, 31, 32, 33, 40, 49, 64]
+PROMPT_IDS = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(100 + n)).tolist()
+              for n in PROMPT_LENGTHS]
+
+
+def write_id_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """tokenizer.json and tokenizer_config.json of a word-level vocabulary whose token i is the text "<ti>"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"<t{i}>": i for i in range(vocab_size)}, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def id_token_model(src: Path, dst: Path) -> Path:
+    """A model directory with src's config and weights (linked) and the id tokenizer (`write_id_tokenizer`)."""
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.startswith("tokenizer"):
+            (dst / f.name).symlink_to(f.resolve())
+    write_id_tokenizer(dst, json.loads((dst / "config.json").read_text())["vocab_size"])
+    return dst
+
+
+def token_id(piece: str) -> int:
+    m = re.fullmatch(r"<t(\d+)>", piece)
+    assert m, f"{piece!r} is not a token of the id tokenizer"
+    return int(m.group(1))
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # the generated token ids
+    logprobs: list[float]  # theirs
+    top: list[dict[int, float]]  # per generated token: the most likely tokens' logprobs (the chosen one included)
+    prompt_top: list[dict[int, float]]  # with echo: the same for prompt tokens 1.. (token 0 has none)
+
+
+async def _complete_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
+                        top: int, echo: bool) -> Completion:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "logprobs": top, "echo": echo}
+    r = await client.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text[:500]
+    (choice,) = r.json()["choices"]
+    assert choice["finish_reason"] == "length", choice
+    lp = choice["logprobs"]
+    ids = [token_id(t) for t in lp["tokens"]]
+    tops = [None if d is None else {token_id(k): v for k, v in d.items()} for d in lp["top_logprobs"]]
+    n = len(prompt) if echo else 0
+    assert len(ids) == n + max_tokens and ids[:n] == prompt[:n], (prompt, ids)
+    return Completion(ids[n:], lp["token_logprobs"][n:], tops[n:], tops[1:n])
+
+
+def complete(url: str, model: str, prompts: list[list[int]], max_tokens: int, top: int = 0,
+             echo: bool = False) -> list[Completion]:
+    """Greedy completions of token-id prompts, sent at once (one request each), from a model served with the id
+    tokenizer; `top` most likely tokens' logprobs per token, and the prompt's too with echo."""
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*[_complete_one(client, url, model, p, max_tokens, top, echo)
+                                          for p in prompts])
+
+    return list(asyncio.run(main()))
+
+
+def greedy_ids(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    return [c.ids for c in complete(url, model, prompts, max_tokens)]
+
+
+def scale(head, action: str, body: dict) -> dict:
+    """POST /admin/scale/{grow,shrink}; the event's figures."""
+    r = httpx.post(f"{head.url}/admin/scale/{action}", json=body, timeout=600)
+    assert r.status_code == 200, r.text[:500]
+    return r.json()
+
+
+def engine_for(model_dir: Path, device: str = "cpu", **model):
+    """A one-rank engine in process holding every expert (no head)."""
+    from eep_hpc import protocol as P
+    from eep_hpc.config import Config, EngineConfig, ModelConfig
+    from eep_hpc.engine.rank_engine import build_engine
+    from eep_hpc.model.arch import load_arch
+    from eep_hpc.parallel.groups import EpochGroup
+
+    arch = load_arch(model_dir)
+    cfg = Config(model=ModelConfig(path=str(model_dir), **model), engine=EngineConfig(num_kv_blocks=256))
+    launch = P.RankLaunch(rank_id=0, head_address="", model_dir=str(model_dir), eos_token_ids=[], device=device,
+                          config=cfg)
+    epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
+                    physical_to_logical=[list(range(arch.num_experts))] * len(arch.moe_layers),
+                    slot_offsets=[0, arch.num_experts])
+    return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device(device)))
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------------
+
+
+def rms(xs: list[float]) -> float:
+    return (sum(x * x for x in xs) / len(xs)) ** 0.5
+
+
+def assert_within_bf16_error(ours: list[list[float]], theirs: list[list[float]], floor: float = 0.01) -> None:
+    """Typical (the median position) and worst (the prompt of largest RMS) error of ours within twice transformers'
+    bf16 error (+ floor, in nats). bf16 rounding and the routing choices it flips (the tiny model's router logits
+    are spread, some tokens sit near a tie between experts) make the worst positions far worse than the median."""
+    med_ours, med_theirs = (statistics.median(x for e in es for x in e) for es in (ours, theirs))
+    worst_ours, worst_theirs = max(map(rms, ours)), max(map(rms, theirs))
+    print(f"logprob error, nats: median {med_ours:.4f} (transformers bf16 {med_theirs:.4f}), worst prompt's RMS "
+          f"{worst_ours:.4f} (transformers bf16 {worst_theirs:.4f})")
+    assert med_ours <= 2 * med_theirs + floor, (med_ours, med_theirs)
+    assert worst_ours <= 2 * worst_theirs + floor, (worst_ours, worst_theirs)

@@ -9,7 +9,7 @@ import httpx
 
 from eep_hpc.config import AdaptConfig
 from eep_hpc.head.autoscaler import RankLoad, decide
-from streaming_load import run_load
+from support import run_load
 from support import start_head
 
 CFG = AdaptConfig(enabled=True, min_ranks=1, max_ranks=3, sustain_s=5, idle_s=30, lifetime_s=3600, replace_before_s=300)

@@ -17,8 +17,8 @@ from eep_hpc.model.arch import DeepseekRouting, parse_arch
 from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM, route_deepseek
 from eep_hpc.model.loader import build_model
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
-from hf_reference import hf_model, save_random_hf_model
-from streaming_load import reference_texts, run_load
+from support import hf_model, save_random_hf_model
+from support import reference_texts, run_load
 from eep_hpc.parallel.groups import EpochGroup
 from support import NEW_TOKENS, TOKEN_PROMPTS as PROMPTS, greedy, start_head
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from streaming_load import reference_texts, run_load
+from support import reference_texts, run_load
 from support import alive, only_held_by, rank_pids, rss_kib, start_head, until, wait_gone
 
 MAX_TOKENS = 32

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from streaming_load import reference_texts, run_load
+from support import reference_texts, run_load
 from support import start_head, wait_until
 
 MAX_TOKENS = 24

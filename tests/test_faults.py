@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from streaming_load import reference_texts, run_load
+from support import reference_texts, run_load
 from support import alive, only_held_by, pid_of, start_head, until, wait_for_event
 
 MAX_TOKENS = 32

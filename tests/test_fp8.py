@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import greedy
+from support import greedy
 
 from kernel_checks import DEVICE, DTYPES, TOL, big, needs_cuda, needs_kernels, rel_err
 
@@ -283,7 +283,7 @@ def engine_for(model_dir: Path, device: str = "cpu", **model) -> RankEngine:
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
 def hf_checkpoint(request, tmp_path_factory):
-    from hf_reference import save_random_hf_model
+    from support import save_random_hf_model
 
     return save_random_hf_model(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -550,8 +550,8 @@ def test_fp8_checkpoint_on_gpu_keeps_fp8_experts_and_matches_dequantised(hf_chec
     """fp32 activations with fp8 experts on the GPU (no TF32): the greedy tokens of the dequantised checkpoint on
     the CPU, exactly. bf16 activations: logprobs (the whole vocabulary, prompt and 8 generated tokens) against
     transformers fp32 on the dequantised checkpoint, within twice transformers' own bf16 error there."""
-    from hf_reference import hf_model
-    from test_gpu import assert_within_bf16_error
+    from support import hf_model
+    from support import assert_within_bf16_error
 
     fp8_dir = save_fp8_copy(hf_checkpoint, tmp_path / "fp8", (16, 32))
     deq_dir = save_fp8_copy(hf_checkpoint, tmp_path / "deq", (16, 32), dequantised=True)
@@ -602,8 +602,8 @@ def test_fp8_dummy_on_gpu_is_half_the_expert_bytes_and_the_round_tripped_model(t
 def test_fp8_experts_grow_and_shrink_across_two_gpus_keep_token_ids(tmp_path):
     """fp8 experts and their scales move between GPUs (NIXL or the all-to-all) on grow and shrink; the greedy token
     ids stay those of the checkpoint holding the round-tripped weights, on the CPU (fp32 activations)."""
-    from conftest import start_head
-    from test_gpu import PROMPT_IDS, greedy_ids, id_token_model, scale
+    from support import start_head
+    from support import PROMPT_IDS, greedy_ids, id_token_model, scale
 
     tiny = _tiny_path()
     want = greedy(engine_for(save_fp8_copy(tiny, tmp_path / "deq", (128, 128), dequantised=True)), PROMPT_IDS, 24)

@@ -12,130 +12,25 @@ Token ids come back through the OpenAI API itself: the served model directory ho
 with a tokenizer whose token i is the text "<ti>" (`id_token_model`), so the `logprobs` tokens of a completion name
 their ids (`complete`). The CPU test below checks that read-back against the in-process engine.
 
-The helpers above the tests (`id_token_model`, `complete`, `scale`, `engine_for`, `PROMPT_IDS`) are shared with
-test_fp8.py and test_nixl_ep.py, which import them inside their GPU tests; they belong in tests/support.py.
+The helpers (`id_token_model`, `complete`, `scale`, `engine_for`, `PROMPT_IDS`, `assert_within_bf16_error`) live in
+tests/support.py: test_fp8.py and test_nixl_ep.py use them too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import re
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from conftest import greedy, start_head
+from support import (PROMPT_IDS, Completion, assert_within_bf16_error, complete, engine_for, greedy, greedy_ids,
+                     id_token_model, scale, start_head)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 GPU = "cuda"  # the device the GPU tests serve on
 
 # ---- shared helpers: token-id prompts in, token ids and logprobs out, through the OpenAI API -----------------------
-
-# 16 token-id prompts of the tiny vocabulary (ids 3..511, past its special tokens): one token, short ones, and
-# lengths on both sides of a 16-token KV block.
-PROMPT_LENGTHS = [1, 2, 3, 5, 8, 13, 15, 16, 17, 24, 31, 32, 33, 40, 49, 64]
-PROMPT_IDS = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(100 + n)).tolist()
-              for n in PROMPT_LENGTHS]
-
-
-def write_id_tokenizer(model_dir: Path, vocab_size: int) -> None:
-    """tokenizer.json and tokenizer_config.json of a word-level vocabulary whose token i is the text "<ti>"."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"<t{i}>": i for i in range(vocab_size)}, unk_token="<t0>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def id_token_model(src: Path, dst: Path) -> Path:
-    """A model directory with src's config and weights (linked) and the id tokenizer (`write_id_tokenizer`)."""
-    dst.mkdir(parents=True)
-    for f in Path(src).iterdir():
-        if f.is_file() and not f.name.startswith("tokenizer"):
-            (dst / f.name).symlink_to(f.resolve())
-    write_id_tokenizer(dst, json.loads((dst / "config.json").read_text())["vocab_size"])
-    return dst
-
-
-def token_id(piece: str) -> int:
-    m = re.fullmatch(r"<t(\d+)>", piece)
-    assert m, f"{piece!r} is not a token of the id tokenizer"
-    return int(m.group(1))
-
-
-@dataclass
-class Completion:
-    ids: list[int]  # the generated token ids
-    logprobs: list[float]  # theirs
-    top: list[dict[int, float]]  # per generated token: the most likely tokens' logprobs (the chosen one included)
-    prompt_top: list[dict[int, float]]  # with echo: the same for prompt tokens 1.. (token 0 has none)
-
-
-async def _complete_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
-                        top: int, echo: bool) -> Completion:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "logprobs": top, "echo": echo}
-    r = await client.post(f"{url}/v1/completions", json=body)
-    assert r.status_code == 200, r.text[:500]
-    (choice,) = r.json()["choices"]
-    assert choice["finish_reason"] == "length", choice
-    lp = choice["logprobs"]
-    ids = [token_id(t) for t in lp["tokens"]]
-    tops = [None if d is None else {token_id(k): v for k, v in d.items()} for d in lp["top_logprobs"]]
-    n = len(prompt) if echo else 0
-    assert len(ids) == n + max_tokens and ids[:n] == prompt[:n], (prompt, ids)
-    return Completion(ids[n:], lp["token_logprobs"][n:], tops[n:], tops[1:n])
-
-
-def complete(url: str, model: str, prompts: list[list[int]], max_tokens: int, top: int = 0,
-             echo: bool = False) -> list[Completion]:
-    """Greedy completions of token-id prompts, sent at once (one request each), from a model served with the id
-    tokenizer; `top` most likely tokens' logprobs per token, and the prompt's too with echo."""
-    async def main():
-        async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*[_complete_one(client, url, model, p, max_tokens, top, echo)
-                                          for p in prompts])
-
-    return list(asyncio.run(main()))
-
-
-def greedy_ids(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    return [c.ids for c in complete(url, model, prompts, max_tokens)]
-
-
-def scale(head, action: str, body: dict) -> dict:
-    """POST /admin/scale/{grow,shrink}; the event's figures."""
-    r = httpx.post(f"{head.url}/admin/scale/{action}", json=body, timeout=600)
-    assert r.status_code == 200, r.text[:500]
-    return r.json()
-
-
-def engine_for(model_dir: Path, device: str = "cpu", **model):
-    """A one-rank engine in process holding every expert (no head)."""
-    from eep_hpc import protocol as P
-    from eep_hpc.config import Config, EngineConfig, ModelConfig
-    from eep_hpc.engine.rank_engine import build_engine
-    from eep_hpc.model.arch import load_arch
-    from eep_hpc.parallel.groups import EpochGroup
-
-    arch = load_arch(model_dir)
-    cfg = Config(model=ModelConfig(path=str(model_dir), **model), engine=EngineConfig(num_kv_blocks=256))
-    launch = P.RankLaunch(rank_id=0, head_address="", model_dir=str(model_dir), eos_token_ids=[], device=device,
-                          config=cfg)
-    epoch = P.Epoch(epoch=0, rank_ids=[0], store_host="", store_port=0,
-                    physical_to_logical=[list(range(arch.num_experts))] * len(arch.moe_layers),
-                    slot_offsets=[0, arch.num_experts])
-    return build_engine(launch, epoch, EpochGroup(None, 0, 0, 1, torch.device(device)))
-
-
-# ---- fixtures ------------------------------------------------------------------------------------------------------
 
 NEW = 24  # greedy tokens per prompt
 
@@ -209,26 +104,10 @@ def logprob_errors(served: list[Completion], prompts: list[list[int]], ref, othe
     return ours, theirs
 
 
-def rms(xs: list[float]) -> float:
-    return (sum(x * x for x in xs) / len(xs)) ** 0.5
-
-
-def assert_within_bf16_error(ours: list[list[float]], theirs: list[list[float]], floor: float = 0.01) -> None:
-    """Typical (the median position) and worst (the prompt of largest RMS) error of ours within twice transformers'
-    bf16 error (+ floor, in nats). bf16 rounding and the routing choices it flips (the tiny model's router logits
-    are spread, some tokens sit near a tie between experts) make the worst positions far worse than the median."""
-    med_ours, med_theirs = (statistics.median(x for e in es for x in e) for es in (ours, theirs))
-    worst_ours, worst_theirs = max(map(rms, ours)), max(map(rms, theirs))
-    print(f"logprob error, nats: median {med_ours:.4f} (transformers bf16 {med_theirs:.4f}), worst prompt's RMS "
-          f"{worst_ours:.4f} (transformers bf16 {worst_theirs:.4f})")
-    assert med_ours <= 2 * med_theirs + floor, (med_ours, med_theirs)
-    assert worst_ours <= 2 * worst_theirs + floor, (worst_ours, worst_theirs)
-
-
 def check_bf16_against_transformers(model_dir: Path, tmp_path: Path, device: str) -> None:
     """bf16 served on `device` vs transformers: fp32 (the reference, on the CPU) and bf16 (on `device`)."""
     from eep_hpc.model.tiny import ensure_tiny_checkpoint
-    from hf_reference import hf_model
+    from support import hf_model
 
     head = start_head(tmp_path, ranks=1, parallel={"device": device}, model={"path": str(model_dir),
                                                                             "dtype": "bfloat16"})

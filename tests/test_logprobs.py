@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eep_hpc import protocol as P
-from hf_reference import hf_model, save_random_hf_model
+from support import hf_model, save_random_hf_model
 from support import single_rank_engine
 
 TOL = 2e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_reference import hf_model, save_random_hf_model
+from support import hf_model, save_random_hf_model
 from support import NEW_TOKENS, TOKEN_PROMPTS as PROMPTS, greedy, single_rank_engine
 
 

@@ -410,7 +410,7 @@ def compare_greedy(got: list, ref: list, near_tie: float = NEAR_TIE, mean_deviat
 
 def _completion(ids, logprobs, runner_up_gap=1.0):
     """A test_gpu.Completion whose every position lists the chosen token and a runner-up `runner_up_gap` below."""
-    from test_gpu import Completion
+    from support import Completion
 
     top = [{t: lp, (t + 1) % 512: lp - runner_up_gap} for t, lp in zip(ids, logprobs)]
     return Completion(list(ids), list(logprobs), top, [])
@@ -446,7 +446,7 @@ def test_compare_greedy_allows_only_near_tie_differences():
 def qwen3_like_dummy(model_dir: Path) -> Path:
     """Qwen3-30B-A3B's shapes cut to 2 layers of 16 experts (top-4, intermediate 256) and a 512-token vocabulary,
     dummy weights, with the id tokenizer (test_gpu.write_id_tokenizer): token ids read back through the API."""
-    from test_gpu import write_id_tokenizer
+    from support import write_id_tokenizer
 
     spec = json.loads((Path(__file__).parents[1] / "configs/models/qwen3-30b-a3b/config.json").read_text())
     spec.update(num_hidden_layers=2, num_experts=NUM_EXPERTS, num_experts_per_tok=4, moe_intermediate_size=256,
@@ -463,8 +463,8 @@ def test_serving_with_nixl_ep_through_grow_and_shrink(tmp_path):
     """Served on one GPU (the reference), grown to two (nixl_ep connects), shrunk to the joiner (disconnects), grown
     again (the freed seat is reused): after each event the same greedy token ids as the one-rank reference, up to
     near-ties (compare_greedy), for 16 token-id prompts sent at once (both ranks serve some)."""
-    from conftest import start_head
-    from test_gpu import PROMPT_IDS, complete, scale
+    from support import start_head
+    from support import PROMPT_IDS, complete, scale
 
     head = start_head(tmp_path / "run", ranks=1, parallel={"device": "cuda", "backend": "nixl_ep"},
                       model={"path": str(qwen3_like_dummy(tmp_path / "model")), "load_format": "dummy",

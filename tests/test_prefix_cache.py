@@ -218,7 +218,7 @@ def test_scheduler_shared_prompts_under_tiny_cache(seed):
 
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory):
-    from hf_reference import save_random_hf_model
+    from support import save_random_hf_model
 
     return save_random_hf_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
 

@@ -22,7 +22,7 @@ import torch
 from eep_hpc.config import ModelConfig
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.loader import build_model
-from streaming_load import PROMPTS, reference_texts, stream_completion
+from support import PROMPTS, reference_texts, stream_completion
 from support import wait_until
 
 

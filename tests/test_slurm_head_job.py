@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streaming_load import reference_texts, run_load
+from support import reference_texts, run_load
 from support import ROOT, TEST_CONFIG, sacct, wait_sacct, why_no_slurm
 
 NO_SLURM = why_no_slurm()

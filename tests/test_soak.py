@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from streaming_load import reference_texts, run_load
+from support import reference_texts, run_load
 from support import alive, job_pid, rss_kib, start_head, wait_for_event, wait_gone
 
 MAX_TOKENS = 24
