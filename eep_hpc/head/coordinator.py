@@ -45,11 +45,14 @@ log = logging.getLogger("eep_hpc.coordinator")
 
 class Coordinator:
     def __init__(self, cfg: Config, launcher: Launcher, model_dir: str, eos_token_ids: list[int],
-                 num_experts: int, num_moe_layers: int, model_name: str = "", max_model_len: int = 0, tokenizer=None):
+                 num_experts: int, num_moe_layers: int, model_name: str = "", max_model_len: int = 0, tokenizer=None,
+                 vocab_size: int | None = None):
         """cfg: the config ranks get (read only); what the HTTP front reads (serve.engine_client.EngineClient):
-        model_name, max_model_len, tokenizer."""
+        model_name, max_model_len, tokenizer, vocab_size (the model's: client token ids are checked against it,
+        once, before anything reaches a rank)."""
         self.cfg = cfg
         self.model_name, self.max_model_len, self.tokenizer = model_name, max_model_len, tokenizer
+        self.vocab_size = vocab_size
         self.num_experts, self.num_moe_layers = num_experts, num_moe_layers
         ctl, par = cfg.control, cfg.parallel
         self._tasks: list[asyncio.Task] = []

@@ -56,7 +56,8 @@ def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
                                  device=cfg.parallel.device)
     launcher = launcher or LocalLauncher(cfg.control.run_dir, cfg.parallel.device)
     return Coordinator(cfg, launcher, str(model_dir), eos, arch.num_experts, len(arch.moe_layers),
-                       model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer)
+                       model_name=cfg.model.served_name(), max_model_len=max_model_len(cfg, arch), tokenizer=tokenizer,
+                       vocab_size=arch.vocab_size)
 
 
 class Head:

@@ -103,8 +103,8 @@ class RankProcess:
     def handle(self, msg) -> None:
         epochs = self.epochs
         match msg:
-            case P.AddRequest():
-                self.add(msg)
+            case P.AddRequest():  # token ids were checked by the head's API (serve/prompts.py)
+                self.engine.add(msg)
             case P.AbortRequests(request_ids=ids):
                 self.engine.abort(ids)
             case P.Wake(wave=w):
@@ -128,16 +128,6 @@ class RankProcess:
                 self.stopping = self.stopping or epochs.left
             case P.Shutdown():
                 self.stopping = True
-
-    def add(self, msg: P.AddRequest) -> None:
-        vocab = self.engine.model.arch.vocab_size
-        bad = next((t for t in msg.prompt_token_ids + msg.output_token_ids if not 0 <= t < vocab), None)
-        if bad is not None or not msg.prompt_token_ids:
-            why = f"token id {bad} is outside the vocabulary [0, {vocab})" if bad is not None else "empty prompt"
-            out = P.RequestOutput(request_id=msg.request_id, new_token_ids=[], finish_reason="error", error=why)
-            self.send(P.StepOutputs(rank_id=self.id, outputs=[out], stats=self.stats()))
-            return
-        self.engine.add(msg)
 
     def stats(self, with_load: bool = False) -> P.RankStats:
         stats = self.engine.stats(with_load)

@@ -14,6 +14,7 @@ class EngineClient(Protocol):
     model_name: str  # the served model id, what clients put in "model"
     max_model_len: int  # prompt + completion tokens of one request
     tokenizer: "Tokenizer"
+    vocab_size: int | None  # the model's; client token ids are checked against it here, and nowhere else
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
