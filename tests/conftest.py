@@ -7,6 +7,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# No CUDA GPU: the Triton kernel tests run in Triton's interpreter (tests/kernel_checks.py). Set before anything
+# imports triton; the serving code stays on the torch reference for CPU tensors either way (ops.use_triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from support import RunningHead, greedy, start_head  # noqa: F401  (re-exported, see above)
 

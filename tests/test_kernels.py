@@ -1,7 +1,6 @@
 """Triton kernels against their torch references, and the CPU dispatch that keeps the references in use.
 
-Kernel tests run on a CUDA GPU; without one they are skipped (or run on the CPU through Triton's interpreter when
-TRITON_INTERPRET=1 and Triton is installed: fp32 and small shapes only, since the interpreter's bf16 dot is wrong).
+Kernel tests run on a CUDA GPU, or without one on the CPU in Triton's interpreter (small shapes; see kernel_checks.py).
 Each check draws fresh random inputs, fills the output with NaN first, and compares with the reference computed in
 float64 on the same (already rounded) inputs by ||out - ref|| / ||ref||:
   fp32: <= 1e-5 (the kernels use IEEE fp32 dots, no TF32);
@@ -27,6 +26,9 @@ from eep_hpc.kernels.norm import rms_norm_reference
 
 
 def test_cpu_tensors_use_the_reference():
+    # also with Triton installed and TRITON_INTERPRET=1 (the kernel tests' CPU setting): the model never runs
+    # interpreted kernels on the CPU
+    assert not ops.use_triton(torch.zeros(1))
     x = torch.randn(5, 16)
     w = torch.rand(16)
     assert torch.equal(ops.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))

@@ -1,13 +1,14 @@
 """The fused MoE router (`routing.route_topk_triton`) against the torch composition it replaces.
 
-Conventions as tests/test_kernels.py: Triton tests run on a CUDA GPU; without one they are skipped (or run on the
-CPU through Triton's interpreter when TRITON_INTERPRET=1 and Triton is installed: fp32 logits only). Each check
-draws fresh random inputs. The outputs are allocated by the kernel's wrapper, so instead of poisoning them the
-checks compare every entry exactly with the reference (slots, load counts) or within 1e-6 relative (weights).
+Conventions as tests/test_kernels.py: Triton tests run on a CUDA GPU, or without one on the CPU in Triton's
+interpreter (see kernel_checks.py). Each check draws fresh random inputs. The outputs are allocated by the kernel's
+wrapper, so instead of poisoning them the checks compare every entry exactly with the reference (slots, load
+counts) or within 1e-6 relative (fp32 weights).
 
 Logits are drawn with no ties among each row's top k + 1 (so the reference's order is defined), the load row
 starts from random counts (the kernel adds, never overwrites) and the tables are rows of [L, E, R] tables (as the
-model passes `load[layer]`), with and without replicated experts.
+model passes `load[layer]`), with and without replicated experts. The production setting, bf16 logits from a bf16
+gate (ties included) and bf16 weights, has its own test (`test_route_topk_triton_bf16_gate`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,67 @@ def triton_route(logits, top_k, renormalize, replicas):
 def test_route_topk_triton(T, E, top_k, dtype, renormalize, replicas):
     x = distinct_logits(T, E, top_k, dtype)
     assert_matches(*triton_route(x, top_k, renormalize, replicas))
+
+
+def gate_logits(T: int, E: int, D: int = 256) -> torch.Tensor:
+    """[T, E] bf16 router logits as a bf16 model's gate Linear makes them (bf16 hidden states and weights): equal
+    values among a row's largest are common (about 1 row in 4 at E = 128)."""
+    h = torch.randn(T, D).bfloat16()
+    w = (torch.randn(E, D) * D**-0.5).bfloat16()
+    return torch.nn.functional.linear(h, w).to(DEVICE)
+
+
+@needs_kernels
+@pytest.mark.parametrize("E,top_k,renormalize", [(128, 8, True), (8, 2, True), (64, 6, False)],
+                         ids=["qwen3-moe", "mixtral", "deepseek-v2-lite"])  # fmt: skip
+@pytest.mark.parametrize("T", [1, 7, 300])
+def test_route_topk_triton_bf16_gate(T, E, top_k, renormalize):
+    """bf16 gate logits, weights asked for in bf16 (as the model calls it), against the reference.
+
+    Where a row's top k + 1 logits are distinct, experts, slots and load are the reference's exactly. Where logits
+    tie, torch.topk (the reference) leaves their order open (on the CPU it does not always put the lower expert
+    first), and the kernel takes the lower expert: then the picks' logits still equal the reference's place by
+    place, the kernel's experts are the first k of a stable descending sort, the slots follow the reference's
+    replica rule and the load counts those picks. Weights: within one bf16 ulp of the reference's (each rounds its
+    fp32 weight once; the two fp32 weights differ in their last bits at most)."""
+    from eep_hpc.kernels.triton_routing import route_topk_triton
+
+    torch.manual_seed(T * 131 + E)
+    logits = gate_logits(T, E)
+    load, count, l2p = make_tables(E, True)
+    load_before, load_ref = load.clone(), load.clone()
+    tables = (count[LAYER], l2p[LAYER])
+    slots, weights = route_topk_triton(logits, top_k, renormalize, load[LAYER], *tables, weights_dtype=torch.bfloat16)
+    ref_slots, ref_weights = route_topk_reference(
+        logits, top_k, renormalize, load_ref[LAYER], *tables, weights_dtype=torch.bfloat16
+    )
+    assert slots.dtype == torch.int64 and weights.dtype == ref_weights.dtype == torch.bfloat16
+    assert slots.shape == weights.shape == ref_slots.shape == (T, top_k)
+
+    table = l2p[LAYER]
+    owner = torch.full((int(count[LAYER].sum()),), -1, dtype=torch.long, device=DEVICE)
+    owner[table[table >= 0]] = torch.arange(E, device=DEVICE)[:, None].expand_as(table)[table >= 0]
+    ids, ref_ids = owner[slots], owner[ref_slots]
+    assert (ids >= 0).all() and (ref_ids >= 0).all()
+    # the same logits picked, place by place; ties to the lower expert
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids))
+    stable = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(ids, stable)
+    top = logits.float().topk(min(top_k + 1, E), dim=-1).values
+    distinct = (top[:, :-1] != top[:, 1:]).all(-1)
+    assert torch.equal(ids[distinct], ref_ids[distinct]) and torch.equal(slots[distinct], ref_slots[distinct])
+    # slots: token t's j-th expert e takes replica (t + j) % count[e]
+    pick = (torch.arange(T, device=DEVICE)[:, None] + torch.arange(top_k, device=DEVICE)) % count[LAYER][ids]
+    assert torch.equal(slots, table[ids, pick])
+    # load: the picks counted once each, only in the routed layer's row
+    expected_load = load_before.clone()
+    expected_load[LAYER] += torch.bincount(ids.flatten(), minlength=E)
+    assert torch.equal(load, expected_load)
+    if torch.equal(ids.sort(1).values, ref_ids.sort(1).values):
+        assert torch.equal(load, load_ref)
+    # weights: one bf16 ulp (2**-7 relative) at most
+    w, ref_w = weights.float(), ref_weights.float()
+    assert not w.isnan().any() and ((w - ref_w).abs() <= 2**-7 * ref_w.abs()).all(), (w - ref_w).abs().max()
 
 
 @needs_kernels
