@@ -1,6 +1,7 @@
 """Fixtures: a real head (coordinator + HTTP API) with real rank processes serving the tiny model. Helpers the tests
-share live in support.py; start_head and greedy are imported here too for modules that still import them from
-conftest (test_fp8, test_gpu, test_nixl_ep)."""
+share live in support.py. The tests mirror the package: tests/engine/, tests/head/, tests/kernels/ (with the kernel
+tests' own preamble, kernel_checks.py), tests/model/, tests/parallel/, tests/serve/, tests/cluster/ (real Slurm),
+tests/bench/, tests/gpu/."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import os
 import pytest
 import torch
 
-# No CUDA GPU: the Triton kernel tests run in Triton's interpreter (tests/kernel_checks.py). Set before anything
+# No CUDA GPU: the Triton kernel tests run in Triton's interpreter (tests/kernels/kernel_checks.py). Set before anything
 # imports triton; the serving code stays on the torch reference for CPU tensors either way (ops.use_triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from support import RunningHead, greedy, start_head  # noqa: F401  (re-exported, see above)
+from support import start_head
 
 
 @pytest.fixture(scope="session", autouse=True)

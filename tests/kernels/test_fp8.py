@@ -7,7 +7,7 @@ checked on weights whose every block has its own known largest magnitude, so the
 known by construction. CPU: an FP8 checkpoint is dequantised at load, so its greedy tokens equal those of a
 checkpoint holding the dequantised weights; the same holds with fp8 expert slots kept in the model (served by the
 reference kernel, which dequantises slot by slot), which is the layout the GPU serves. Kernel checks run on a CUDA
-GPU, or on the CPU through Triton's interpreter with TRITON_INTERPRET=1 (fp32 activations and tiny shapes only);
+GPU, or on the CPU through Triton's interpreter with TRITON_INTERPRET=1 (small shapes, fp32 and bf16 activations: kernels/kernel_checks.py mends the interpreter's bf16);
 like tests/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
 float64 on the dequantised weights. On a GPU: fp32 activations give the dequantised checkpoint's greedy tokens
 exactly, bf16 activations logprobs within twice transformers' own bf16 error on the dequantised checkpoint.
@@ -225,7 +225,7 @@ def test_reference_kernel_dequantises_slot_by_slot():
 
 
 def test_config_json_quantization():
-    base = json.loads((Path(__file__).parent.parent / "configs/models/qwen3-30b-a3b/config.json").read_text())
+    base = json.loads((Path(__file__).parents[2] / "configs/models/qwen3-30b-a3b/config.json").read_text())
     assert parse_arch(base).quantization is None
     fp8 = dict(base, quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                           "weight_block_size": [128, 128]})

@@ -448,7 +448,7 @@ def qwen3_like_dummy(model_dir: Path) -> Path:
     dummy weights, with the id tokenizer (test_gpu.write_id_tokenizer): token ids read back through the API."""
     from support import write_id_tokenizer
 
-    spec = json.loads((Path(__file__).parents[1] / "configs/models/qwen3-30b-a3b/config.json").read_text())
+    spec = json.loads((Path(__file__).parents[2] / "configs/models/qwen3-30b-a3b/config.json").read_text())
     spec.update(num_hidden_layers=2, num_experts=NUM_EXPERTS, num_experts_per_tok=4, moe_intermediate_size=256,
                 vocab_size=512)
     model_dir.mkdir(parents=True)
