@@ -6,7 +6,7 @@
   the same tokens. Served through HTTP by one rank, by two ranks on two GPUs across grow and shrink, and with
   decode CUDA graphs on and off.
 - bf16 on a GPU gives logprobs within twice transformers' own bf16 error, both measured against transformers in
-  fp32 (as tests/test_deepseek_v2.py does for logits).
+  fp32 (as tests/model/test_deepseek_v2.py does for logits).
 
 Token ids come back through the OpenAI API itself: the served model directory holds the tiny checkpoint's weights
 with a tokenizer whose token i is the text "<ti>" (`id_token_model`), so the `logprobs` tokens of a completion name

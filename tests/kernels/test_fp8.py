@@ -8,7 +8,7 @@ known by construction. CPU: an FP8 checkpoint is dequantised at load, so its gre
 checkpoint holding the dequantised weights; the same holds with fp8 expert slots kept in the model (served by the
 reference kernel, which dequantises slot by slot), which is the layout the GPU serves. Kernel checks run on a CUDA
 GPU, or on the CPU through Triton's interpreter with TRITON_INTERPRET=1 (small shapes, fp32 and bf16 activations: kernels/kernel_checks.py mends the interpreter's bf16);
-like tests/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
+like tests/kernels/test_kernels.py they draw fresh inputs, poison the output with NaN and compare with the reference in
 float64 on the dequantised weights. On a GPU: fp32 activations give the dequantised checkpoint's greedy tokens
 exactly, bf16 activations logprobs within twice transformers' own bf16 error on the dequantised checkpoint.
 """

@@ -1,6 +1,6 @@
 """The fused MoE router (`routing.route_topk_triton`) against the torch composition it replaces.
 
-Conventions as tests/test_kernels.py: Triton tests run on a CUDA GPU, or without one on the CPU in Triton's
+Conventions as tests/kernels/test_kernels.py: Triton tests run on a CUDA GPU, or without one on the CPU in Triton's
 interpreter (see kernel_checks.py). Each check draws fresh random inputs. The outputs are allocated by the kernel's
 wrapper, so instead of poisoning them the checks compare every entry exactly with the reference (slots, load
 counts) or within 1e-6 relative (fp32 weights).
