@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from eep_hpc.config import Config
+from eep_hpc.config import load_config
 from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.groups import EpochGroup, connect_store
@@ -32,9 +32,8 @@ def _bench_worker(i: int, port: int, args) -> None:
     dev = torch.device("cuda", 0 if shared else i)
     torch.cuda.set_device(dev)
     E, k, D = args.experts, args.top_k, args.hidden
-    cfg = Config()
-    cfg.parallel.backend, cfg.parallel.ranks, cfg.model.dtype = "nixl_ep", 2, "bfloat16"
-    cfg.parallel.moe_chunk_tokens, cfg.engine.cuda_graphs = max(args.tokens), False
+    cfg = load_config(None, parallel={"backend": "nixl_ep", "ranks": 2, "moe_chunk_tokens": max(args.tokens)},
+                      model={"dtype": "bfloat16"}, engine={"cuda_graphs": False})
     store = connect_store("127.0.0.1", port, timeout_s=120)
     offsets = [0, E // 2, E]
     epoch = P.Epoch(epoch=1, rank_ids=[0, 1], store_host="127.0.0.1", store_port=port,
