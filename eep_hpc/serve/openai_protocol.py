@@ -153,6 +153,11 @@ class CompletionRequest(SamplingRequest):
     def _prompt(cls, v: Any) -> list[str | list[int]]:
         return normalize_prompt(v)
 
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens(cls, v: Any) -> Any:
+        return 16 if v is None else v  # null means what leaving it out means: OpenAI's default of 16
+
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs

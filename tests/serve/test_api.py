@@ -320,6 +320,22 @@ def test_completion_usage_matches_tokenizer(api, client):
     assert r.json()["choices"][0]["text"] == choice["text"]
 
 
+def test_null_max_tokens_means_the_default(api, client):
+    """`max_tokens: null` is what leaving it out is: 16 tokens for completions, up to the context for chat."""
+    body = {"model": api.model, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True}
+    omitted = client.post("/v1/completions", json=body)
+    null = client.post("/v1/completions", json={**body, "max_tokens": None})
+    assert omitted.status_code == null.status_code == 200, null.text
+    assert omitted.json()["usage"]["completion_tokens"] == 16
+    assert null.json()["usage"]["completion_tokens"] == 16
+    assert null.json()["choices"][0]["text"] == omitted.json()["choices"][0]["text"]
+    chat = {"model": api.model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    omitted = client.post("/v1/chat/completions", json=chat)
+    null = client.post("/v1/chat/completions", json={**chat, "max_tokens": None, "max_completion_tokens": None})
+    assert omitted.status_code == null.status_code == 200, null.text
+    assert null.json()["choices"][0]["message"] == omitted.json()["choices"][0]["message"]
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_greedy_same_text_streamed_or_not(api, client, chat):
     if chat:
