@@ -100,6 +100,9 @@ def _admin_post(args, path: str, body: dict) -> int:
 
 
 def _event_line(e: dict) -> str:
+    if e.get("phase") == "UNCHANGED":  # a rebalance that found the serving placement already the best one
+        return (f"{e['kind']}: placement unchanged, nothing moved (still epoch {e['epoch']}, "
+                f"{e['to_ranks']} ranks)")
     return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
             f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
             f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
@@ -107,7 +110,12 @@ def _event_line(e: dict) -> str:
 
 
 def _grow(args) -> int:
-    body: dict = {"n": args.n, "wait": not args.no_wait}
+    if args.n is not None and args.n < 1:
+        print(f"eep-hpc: grow needs N >= 1 ranks to add, got {args.n}", file=sys.stderr)
+        return 2
+    body: dict = {"wait": not args.no_wait}
+    if args.n is not None:
+        body["n"] = args.n
     pools = args.pool or []
     if any(":" in p for p in pools):  # --pool big:2 --pool small:1: one heterogeneous job
         try:
@@ -115,7 +123,9 @@ def _grow(args) -> int:
         except ValueError:
             print("eep-hpc: --pool takes NAME or NAME:COUNT", file=sys.stderr)
             return 2
-        body["n"] = 0
+        if args.n is not None or any(c < 1 for c in body["pools"].values()):
+            print("eep-hpc: with --pool NAME:COUNT give no N, and each COUNT >= 1", file=sys.stderr)
+            return 2
     elif pools:
         body["pool"] = pools[-1]
     return _admin_post(args, "/admin/scale/grow", body)
@@ -125,6 +135,9 @@ def _shrink(args) -> int:
     chosen = [x for x in (args.n, args.rank, args.node) if x is not None]
     if len(chosen) != 1:
         print("eep-hpc: shrink needs exactly one of N, --rank R, --node HOST", file=sys.stderr)
+        return 2
+    if args.n is not None and args.n < 1:
+        print(f"eep-hpc: shrink needs N >= 1 ranks to remove, got {args.n}", file=sys.stderr)
         return 2
     body = {"n": args.n} if args.n is not None else {"rank_ids": args.rank} if args.rank else {"node": args.node}
     return _admin_post(args, "/admin/scale/shrink", body)
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         return a
 
     g = admin_parser("grow", "add N ranks to the serving group while it serves", _grow)
-    g.add_argument("n", type=int, nargs="?", default=0, help="number of ranks to add (with one --pool NAME)")
+    g.add_argument("n", type=int, nargs="?", help="number of ranks to add, >= 1 (default 1; with one --pool NAME)")
     g.add_argument("--pool", action="append", help="NAME (Slurm node shape), or NAME:COUNT repeated for one "
                                                    "heterogeneous job, e.g. --pool big:2 --pool small:1")
     g.add_argument("--no-wait", action="store_true", help="return once submitted; ranks join when Slurm starts them")

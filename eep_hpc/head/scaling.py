@@ -54,10 +54,16 @@ class Scaling:
         return (await self.exchange.run(event, placement)).summary()
 
     async def rebalance(self) -> dict:
-        """Re-place experts by the load counted since the last rebalance (same members, a new epoch)."""
+        """Re-place experts by the load counted since the last rebalance (same members, a new epoch). When the
+        new placement is the serving one, nothing happens: no event, no new epoch, no pause; the answer says
+        "moved": 0 and "phase": "UNCHANGED"."""
         m = self.membership
+        self.exchange.check_idle()
         members = list(m.members)
         new = await asyncio.to_thread(rebalance, self.load.or_uniform(), self.slots_for(members), m.placement)
+        if new == m.placement and members == m.members:
+            self.load.reset()
+            return {**ScaleEvent("rebalance", m.epoch, members, members).summary(), "phase": "UNCHANGED", "moved": 0}
         event = await self.exchange.run(self.exchange.open("rebalance", members), new)
         self.load.reset()
         return event.summary()
@@ -102,6 +108,8 @@ class Scaling:
         """Drain and remove these ranks: experts first, their requests to survivors, commit, then they exit.
         Ranks still queued or starting are simply cancelled."""
         m = self.membership
+        if not rank_ids:
+            raise ValueError("shrink needs at least one rank id")
         cancelled = self.jobs.cancel_pending(rank_ids)
         rank_ids = [r for r in rank_ids if r not in cancelled]
         if cancelled and not rank_ids:

@@ -5,7 +5,8 @@ POST /admin/scale/shrink    {"n": 1} | {"rank_ids": [3]} | {"node": "host"}   dr
 POST /admin/rebalance       {}                                   re-place experts by the load counted so far
 POST /admin/adapt           {"min": 1, "max": 4}                 grow under load, shrink when idle, within bounds
 Each answers the event's figures (prepare_s, commit_pause_ms, bytes_moved, gbps, requests_migrated); 409 while
-another event runs, 400 for bad arguments, 503 when the event failed and was rolled back (still serving).
+another event runs, 400 for bad arguments, 503 when the event failed and was rolled back (still serving). A
+rebalance whose placement equals the serving one runs no event and keeps the epoch: "phase": "UNCHANGED", "moved": 0.
 
 The routes talk to a `ClusterAdmin` (the head's is head/admin.py), never to the head's state.
 """
@@ -58,7 +59,7 @@ class ClusterAdmin(Protocol):
 
 class GrowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n: int = Field(0, ge=0, le=1024)
+    n: int | None = Field(None, ge=1, le=1024)  # None: 1, or the counts of `pools`
     pool: str = ""  # one pool (Slurm node shape); "" = the configured default
     pools: dict[str, int] | None = None  # several pools in one heterogeneous job: {"big": 2, "small": 1}
     wait: bool = True  # False: answer once submitted; the ranks join whenever the scheduler starts them
@@ -88,6 +89,8 @@ def pick_ranks(members: dict[int, str], req: ShrinkRequest) -> list[int]:
     if sum(given) != 1:
         raise bad_request("give exactly one of n, rank_ids, node")
     if req.rank_ids is not None:
+        if not req.rank_ids:
+            raise bad_request("rank_ids is empty: name at least one rank to remove", "rank_ids")
         return req.rank_ids
     if req.node is not None:
         on_node = [r for r, host in members.items() if host == req.node]
@@ -114,7 +117,11 @@ async def _run(action):
 def add_admin_routes(app: FastAPI, admin: ClusterAdmin) -> None:
     @app.post("/admin/scale/grow")
     async def grow(req: GrowRequest) -> dict:
-        n = req.n if (req.n or req.pools) else 1
+        if req.pools is not None and req.n is not None:
+            raise bad_request("give n (with one pool) or pools, not both", "n")
+        if req.pools is not None and not req.pools:
+            raise bad_request("pools is empty: give at least one {pool: count}", "pools")
+        n = 1 if req.n is None else req.n
         pools = admin.pools()
         if req.pools:
             unknown = [p for p in req.pools if p not in pools]

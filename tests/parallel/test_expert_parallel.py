@@ -77,9 +77,10 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
         assert result.completed > 0
         for k, texts in result.texts.items():
             assert all(t == reference[k] for t in texts), f"prompt {k} changed across rebalances"
-        assert [e["phase"] for e in events] == ["DONE"] * 3
+        # a rebalance whose placement is the serving one runs no event and keeps the epoch
+        assert all(e["phase"] in ("DONE", "UNCHANGED") for e in events), events
         after = head.state()
-        assert after["epoch"] == 3
+        assert after["epoch"] == sum(e["phase"] == "DONE" for e in events)
         # the skewed load of real traffic moved replicas: the hot experts now hold the redundant slot
         assert after["placement"] != before or any(e["experts_moved"] for e in events)
     finally:
