@@ -30,8 +30,6 @@ def parse_setting(item: str) -> tuple[str, str, object]:
 
 
 def _serve(args) -> int:
-    from eep_hpc.head.main import Head
-
     overrides = {
         "serve": {"host": args.host, "port": args.port},
         "parallel": {"ranks": args.ranks, "device": args.device, "launcher": args.launcher},
@@ -41,7 +39,10 @@ def _serve(args) -> int:
     for item in args.set or []:
         section, key, value = parse_setting(item)
         overrides.setdefault(section, {})[key] = value
-    cfg = load_config(args.config, **overrides)
+    cfg = load_config(args.config, **overrides)  # config mistakes end here, before the model code is even imported
+
+    from eep_hpc.head.main import Head
+
     head = Head(cfg)
 
     def ready(h):

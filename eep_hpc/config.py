@@ -82,6 +82,8 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool: str = ""  # the pool `grow` uses when none is named
 
     def __post_init__(self) -> None:
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.backend == "nixl_ep" and self.device == "cpu":
             raise ValueError('backend = "nixl_ep" needs CUDA GPUs, but device = "cpu" (use backend = "torch" on CPU)')
 
@@ -228,14 +230,39 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with p.open("rb") as f:
-            raw = tomllib.load(f)
+        try:
+            with p.open("rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
     for section, values in overrides.items():
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{path or 'config'}: {section} must be a [{section}] table")
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(f"{path or 'config'}: {e}{_valid_keys(str(e))}") from None
+
+
+def _valid_keys(message: str) -> str:
+    """For msgspec's "Object contains unknown field `x` - at `$.engine`": the keys that table takes."""
+    found = re.search(r"unknown field `[^`]*`(?: - at `\$(.*)`)?", message)
+    if not found:
+        return ""
+    where = found.group(1) or ""  # "", ".engine", ".pools[...]"
+    sections = {f".{name}": type(getattr(Config(), name)) for name in Config.__struct_fields__ if name != "pools"}
+    if not where:
+        struct = Config
+    elif where.startswith((".pools[", ".pools.")):
+        struct = Pool
+    elif where in sections:
+        struct = sections[where]
+    else:
+        return ""
+    return "; valid keys: " + ", ".join(struct.__struct_fields__)
 
 
 def to_dict(cfg: Config) -> dict:

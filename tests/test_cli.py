@@ -30,3 +30,36 @@ def test_rebalance_that_moves_nothing_says_so(api):
     r = eep("rebalance", "--url", api.url)
     assert r.returncode == 0, r.stderr
     assert "placement unchanged, nothing moved" in r.stdout
+
+
+# ---- serve: config mistakes end before anything starts --------------------------------------------------------
+
+
+def test_serve_names_a_toml_syntax_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nblock_size = \n")
+    line = one_line_error(eep("serve", "--config", str(bad)))
+    assert str(bad) in line and "not valid TOML" in line and "line 2" in line
+
+
+def test_serve_needs_at_least_one_rank(tmp_path):
+    line = one_line_error(eep("serve", "--ranks", "0", "--run-dir", str(tmp_path)))
+    assert "ranks must be >= 1, got 0" in line
+    assert not (tmp_path / "head.json").exists()
+
+
+def test_serve_unknown_key_lists_the_valid_ones(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[serve]\nprot = 8000\n")
+    line = one_line_error(eep("serve", "--config", str(bad)))
+    assert str(bad) in line and "`prot`" in line and "valid keys: host, port" in line
+
+
+def test_serve_names_a_missing_config_before_loading_the_model(tmp_path):
+    """Named at once: before the head, its model code and torch are even imported."""
+    missing = tmp_path / "nope.toml"
+    code = ("import sys; from eep_hpc.cli import main; rc = main(['serve', '--config', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert r.stderr.strip() == f"eep-hpc: config file not found: {missing}"
