@@ -63,3 +63,10 @@ def test_serve_names_a_missing_config_before_loading_the_model(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
     assert r.stderr.strip() == f"eep-hpc: config file not found: {missing}"
+
+
+def test_commands_do_not_print_http_request_logs(api):
+    for args in (["status"], ["status", "--json"], ["rebalance"], ["adapt", "--min", "1", "--max", "1", "--off"]):
+        r = eep(*args, "--url", api.url)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "HTTP Request" not in r.stderr + r.stdout and "httpx" not in r.stderr, (args, r.stderr)
