@@ -92,7 +92,7 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str = ""  # empty = no key needed for /v1/*
-    admin_token: str = ""  # empty = admin routes open (embedded default only)
+    admin_token: str = ""  # empty = admin routes open, unless api_key is set (then a random one in RUN_DIR/admin-token)
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -25,7 +25,7 @@ log = logging.getLogger("eep_hpc.head")
 @dataclass(frozen=True)
 class Credentials:
     api_key: str  # "" = /v1/* open
-    admin_token: str  # "" = /admin/* open
+    admin_token: str  # "" = /admin/* open (only when the API is keyless too)
     secret_file: Path  # the control secret (mode 600); ranks and node agents read it
     api_key_file: Path | None = None  # set when made here (the discovery file points at it)
     admin_token_file: Path | None = None
@@ -45,7 +45,8 @@ def make_credentials(cfg: Config) -> Credentials:
     """A head running as a Slurm job guards /v1/* with an API key and /admin/* with an admin token: random ones
     unless serve.api_key / serve.admin_token name them, written to <run_dir>/api-key and <run_dir>/admin-token
     (mode 600), which the owner's CLI finds through the discovery file. `eep-hpc serve` outside Slurm (a laptop,
-    127.0.0.1) stays keyless unless configured. The control secret goes to control.secret_file (default
+    127.0.0.1) stays keyless unless configured; but once serve.api_key is set, /admin/* is never left open: without
+    serve.admin_token a random token is made and written to <run_dir>/admin-token the same way. The control secret goes to control.secret_file (default
     <run_dir>/control-secret) before any rank starts."""
     run_dir = private_run_dir(cfg)
     in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
@@ -54,7 +55,7 @@ def make_credentials(cfg: Config) -> Credentials:
         api_key = "sk-eep-" + secrets.token_urlsafe(32)
         api_key_file = signing.write_private(run_dir / "api-key", api_key)
     admin_token, admin_token_file = cfg.serve.admin_token, None
-    if not admin_token and in_slurm:
+    if not admin_token and (in_slurm or api_key):  # a keyed API never leaves scaling open to anyone
         admin_token = secrets.token_urlsafe(32)
         admin_token_file = signing.write_private(run_dir / "admin-token", admin_token)
     secret_file = signing.write_secret(cfg.control.secret_file or run_dir / signing.SECRET_FILE,

@@ -71,6 +71,9 @@ class Head:
                                                                       creds.secret_file)
         if self.api_key_file:
             log.info("API key required on /v1/*: 'Authorization: Bearer <key>' with the key in %s", self.api_key_file)
+        if self.admin_token_file:
+            log.info("admin token required on /admin/*: 'Authorization: Bearer <token>' with the token in %s "
+                     "(eep-hpc status/grow/shrink --run-dir %s find it)", self.admin_token_file, cfg.control.run_dir)
         self.coordinator = build_coordinator(rank_config(cfg, creds), launcher)
         self.app = create_app(self.coordinator, serve_config(cfg, creds))
         add_admin_routes(self.app, self.coordinator.admin)

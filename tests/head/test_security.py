@@ -334,3 +334,34 @@ def test_slurm_head_requires_an_api_key_the_owner_finds(tmp_path, monkeypatch):
         assert json.loads(result.read_text())["completed"] == 2
     finally:
         head.stop()
+
+
+def test_an_api_key_without_an_admin_token_still_guards_admin(tmp_path, caplog):
+    """serve.api_key set, serve.admin_token not: /admin/* (scaling included) is not left open; a random token goes
+    to RUN_DIR/admin-token (mode 600), the log says where, and the CLI finds it through the run dir."""
+    from eep_hpc.cli import main
+
+    run_dir = tmp_path / "run"
+    with caplog.at_level("INFO", logger="eep_hpc.head"):
+        head = start_head(run_dir, ranks=1, serve={"api_key": "sk-mine"})
+    try:
+        token_file = run_dir / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert token and token != "sk-mine"
+        assert [r for r in caplog.records if "admin token" in r.getMessage() and str(token_file) in r.getMessage()]
+        info = json.loads((run_dir / "head.json").read_text())
+        assert Path(info["admin_token_file"]).resolve() == token_file.resolve()
+
+        for path, headers in [("/admin/state", {}), ("/admin/state", {"Authorization": "Bearer sk-mine"}),
+                              ("/admin/scale/grow", {})]:
+            r = (httpx.get if path.endswith("state") else httpx.post)(f"{head.url}{path}", headers=headers, timeout=10,
+                                                                     **({} if path.endswith("state") else {"json": {"n": 1}}))
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and err["message"] and err["type"]
+        r = httpx.get(f"{head.url}/admin/state", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert r.status_code == 200 and r.json()["epoch"] == 0
+        assert main(["status", "--run-dir", str(run_dir), "--json"]) == 0
+    finally:
+        head.stop()
