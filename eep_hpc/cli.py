@@ -69,6 +69,9 @@ def _status(args) -> int:
     print(f"epoch {state['epoch']}  ranks {len(state['members'])}  requests in flight {state['requests_in_flight']}")
     print(f"{'rank':>4} {'state':<9} {'host':<16} {'device':<7} {'running':>7} {'waiting':>7} {'kv used':>12} "
           f"{'steps':>8} {'graphs':>6}")
+    adapt = state.get("adapt")
+    if adapt:
+        print(_adapt_line(adapt))
     if state.get("scaling"):
         print(f"scaling now: {state['scaling']['kind']} to epoch {state['scaling']['epoch']} ({state['scaling']['phase'].lower()})")
     for r in state["ranks"]:
@@ -82,7 +85,8 @@ def _status(args) -> int:
         offs = placement["slot_offsets"]
         for layer, row in enumerate(placement["physical_to_logical"]):
             per_rank = [row[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
-            print(f"layer {layer}: " + "  ".join(f"r{i}:{s}" for i, s in enumerate(per_rank)))
+            # labelled by rank id (what shrink --rank takes), not by position in the epoch
+            print(f"layer {layer}: " + "  ".join(f"r{rid}:{s}" for rid, s in zip(state["members"], per_rank)))
     for e in state.get("scale_events", [])[-5:]:
         print(_event_line(e))
     return 0
@@ -100,11 +104,30 @@ def _admin_post(args, path: str, body: dict) -> int:
     return 0
 
 
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(r) for r in ids)
+
+
+def _adapt_line(a: dict) -> str:
+    line = f"adapt {'on' if a['enabled'] else 'off'}: {a['min_ranks']}..{a['max_ranks']} ranks"
+    return line + (f" (last: {a['last']})" if a.get("last") else "")
+
+
 def _event_line(e: dict) -> str:
     if e.get("phase") == "UNCHANGED":  # a rebalance that found the serving placement already the best one
         return (f"{e['kind']}: placement unchanged, nothing moved (still epoch {e['epoch']}, "
                 f"{e['to_ranks']} ranks)")
+    who = []
+    if e.get("lost"):
+        who.append(f"rank(s) {_ids(e['lost'])} lost, detected in {e['detect_s']:.3f} s, "
+                   f"serving again in {e['recovery_s']:.3f} s")
+    if e.get("joined"):
+        who.append(f"rank(s) {_ids(e['joined'])} joined")
+    left = [r for r in e.get("left", []) if r not in e.get("lost", [])]
+    if left:
+        who.append(f"rank(s) {_ids(left)} left")
     return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
+            + "".join(w + ", " for w in who) +
             f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
             f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
             f"{e['requests_migrated']} request(s) migrated" + (f", error: {e['error']}" if e.get("error") else ""))
@@ -152,8 +175,7 @@ def _adapt(args) -> int:
     if r.status_code != 200:
         print(f"eep-hpc: {r.json().get('error', {}).get('message', r.text)}", file=sys.stderr)
         return 1
-    a = r.json()
-    print(f"adapt {'on' if a['enabled'] else 'off'}: {a['min_ranks']}..{a['max_ranks']} ranks")
+    print(_adapt_line(r.json()))
     return 0
 
 

@@ -3,8 +3,13 @@ never a traceback, and before anything starts."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import subprocess
 import sys
+
+from support import metric, pid_of, start_head, wait_for_event
 
 
 def eep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -70,3 +75,43 @@ def test_commands_do_not_print_http_request_logs(api):
         r = eep(*args, "--url", api.url)
         assert r.returncode == 0, (args, r.stderr)
         assert "HTTP Request" not in r.stderr + r.stdout and "httpx" not in r.stderr, (args, r.stderr)
+
+
+# ---- status: what a user reads -----------------------------------------------------------------------------------
+
+
+def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
+    """After rank 0 dies, the survivor is rank 1 at position 0 of the epoch: placement lines say r1 (the id that
+    shrink --rank takes), the recovery's line names the lost rank with its detect and recovery times (also in
+    /metrics), and one line gives the adapt state."""
+    head = start_head(tmp_path / "run", ranks=2)
+    try:
+        os.kill(pid_of(head.state(), 0), signal.SIGKILL)
+        event = asyncio.run(wait_for_event(head, "recover", 1))
+        assert event["lost"] == [0] and event["left"] == [0] and event["joined"] == []
+        assert eep("adapt", "--min", "1", "--max", "3", "--off", "--url", head.url).returncode == 0
+        r = eep("status", "--url", head.url)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        layers = [line for line in lines if line.startswith("layer ")]
+        assert layers and all(" r1:" in line and " r0:" not in line for line in layers), r.stdout
+        recover = [line for line in lines if line.startswith("recover 2 -> 1 ranks")]
+        assert len(recover) == 1, r.stdout
+        assert (f"rank(s) 0 lost, detected in {event['detect_s']:.3f} s, serving again in {event['recovery_s']:.3f} s"
+                in recover[0]), recover[0]
+        assert "adapt off: 1..3 ranks" in lines, r.stdout
+        assert metric(head.url, "eep_hpc:recover_ranks_lost") == 1
+        assert metric(head.url, "eep_hpc:ranks_lost_total") == 1
+        assert metric(head.url, "eep_hpc:recover_detect_seconds") == event["detect_s"]
+        assert metric(head.url, "eep_hpc:recover_seconds") == event["recovery_s"] > 0
+
+        # a grow's line names the rank that joined
+        r = eep("grow", "1", "--url", head.url, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "grow 1 -> 2 ranks" in r.stdout and "rank(s) 2 joined" in r.stdout, r.stdout
+        r = eep("shrink", "--rank", "1", "--url", head.url, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "shrink 2 -> 1 ranks" in r.stdout and "rank(s) 1 left" in r.stdout, r.stdout
+        assert " r2:" in eep("status", "--url", head.url).stdout
+    finally:
+        head.stop()

@@ -74,6 +74,7 @@ class ScaleEvent:
         return {
             "kind": self.kind, "epoch": self.epoch, "phase": self.phase.name,
             "from_ranks": len(self.old_members), "to_ranks": len(self.new_members),
+            "joined": self.joining, "left": self.leaving,  # rank ids
             "prepare_s": round(self.prepare_s, 4), "commit_s": round(self.commit_s, 4),
             "commit_pause_ms": round(self.commit_pause_ms, 2), "bytes_moved": self.bytes_moved,
             "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),

@@ -60,5 +60,16 @@ class ClusterCollector:
             for kind, v in sorted(last.items()):
                 g.add_metric([kind], v)
             yield g
+        recoveries = [e for e in done if e.kind == "recover"]
+        if recoveries:  # the last recovery's figures (its summary: lost, detect_s, recovery_s)
+            last = recoveries[-1].summary()
+            yield GaugeMetricFamily("eep_hpc:recover_ranks_lost", "Members lost that the last recovery re-formed "
+                                    "without.", value=len(last["lost"]))
+            yield GaugeMetricFamily("eep_hpc:recover_detect_seconds", "Last recovery: from the lost ranks' last "
+                                    "message to the start of the event.", value=last["detect_s"])
+            yield GaugeMetricFamily("eep_hpc:recover_seconds", "Last recovery: from the lost ranks' last message to "
+                                    "serving again (detect + prepare + commit).", value=last["recovery_s"])
+        yield CounterMetricFamily("eep_hpc:ranks_lost", "Members lost abruptly (re-formed without by recoveries).",
+                                  value=sum(len(e.lost) for e in recoveries))
         yield CounterMetricFamily("eep_hpc:requests_migrated", "Requests moved to other ranks by scaling.",
                                   value=sum(e.requests_migrated for e in history))
