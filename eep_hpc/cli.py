@@ -100,7 +100,11 @@ def _admin_post(args, path: str, body: dict) -> int:
     if r.status_code != 200:
         print(f"eep-hpc: {data.get('error', {}).get('message', r.text)}", file=sys.stderr)
         return 1
-    print(_event_line(data) if "from_ranks" in data else json.dumps(data))
+    if data.get("phase") == "SUBMITTED":  # grow --no-wait
+        print(f"{data['kind']}: rank(s) {_ids(data['rank_ids'])} submitted; they join when their jobs start "
+              f"(eep-hpc status shows them)")
+    else:
+        print(_event_line(data) if "from_ranks" in data else json.dumps(data))
     return 0
 
 

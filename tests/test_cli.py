@@ -115,3 +115,15 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
         assert " r2:" in eep("status", "--url", head.url).stdout
     finally:
         head.stop()
+
+
+def test_grow_no_wait_says_which_ranks_were_submitted(tmp_path):
+    head = start_head(tmp_path / "run", ranks=1)
+    try:
+        r = eep("grow", "1", "--no-wait", "--url", head.url)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "grow: rank(s) 1 submitted; they join when their jobs start (eep-hpc status shows them)\n"
+        event = asyncio.run(wait_for_event(head, "grow", 1))
+        assert event["joined"] == [1]
+    finally:
+        head.stop()
