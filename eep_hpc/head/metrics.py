@@ -1,11 +1,36 @@
-"""Prometheus view of the cluster: ranks, epoch, and every scaling event's figures, read at scrape time."""
+"""Prometheus view of the cluster: ranks, epoch, and every scaling event's figures, read at scrape time.
+
+The events' pauses and recovery times are also histograms over every event so far (the history only grows, so
+their counts only grow, as Prometheus expects of a histogram)."""
 
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from eep_hpc.head.epoch_exchange import EpochExchange
 from eep_hpc.head.membership import Membership
+
+
+# a commit pause is milliseconds, a recovery that waits for control.rank_timeout_s tens of seconds
+EVENT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0)
+
+
+def histogram(name: str, doc: str, samples: dict[tuple[str, ...], list[float]], labels: list[str] = ()
+              ) -> HistogramMetricFamily:
+    """samples: label values -> observed values; cumulative `_bucket`s over EVENT_BUCKETS, `_sum`, `_count`."""
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    for label_values, values in sorted(samples.items()):
+        counts = [0] * (len(EVENT_BUCKETS) + 1)
+        for v in values:
+            counts[bisect_left(EVENT_BUCKETS, v)] += 1  # le: a value on a bound counts in that bucket
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, EVENT_BUCKETS), "+Inf"], counts):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        family.add_metric(list(label_values), buckets, sum(values))
+    return family
 
 
 class ClusterCollector:
@@ -69,6 +94,16 @@ class ClusterCollector:
                                     "message to the start of the event.", value=last["detect_s"])
             yield GaugeMetricFamily("eep_hpc:recover_seconds", "Last recovery: from the lost ranks' last message to "
                                     "serving again (detect + prepare + commit).", value=last["recovery_s"])
+        pauses: dict[tuple[str, ...], list[float]] = {}
+        for e in done:
+            pauses.setdefault((e.kind,), []).append(e.commit_pause_ms / 1000)
+        yield histogram("eep_hpc:scale_commit_pause_seconds", "Commit pause of each scaling event (longest "
+                        "inter-token gap any stream saw around its commit).", pauses, ["kind"])
+        summaries = [e.summary() for e in recoveries]
+        yield histogram("eep_hpc:recovery_detect_time_seconds", "Each recovery: from the lost ranks' last message "
+                        "to the start of the event.", {(): [s["detect_s"] for s in summaries]})
+        yield histogram("eep_hpc:recovery_time_seconds", "Each recovery: from the lost ranks' last message to "
+                        "serving again.", {(): [s["recovery_s"] for s in summaries]})
         yield CounterMetricFamily("eep_hpc:ranks_lost", "Members lost abruptly (re-formed without by recoveries).",
                                   value=sum(len(e.lost) for e in recoveries))
         yield CounterMetricFamily("eep_hpc:requests_migrated", "Requests moved to other ranks by scaling.",
