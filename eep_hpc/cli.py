@@ -67,19 +67,12 @@ def _status(args) -> int:
         print(json.dumps(state, indent=2))
         return 0
     print(f"epoch {state['epoch']}  ranks {len(state['members'])}  requests in flight {state['requests_in_flight']}")
-    print(f"{'rank':>4} {'state':<9} {'host':<16} {'device':<7} {'running':>7} {'waiting':>7} {'kv used':>12} "
-          f"{'steps':>8} {'graphs':>6}")
     adapt = state.get("adapt")
     if adapt:
         print(_adapt_line(adapt))
     if state.get("scaling"):
         print(f"scaling now: {state['scaling']['kind']} to epoch {state['scaling']['epoch']} ({state['scaling']['phase'].lower()})")
-    for r in state["ranks"]:
-        kv = f"{r['kv_blocks_used']}/{r['kv_blocks_total']}"
-        steps = r.get("steps", 0)
-        graphs = f"{100 * r.get('graph_steps', 0) / steps:.0f}%" if steps else "-"  # share of steps replayed
-        print(f"{r['rank_id']:>4} {r['state']:<9} {r['host'][:16]:<16} {r['device']:<7} {r['num_running']:>7} "
-              f"{r['num_waiting']:>7} {kv:>12} {steps:>8} {graphs:>6}")
+    print(_rank_table(state["ranks"]))
     placement = state.get("placement")
     if placement:
         offs = placement["slot_offsets"]
@@ -90,6 +83,26 @@ def _status(args) -> int:
     for e in state.get("scale_events", [])[-5:]:
         print(_event_line(e))
     return 0
+
+
+_COLUMNS = ("RANK", "STATE", "NODE", "JOBID", "DEVICE", "RUNNING", "WAITING", "KV USE", "SLOTS", "STEPS", "GRAPHS")
+
+
+def _rank_table(ranks: list[dict]) -> str:
+    """The live ranks by id, one row each, like squeue: a failed or exited rank is no longer listed."""
+    rows = [_COLUMNS]
+    for r in sorted(ranks, key=lambda r: r["rank_id"]):
+        used, total = r["kv_blocks_used"], r["kv_blocks_total"]
+        kv = f"{used}/{total} {100 * used / total:.0f}%" if total else "-"
+        steps = r.get("steps", 0)
+        graphs = f"{100 * r.get('graph_steps', 0) / steps:.0f}%" if steps else "-"  # share of steps replayed
+        rows.append((str(r["rank_id"]), r["state"], r["host"] or "-", str(r["job_id"] or "-"), r["device"] or "-",
+                     str(r["num_running"]), str(r["num_waiting"]), kv, str(r.get("expert_slots", 0) or "-"),
+                     str(steps), graphs))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    left = {"STATE", "NODE", "JOBID", "DEVICE"}  # text left-aligned, numbers right-aligned
+    return "\n".join(" ".join(cell.ljust(w) if name in left else cell.rjust(w)
+                              for cell, w, name in zip(row, widths, _COLUMNS)).rstrip() for row in rows)
 
 
 def _admin_post(args, path: str, body: dict) -> int:

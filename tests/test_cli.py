@@ -4,10 +4,13 @@ never a traceback, and before anything starts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+
+import httpx
 
 from support import metric, pid_of, start_head, wait_for_event
 
@@ -22,6 +25,20 @@ def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eep-hpc: "), r.stderr
     return lines[0]
+
+
+def assert_one_observation(url: str, name: str, value: float, **labels: str) -> None:
+    """The histogram `name` holds exactly one observation, `value` (to the rounding of the event summary), in the
+    buckets a Prometheus histogram_quantile would read: every bound below it 0, every bound from it on 1."""
+    assert metric(url, f"{name}_count", **labels) == 1
+    assert abs(metric(url, f"{name}_sum", **labels) - value) < 1e-3
+    buckets = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{name}_bucket{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            bound = line.split('le="')[1].split('"')[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    assert max(buckets) == float("inf") and min(buckets) <= 0.001 and 10 <= sorted(buckets)[-2] <= 100, buckets
+    assert all(n == (1 if bound >= value else 0) for bound, n in buckets.items()), (value, buckets)
 
 
 def test_grow_and_shrink_need_at_least_one_rank():
@@ -100,15 +117,35 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
         assert (f"rank(s) 0 lost, detected in {event['detect_s']:.3f} s, serving again in {event['recovery_s']:.3f} s"
                 in recover[0]), recover[0]
         assert "adapt off: 1..3 ranks" in lines, r.stdout
+        # the table lists live ranks only, like squeue: the dead rank 0 is gone from it (the recover line names it)
+        state = head.state()
+        assert [r["rank_id"] for r in state["ranks"]] == [1]
+        rank1 = state["ranks"][0]
+        table = lines[lines.index(next(line for line in lines if line.startswith("RANK"))):][:2]
+        assert table[0].split() == ["RANK", "STATE", "NODE", "JOBID", "DEVICE", "RUNNING", "WAITING", "KV", "USE",
+                                    "SLOTS", "STEPS", "GRAPHS"], r.stdout
+        slots = len(state["placement"]["physical_to_logical"][0])  # the survivor holds every slot
+        kv = f"{rank1['kv_blocks_used']}/{rank1['kv_blocks_total']}"
+        assert table[1].split()[:8] == ["1", "READY", rank1["host"], str(rank1["job_id"]), "cpu", "0", "0", kv], r.stdout
+        assert table[1].split()[9] == str(slots) == str(rank1["expert_slots"]), r.stdout
+        assert not any(line.split()[:1] == ["0"] for line in lines), r.stdout
+        as_json = json.loads(eep("status", "--json", "--url", head.url).stdout)
+        assert [r["rank_id"] for r in as_json["ranks"]] == [1] and as_json["members"] == [1]
         assert metric(head.url, "eep_hpc:recover_ranks_lost") == 1
         assert metric(head.url, "eep_hpc:ranks_lost_total") == 1
         assert metric(head.url, "eep_hpc:recover_detect_seconds") == event["detect_s"]
         assert metric(head.url, "eep_hpc:recover_seconds") == event["recovery_s"] > 0
+        # ... and as histograms over every recovery
+        for name, value in (("recovery_detect_time", event["detect_s"]), ("recovery_time", event["recovery_s"])):
+            assert_one_observation(head.url, f"eep_hpc:{name}_seconds", value)
 
         # a grow's line names the rank that joined
         r = eep("grow", "1", "--url", head.url, timeout=300)
         assert r.returncode == 0, r.stderr
         assert "grow 1 -> 2 ranks" in r.stdout and "rank(s) 2 joined" in r.stdout, r.stdout
+        grow = [e for e in head.state()["scale_events"] if e["kind"] == "grow"]
+        assert_one_observation(head.url, "eep_hpc:scale_commit_pause_seconds", grow[0]["commit_pause_ms"] / 1000,
+                               kind="grow")
         r = eep("shrink", "--rank", "1", "--url", head.url, timeout=300)
         assert r.returncode == 0, r.stderr
         assert "shrink 2 -> 1 ranks" in r.stdout and "rank(s) 1 left" in r.stdout, r.stdout
