@@ -37,9 +37,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
-    # Logprobs of the model's raw distribution (log_softmax of the logits, before min_tokens masking, temperature,
-    # top-k and top-p; vLLM's default "raw_logprobs"). None = not computed (no cost); k = the chosen token's
-    # logprob plus the k most likely tokens. `logprobs` is for sampled tokens, `prompt_logprobs` for the prompt's.
+    # vLLM's penalties (engine/penalties.py): presence and frequency over the output tokens so far (0 = off),
+    # repetition over prompt and output tokens (> 0; 1 = off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Logprobs of the model's raw distribution (log_softmax of the logits, before min_tokens masking, penalties,
+    # temperature, top-k and top-p; vLLM's default "raw_logprobs"). None = not computed (no cost); k = the chosen
+    # token's logprob plus the k most likely tokens. `logprobs` is for sampled tokens, `prompt_logprobs` for the prompt's.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 

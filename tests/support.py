@@ -6,12 +6,14 @@
 - placement and scale-event helpers: `only_held_by`, `pid_of`, `rank_pids`, `wait_for_event`, `metric`
 - in-process engines on small checkpoints: `single_rank_engine`, `greedy`, `TOKEN_PROMPTS`, `NEW_TOKENS`
 - the fake model's sampling rule of the scheduler tests: `model_token`
-- the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`
+- the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`, and its
+  node network (one namespace per node, links a test can cut): `cluster_network`, `TestNode`
 
 - streaming load over HTTP with reference texts: `run_load`, `reference_texts`, `stream_completion`, `PROMPTS`
 - random Hugging Face checkpoints and their transformers models: `save_random_hf_model`, `hf_model`
 - token-id prompts read back through the API (a tokenizer whose token i is "<ti>"): `PROMPT_IDS`, `id_token_model`,
   `complete`, `greedy_ids`, `scale`, `engine_for`; bf16 against transformers' own error: `assert_within_bf16_error`
+- vLLM's sampling penalties on one row of logits, in plain Python: `reference_penalties`
 """
 
 from __future__ import annotations
@@ -276,6 +278,43 @@ def why_no_slurm() -> str:
     return ""
 
 
+@dataclass
+class TestNode:
+    name: str  # the Slurm node name, also its hostname
+    netns: str  # its network namespace
+    veth: str  # the host end of its link: `ip link set VETH down` cuts the node off
+    address: str
+
+    def link(self, up: bool) -> None:
+        subprocess.run(["ip", "link", "set", self.veth, "up" if up else "down"], check=True)
+
+
+@dataclass
+class ClusterNetwork:
+    host_address: str  # where processes on this host (a test's stand-in head, an in-process head) are reached
+    nodes: dict[str, TestNode]  # empty on the loopback layout
+
+    def node(self, name: str) -> TestNode:
+        return self.nodes[name]
+
+
+@functools.cache
+def cluster_network() -> ClusterNetwork:
+    """The node network of the test cluster: .ci/slurm-up writes the namespace layout next to slurm.conf
+    ($DIR/network); without it every node shares this host's loopback."""
+    path = Path(os.environ.get("SLURM_CONF", "/nonexistent")).parent / "network"
+    if not path.is_file():
+        return ClusterNetwork("127.0.0.1", {})
+    host, nodes = "127.0.0.1", {}
+    for line in path.read_text().splitlines():
+        kind, *rest = line.split()
+        if kind == "bridge":
+            host = rest[1]
+        elif kind == "node":
+            nodes[rest[0]] = TestNode(*rest)
+    return ClusterNetwork(host, nodes)
+
+
 def sacct(job_id: str) -> dict[str, tuple[str, str]]:
     """JobID -> (State, ExitCode) of the job, its het components and steps."""
     out = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"], capture_output=True,
@@ -537,3 +576,18 @@ def assert_within_bf16_error(ours: list[list[float]], theirs: list[list[float]],
           f"{worst_ours:.4f} (transformers bf16 {worst_theirs:.4f})")
     assert med_ours <= 2 * med_theirs + floor, (med_ours, med_theirs)
     assert worst_ours <= 2 * worst_theirs + floor, (worst_ours, worst_theirs)
+
+
+# ---- sampling penalties --------------------------------------------------------------------------------------------
+
+
+def reference_penalties(row: list[float], prompt: list[int], output: list[int], sampling) -> list[float]:
+    """vLLM's presence, frequency and repetition penalties on one row of logits, element by element."""
+    out = []
+    for v, x in enumerate(row):
+        count = output.count(v)
+        if v in prompt or count:
+            x = x / sampling.repetition_penalty if x > 0 else x * sampling.repetition_penalty
+        x -= sampling.frequency_penalty * count + sampling.presence_penalty * (count > 0)
+        out.append(x)
+    return out

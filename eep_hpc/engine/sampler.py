@@ -1,15 +1,16 @@
 """Pick the next token of each sequence from its logits.
 
-temperature 0 → argmax. Otherwise logits / temperature, top-k (0 = off), top-p (the smallest set of most likely
-tokens whose probability reaches p; at least one token), softmax, and one multinomial draw.
+Penalties first (presence, frequency, repetition: engine/penalties.py). Then temperature 0 → argmax. Otherwise
+logits / temperature, top-k (0 = off), top-p (the smallest set of most likely tokens whose probability reaches p; at
+least one token), softmax, and one multinomial draw.
 
 A seeded request draws with its own generator, reseeded from (seed, number of output tokens) before every draw: its
 tokens depend neither on its batch neighbours nor on preemption, and a request migrated to another rank (which
 arrives with its output tokens) continues the same random stream. Unseeded rows share `default_generator`.
 
 Logprobs (`logprobs`) are of the model's raw distribution: log_softmax of the logits as the model produced them,
-before min_tokens masking, temperature, top-k and top-p (vLLM's default `raw_logprobs`). They are computed only for
-rows whose request asked for them.
+before min_tokens masking, penalties, temperature, top-k and top-p (vLLM's default `raw_logprobs`). They are
+computed only for rows whose request asked for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Collection
 
 import torch
 
+from eep_hpc.engine.penalties import apply_penalties
 from eep_hpc.engine.sequence import Sequence
 from eep_hpc.protocol import Logprobs
 
@@ -42,6 +44,7 @@ def sample(
     """One token per row. With eos_token_ids, rows below min_tokens cannot draw eos or their stop tokens."""
     assert logits.dim() == 2 and logits.shape[0] == len(seqs), f"logits {tuple(logits.shape)} for {len(seqs)} seqs"
     logits = _mask_stop_tokens_before_min(logits, seqs, eos_token_ids)
+    logits = apply_penalties(logits, seqs)
     tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # [B]
     temps = [s.sampling.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t < _GREEDY_BELOW]

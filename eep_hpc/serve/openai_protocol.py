@@ -57,9 +57,9 @@ class SamplingRequest(_Strict):
     skip_special_tokens: bool | None = True  # vLLM extension
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0  # vLLM extension
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(1.0, gt=0, allow_inf_nan=False)  # vLLM extension
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -79,20 +79,6 @@ class SamplingRequest(_Strict):
     def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 or t > MAX_TOKEN_ID for t in v):
             raise ValueError("must be non-negative token ids")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v is not None and v != 0:
-            raise ValueError("only 0 is supported (penalties are not implemented)")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v: float | None) -> float | None:
-        if v is not None and v != 1:
-            raise ValueError("only 1 is supported (penalties are not implemented)")
         return v
 
     @field_validator("logit_bias")

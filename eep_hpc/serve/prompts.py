@@ -98,6 +98,9 @@ def sampling_params(req: SamplingRequest, max_tokens: int, copy: int) -> Samplin
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
         stop_token_ids=list(req.stop_token_ids or []),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logprobs=req.num_logprobs,
         prompt_logprobs=req.num_prompt_logprobs,
     )

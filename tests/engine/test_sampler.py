@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from eep_hpc.engine.penalties import apply_penalties
 from eep_hpc.engine.sampler import sample
 from eep_hpc.engine.sequence import Sequence
 from eep_hpc.protocol import SamplingParams
+from support import reference_penalties
 
 V = 64
 
@@ -113,3 +115,54 @@ def test_cuda_logits():
     tokens = sample(logits, batch, gen(0, "cuda"))
     assert len(tokens) == 32 and tokens[1] == logits[1].argmax().item()
     assert sample(logits[4:5], [batch[4]], gen(1, "cuda")) == [tokens[4]]
+
+
+# ---- penalties -----------------------------------------------------------------------------------------------
+
+
+def penalty_batch() -> list[Sequence]:
+    g = torch.Generator().manual_seed(11)
+
+    def ids(n: int) -> list[int]:  # few distinct ids, so that tokens repeat
+        return torch.randint(0, 12, (n,), generator=g).tolist()
+
+    return [
+        Sequence("plain", ids(5), SamplingParams(temperature=0), ids(3)),
+        Sequence("all", ids(7), SamplingParams(temperature=0, presence_penalty=0.7, frequency_penalty=0.4,
+                                               repetition_penalty=1.6), ids(9)),
+        Sequence("rep", ids(4), SamplingParams(temperature=0, repetition_penalty=1.3)),  # prompt tokens only
+        Sequence("freq", ids(2), SamplingParams(temperature=0, frequency_penalty=-1.5), ids(12)),
+        Sequence("pres", ids(6), SamplingParams(temperature=0, presence_penalty=2.0), ids(1)),
+        Sequence("rep<1", ids(3), SamplingParams(temperature=0, repetition_penalty=0.5), ids(4)),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_penalties_match_a_plain_python_reference(device):
+    batch = penalty_batch()
+    logits = (torch.randn(len(batch), V, generator=gen(12)) * 4).to(device)  # [B, V], both signs
+    got = apply_penalties(logits, batch)
+    want = [reference_penalties(row, s.prompt_token_ids, s.output_token_ids, s.sampling)
+            for row, s in zip(logits.tolist(), batch)]
+    torch.testing.assert_close(got.cpu(), torch.tensor(want), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got[0], logits[0])  # no penalty asked: the row is untouched
+    # greedy picks from the penalised logits
+    assert sample(logits, batch, gen(0, device)) == torch.tensor(want).argmax(-1).tolist()
+
+
+def test_penalties_come_before_temperature_top_k_and_the_seeded_draw():
+    batch = penalty_batch()
+    for s in batch:
+        s.sampling.temperature, s.sampling.top_k, s.sampling.seed = 0.9, 8, 5
+    logits = torch.randn(len(batch), V, generator=gen(13)) * 4
+    want = torch.tensor([reference_penalties(row, s.prompt_token_ids, s.output_token_ids, s.sampling)
+                         for row, s in zip(logits.tolist(), batch)])
+    unpenalised = [Sequence(s.request_id, s.prompt_token_ids, SamplingParams(temperature=0.9, top_k=8, seed=5),
+                            s.output_token_ids) for s in batch]
+    assert sample(logits, batch, gen()) == sample(want, unpenalised, gen())
+
+
+def test_a_batch_without_penalties_is_not_touched():
+    logits = torch.randn(4, V, generator=gen(14))
+    assert apply_penalties(logits, seqs(4, outputs=3, temperature=0)) is logits

@@ -206,9 +206,9 @@ PLAUSIBLE = {
     "stop_token_ids": st.lists(st.integers(0, 511), max_size=4),
     "logprobs": st.integers(0, 20) | st.booleans(),
     "top_logprobs": st.integers(0, 20),
-    "presence_penalty": st.just(0.0),
-    "frequency_penalty": st.just(0),
-    "repetition_penalty": st.just(1.0),
+    "presence_penalty": st.floats(-2, 2) | st.integers(-2, 2),
+    "frequency_penalty": st.floats(-2, 2) | st.integers(-2, 2),
+    "repetition_penalty": st.floats(0, 4, exclude_min=True) | st.just(1),
     "logit_bias": st.just({}),
     "stream_options": st.fixed_dictionaries(
         {}, optional={"include_usage": st.booleans(), "continuous_usage_stats": st.booleans()}
