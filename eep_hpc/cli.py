@@ -268,12 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     from eep_hpc.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from eep_hpc.bench.head_bench import add_head_bench_parser
+
+    add_head_bench_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore"):  # one "HTTP Request: ..." line per call is no news to the user
+    for noisy in ("httpx", "httpcore", "matplotlib"):  # e.g. one "HTTP Request: ..." line per call: no news
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:

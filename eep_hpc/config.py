@@ -80,6 +80,9 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Where ranks run: "local" processes (submitit's LocalExecutor), or "slurm" node jobs from [pools.*].
     launcher: Literal["local", "slurm"] = "local"
     pool: str = ""  # the pool `grow` uses when none is named
+    # What a rank runs: "model" = the model (engine/rank_engine.py); "standin" = no model, tokens at a set rate
+    # ([standin], engine/standin.py): the head's benchmark (`eep-hpc bench-head`) loads the head as N GPUs would.
+    rank_engine: Literal["model", "standin"] = "model"
 
     def __post_init__(self) -> None:
         if self.ranks < 1:
@@ -114,6 +117,18 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The run's control secret (signing.py signs every head/rank/agent message with it): the head writes it to
     # this file (default <run_dir>/control-secret, mode 600) before it starts ranks, which read it from there.
     secret_file: str = ""
+
+
+class StandinConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Stand-in ranks (parallel.rank_engine = "standin"): engine.max_num_seqs is the batch each steps."""
+
+    steps_per_s: float = 50.0  # decode steps a rank makes per second while it has requests (one token each)
+    # A folder each rank writes its emit times to (rank-<id>.jsonl: one line per finished request); "" = none.
+    emit_log: str = ""
+
+    def __post_init__(self) -> None:
+        if self.steps_per_s <= 0:
+            raise ValueError(f"standin.steps_per_s must be > 0, got {self.steps_per_s}")
 
 
 class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -212,6 +227,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     adapt: AdaptConfig = msgspec.field(default_factory=AdaptConfig)
+    standin: StandinConfig = msgspec.field(default_factory=StandinConfig)
     # Node shapes for Slurm growth, [pools.NAME] tables (Pool above).
     pools: dict[str, Pool] = msgspec.field(default_factory=dict)
 

@@ -23,6 +23,7 @@ import torch
 
 from eep_hpc import protocol as P
 from eep_hpc.engine.rank_engine import RankEngine, build_engine, build_skeleton
+from eep_hpc.engine.standin import build_standin
 from eep_hpc.model.loader import load_dense, load_expert_slot, weight_source
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel.backends import make_all_to_all
@@ -116,11 +117,14 @@ class RankEpochs:
         self.group = EpochGroup(self.store, msg.epoch, self.epoch_rank, len(msg.rank_ids),
                                 torch.device(self.launch.device), timeout_s=ctl.rank_timeout_s)
         self.served = True
-        self.engine = build_engine(self.launch, msg, self.group)
-        self.start_agent()
-        self.publish(msg.epoch)
+        if self.launch.config.parallel.rank_engine == "standin":  # no model: nothing to publish over NIXL
+            self.engine = build_standin(self.launch)
+        else:
+            self.engine = build_engine(self.launch, msg, self.group)
+            self.start_agent()
+            self.publish(msg.epoch)
         e = self.engine
-        self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.block_manager.num_free_blocks,
+        self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.stats().kv_blocks_total,
                               block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len,
                               nixl=self.agent is not None))
         self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))

@@ -152,7 +152,7 @@ class RankProcess:
             self.wave += 1
             return
         outputs = engine.step(plan)
-        masked = getattr(engine.ep.all_to_all, "failed_ranks", None)
+        masked = getattr(getattr(engine.ep, "all_to_all", None), "failed_ranks", None)
         if masked is not None and masked():  # nixl_ep timed a peer out and masked it: this epoch is broken
             raise GroupLost(f"nixl_ep masked rank(s) {masked()}")
         if outputs:

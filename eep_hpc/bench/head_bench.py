@@ -1,0 +1,343 @@
+"""`eep-hpc bench-head`: how many streamed tokens one head passes on, and what each costs it.
+
+A head is started (`eep-hpc serve`, the real one) with N stand-in ranks (parallel.rank_engine = "standin",
+engine/standin.py: the real rank process without a model, stepping at --steps-per-s with batches of up to
+--max-batch). Lean HTTP clients (sse_client.py) keep --streams streamed requests open, each of --output-len
+tokens, for --rounds requests per stream. The head (all its threads) runs on one CPU, the clients and the stand-in
+ranks on the other (--head-cpu, --client-cpu), so the head's CPU is its own.
+
+Measured, per point of --steps-per-s (a fresh head each):
+- delivered tok/s: text events received by the clients / the time from the first request to the last [DONE];
+  offered tok/s: what the ranks would emit at full batches (ranks x min(max_batch, streams / ranks) x steps/s);
+- added delay: for every token, the time the client received it minus the time the stand-in emitted it (its
+  step's outputs made, before the rank encodes and sends them; both clocks are this machine's time.time());
+- CPU: utime + stime of the head process (every thread), of the ranks and of the client over the load; the
+  head's per token = its CPU seconds / tokens delivered;
+- with --profile: py-spy (if installed) samples the head during a second, identical load, and the functions with
+  the most samples (own and inclusive) are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from eep_hpc.bench.report import write_result
+from eep_hpc.bench.sse_client import Connection, StreamResult
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class HeadBenchError(RuntimeError):
+    """The benchmark cannot run; the message says why."""
+
+
+def add_head_bench_parser(subparsers) -> argparse.ArgumentParser:
+    b = subparsers.add_parser(
+        "bench-head", help="the head's own throughput: N stand-in ranks (no model) and lean streaming clients",
+        description="Start a head with N stand-in ranks that emit tokens at a set rate, keep many streamed "
+                    "requests open against it, and measure the tokens per second it passes on, the delay it adds "
+                    "to each token, and its CPU per token.")
+    b.add_argument("--standin-ranks", type=int, default=4, help="stand-in ranks (default %(default)s)")
+    b.add_argument("--steps-per-s", default="50",
+                   help="steps per second of each rank; a comma list runs one head per value (default %(default)s)")
+    b.add_argument("--max-batch", type=int, default=0,
+                   help="requests per step per rank (default: streams / ranks, rounded up)")
+    b.add_argument("--streams", type=int, default=512, help="streamed requests kept open (default %(default)s)")
+    b.add_argument("--output-len", type=int, default=128, help="tokens per request (default %(default)s)")
+    b.add_argument("--input-len", type=int, default=16, help="prompt tokens (default %(default)s)")
+    b.add_argument("--rounds", type=int, default=4, help="requests per stream, one after another (default %(default)s)")
+    b.add_argument("--head-cpu", type=int, default=0, help="the CPU the head runs on (default %(default)s)")
+    b.add_argument("--client-cpu", type=int, default=1,
+                   help="the CPU of the clients and the stand-in ranks (default %(default)s)")
+    b.add_argument("--profile", action="store_true", help="also sample the head with py-spy during a second load")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="passed to the head's `eep-hpc serve --set` (repeatable)")
+    b.add_argument("--run-dir", default="runs/bench-head", help="the head's run dir (default %(default)s)")
+    b.add_argument("--result-file", help="JSON result (default: <run dir>/bench-head-<time>.json)")
+    b.set_defaults(func=run_head_bench)
+    return b
+
+
+def run_head_bench(args: argparse.Namespace) -> int:
+    try:
+        points = [float(v) for v in args.steps_per_s.split(",")]
+    except ValueError:
+        print(f"eep-hpc bench-head: --steps-per-s wants numbers, got {args.steps_per_s!r}", file=sys.stderr)
+        return 2
+    problems = [msg for bad, msg in (
+        (args.standin_ranks < 1, "--standin-ranks must be at least 1"),
+        (args.streams < 1, "--streams must be at least 1"),
+        (args.output_len < 1, "--output-len must be at least 1"),
+        (args.input_len < 1, "--input-len must be at least 1"),
+        (args.rounds < 1, "--rounds must be at least 1"),
+        (any(p <= 0 for p in points), "--steps-per-s must be positive"),
+        (args.max_batch < 0, "--max-batch must be at least 1"),
+    ) if bad]
+    cpus = os.sched_getaffinity(0)
+    for name in ("head_cpu", "client_cpu"):
+        if getattr(args, name) not in cpus:
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is not one of this machine's CPUs "
+                            f"{sorted(cpus)}")
+    if problems:
+        print(f"eep-hpc bench-head: {problems[0]}", file=sys.stderr)
+        return 2
+    runs = []
+    try:
+        for steps in points:
+            run = bench_point(args, steps)
+            runs.append(run)
+            print(summary_line(run), file=sys.stderr)
+    except HeadBenchError as e:
+        print(f"eep-hpc bench-head: {e}", file=sys.stderr)
+        return 2
+    result = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "command": shlex.join(sys.argv),
+              "cpu": cpu_model(), "runs": runs}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = write_result(result, args.result_file or Path(args.run_dir) / f"bench-head-{stamp}.json")
+    print(f"result written to {path}")
+    return 0 if all(r["failed"] == 0 for r in runs) else 1
+
+
+def summary_line(run: dict) -> str:
+    return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams: "
+            f"{run['delivered_tok_s']:,.0f} tok/s delivered of {run['offered_tok_s']:,.0f} offered, "
+            f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms, "
+            f"head CPU {run['head_cpu_us_per_token']:.1f} us/token ({run['head_cpu_util']:.0%}), "
+            f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# ---- the head and its processes ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of `pid` onto `cpu` (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class HeadUnderTest:
+    def __init__(self, args: argparse.Namespace, steps_per_s: float, run_dir: Path, emit_dir: Path):
+        self.run_dir = run_dir
+        max_batch = args.max_batch or -(-args.streams // args.standin_ranks)
+        sets = [f"parallel.rank_engine=\"standin\"", f"parallel.ranks={args.standin_ranks}",
+                f"standin.steps_per_s={steps_per_s}", f"standin.emit_log=\"{emit_dir}\"",
+                f"engine.max_num_seqs={max_batch}", *args.set]
+        self.cmd = [sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir)]
+        for s in sets:
+            self.cmd += ["--set", s]
+        self.max_batch = max_batch
+        self.proc: subprocess.Popen | None = None
+        self.log = run_dir / "head.log"
+
+    def start(self, timeout_s: float = 300.0) -> tuple[str, list[int]]:
+        """-> (API URL, the ranks' pids)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "head.json").unlink(missing_ok=True)
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not (self.run_dir / "head.json").is_file():
+            if self.proc.poll() is not None:
+                raise HeadBenchError(f"the head exited with code {self.proc.returncode}; its log: {self.log}")
+            if time.monotonic() > deadline:
+                raise HeadBenchError(f"the head did not start in {timeout_s:.0f} s; its log: {self.log}")
+            time.sleep(0.2)
+        url = json.loads((self.run_dir / "head.json").read_text())["api_url"]
+        state = httpx.get(f"{url}/admin/state", timeout=30).json()
+        return url, [r["pid"] for r in state["ranks"]]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---- the load -------------------------------------------------------------------------------------------
+
+
+def prompt_ids(vocab_size: int, n: int) -> list[int]:
+    """Ids from the upper half of the vocabulary (byte-level BPE merges: each decodes to text of its own)."""
+    lo = vocab_size // 2
+    return [lo + 3 + (7 * i) % (vocab_size // 2 - 16) for i in range(n)]
+
+
+async def load(url: str, model: str, prompt: list[int], streams: int, output_len: int, rounds: int
+               ) -> tuple[list[StreamResult], float]:
+    """`streams` connections, each `rounds` requests in a row; the first request of stream i has
+    ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    results: list[StreamResult] = []
+
+    async def one_stream(i: int) -> None:
+        conn = Connection(host, int(port))
+        try:
+            for k in range(rounds):
+                n = -(-(i + 1) * output_len // streams) if k == 0 else output_len
+                body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                        "stream": True, "stream_options": {"include_usage": True}}
+                results.append(await conn.complete(body))
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_stream(i) for i in range(streams)))
+    return results, time.perf_counter() - start
+
+
+def read_emit_times(emit_dir: Path) -> dict[str, list[float]]:
+    out = {}
+    for path in emit_dir.glob("rank-*.jsonl"):
+        for line in path.read_text().splitlines():
+            rid, times = json.loads(line)
+            out[rid] = times
+    return out
+
+
+def added_delays(results: list[StreamResult], emitted: dict[str, list[float]]) -> np.ndarray:
+    """Received minus emitted, per token (each token is one event: prompt ids that decode to text each)."""
+    delays = []
+    for r in results:
+        times = emitted.get(f"{r.request_id}-0")
+        if times is None or len(times) != len(r.received_at):
+            continue
+        delays.append(np.asarray(r.received_at) - np.asarray(times))
+    return np.concatenate(delays) if delays else np.zeros(0)
+
+
+def percentiles_ms(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
+    ms = values * 1000.0
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "max": float(ms.max()), "count": int(ms.size)}
+
+
+def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
+    run_dir = Path(args.run_dir)
+    with tempfile.TemporaryDirectory(prefix="eep-emit-") as tmp:
+        emit_dir = Path(tmp)
+        head = HeadUnderTest(args, steps_per_s, run_dir, emit_dir)
+        try:
+            url, rank_pids = head.start()
+            head_pid = head.proc.pid
+            pin(head_pid, args.head_cpu)
+            for pid in [os.getpid(), *rank_pids]:
+                pin(pid, args.client_cpu)
+            cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+            model, vocab = cards[0]["id"], int(cards[0].get("vocab_size") or 512)
+            prompt = prompt_ids(vocab, args.input_len)
+            asyncio.run(load(url, model, prompt, min(args.streams, 8), 4, 1))  # warm-up: every path taken once
+            for f in emit_dir.glob("*"):
+                f.write_bytes(b"")
+
+            def measured_load():
+                cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *rank_pids]}
+                client0 = resource.getrusage(resource.RUSAGE_SELF)
+                results, duration = asyncio.run(load(url, model, prompt, args.streams, args.output_len, args.rounds))
+                client1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
+                client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
+                return results, duration, cpu, client_cpu
+
+            results, duration, cpu, client_cpu = measured_load()
+            emitted = read_emit_times(emit_dir)
+            profile = profile_head(head_pid, measured_load, args.client_cpu) if args.profile else None
+        finally:
+            head.stop()
+    failed = [r for r in results if not r.success or r.finish_reason != "length"
+              or r.completion_tokens != r.max_tokens or len(r.received_at) != r.max_tokens]
+    tokens = sum(len(r.received_at) for r in results)
+    head_cpu = cpu[head_pid]
+    ranks_used = min(args.standin_ranks, args.streams)
+    run = {
+        "ranks": args.standin_ranks, "steps_per_s": steps_per_s, "max_batch": head.max_batch,
+        "streams": args.streams, "output_len": args.output_len, "input_len": args.input_len, "rounds": args.rounds,
+        "requests": len(results), "failed": len(failed),
+        "failures": [f"{r.error or 'wrong output'}: {r.finish_reason}, {r.completion_tokens} tokens by usage, "
+                     f"{len(r.received_at)} events, {r.max_tokens} asked" for r in failed[:10]],
+        "tokens": tokens, "duration_s": duration,
+        "offered_tok_s": ranks_used * min(head.max_batch, args.streams / ranks_used) * steps_per_s,
+        "delivered_tok_s": tokens / duration,
+        "added_delay_ms": percentiles_ms(added_delays(results, emitted)),
+        "head_cpu_s": head_cpu, "head_cpu_util": head_cpu / duration,
+        "head_cpu_us_per_token": head_cpu / max(tokens, 1) * 1e6,
+        "ranks_cpu_util": sum(cpu[p] for p in cpu if p != head_pid) / duration,
+        "client_cpu_util": client_cpu / duration,
+        "head_command": shlex.join(head.cmd),
+    }
+    if profile is not None:
+        run["profile"] = profile
+    return run
+
+
+# ---- the profile ----------------------------------------------------------------------------------------
+
+
+def profile_head(head_pid: int, measured_load, client_cpu: int, top: int = 30) -> dict:
+    """py-spy's samples of the head (every thread, idle ones left out) during one more load -> the functions
+    with the most samples, by own time and inclusive."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).is_file():
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "head.folded"
+        spy_proc = subprocess.Popen([spy, "record", "--pid", str(head_pid), "--rate", "200", "--nonblocking",
+                                     "--format", "raw", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # attached
+        pin(spy_proc.pid, client_cpu)
+        measured_load()
+        spy_proc.send_signal(signal.SIGINT)
+        _, err = spy_proc.communicate(timeout=60)
+        if not out.is_file():
+            return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"}
+        own, inclusive, total = Counter(), Counter(), 0
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+            n = int(count)
+            total += n
+            own[frames[-1]] += n
+            for f in set(frames):
+                inclusive[f] += n
+    share = lambda c: [{"function": f, "share": n / total} for f, n in c.most_common(top)]  # noqa: E731
+    return {"tool": "py-spy record --rate 200 --nonblocking (idle samples not recorded)", "samples": total,
+            "own": share(own), "inclusive": share(inclusive)}

@@ -1,0 +1,84 @@
+"""The head's benchmark: stand-in ranks (the real rank process without a model) behind the real head, and
+`eep-hpc bench-head` driving lean streaming clients against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from eep_hpc.bench.head_bench import prompt_ids
+from eep_hpc.bench.sse_client import Connection
+from support import start_head
+
+
+def test_standin_ranks_stream_every_token_of_every_request(tmp_path):
+    """Two stand-in ranks in one epoch (a real gloo group, waves, signed messages): 48 streams at once, each gets
+    exactly max_tokens tokens, its prompt's tokens over again, then finish_reason "length"."""
+    emit = tmp_path / "emit"
+    head = start_head(tmp_path, ranks=2, parallel={"rank_engine": "standin"},
+                      standin={"steps_per_s": 200.0, "emit_log": str(emit)}, engine={"max_num_seqs": 16})
+    try:
+        host, port = head.url.split("//")[1].rsplit(":", 1)
+        prompt = prompt_ids(512, 5)
+
+        async def one(i: int):
+            conn = Connection(host, int(port))
+            try:
+                body = {"model": head.model, "prompt": prompt, "max_tokens": 7 + i % 5, "temperature": 0.0,
+                        "stream": True, "stream_options": {"include_usage": True}}
+                return await conn.complete(body, keep_text=True)
+            finally:
+                conn.close()
+
+        async def all_streams():
+            return await asyncio.gather(*(one(i) for i in range(48)))
+
+        results = asyncio.run(all_streams())
+        assert [r.error for r in results if r.error] == []
+        for i, r in enumerate(results):
+            n = 7 + i % 5
+            expected = [prompt[k % len(prompt)] for k in range(n)]
+            assert r.finish_reason == "length"
+            assert r.completion_tokens == n
+            assert r.text == head.tokenizer.decode(expected)
+            assert len(r.received_at) == n  # one event per token
+        state = head.state()
+        assert sorted(state["members"]) == [0, 1]
+        # both ranks served (requests are routed by load), and wrote when they emitted each token
+        emitted = {}
+        for path in emit.glob("rank-*.jsonl"):
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            assert lines, f"{path.name} served nothing"
+            emitted.update(dict(lines))
+        assert {f"{r.request_id}-0" for r in results} <= set(emitted)
+        assert all(len(emitted[f"{r.request_id}-0"]) == len(r.received_at) for r in results)
+    finally:
+        head.stop()
+
+
+def test_bench_head_command_reports_zero_failures(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "eep_hpc.cli", "bench-head", "--standin-ranks", "2", "--streams", "24",
+           "--output-len", "12", "--rounds", "2", "--steps-per-s", "100", "--run-dir", str(tmp_path / "run"),
+           "--result-file", str(out), "--head-cpu", "0", "--client-cpu", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["failed"] == 0 and run["requests"] == 48
+    # stream i's first request has ceil((i + 1) * 12 / 24) tokens, the second 12
+    assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
+    assert run["added_delay_ms"]["count"] == run["tokens"]
+    assert run["head_cpu_s"] > 0 and run["delivered_tok_s"] > 0
+
+
+def test_bench_head_refuses_bad_options_in_one_line(tmp_path):
+    for bad, message in ((["--streams", "0"], "--streams must be at least 1"),
+                         (["--steps-per-s", "fast"], "--steps-per-s wants numbers"),
+                         (["--head-cpu", "4096"], "--head-cpu 4096 is not one of this machine's CPUs")):
+        done = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "bench-head", *bad, "--run-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2
+        line, = done.stderr.strip().splitlines()
+        assert line.startswith(f"eep-hpc bench-head: {message}")
