@@ -21,9 +21,11 @@ from eep_hpc.bench import client as bench_client
 from eep_hpc.bench.dataset import BenchRequest, random_requests
 from eep_hpc.bench.driver import run_load
 from eep_hpc.bench.metrics import summarize
+from eep_hpc.bench.plot import NoPlotting, write_timeline_png
 from eep_hpc.bench.progress import Progress
 from eep_hpc.bench.report import MAX_ERRORS, default_path, device_name, table, write_result
 from eep_hpc.bench.scale_plan import ScalePlan, event_line, parse_plan
+from eep_hpc.bench.timeline import timeline
 
 ADMIN_TIMEOUT_S = 900.0  # one scale event (a grow starts processes and moves experts)
 
@@ -70,6 +72,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r = b.add_argument_group("result")
     r.add_argument("--result-file", help="JSON result path (default: <run dir>/bench/<timestamp>-<model>.json, with "
                                           "the run dir as for --run-dir, also when --url is given)")
+    r.add_argument("--timeline", metavar="PATH.png",
+                   help="the run's timeline picture: output tok/s and p99 inter-token gap per second, ranks, scale "
+                        "events (default: next to the JSON, same name with .png; needs matplotlib: "
+                        "pip install 'eep-hpc[plot]')")
     r.add_argument("--dtype-label", help="dtype to record (default: GET /admin/state's, else 'unknown')")
     b.set_defaults(func=run_bench)
     return b
@@ -193,6 +199,10 @@ async def bench(args: argparse.Namespace) -> int:
 
     metrics = summarize(outcome.results, outcome.duration, args.request_rate, args.max_concurrency)
     errors = [r.error for r in outcome.results if not r.success]
+    events = scale.events if plan else []
+    shift = scale.start - outcome.start if plan else 0.0  # the plan's clock onto the run's
+    on_run_clock = [{**e, "t_s": round(e["t_s"] + shift, 3), "t_done_s": round(e["t_done_s"] + shift, 3)}
+                    for e in events]
     result = {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),
@@ -211,10 +221,16 @@ async def bench(args: argparse.Namespace) -> int:
         **metrics,
         "failed_requests": errors[:MAX_ERRORS],
         "scale_plan": plan,
-        "scale_events": scale.events if plan else [],
+        "scale_events": events,
         "scale_plan_error": plan_error,
+        "timeline": timeline(outcome.results, outcome.start, outcome.duration, len(state.get("members") or []) or None,
+                             on_run_clock),
     }
     path = write_result(result, args.result_file or default_path(run_dir(args), model))
     print(table(result))
     print(f"result written to {path}")
+    try:
+        print(f"timeline written to {write_timeline_png(result, args.timeline or path.with_suffix('.png'))}")
+    except NoPlotting as e:
+        print(f"bench: {e}", file=sys.stderr)
     return 0 if metrics["failed"] == 0 and not plan_error else 1

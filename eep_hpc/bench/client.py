@@ -26,6 +26,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     error: str = ""
+    start: float = 0.0  # time.perf_counter() when sent (for the timeline)
 
     @property
     def success(self) -> bool:
@@ -40,7 +41,7 @@ def completion_body(model: str, req: BenchRequest) -> dict:
 async def send(client: httpx.AsyncClient, url: str, model: str, req: BenchRequest) -> RequestResult:
     """Never raises for a failed request: the error lands in `RequestResult.error`."""
     result = RequestResult(req.input_len)
-    start = time.perf_counter()
+    result.start = start = time.perf_counter()
     last, chunks, done = start, 0, False
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=completion_body(model, req)) as r:

@@ -30,6 +30,7 @@ from eep_hpc.bench.progress import Progress
 class LoadOutcome:
     results: list[RequestResult]
     duration: float  # seconds from the first request issued to the last one finished
+    start: float  # time.perf_counter() when the first request was issued
 
 
 async def run_load(
@@ -89,4 +90,4 @@ async def run_load(
             await asyncio.sleep(0)  # let the sends start while issuing many at once
     if pending:
         await asyncio.gather(*pending)
-    return LoadOutcome(results, time.perf_counter() - start)
+    return LoadOutcome(results, time.perf_counter() - start, start)

@@ -41,7 +41,8 @@ def event_line(e: dict) -> str:
 
 
 class ScalePlan:
-    """Runs one plan; `events` holds each event's summary (plus `t_s`: seconds since the plan started)."""
+    """Runs one plan; `events` holds each event's summary, plus `t_s` and `t_done_s`: seconds since the plan
+    started when the request was sent and when it was answered."""
 
     def __init__(self, admin: httpx.AsyncClient, url: str, plan: list[int], interval: float,
                  on_event: Callable[[dict], None] = print) -> None:
@@ -80,6 +81,7 @@ class ScalePlan:
         else:
             event = await self.failed_event(kind, current, target, r)
         event["t_s"] = round(t, 3)
+        event["t_done_s"] = round(time.perf_counter() - self.start, 3)
         self.events.append(event)
         self.on_event(event)
 

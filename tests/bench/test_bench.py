@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from eep_hpc.bench.dataset import random_requests, token_range
 from eep_hpc.bench.driver import run_load
 from eep_hpc.bench.metrics import summarize
 from eep_hpc.bench.scale_plan import parse_plan
+from eep_hpc.bench.timeline import timeline
 from support import start_head
 
 RESULT_KEYS = [
@@ -101,6 +103,16 @@ def test_bench_concurrency_limited_run_writes_result(api, tmp_path, capsys):
     assert "Serving Benchmark Result" in printed and "Successful requests:" in printed
 
 
+def test_bench_without_matplotlib_says_how_to_get_the_picture(api, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    code, result = run(tmp_path, api.url, "--num-prompts", "2", "--random-input-len", "8", "--random-output-len", "4",
+                       "--timeline", str(tmp_path / "t.png"))
+    assert code == 0 and result["completed"] == 2 and result["timeline"]["ranks"] == [[0.0, 1]]
+    assert not (tmp_path / "t.png").exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if "timeline" in line]
+    assert err == ["bench: no timeline picture without matplotlib: pip install 'eep-hpc[plot]' (matplotlib)"]
+
+
 def test_bench_request_rate_mode_and_default_result_path(api, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = parse("--url", api.url, "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4",
@@ -134,5 +146,36 @@ def test_bench_scale_plan_under_load(tmp_path):
         assert [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in events] == [
             ("grow", 1, 2, "DONE"), ("shrink", 2, 1, "DONE")]
         assert len(head.state()["members"]) == 1
+        # the timeline: every output token in some second, the ranks stepping 1 -> 2 -> 1 where the events ended
+        tl = result["timeline"]
+        width = tl["duration_s"] - tl["t_s"][-1]
+        assert sum(tl["output_tok_s"][:-1]) + tl["output_tok_s"][-1] * width == pytest.approx(
+            result["total_output_tokens"], rel=1e-3)
+        assert tl["ranks"] == [[0.0, 1], [events[0]["t_done_s"], 2], [events[1]["t_done_s"], 1]]
+        assert 0 < events[0]["t_s"] < events[0]["t_done_s"] < events[1]["t_s"] < tl["duration_s"]
+        assert max(x for x in tl["p99_itl_ms"] if x is not None) >= result["p99_itl_ms"] * 0.99
+        picture = tmp_path / "result.png"
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
     finally:
         head.stop()
+
+
+def test_timeline_bins_tokens_and_gaps_by_second_and_steps_the_ranks():
+    # two requests sent at 0.0 and 0.5 s of the run (origin 100.0): chunks at 0.2, 0.4, 1.4 / 0.6, 1.1, 1.2 s
+    a = RequestResult(4, output_tokens=3, ttft=0.2, itl=[0.2, 1.0], e2e=1.5, start=100.0)
+    b = RequestResult(4, output_tokens=6, ttft=0.1, itl=[0.5, 0.1], e2e=0.8, start=100.5)  # 2 tokens per chunk
+    failed = RequestResult(4, error="HTTP 500: boom", start=100.0)
+    events = [{"kind": "grow", "phase": "DONE", "from_ranks": 1, "to_ranks": 2, "t_s": 0.3, "t_done_s": 0.9,
+               "commit_pause_ms": 12.0},
+              {"kind": "shrink", "phase": "ROLLED_BACK", "from_ranks": 2, "to_ranks": 1, "t_s": 1.0,
+               "t_done_s": 1.3, "commit_pause_ms": 0.0}]
+    tl = timeline([a, b, failed], origin=100.0, duration=1.5, ranks_at_start=1, events=events)
+    assert tl["t_s"] == [0, 1]
+    # second 0: a's two chunks (1 + 1) and b's first (2); second 1 (0.5 s long): a's last (1) and b's two (4)
+    assert tl["output_tok_s"] == [4.0, 10.0]
+    # gaps ending in second 0: 0.2; in second 1: 1.0, 0.5, 0.1
+    assert tl["p99_itl_ms"][0] == pytest.approx(200.0)
+    assert tl["p99_itl_ms"][1] == pytest.approx(1000 * float(np.percentile([1.0, 0.5, 0.1], 99)))
+    assert tl["ranks"] == [[0.0, 1], [0.9, 2]]  # the rolled-back shrink changed nothing
+    assert [(e["kind"], e["t_s"], e["t_done_s"]) for e in tl["events"]] == [("grow", 0.3, 0.9), ("shrink", 1.0, 1.3)]
+    assert timeline([a], 100.0, 1.5, None, events)["ranks"] == []  # rank count not known: no series
