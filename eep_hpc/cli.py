@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 
 import httpx
 
 from eep_hpc.config import ConfigError, load_config
+from eep_hpc.logs import LEVELS, setup_logging
 
 
 def parse_setting(item: str) -> tuple[str, str, object]:
@@ -271,14 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     from eep_hpc.bench.head_bench import add_head_bench_parser
 
     add_head_bench_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--log-level", choices=LEVELS, default=None,
+                             help="log from this level on (default: $EEP_HPC_LOG_LEVEL, else info; serve passes it "
+                                  "on to its ranks); debug adds a line per HTTP call")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore", "matplotlib"):  # e.g. one "HTTP Request: ..." line per call: no news
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    setup_logging("%(asctime)s %(name)s %(levelname)s %(message)s", args.log_level)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

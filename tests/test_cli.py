@@ -164,3 +164,30 @@ def test_grow_no_wait_says_which_ranks_were_submitted(tmp_path):
         assert event["joined"] == [1]
     finally:
         head.stop()
+
+
+# ---- logs ----------------------------------------------------------------------------------------------------------
+
+
+def test_log_level_debug_brings_back_the_http_lines(api):
+    r = eep("status", "--url", api.url, "--log-level", "debug")
+    assert r.returncode == 0, r.stderr
+    assert "HTTP Request: GET" in r.stderr and "/admin/state" in r.stderr, r.stderr
+
+
+def test_serve_log_level_warning_quiets_the_head_and_its_ranks(tmp_path):
+    run_dir = tmp_path / "run"
+    serve = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir),
+                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = serve.stdout.readline()
+        assert ready.startswith("eep-hpc serving eep-tiny-moe on 1 rank(s) at http://"), (ready, serve.stderr.read())
+    finally:
+        serve.send_signal(signal.SIGINT)
+        out, err = serve.communicate(timeout=120)
+    assert serve.returncode == 0, err
+    assert " INFO " not in err, err
+    rank_logs = list((run_dir / "jobs").glob("*_log.err"))
+    assert rank_logs
+    for log in rank_logs:  # the rank inherited the level: not even its exit is logged at INFO
+        assert " INFO " not in log.read_text(), log.read_text()

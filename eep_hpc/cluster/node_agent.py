@@ -32,6 +32,7 @@ import zmq
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
+from eep_hpc.logs import setup_logging
 from eep_hpc.protocol import RankLaunch
 
 log = logging.getLogger("eep_hpc.node_agent")
@@ -62,7 +63,7 @@ class AgentResult(msgspec.Struct, kw_only=True):
 
 def run_node_agent(plans: list[NodePlan]) -> AgentResult:
     """Entry point of one node of a node job (submitit runs it once per srun task, one task per node)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s node-agent %(levelname)s %(message)s")
+    setup_logging("%(asctime)s node-agent %(levelname)s %(message)s")
     index = int(os.environ.get("SLURM_PROCID", "0"))
     if index >= len(plans):
         raise RuntimeError(f"node index {index} but the job carries plans for {len(plans)} node(s)")

@@ -22,6 +22,7 @@ import zmq
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
+from eep_hpc.logs import setup_logging
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import GroupLost
 from eep_hpc.rank.epochs import RankEpochs
@@ -172,7 +173,7 @@ class RankProcess:
 
 def run_rank(launch: P.RankLaunch) -> int:
     """Entry point of a rank process (called by the launcher)."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{launch.rank_id} %(levelname)s %(message)s")
+    setup_logging(f"%(asctime)s rank{launch.rank_id} %(levelname)s %(message)s")
     faulthandler.register(signal.SIGQUIT, all_threads=True)  # `kill -QUIT <pid>` prints where a rank is stuck
     if launch.device.startswith("cuda"):
         # a collective stuck on a dead peer times out by aborting its communicator, not by killing this process
