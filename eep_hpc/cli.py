@@ -41,9 +41,13 @@ def _serve(args) -> int:
         overrides.setdefault(section, {})[key] = value
     cfg = load_config(args.config, **overrides)  # config mistakes end here, before the model code is even imported
 
-    from eep_hpc.head.main import Head
+    from eep_hpc.head.main import Head, StartupError
 
-    head = Head(cfg)
+    try:
+        head = Head(cfg)  # a busy port or an unusable model ends here, before any rank starts
+    except StartupError as e:
+        print(f"eep-hpc: {e}", file=sys.stderr)
+        return 2
 
     def ready(h):
         print(f"eep-hpc serving {h.coordinator.model_name} on {cfg.parallel.ranks} rank(s) at {h.url}  (Ctrl-C stops)",

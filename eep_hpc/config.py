@@ -10,11 +10,19 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 TINY_MODEL = "tiny"
+
+# Value ranges a field must fall in, checked when a config is loaded (msgspec names the key and the bound).
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]  # a period or timeout that must pass
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]  # 0 = off (or: at once)
+Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0 = a free port
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -26,7 +34,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_format: Literal["auto", "dummy"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # 0 = the model's max_position_embeddings.
-    max_model_len: int = 0
+    max_model_len: NonNegative = 0
     seed: int = 0  # seed of dummy weights
     # "auto": as config.json's quantization_config says; "fp8": block-scaled e4m3 weights (128 x 128) even for an
     # unquantised checkpoint or dummy weights (quantised at load); "none": every weight in the serving dtype (an
@@ -41,38 +49,38 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    block_size: int = 16
+    block_size: Positive = 16
     # Fixed KV block count; 0 = size from memory (kv_cache_gib on CPU, gpu_memory_utilization on GPU).
-    num_kv_blocks: int = 0
-    kv_cache_gib: float = 0.25
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    num_kv_blocks: NonNegative = 0
+    kv_cache_gib: Annotated[float, msgspec.Meta(gt=0)] = 0.25
+    gpu_memory_utilization: Fraction = 0.85
+    max_num_seqs: Positive = 64
+    max_num_batched_tokens: Positive = 2048
     seed: int = 0  # seed for requests that bring none
     # Share the KV blocks of identical prompt prefixes between requests (full blocks, hashed with their parent).
     enable_prefix_caching: bool = True
     # On CUDA, replay decode steps as CUDA graphs (vLLM's default; False = vLLM's enforce_eager). Graphs are
     # captured at startup for batch sizes 1, 2, 4, 8, 16, 32, ... up to this (0 = max_num_seqs).
     cuda_graphs: bool = True
-    cuda_graph_max_batch: int = 0
+    cuda_graph_max_batch: NonNegative = 0
 
 
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    ranks: int = 1
+    ranks: Positive = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # All-to-all backend for MoE dispatch/combine: "torch" (all_to_all over gloo/NCCL in fixed-size buffers, CPU and
     # GPU) or "nixl_ep" (nixl_ep's low-latency kernels; CUDA, bfloat16, hidden sizes 2048-8192).
     backend: Literal["torch", "nixl_ep"] = "torch"
     # In a multi-rank epoch one MoE dispatch carries at most this many tokens per rank (nixl_ep: at least the
     # largest decode graph); a bigger step runs its MoE in an agreed number of such chunks.
-    moe_chunk_tokens: int = 256
+    moe_chunk_tokens: Positive = 256
     # Ranks a nixl_ep buffer holds at once: peers join without rebuilding it up to this many; 0 = the largest of
     # ranks, adapt.max_ranks and 2. A bigger membership rebuilds every member's buffer.
-    nixl_ep_max_ranks: int = 0
+    nixl_ep_max_ranks: NonNegative = 0
     # Physical expert slots beyond one per logical expert, spread over the ranks (EPLB replicas).
-    redundant_experts: int = 0
+    redundant_experts: NonNegative = 0
     # Rebalance experts every this many seconds of serving; 0 = only on demand.
-    eplb_period_s: float = 0.0
+    eplb_period_s: SecondsOrOff = 0.0
     # How weights move when ranks join or experts move: "nixl" = one-sided READs from serving peers (dense weights
     # and expert slots), falling back to "collective" = a broadcast of dense weights and an all-to-all of experts
     # over a transfer group; "checkpoint" = joiners read dense weights from disk (experts still move peer to peer).
@@ -85,15 +93,16 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rank_engine: Literal["model", "standin"] = "model"
 
     def __post_init__(self) -> None:
-        if self.ranks < 1:
-            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
         if self.backend == "nixl_ep" and self.device == "cpu":
             raise ValueError('backend = "nixl_ep" needs CUDA GPUs, but device = "cpu" (use backend = "torch" on CPU)')
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Port = 8000
+    # On Ctrl-C / SIGTERM new requests get a 503 at once; requests in flight have this long to finish, then each
+    # open stream gets an error event and [DONE] (a non-streaming request a 503) and the head stops its ranks.
+    shutdown_grace_s: SecondsOrOff = 5.0
     api_key: str = ""  # empty = no key needed for /v1/*
     admin_token: str = ""  # empty = admin routes open, unless api_key is set (then a random one in RUN_DIR/admin-token)
 
@@ -101,18 +110,18 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Address ranks use to reach the head; ports 0 = pick free ones.
     host: str = "127.0.0.1"
-    zmq_port: int = 0
-    store_port: int = 0
-    heartbeat_s: float = 1.0
+    zmq_port: Port = 0
+    store_port: Port = 0
+    heartbeat_s: Seconds = 1.0
     # A rank that hears nothing from the head for this long exits (the head is gone).
-    head_timeout_s: float = 15.0
+    head_timeout_s: Seconds = 15.0
     # The head declares a rank dead after this long without a message from it.
-    rank_timeout_s: float = 30.0
+    rank_timeout_s: Seconds = 30.0
     # A peer that does not show up for the expert transfer of a scaling event fails it (and it rolls back) after
     # this long; serving pauses at most this long in that case.
-    transfer_timeout_s: float = 20.0
+    transfer_timeout_s: Seconds = 20.0
     # A rank told to terminate (SIGTERM) asks to be drained within this many seconds (Slurm's KillWait/GraceTime).
-    leave_notice_s: float = 30.0
+    leave_notice_s: SecondsOrOff = 30.0
     run_dir: str = "runs/local"
     # The run's control secret (signing.py signs every head/rank/agent message with it): the head writes it to
     # this file (default <run_dir>/control-secret, mode 600) before it starts ranks, which read it from there.
@@ -122,31 +131,27 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class StandinConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Stand-in ranks (parallel.rank_engine = "standin"): engine.max_num_seqs is the batch each steps."""
 
-    steps_per_s: float = 50.0  # decode steps a rank makes per second while it has requests (one token each)
+    steps_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50.0  # decode steps a rank makes per second while it has requests (one token each)
     # A folder each rank writes its emit times to (rank-<id>.jsonl: one line per finished request); "" = none.
     emit_log: str = ""
-
-    def __post_init__(self) -> None:
-        if self.steps_per_s <= 0:
-            raise ValueError(f"standin.steps_per_s must be > 0, got {self.steps_per_s}")
 
 
 class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Adaptive scaling (head/autoscaler.py); `eep-hpc adapt --min A --max B` turns it on at run time."""
 
     enabled: bool = False
-    min_ranks: int = 1
-    max_ranks: int = 1
-    interval_s: float = 2.0
+    min_ranks: Positive = 1
+    max_ranks: Positive = 1
+    interval_s: Seconds = 2.0
     # grow when, for `sustain_s`, requests wait per rank above `queue_high` or the fullest KV cache is above `kv_high`
-    queue_high: float = 2.0
-    kv_high: float = 0.9
-    sustain_s: float = 10.0
+    queue_high: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    kv_high: Fraction = 0.9
+    sustain_s: SecondsOrOff = 10.0
     # shrink a rank once the whole group has been idle this long
-    idle_s: float = 60.0
+    idle_s: SecondsOrOff = 60.0
     # replace ranks older than lifetime_s - replace_before_s (0 = ranks live forever), e.g. the node's walltime
-    lifetime_s: float = 0.0
-    replace_before_s: float = 300.0
+    lifetime_s: SecondsOrOff = 0.0
+    replace_before_s: SecondsOrOff = 300.0
 
 
 # ---- node pools ([pools.NAME] tables; cluster/pools.py reads them from files) ------------------------------
@@ -260,7 +265,19 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{path or 'config'}: {e}{_valid_keys(str(e))}") from None
+        raise ConfigError(f"{path or 'config'}: {_out_of_range(str(e), raw) or e}{_valid_keys(str(e))}") from None
+
+
+def _out_of_range(message: str, raw: dict) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.parallel.ranks`" -> "parallel.ranks must be >= 1, got 0"."""
+    found = re.fullmatch(r"Expected `\w+` ([<>]=?) (\S+) - at `\$\.([\w.]+)`", message)
+    if not found:
+        return ""
+    op, bound, key = found.groups()
+    value: object = raw
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return f"{key} must be {op} {float(bound):g}, got {value!r}"
 
 
 def _valid_keys(message: str) -> str:

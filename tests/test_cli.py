@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
+import pytest
 
 from support import metric, pid_of, start_head, wait_for_event
 
@@ -64,10 +67,62 @@ def test_serve_names_a_toml_syntax_error(tmp_path):
     assert str(bad) in line and "not valid TOML" in line and "line 2" in line
 
 
-def test_serve_needs_at_least_one_rank(tmp_path):
-    line = one_line_error(eep("serve", "--ranks", "0", "--run-dir", str(tmp_path)))
-    assert "ranks must be >= 1, got 0" in line
-    assert not (tmp_path / "head.json").exists()
+def model_dir(tmp_path, kind: str) -> str:
+    """A --model argument that is wrong in one way."""
+    path = tmp_path / kind
+    if kind == "missing" or path.exists():
+        return str(path)
+    path.mkdir()
+    if kind in ("no-weights", "llama", "bad-json"):
+        text = {"no-weights": '{"architectures": ["Qwen3MoeForCausalLM"]}',
+                "llama": '{"architectures": ["LlamaForCausalLM"]}', "bad-json": '{"architectures": ['}[kind]
+        (path / "config.json").write_text(text)
+    if kind in ("llama", "bad-json"):
+        (path / "model.safetensors").write_bytes(b"")
+    return str(path)
+
+
+# (arguments of `eep-hpc serve` ({model:KIND} = a model dir wrong that way, {busy} = a port in use), the one line)
+SERVE_MISTAKES = [
+    (["--ranks", "0"], "eep-hpc: config: parallel.ranks must be >= 1, got 0"),
+    (["--port", "-1"], "eep-hpc: config: serve.port must be >= 0, got -1"),
+    (["--port", "65536"], "eep-hpc: config: serve.port must be <= 65535, got 65536"),
+    (["--set", "control.rank_timeout_s=0"], "eep-hpc: config: control.rank_timeout_s must be > 0, got 0"),
+    (["--set", "engine.max_num_seqs=-4"], "eep-hpc: config: engine.max_num_seqs must be >= 1, got -4"),
+    (["--set", "engine.block_size=0"], "eep-hpc: config: engine.block_size must be >= 1, got 0"),
+    (["--set", "engine.gpu_memory_utilization=1.5"],
+     "eep-hpc: config: engine.gpu_memory_utilization must be <= 1, got 1.5"),
+    (["--set", "serve.shutdown_grace_s=-1"], "eep-hpc: config: serve.shutdown_grace_s must be >= 0, got -1"),
+    (["--model", "{model:missing}"], "eep-hpc: model path {model:missing} does not exist (model.path / --model: a "
+                                     "Hugging Face-format directory, or 'tiny')"),
+    (["--model", "{model:empty}"],
+     "eep-hpc: model path {model:empty} has no config.json (expected a Hugging Face-format directory)"),
+    (["--model", "{model:no-weights}"], "eep-hpc: model path {model:no-weights} has no *.safetensors weights "
+                                        '(model.load_format = "dummy" serves random weights of its shape)'),
+    (["--model", "{model:llama}"], "eep-hpc: model path {model:llama}: config.json: unsupported architecture "
+     "['LlamaForCausalLM']; supported: ['DeepseekV2ForCausalLM', 'MixtralForCausalLM', 'Qwen3MoeForCausalLM']"),
+    (["--model", "{model:bad-json}"],
+     "eep-hpc: model path {model:bad-json}: config.json: Expecting value: line 1 column 20 (char 19)"),
+    (["--port", "{busy}"], "eep-hpc: cannot listen on 127.0.0.1:{busy} (serve.host, serve.port): Address already "
+                           "in use"),
+]
+
+
+@pytest.mark.parametrize("args, line", SERVE_MISTAKES, ids=[" ".join(a) for a, _ in SERVE_MISTAKES])
+def test_serve_mistakes_end_in_one_line_before_any_rank_starts(tmp_path, args, line):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+
+        def fill(text: str) -> str:
+            text = text.replace("{busy}", str(busy.getsockname()[1]))
+            return re.sub(r"\{model:([\w-]+)\}", lambda m: model_dir(tmp_path, m.group(1)), text)
+
+        args = [fill(a) for a in args]
+        run_dir = tmp_path / "run"
+        assert one_line_error(eep("serve", *args, "--run-dir", str(run_dir))) == fill(line)
+    jobs = run_dir / "jobs"
+    assert not (run_dir / "head.json").exists() and not (jobs.exists() and any(jobs.iterdir())), "something started"
 
 
 def test_serve_unknown_key_lists_the_valid_ones(tmp_path):

@@ -25,13 +25,31 @@ from eep_hpc.serve.server import ApiServer
 log = logging.getLogger("eep_hpc.head")
 
 
+class StartupError(Exception):
+    """A mistake found before anything starts (the model path, a busy port): one line for the user."""
+
+
 def resolve_model_dir(cfg: Config) -> Path:
     if cfg.model.path == TINY_MODEL:
         return ensure_tiny_checkpoint()
     path = Path(cfg.model.path).expanduser().resolve()
+    if not path.is_dir():
+        raise StartupError(f"model path {path} does not exist (model.path / --model: a Hugging Face-format "
+                           "directory, or 'tiny')")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model path {path} has no config.json (expected a Hugging Face-format directory)")
+        raise StartupError(f"model path {path} has no config.json (expected a Hugging Face-format directory)")
+    if cfg.model.load_format == "auto" and not any(path.glob("*.safetensors")):
+        raise StartupError(f"model path {path} has no *.safetensors weights (model.load_format = \"dummy\" "
+                           "serves random weights of its shape)")
     return path
+
+
+def read_arch(model_dir: Path):
+    try:
+        return load_arch(model_dir)
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, a missing key, an unsupported architecture
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise StartupError(f"model path {model_dir}: config.json: {what}") from None
 
 
 def tokenizer_dir(cfg: Config, model_dir: Path) -> Path:
@@ -41,12 +59,12 @@ def tokenizer_dir(cfg: Config, model_dir: Path) -> Path:
         from eep_hpc.model.placeholder_vocab import write_placeholder_tokenizer
 
         return write_placeholder_tokenizer(model_dir, Path(cfg.control.run_dir) / "placeholder-tokenizer")
-    raise FileNotFoundError(f"{model_dir} has no tokenizer.json")
+    raise StartupError(f"model path {model_dir} has no tokenizer.json")
 
 
 def build_coordinator(cfg: Config, launcher=None) -> Coordinator:
     model_dir = resolve_model_dir(cfg)
-    arch = load_arch(model_dir)
+    arch = read_arch(model_dir)
     tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg, model_dir))
     eos = list(dict.fromkeys([*tokenizer.eos_token_ids, *arch.eos_token_ids]))
     if launcher is None and cfg.parallel.launcher == "slurm":
@@ -65,6 +83,7 @@ class Head:
     metrics over it."""
 
     def __init__(self, cfg: Config, launcher=None):
+        """Raises StartupError for a busy port or an unusable model, before any rank starts."""
         self.cfg = cfg  # as loaded; never changed
         creds = make_credentials(cfg)
         self.api_key_file, self.admin_token_file, self.secret_file = (creds.api_key_file, creds.admin_token_file,
@@ -76,6 +95,11 @@ class Head:
                      "(eep-hpc status/grow/shrink --run-dir %s find it)", self.admin_token_file, cfg.control.run_dir)
         self.coordinator = build_coordinator(rank_config(cfg, creds), launcher)
         self.app = create_app(self.coordinator, serve_config(cfg, creds))
+        self.server = ApiServer(self.app, cfg.serve, graceful_timeout_s=10.0, log_level="warning")
+        try:
+            self.server.bind()
+        except OSError as e:
+            raise StartupError(str(e)) from None
         add_admin_routes(self.app, self.coordinator.admin)
         self.app.state.metrics.registry.register(self.coordinator.metrics)
         self.url = ""
@@ -94,7 +118,7 @@ class Head:
                 loop.add_signal_handler(sig, self.request_stop)
             except (ValueError, RuntimeError):  # not the main thread (tests run heads in threads)
                 pass
-        server = ApiServer(self.app, cfg.serve, graceful_timeout_s=10.0, log_level="warning")
+        server = self.server
         try:
             await self.coordinator.start(cfg.parallel.ranks)
             self.url = await server.start()

@@ -55,7 +55,7 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 
 def model_not_found(model: str) -> ApiError:
-    return ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
+    return ApiError(404, f"The model `{model}` does not exist.", INVALID_REQUEST, "model", "model_not_found")
 
 
 def not_ready() -> ApiError:

@@ -38,6 +38,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    sock = None
     try:
         family, type_, proto, _, addr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -46,7 +47,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
-        raise OSError(f"cannot bind the API server to {host}:{port}: {e}") from e
+        if sock is not None:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port} (serve.host, serve.port): {e.strerror or e}") from e
     sock.set_inheritable(True)
     return sock
 
@@ -65,6 +68,7 @@ class ApiServer:
         self.graceful_timeout_s = graceful_timeout_s
         self.log_level, self.access_log = log_level, access_log
         self.port: int | None = None
+        self._sock: socket.socket | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
 
@@ -77,10 +81,18 @@ class ApiServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
+    def bind(self) -> int:
+        """Bind the listening socket now, so that a busy port fails before anything else starts (OSError); start()
+        serves on it. Until then connections are refused. Returns the port."""
+        if self._sock is None:
+            self._sock = bind_socket(self.cfg.host, self.cfg.port)
+            self.port = self._sock.getsockname()[1]
+        return self.port
+
     async def start(self) -> str:
-        """Bind, serve in the background, return once accepting connections; returns the URL."""
-        sock = bind_socket(self.cfg.host, self.cfg.port)
-        self.port = sock.getsockname()[1]
+        """Bind (unless bind() did), serve in the background, return once accepting connections; returns the URL."""
+        self.bind()
+        sock = self._sock
         config = uvicorn.Config(
             self.app,
             log_config=None,  # the head's logging config applies

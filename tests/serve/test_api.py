@@ -146,7 +146,7 @@ def test_models_health_metrics_state(api, client):
     (card,) = body["data"]
     assert card["id"] == api.model and card["object"] == "model" and card["max_model_len"] > 0
     assert client.get(f"/v1/models/{api.model}").json()["id"] == api.model
-    assert_error(client.get("/v1/models/no-such-model"), 404, type_="NotFoundError")
+    assert_error(client.get("/v1/models/no-such-model"), 404, type_="invalid_request_error")
 
     assert client.get("/health").status_code == 200
 
@@ -269,7 +269,7 @@ def test_bad_requests_get_openai_errors_and_harm_no_stream(api, client):
             if status == 400:
                 assert err["type"] == "invalid_request_error"
             if path.endswith("/completions") and status == 404:
-                assert err["code"] == "model_not_found" and err["type"] == "NotFoundError"
+                assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
         events = sse_events([first, *lines])
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
