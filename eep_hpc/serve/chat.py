@@ -56,6 +56,9 @@ class ChatCompletion:
         message = AssistantMessage(content=c.text)
         return ChatChoice(index=c.index, message=message, logprobs=self._logprobs(c), finish_reason=c.finish_reason)
 
+    def plain_text(self, index: int) -> bool:
+        return not self.logprobs
+
     def _logprobs(self, d: ChoiceDelta) -> ChatChoiceLogprobs | None:
         return chat_logprobs(self.tokenizer, d.logprobs) if self.logprobs else None
 

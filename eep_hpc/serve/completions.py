@@ -62,6 +62,10 @@ class Completion:
 
     whole_choice = stream_choice  # a choice's whole output reads like one delta
 
+    def plain_text(self, index: int) -> bool:
+        text = self.texts[index]
+        return text.echo is None and not text.logprobs
+
 
 class ChoiceText:
     """What one choice has returned so far: the echo (once, first), and the offset of the next token's text."""

@@ -54,6 +54,11 @@ class ApiMetrics:
             ["model_name"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
 
+        # the children of this model's label, looked up once (a labels() call per token costs the streams)
+        self.ttft_of_model = self.time_to_first_token.labels(model_name)
+        self.itl_of_model = self.inter_token_latency.labels(model_name)
+        self.generation_tokens_of_model = self.generation_tokens.labels(model_name)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -78,11 +83,11 @@ class RequestTracker:
             return
         t = time.monotonic()
         if self.last is None:
-            self.m.time_to_first_token.labels(self.label).observe(t - self.arrival)
+            self.m.ttft_of_model.observe(t - self.arrival)
         else:
-            self.m.inter_token_latency.labels(self.label).observe((t - self.last) / count)
+            self.m.itl_of_model.observe((t - self.last) / count)
         self.last = t
-        self.m.generation_tokens.labels(self.label).inc(count)
+        self.m.generation_tokens_of_model.inc(count)
 
     def finish(self, reason: str) -> None:
         if self.finished:

@@ -13,6 +13,7 @@ whole body, is an `Endpoint`: chat.py's ChatCompletion, completions.py's Complet
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, ClassVar, Protocol, TypeVar
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 E = TypeVar("E", bound="Endpoint")
 
+TEXT_SLOT = "eep-hpc:text-slot"  # a placeholder text, found once in a rendered chunk
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 
 
@@ -65,6 +67,11 @@ class Endpoint(Protocol):
 
     def whole_choice(self, c: ChoiceDelta) -> BaseModel:
         """The response's choice for a choice's whole output."""
+        ...
+
+    def plain_text(self, index: int) -> bool:
+        """Whether a chunk of this choice that carries only text (no logprobs, not finishing) reads the same at
+        every token but for the text, and making it has no side effect (then it is framed from a template)."""
         ...
 
 
@@ -124,6 +131,18 @@ class Reply:
             # OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no key else.
             return event(body.model_dump_json(exclude=None if include_usage or continuous else {"usage"}))
 
+        templates: dict[int, tuple[bytes, bytes]] = {}  # choice index -> the chunk of a plain delta, around its text
+
+        def text_chunk(d: ChoiceDelta) -> bytes:
+            """The chunk of a delta that only carries text: the same bytes `chunk` makes, without building and
+            serialising its models for every token (a template per choice, made once from a placeholder text)."""
+            template = templates.get(d.index)
+            if template is None:
+                rendered = chunk(self.api.stream_choice(ChoiceDelta(d.index, TEXT_SLOT, d.num_tokens)), None)
+                before, _, after = rendered.partition(TEXT_SLOT.encode())
+                template = templates[d.index] = (before, after)
+            return template[0] + json.dumps(d.text, ensure_ascii=False)[1:-1].encode() + template[1]
+
         async def events() -> AsyncIterator[bytes]:
             tokens = [0] * num_choices
             try:
@@ -134,7 +153,10 @@ class Reply:
                     if d.finish_reason == "error":
                         yield event(internal_error(f"Generation failed: {d.error or 'engine error'}").body())
                         break
-                    if d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
+                    if (d.text and d.finish_reason is None and not d.logprobs and not d.prompt_logprobs
+                            and not continuous and self.api.plain_text(d.index)):
+                        yield text_chunk(d)
+                    elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
                         yield chunk(self.api.stream_choice(d), usage)
                 else:
