@@ -18,6 +18,7 @@ from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.deepseek_v2 import DeepseekV2ForCausalLM
 from eep_hpc.model.fp8 import Fp8Source, expert_format, weight_format
 from eep_hpc.model.hf_names import expert_names, hf_names
+from eep_hpc.model.load_progress import LoadProgress, layer_groups
 from eep_hpc.model.weights import DummySource, SafetensorsSource
 
 
@@ -41,19 +42,29 @@ def is_expert_param(name: str) -> bool:
     return name.endswith(".w13") or name.endswith(".w2")
 
 
+def dense_params(model: MoEForCausalLM) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters load_dense fills: all but the expert slots (and a tied lm_head)."""
+    return [(name, p) for name, p in model.named_parameters()
+            if not (is_expert_param(name) or (name == "lm_head.weight" and model.arch.tie_word_embeddings))]
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 @torch.inference_mode()
-def load_dense(model: MoEForCausalLM, source) -> None:
-    """Every parameter except the expert slots."""
-    for name, param in model.named_parameters():
-        if is_expert_param(name) or (name == "lm_head.weight" and model.arch.tie_word_embeddings):
-            continue
+def load_dense(model: MoEForCausalLM, source, on_loaded=None) -> None:
+    """Every parameter except the expert slots; on_loaded(bytes) after each."""
+    for name, param in dense_params(model):
         names = hf_names(model.arch, name)
         if len(names) == 1:
             param.copy_(source.get(names[0], tuple(param.shape)))
-            continue
-        rows = model.get_submodule(name.rsplit(".", 2)[0]).qkv_split  # a stacked projection's part sizes
-        for part, dst in zip(names, param.split(rows), strict=True):
-            dst.copy_(source.get(part, tuple(dst.shape)))
+        else:
+            rows = model.get_submodule(name.rsplit(".", 2)[0]).qkv_split  # a stacked projection's part sizes
+            for part, dst in zip(names, param.split(rows), strict=True):
+                dst.copy_(source.get(part, tuple(dst.shape)))
+        if on_loaded is not None:
+            on_loaded(nbytes(param))
 
 
 @torch.inference_mode()
@@ -89,9 +100,11 @@ def build_model(
     dtype: torch.dtype,
     num_local_slots: int | None = None,
     load_dense_weights: bool = True,
+    progress_stream=None,
 ) -> MoEForCausalLM:
     """local_logical[moe_layer][local_slot] = logical expert this rank holds there (empty lists: slots left
-    unfilled, for weights that arrive from peers)."""
+    unfilled, for weights that arrive from peers). Progress goes to `progress_stream` (default stderr): a bar on a
+    terminal, else log lines (model/load_progress.py)."""
     if num_local_slots is None:
         num_local_slots = len(local_logical[0]) if local_logical else 0
     # built directly in the serving dtype on the device (an fp32 detour would need twice the memory); rope tables
@@ -106,9 +119,24 @@ def build_model(
         torch.set_default_dtype(previous)
     model.eval()
     source = weight_source(cfg, model_dir, device, arch)
+    blocks = model.moe_blocks()
+    slot_bytes = [sum(nbytes(t) // len(t) for t in (b.w13, b.w2, b.w13_scale, b.w2_scale) if t is not None and len(t))
+                  for b in blocks]
+    total = sum(nbytes(p) for _, p in dense_params(model)) if load_dense_weights else 0
+    total += sum(len(logicals) * slot_bytes[i] for i, logicals in enumerate(local_logical))
+    what = f"loading {'dummy weights' if cfg.load_format == 'dummy' else 'weights from ' + str(model_dir)}"
+    progress = LoadProgress(total, what, stream=progress_stream)
     if load_dense_weights:
-        load_dense(model, source)
-    for moe_index, logicals in enumerate(local_logical):
-        for slot, logical in enumerate(logicals):
-            load_expert_slot(model, source, moe_index, slot, logical)
+        with progress.group("dense weights"):
+            load_dense(model, source, progress.add)
+    for layers in layer_groups(len(local_logical)):
+        if not any(local_logical[i] for i in layers):
+            continue
+        which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+        with progress.group(f"experts of MoE {which} of {len(local_logical)}"):
+            for moe_index in layers:
+                for slot, logical in enumerate(local_logical[moe_index]):
+                    load_expert_slot(model, source, moe_index, slot, logical)
+                    progress.add(slot_bytes[moe_index])
+    progress.close()
     return model

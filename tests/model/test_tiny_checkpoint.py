@@ -1,3 +1,4 @@
+import re
 import threading
 from pathlib import Path
 
@@ -124,3 +125,50 @@ def test_logits_are_well_separated_and_all_experts_used(hf_model, checkpoint):
     assert gaps.median() > 0.1 and gaps.min() > 1e-3
     for layer, indices in chosen.items():
         assert torch.bincount(torch.cat(indices).flatten(), minlength=8).min() > 0, f"layer {layer} has an idle expert"
+
+
+def _build(checkpoint, stream):
+    from eep_hpc.config import ModelConfig
+    from eep_hpc.model.arch import load_arch
+    from eep_hpc.model.loader import build_model
+
+    arch = load_arch(checkpoint)
+    every_expert = [list(range(arch.num_experts))] * len(arch.moe_layers)
+    return build_model(arch, ModelConfig(), checkpoint, every_expert, 64, torch.device("cpu"), torch.float32,
+                       progress_stream=stream)
+
+
+def test_loading_logs_a_line_per_tensor_group_with_bytes_and_rate(checkpoint, caplog):
+    """Not a terminal (a rank's log file): one line per group, no carriage return; the groups' bytes add up to
+    every parameter of the model."""
+    import io
+
+    stream = io.StringIO()
+    with caplog.at_level("INFO", logger="eep_hpc.load"):
+        model = _build(checkpoint, stream)
+    assert stream.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "eep_hpc.load"]
+    groups = ["dense weights", "experts of MoE layer 0 of 2", "experts of MoE layer 1 of 2", "done"]
+    assert len(lines) == len(groups), lines
+    for line, group in zip(lines, groups):
+        assert line.startswith(f"loading weights from {checkpoint}") and group in line, line
+        assert re.search(r": [\d,.]+ MiB in \d+\.\d\d s \(\d+\.\d\d GB/s\)$", line), line
+    mib = [float(re.search(r": ([\d,.]+) MiB", line).group(1).replace(",", "")) for line in lines]
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    assert mib[-1] == pytest.approx(total, abs=0.05) and sum(mib[:-1]) == pytest.approx(total, abs=0.15)
+
+
+def test_loading_on_a_terminal_draws_a_bar(checkpoint, caplog):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    with caplog.at_level("INFO", logger="eep_hpc.load"):
+        _build(checkpoint, stream)
+    bar = stream.getvalue()
+    assert "\r" in bar and "100%" in bar and "B/s" in bar, bar
+    assert [r.getMessage().split(" done: ")[0] for r in caplog.records if r.name == "eep_hpc.load"] == [
+        f"loading weights from {checkpoint}"]  # only the total: the bar showed the groups
