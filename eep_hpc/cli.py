@@ -29,6 +29,16 @@ def parse_setting(item: str) -> tuple[str, str, object]:
     return section, key, value
 
 
+def _fast_event_loop():
+    """uvloop's event loop where it is installed, else asyncio's: every streamed token crosses the head's loop
+    (a socket write and a few callbacks per token and stream; results/README.md, "The head's funnel")."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _serve(args) -> int:
     overrides = {
         "serve": {"host": args.host, "port": args.port},
@@ -56,7 +66,8 @@ def _serve(args) -> int:
             print(f"API key required: 'Authorization: Bearer <key>', the key in {h.api_key_file} "
                   f"(eep-hpc bench --run-dir {cfg.control.run_dir} finds it)", flush=True)
 
-    asyncio.run(head.run(on_ready=ready))
+    with asyncio.Runner(loop_factory=_fast_event_loop()) as runner:
+        runner.run(head.run(on_ready=ready))
     print("eep-hpc stopped", flush=True)
     return 0
 
