@@ -124,6 +124,10 @@ def _admin_post(args, path: str, body: dict) -> int:
 
     url = _head_url(args)
     r = httpx.post(f"{url}{path}", json=body, timeout=args.timeout, headers=_auth(args))
+    return _report(r)
+
+
+def _report(r: httpx.Response) -> int:
     data = r.json()
     if r.status_code != 200:
         print(f"eep-hpc: {data.get('error', {}).get('message', r.text)}", file=sys.stderr)
@@ -184,7 +188,13 @@ def _grow(args) -> int:
             return 2
     elif pools:
         body["pool"] = pools[-1]
-    return _admin_post(args, "/admin/scale/grow", body)
+    if args.no_wait:
+        return _admin_post(args, "/admin/scale/grow", body)
+    from eep_hpc.join_progress import grow_watching
+
+    n = sum(body["pools"].values()) if "pools" in body else body.get("n", 1)
+    url = _head_url(args)
+    return _report(asyncio.run(grow_watching(url, _auth(args), body, args.timeout, n)))
 
 
 def _shrink(args) -> int:

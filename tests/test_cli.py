@@ -198,6 +198,12 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
         r = eep("grow", "1", "--url", head.url, timeout=300)
         assert r.returncode == 0, r.stderr
         assert "grow 1 -> 2 ranks" in r.stdout and "rank(s) 2 joined" in r.stdout, r.stdout
+        # while it waited, a line each time the joining rank moved on (stderr is no terminal here: no bar)
+        progress = r.stderr.splitlines()
+        phase = r"grow: [01]/1 ready: (waiting for the head to submit the rank\(s\)|rank 2 (queued|submitted|" \
+                r"connected|staging|committing|ready))"
+        assert progress and all(re.fullmatch(phase, line) for line in progress), r.stderr
+        assert any("rank 2 " in line for line in progress) and len(set(progress)) == len(progress), r.stderr
         grow = [e for e in head.state()["scale_events"] if e["kind"] == "grow"]
         assert_one_observation(head.url, "eep_hpc:scale_commit_pause_seconds", grow[0]["commit_pause_ms"] / 1000,
                                kind="grow")
