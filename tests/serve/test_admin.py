@@ -4,7 +4,12 @@ move nothing leaves the serving epoch alone."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
+
+from support import ROOT
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -41,3 +46,25 @@ def test_rebalance_that_moves_nothing_keeps_the_epoch(api):
     assert body["phase"] == "UNCHANGED" and body["moved"] == 0 and body["experts_moved"] == 0
     assert body["kind"] == "rebalance" and body["epoch"] == before[0] and body["commit_pause_ms"] == 0
     assert _epoch_and_events(api) == before and api.state()["placement"] == placement
+
+
+def exported_names(exposition: str) -> set[str]:
+    """Every series name /metrics can carry: each family from its # TYPE line, with a histogram's _bucket, _sum and
+    _count (a family with no sample yet, e.g. no scaling event so far, still has its TYPE line)."""
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names
+
+
+def test_grafana_dashboard_reads_only_metrics_the_head_exports(api):
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "eep-hpc.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    assert len(exprs) >= 20 and len(set(titles)) == len(titles)
+    exported = exported_names(httpx.get(f"{api.url}/metrics", timeout=10).text)
+    for expr in exprs:
+        used = set(re.findall(r"eep_hpc:[A-Za-z0-9_:]+", expr))
+        assert used and used <= exported, (expr, used - exported)
