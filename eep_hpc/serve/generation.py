@@ -63,7 +63,8 @@ def generate(
 ) -> AsyncIterator[ChoiceDelta]:
     """The deltas of every choice as they come; engine request ids are `{request_id}-{choice index}`."""
     arrival = time.monotonic()
-    return merge([generate_choice(engine, metrics, arrival, f"{request_id}-{c.index}", c, options) for c in choices])
+    streams = [generate_choice(engine, metrics, arrival, f"{request_id}-{c.index}", c, options) for c in choices]
+    return streams[0] if len(streams) == 1 else merge(streams)  # one choice: no generator layer per token
 
 
 async def _closing(gen: Any) -> None:
@@ -135,14 +136,6 @@ async def generate_choice(
 
 async def merge(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
     """Interleave the choices' deltas as they come; closing the merge closes every stream."""
-    if len(streams) == 1:
-        try:
-            async for d in streams[0]:
-                yield d
-        finally:
-            await _closing(streams[0])
-        return
-
     queue: asyncio.Queue[ChoiceDelta | Exception | None] = asyncio.Queue()
 
     async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
