@@ -10,6 +10,7 @@ import sys
 import httpx
 
 from eep_hpc.config import ConfigError, load_config
+from eep_hpc.head.events import describe_event
 from eep_hpc.logs import LEVELS, setup_logging
 
 
@@ -96,7 +97,7 @@ def _status(args) -> int:
             # labelled by rank id (what shrink --rank takes), not by position in the epoch
             print(f"layer {layer}: " + "  ".join(f"r{rid}:{s}" for rid, s in zip(state["members"], per_rank)))
     for e in state.get("scale_events", [])[-5:]:
-        print(_event_line(e))
+        print(describe_event(e))
     return 0
 
 
@@ -136,7 +137,7 @@ def _report(r: httpx.Response) -> int:
         print(f"{data['kind']}: rank(s) {_ids(data['rank_ids'])} submitted; they join when their jobs start "
               f"(eep-hpc status shows them)")
     else:
-        print(_event_line(data) if "from_ranks" in data else json.dumps(data))
+        print(describe_event(data) if "from_ranks" in data else json.dumps(data))
     return 0
 
 
@@ -147,26 +148,6 @@ def _ids(ids: list[int]) -> str:
 def _adapt_line(a: dict) -> str:
     line = f"adapt {'on' if a['enabled'] else 'off'}: {a['min_ranks']}..{a['max_ranks']} ranks"
     return line + (f" (last: {a['last']})" if a.get("last") else "")
-
-
-def _event_line(e: dict) -> str:
-    if e.get("phase") == "UNCHANGED":  # a rebalance that found the serving placement already the best one
-        return (f"{e['kind']}: placement unchanged, nothing moved (still epoch {e['epoch']}, "
-                f"{e['to_ranks']} ranks)")
-    who = []
-    if e.get("lost"):
-        who.append(f"rank(s) {_ids(e['lost'])} lost, detected in {e['detect_s']:.3f} s, "
-                   f"serving again in {e['recovery_s']:.3f} s")
-    if e.get("joined"):
-        who.append(f"rank(s) {_ids(e['joined'])} joined")
-    left = [r for r in e.get("left", []) if r not in e.get("lost", [])]
-    if left:
-        who.append(f"rank(s) {_ids(left)} left")
-    return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
-            + "".join(w + ", " for w in who) +
-            f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
-            f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
-            f"{e['requests_migrated']} request(s) migrated" + (f", error: {e['error']}" if e.get("error") else ""))
 
 
 def _grow(args) -> int:

@@ -152,10 +152,11 @@ def test_commands_do_not_print_http_request_logs(api):
 # ---- status: what a user reads -----------------------------------------------------------------------------------
 
 
-def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
+def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path, caplog):
     """After rank 0 dies, the survivor is rank 1 at position 0 of the epoch: placement lines say r1 (the id that
     shrink --rank takes), the recovery's line names the lost rank with its detect and recovery times (also in
     /metrics), and one line gives the adapt state."""
+    caplog.set_level("INFO", logger="eep_hpc.coordinator")
     head = start_head(tmp_path / "run", ranks=2)
     try:
         os.kill(pid_of(head.state(), 0), signal.SIGKILL)
@@ -204,6 +205,9 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path):
                 r"connected|staging|committing|ready))"
         assert progress and all(re.fullmatch(phase, line) for line in progress), r.stderr
         assert any("rank 2 " in line for line in progress) and len(set(progress)) == len(progress), r.stderr
+        # the head logged each event in one line, the line the CLI prints
+        logged = [rec.getMessage() for rec in caplog.records if rec.name == "eep_hpc.coordinator"]
+        assert r.stdout.strip() in logged and recover[0] in logged, logged
         grow = [e for e in head.state()["scale_events"] if e["kind"] == "grow"]
         assert_one_observation(head.url, "eep_hpc:scale_commit_pause_seconds", grow[0]["commit_pause_ms"] / 1000,
                                kind="grow")

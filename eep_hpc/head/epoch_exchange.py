@@ -19,7 +19,7 @@ import logging
 import time
 
 from eep_hpc import protocol as P
-from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
+from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase, describe_event
 from eep_hpc.head.jobs import RankJobs
 from eep_hpc.head.link import RankLink
 from eep_hpc.head.membership import GONE, Membership, RankState
@@ -126,7 +126,7 @@ class EpochExchange:
             event.requests_migrated = self.streams.restart_all(new_members)
         event.phase = ScalePhase.DONE
         self._finish(event)
-        log.info("%s done: %s", kind, event.summary())
+        log.info("%s", describe_event(event.summary()))
         return event
 
     def _prepare(self, event: ScaleEvent, placement: Placement) -> P.PrepareEpoch:

@@ -83,3 +83,29 @@ class ScaleEvent:
             **({"lost": self.lost, "detect_s": round(self.detect_s, 3),
                 "recovery_s": round(self.detect_s + self.prepare_s + self.commit_s, 3)} if self.kind == "recover" else {}),
         }
+
+
+def _rank_ids(ids: list[int]) -> str:
+    return ", ".join(str(r) for r in ids)
+
+
+def describe_event(e: dict) -> str:
+    """One line for an event's summary (ScaleEvent.summary(), or /admin's JSON of it): what `eep-hpc` prints and the
+    head logs."""
+    if e.get("phase") == "UNCHANGED":  # a rebalance that found the serving placement already the best one
+        return (f"{e['kind']}: placement unchanged, nothing moved (still epoch {e['epoch']}, "
+                f"{e['to_ranks']} ranks)")
+    who = []
+    if e.get("lost"):
+        who.append(f"rank(s) {_rank_ids(e['lost'])} lost, detected in {e['detect_s']:.3f} s, "
+                   f"serving again in {e['recovery_s']:.3f} s")
+    if e.get("joined"):
+        who.append(f"rank(s) {_rank_ids(e['joined'])} joined")
+    left = [r for r in e.get("left", []) if r not in e.get("lost", [])]
+    if left:
+        who.append(f"rank(s) {_rank_ids(left)} left")
+    return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
+            + "".join(w + ", " for w in who) +
+            f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
+            f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
+            f"{e['requests_migrated']} request(s) migrated" + (f", error: {e['error']}" if e.get("error") else ""))

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from eep_hpc.head.epoch_exchange import EpochExchange
-from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase
+from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase, describe_event
 from eep_hpc.head.expert_load import ExpertLoad
 from eep_hpc.head.jobs import RankJobs
 from eep_hpc.head.membership import Membership, RankState, is_pending, slots_per_rank
@@ -151,6 +151,6 @@ class Scaling:
             if self.busy() or self.load.counted is None or not ready():
                 continue
             try:
-                log.info("periodic expert rebalance: %s", await self.rebalance())
+                log.info("periodic expert rebalance: %s", describe_event(await self.rebalance()))
             except (ScaleBusy, ScaleFailed) as e:
                 log.warning("periodic expert rebalance skipped: %s", e)
