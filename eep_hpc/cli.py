@@ -59,6 +59,7 @@ def _serve(args) -> int:
     except StartupError as e:
         print(f"eep-hpc: {e}", file=sys.stderr)
         return 2
+    head.server.access_log = args.access_log
 
     def ready(h):
         print(f"eep-hpc serving {h.coordinator.model_name} on {cfg.parallel.ranks} rank(s) at {h.url}  (Ctrl-C stops)",
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--launcher", choices=["local", "slurm"], help="where new ranks run")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set engine.max_num_seqs=512 (repeatable)")
+    s.add_argument("--access-log", action="store_true",
+                   help="log a line per HTTP request (uvicorn's access log; off by default, /metrics counts them)")
     s.set_defaults(func=_serve)
 
     st = sub.add_parser("status", help="ranks, epoch, requests and expert placement of a running head")

@@ -256,3 +256,20 @@ def test_serve_log_level_warning_quiets_the_head_and_its_ranks(tmp_path):
     assert rank_logs
     for log in rank_logs:  # the rank inherited the level: not even its exit is logged at INFO
         assert " INFO " not in log.read_text(), log.read_text()
+
+
+def test_serve_access_log_is_off_by_default_and_on_when_asked(tmp_path):
+    for flags in ([], ["--access-log"]):
+        serve = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir",
+                                  str(tmp_path / f"run{len(flags)}"), *flags],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = serve.stdout.readline()
+            url = ready.split(" at ")[1].split()[0]
+            assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        finally:
+            serve.send_signal(signal.SIGINT)
+            _, err = serve.communicate(timeout=120)
+        access = [line for line in err.splitlines() if '"GET /v1/models HTTP/1.1" 200' in line]
+        assert len(access) == (1 if flags else 0), err
+

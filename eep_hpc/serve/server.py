@@ -101,6 +101,8 @@ class ApiServer:
             lifespan="off",
             timeout_graceful_shutdown=self.graceful_timeout_s,
         )
+        if self.access_log:  # uvicorn set its access logger to log_level too; its lines are INFO
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="eep-hpc-api")
         started = asyncio.ensure_future(self._server.started_event.wait())
