@@ -180,7 +180,7 @@ async def bench(args: argparse.Namespace) -> int:
         plan_task = None
         if plan:
             def on_event(e: dict) -> None:
-                print(f"\nbench: {event_line(e)}" if progress.tty else f"bench: {event_line(e)}", file=sys.stderr)
+                progress.note(f"bench: {event_line(e)}")
                 progress.show(force=True)
 
             scale = ScalePlan(admin, url, plan, args.scale_interval, on_event)

@@ -15,6 +15,7 @@ from eep_hpc.bench.client import RequestResult
 from eep_hpc.bench.dataset import random_requests, token_range
 from eep_hpc.bench.driver import run_load
 from eep_hpc.bench.metrics import summarize
+from eep_hpc.bench.progress import Progress
 from eep_hpc.bench.scale_plan import parse_plan
 from eep_hpc.bench.timeline import timeline
 from support import start_head
@@ -179,3 +180,29 @@ def test_timeline_bins_tokens_and_gaps_by_second_and_steps_the_ranks():
     assert tl["ranks"] == [[0.0, 1], [0.9, 2]]  # the rolled-back shrink changed nothing
     assert [(e["kind"], e["t_s"], e["t_done_s"]) for e in tl["events"]] == [("grow", 0.3, 0.9), ("shrink", 1.0, 1.3)]
     assert timeline([a], 100.0, 1.5, None, events)["ranks"] == []  # rank count not known: no series
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream in (Terminal(), io.StringIO()):
+        progress = Progress(3, stream=stream, every_s=3600)
+        for ok in (True, False, True, True):  # one more than asked: the scale plan kept the load going
+            progress.started()
+            progress.finished(ok)
+        progress.note("bench: scale grow 1 -> 2 ranks")
+        progress.close()
+        out = stream.getvalue()
+        if isinstance(stream, Terminal):
+            assert "\r" in out and "4req" in out and "1 failed, 0 in flight" in out, out
+            assert "\nbench: scale grow 1 -> 2 ranks\n" in out.replace("\r", "\n"), out
+        else:
+            assert "\r" not in out, out
+            assert out.splitlines() == ["bench: scale grow 1 -> 2 ranks",
+                                        out.splitlines()[-1]], out  # every_s not reached: the closing line only
+            assert out.splitlines()[-1].startswith("bench: 4 (3 + more while the scale plan runs) done, 1 failed, "
+                                                   "0 in flight"), out
