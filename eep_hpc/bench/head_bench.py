@@ -7,7 +7,8 @@ tokens, for --rounds requests per stream. The head (all its threads) runs on one
 ranks on the other (--head-cpu, --client-cpu), so the head's CPU is its own.
 
 Measured, per point of --steps-per-s (a fresh head each):
-- delivered tok/s: text events received by the clients / the time from the first request to the last [DONE];
+- delivered tok/s: text events received by the clients / the time from the first request to the last [DONE]
+  (and in the middle half of that time, where every stream is open);
   offered tok/s: what the ranks would emit at full batches (ranks x min(max_batch, streams / ranks) x steps/s);
 - added delay: for every token, the time the client received it minus the time the stand-in emitted it (its
   step's outputs made, before the rank encodes and sends them; both clocks are this machine's time.time());
@@ -67,6 +68,9 @@ def add_head_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--head-cpu", type=int, default=0, help="the CPU the head runs on (default %(default)s)")
     b.add_argument("--client-cpu", type=int, default=1,
                    help="the CPU of the clients and the stand-in ranks (default %(default)s)")
+    b.add_argument("--nice", type=int, default=0,
+                   help="niceness of the head, ranks and clients, e.g. -5 on a machine others use too (needs the "
+                        "privilege; default %(default)s: unchanged)")
     b.add_argument("--profile", action="store_true", help="also sample the head with py-spy during a second load")
     b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="passed to the head's `eep-hpc serve --set` (repeatable)")
@@ -118,7 +122,8 @@ def run_head_bench(args: argparse.Namespace) -> int:
 
 def summary_line(run: dict) -> str:
     return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams: "
-            f"{run['delivered_tok_s']:,.0f} tok/s delivered of {run['offered_tok_s']:,.0f} offered, "
+            f"{run['delivered_tok_s']:,.0f} tok/s delivered ({run['delivered_tok_s_middle']:,.0f} in the middle half) "
+            f"of {run['offered_tok_s']:,.0f} offered, "
             f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms, "
             f"head CPU {run['head_cpu_us_per_token']:.1f} us/token ({run['head_cpu_util']:.0%}), "
             f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed")
@@ -140,13 +145,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def pin(pid: int, cpu: int) -> None:
-    """Every thread of `pid` onto `cpu` (threads started later inherit it)."""
+def pin(pid: int, cpu: int, nice: int = 0) -> None:
+    """Every thread of `pid` onto `cpu` (threads started later inherit it), at niceness `nice` if not 0."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             os.sched_setaffinity(int(tid), {cpu})
-        except (ProcessLookupError, PermissionError):
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:
             pass
+        except PermissionError as e:
+            raise HeadBenchError(f"cannot pin or renice process {pid}: {e}") from None
 
 
 class HeadUnderTest:
@@ -200,9 +209,10 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
 
 
 async def load(url: str, model: str, prompt: list[int], streams: int, output_len: int, rounds: int
-               ) -> tuple[list[StreamResult], float]:
+               ) -> tuple[list[StreamResult], float, float]:
     """`streams` connections, each `rounds` requests in a row; the first request of stream i has
-    ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step."""
+    ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step.
+    -> (results, seconds from the first request to the last [DONE], time.time() at the start)."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     results: list[StreamResult] = []
 
@@ -217,9 +227,15 @@ async def load(url: str, model: str, prompt: list[int], streams: int, output_len
         finally:
             conn.close()
 
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     await asyncio.gather(*(one_stream(i) for i in range(streams)))
-    return results, time.perf_counter() - start
+    return results, time.perf_counter() - start, wall
+
+
+def middle_rate(results: list[StreamResult], start: float, duration: float) -> float:
+    lo, hi = start + duration / 4, start + 3 * duration / 4
+    return sum(int(np.count_nonzero((t >= lo) & (t < hi))) for t in (np.asarray(r.received_at) for r in results)
+               ) / (duration / 2)
 
 
 def read_emit_times(emit_dir: Path) -> dict[str, list[float]]:
@@ -258,9 +274,9 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         try:
             url, rank_pids = head.start()
             head_pid = head.proc.pid
-            pin(head_pid, args.head_cpu)
+            pin(head_pid, args.head_cpu, args.nice)
             for pid in [os.getpid(), *rank_pids]:
-                pin(pid, args.client_cpu)
+                pin(pid, args.client_cpu, args.nice)
             cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
             model, vocab = cards[0]["id"], int(cards[0].get("vocab_size") or 512)
             prompt = prompt_ids(vocab, args.input_len)
@@ -271,13 +287,14 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             def measured_load():
                 cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *rank_pids]}
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
-                results, duration = asyncio.run(load(url, model, prompt, args.streams, args.output_len, args.rounds))
+                results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
+                                                           args.rounds))
                 client1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
                 client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
-                return results, duration, cpu, client_cpu
+                return results, duration, wall, cpu, client_cpu
 
-            results, duration, cpu, client_cpu = measured_load()
+            results, duration, wall, cpu, client_cpu = measured_load()
             emitted = read_emit_times(emit_dir)
             profile = profile_head(head_pid, measured_load, args.client_cpu) if args.profile else None
         finally:
@@ -296,6 +313,10 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "tokens": tokens, "duration_s": duration,
         "offered_tok_s": ranks_used * min(head.max_batch, args.streams / ranks_used) * steps_per_s,
         "delivered_tok_s": tokens / duration,
+        # the middle half of the run, past the start (all streams admitted at once) and before the tail (streams
+        # ending one by one)
+        "delivered_tok_s_middle": middle_rate(results, wall, duration),
+        "nice": args.nice,
         "added_delay_ms": percentiles_ms(added_delays(results, emitted)),
         "head_cpu_s": head_cpu, "head_cpu_util": head_cpu / duration,
         "head_cpu_us_per_token": head_cpu / max(tokens, 1) * 1e6,
