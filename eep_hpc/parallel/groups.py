@@ -5,12 +5,18 @@ Never through init_process_group/WORLD: a process destroys one epoch's groups an
 `cpu` (gloo) carries small control collectives (the step's agreement, KV sizing); `device` carries tensors of the
 model's device (NCCL on CUDA; the same gloo group on CPU). A one-rank epoch builds no group at all.
 `host_collectives` counts the control collectives this group ran: the step loop makes exactly one per step.
+
+Gloo listens on, and tells its peers, the address of the interface this host reaches the store's host through
+(`local_address_towards`), not what the hostname resolves to: on many hosts that is 127.0.1.1, which peers on
+other nodes cannot reach. GLOO_SOCKET_IFNAME, where set, names the interface instead (as for torch.distributed).
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -20,6 +26,22 @@ from eep_hpc import signing
 
 def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def local_address_towards(host: str) -> str:
+    """The address of this host's interface that routes to `host` (a UDP connect sends nothing)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, 1, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        return s.getsockname()[0]
+
+
+@functools.cache
+def gloo_device(store_host: str):
+    """The gloo device of groups whose store is at store_host."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo.create_device(interface=os.environ["GLOO_SOCKET_IFNAME"].split(",")[0])
+    return dist.ProcessGroupGloo.create_device(hostname=local_address_towards(store_host))
 
 
 class GroupLost(RuntimeError):
@@ -50,11 +72,14 @@ class EpochGroup:
             return
         timeout = datetime.timedelta(seconds=timeout_s)
         prefix = signing.epoch_store_prefix(epoch) + purpose
-        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}cpu/", store), rank, size, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [gloo_device(store.host)]
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{prefix}cpu/", store), rank, size, opts)
         if device.type == "cuda":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}nccl/", store), rank, size, opts)
+            nccl_opts = dist.ProcessGroupNCCL.Options()
+            nccl_opts._timeout = timeout
+            self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{prefix}nccl/", store), rank, size, nccl_opts)
         else:
             self.dev = self.cpu
 

@@ -8,6 +8,7 @@ one runs the real head with a SlurmLauncher and serves requests from ranks in no
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import subprocess
@@ -26,9 +27,10 @@ from eep_hpc import signing
 from eep_hpc.cluster.node_agent import agent_identity
 from eep_hpc.cluster.pools import Pool, PoolError, load_pools, name_pools, parse_pools
 from eep_hpc.config import Config, ControlConfig
-from support import TEST_CONFIG, sacct, wait_sacct, why_no_slurm
+from support import TEST_CONFIG, cluster_network, sacct, wait_sacct, why_no_slurm
 
 NO_SLURM = why_no_slurm()
+NIXL = importlib.util.find_spec("nixl") is not None
 requires_slurm = pytest.mark.skipif(bool(NO_SLURM), reason=NO_SLURM)
 
 
@@ -77,8 +79,9 @@ class FakeHead:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
+        host = cluster_network().host_address  # where node jobs reach this host (the bridge, with namespaces)
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
         self.hellos: dict[int, P.RankHello] = {}
         # like the head: the run's secret in a file its ranks and agents read (this process signs with it)
         self.secret_file = signing.write_secret(secret_file, signing.ensure_secret())
@@ -287,6 +290,7 @@ def test_head_serves_from_ranks_in_node_jobs_grows_and_drains_on_walltime_warnin
     pools = parse_pools(raw.pop("pools"))
     raw["serve"] = {"port": 0}
     raw["control"]["run_dir"] = str(tmp_path / "run")
+    raw["control"]["host"] = cluster_network().host_address  # the head runs here, its ranks on the nodes
     cfg = msgspec.convert(raw, Config)
     launcher = SlurmLauncher(cfg.control.run_dir, pools, default_pool="big", device="cpu")
     ready, box = threading.Event(), {}
@@ -319,8 +323,17 @@ def test_head_serves_from_ranks_in_node_jobs_grows_and_drains_on_walltime_warnin
         state = httpx.get(f"{head.url}/admin/state", timeout=10).json()
         slurm_ids = {j.job_id for j in launcher.jobs}
         assert len(launcher.jobs) == 1 and all(str(r["job_id"]) in slurm_ids for r in state["ranks"])
-        summary = asyncio.run_coroutine_threadsafe(head.coordinator.grow(1), box["loop"]).result(300)
+        # the first ranks run on the small pool's nodes (n3, n4), the grown one on a big node (n1 or n2)
+        summary = asyncio.run_coroutine_threadsafe(head.coordinator.grow(1, "big"), box["loop"]).result(300)
         assert len(launcher.jobs) == 2 and len(head.coordinator.members) == 3, summary
+        ranks = head.coordinator.ranks
+        joiner = head.coordinator.members[-1]
+        if cluster_network().nodes:  # each node its own host: rank processes say which one they run on
+            assert {ranks[r].host for r in head.coordinator.members[:2]} <= {"n3", "n4"}
+            assert ranks[joiner].host in {"n1", "n2"}
+        if NIXL:  # the joiner read its dense weights from a serving rank on another node, over NIXL's UCX
+            source = int(summary["dense_source"].removeprefix("nixl:"))
+            assert ranks[source].host != ranks[joiner].host and summary["dense_bytes"] > 0, summary
         assert complete()["text"] == first["text"]  # same greedy text on 3 ranks in 2 node jobs
         # The grown node job's walltime warning: its agent tells the head, which drains the rank (shrink), the
         # rank exits, and the node job ends on its own, long before its time limit.
