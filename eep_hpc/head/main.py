@@ -24,6 +24,10 @@ from eep_hpc.serve.server import ApiServer
 
 log = logging.getLogger("eep_hpc.head")
 
+SHUTTING_DOWN = "The server is shutting down."
+# After the grace period every response has had its last event; uvicorn gets this long to see them out.
+CLOSE_CONNECTIONS_S = 3.0
+
 
 class StartupError(Exception):
     """A mistake found before anything starts (the model path, a busy port): one line for the user."""
@@ -95,7 +99,7 @@ class Head:
                      "(eep-hpc status/grow/shrink --run-dir %s find it)", self.admin_token_file, cfg.control.run_dir)
         self.coordinator = build_coordinator(rank_config(cfg, creds), launcher)
         self.app = create_app(self.coordinator, serve_config(cfg, creds))
-        self.server = ApiServer(self.app, cfg.serve, graceful_timeout_s=10.0, log_level="warning")
+        self.server = ApiServer(self.app, cfg.serve, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning")
         try:
             self.server.bind()
         except OSError as e:
@@ -104,10 +108,31 @@ class Head:
         self.app.state.metrics.registry.register(self.coordinator.metrics)
         self.url = ""
         self._stop = asyncio.Event()
+        self._grace_over = asyncio.Event()
 
     def request_stop(self) -> None:
+        """Stop draining: new requests get a 503 at once (the coordinator is no longer ready), those in flight
+        have serve.shutdown_grace_s to finish. A second call (Ctrl-C again) ends the grace period at once."""
+        if self._stop.is_set():
+            self._grace_over.set()
+            return
         self.coordinator.begin_stop()
         self._stop.set()
+
+    async def _drain(self) -> None:
+        """Wait up to the grace period for the requests in flight; then end those still open with a 503 (an error
+        event and [DONE] on a stream)."""
+        streams, grace = self.coordinator.streams, self.cfg.serve.shutdown_grace_s
+        if len(streams):
+            log.info("stopping: %d request(s) in flight have %g s to finish; new requests get 503", len(streams),
+                     grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while len(streams) and loop.time() < deadline and not self._grace_over.is_set():
+            await asyncio.sleep(0.05)
+        if len(streams):
+            log.info("stopping: %d request(s) still open end with a 503 (%s)", len(streams), SHUTTING_DOWN)
+            streams.end_all("abort", SHUTTING_DOWN)
 
     async def run(self, on_ready=None) -> None:
         """Start ranks, serve HTTP until request_stop() (or SIGINT/SIGTERM), then shut everything down."""
@@ -129,6 +154,7 @@ class Head:
             if on_ready is not None:
                 on_ready(self)
             await self._stop.wait()
+            await self._drain()
             await server.stop()
         finally:
             discovery.remove(cfg.control.run_dir)

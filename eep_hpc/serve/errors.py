@@ -66,6 +66,17 @@ def internal_error(message: str = "Internal server error.") -> ApiError:
     return ApiError(500, message, "InternalServerError", None, 500)
 
 
+def ended_with_error(finish_reason: str | None, error: str) -> ApiError | None:
+    """What a client is told of a request the server could not finish, if this output ends it so: an engine
+    failure ("error") is a 500; a request the server ended ("abort" with a reason: it is shutting down) a 503.
+    None for a normal end (a plain "abort" is the client's own, who is gone)."""
+    if finish_reason == "error":
+        return internal_error(f"Generation failed: {error or 'engine error'}")
+    if finish_reason == "abort" and error:
+        return ApiError(503, error, "ServiceUnavailableError", None, 503)
+    return None
+
+
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, INVALID_REQUEST, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 

@@ -169,6 +169,7 @@ async def merge(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[Choi
 class Collected:
     choices: list[ChoiceDelta]  # per choice, all of its text, logprobs and tokens
     error: str = ""  # the first engine error (its choice and those not finished yet are incomplete)
+    finish_reason: str | None = None  # of the choice that ended with `error`: "error", or "abort" by the server
 
 
 async def collect(stream: AsyncIterator[ChoiceDelta], num_choices: int) -> Collected:
@@ -186,8 +187,8 @@ async def collect(stream: AsyncIterator[ChoiceDelta], num_choices: int) -> Colle
             c.num_tokens = d.num_tokens
             if d.finish_reason is not None:
                 c.finish_reason = d.finish_reason
-                if d.finish_reason == "error":
-                    out.error = d.error or "engine error"
+                if d.finish_reason == "error" or d.error:  # failed, or ended by the server (shutting down)
+                    out.error, out.finish_reason = d.error or "engine error", d.finish_reason
                     break
     finally:
         await _closing(stream)

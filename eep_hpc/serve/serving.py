@@ -25,7 +25,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from eep_hpc.serve.engine_client import EngineClient
-from eep_hpc.serve.errors import ApiError, error_body, internal_error, model_not_found, not_ready, validation_error
+from eep_hpc.serve.errors import (ApiError, ended_with_error, error_body, model_not_found, not_ready,
+                                  validation_error)
 from eep_hpc.serve.generation import ChoiceDelta, TextOptions, collect, generate
 from eep_hpc.serve.metrics import ApiMetrics
 from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
@@ -150,8 +151,9 @@ class Reply:
                     yield chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None)
                 async for d in deltas:
                     tokens[d.index] = d.num_tokens
-                    if d.finish_reason == "error":
-                        yield event(internal_error(f"Generation failed: {d.error or 'engine error'}").body())
+                    failed = ended_with_error(d.finish_reason, d.error)
+                    if failed is not None:  # an engine failure, or the server shutting down
+                        yield event(failed.body())
                         break
                     if (d.text and d.finish_reason is None and not d.logprobs and not d.prompt_logprobs
                             and not continuous and self.api.plain_text(d.index)):
@@ -178,7 +180,7 @@ class Reply:
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
         if result.error:
-            raise internal_error(f"Generation failed: {result.error}")
+            raise ended_with_error(result.finish_reason, result.error)
         completion_tokens = sum(c.num_tokens for c in result.choices)
         choices = [self.api.whole_choice(c) for c in result.choices]
         body = self.body(choices, UsageInfo.of(self.api.prompt_tokens, completion_tokens), whole=True)
