@@ -131,7 +131,8 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class StandinConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Stand-in ranks (parallel.rank_engine = "standin"): engine.max_num_seqs is the batch each steps."""
 
-    steps_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50.0  # decode steps a rank makes per second while it has requests (one token each)
+    # decode steps a rank makes per second while it has requests (one token each)
+    steps_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     # A folder each rank writes its emit times to (rank-<id>.jsonl: one line per finished request); "" = none.
     emit_log: str = ""
 

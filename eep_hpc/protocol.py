@@ -44,7 +44,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     repetition_penalty: float = 1.0
     # Logprobs of the model's raw distribution (log_softmax of the logits, before min_tokens masking, penalties,
     # temperature, top-k and top-p; vLLM's default "raw_logprobs"). None = not computed (no cost); k = the chosen
-    # token's logprob plus the k most likely tokens. `logprobs` is for sampled tokens, `prompt_logprobs` for the prompt's.
+    # token's logprob plus the k most likely tokens. `logprobs` is for sampled tokens, `prompt_logprobs` for the
+    # prompt's.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
