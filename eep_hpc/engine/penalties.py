@@ -4,9 +4,12 @@ For each row with counts c[v] of token v among its *output* tokens so far, and `
     repetition (r > 0):   logits[v] / r if logits[v] > 0 else logits[v] * r     where seen (1 = off)
     frequency (f):        logits[v] -= f * c[v]                                   (0 = off)
     presence (p):         logits[v] -= p * (c[v] > 0)                             (0 = off)
-in that order (vLLM v1's `apply_penalties`). The counts are built on the logits' device with one scatter_add per
-kind over the rows' token ids, padded with the id V (a column that is cut off). Only rows that ask for a penalty are
-touched; a batch where none does costs one Python pass over its sampling params.
+in that order (vLLM v1's `apply_penalties`). Only the columns of tokens a row has seen change, so the work goes over
+its token ids, not over the vocabulary: gather those columns, change them, scatter them back. A token id that occurs
+k times is written k times with the same value (repetition, presence), or gets -f added k times (frequency: the
+addends are equal, so their order, which CUDA's atomics do not fix, cannot change the sum). Rows are padded with
+the id V, a column past the vocabulary that is dropped. Only rows that ask for a penalty are touched; a batch where
+none does costs one Python pass over its sampling params.
 """
 
 from __future__ import annotations
@@ -28,30 +31,30 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return logits
     device, V = logits.device, logits.shape[1]
     picked = [seqs[i] for i in rows]
-    output_counts = token_counts([s.output_token_ids for s in picked], V, device)  # [R, V]
-    prompt_seen = token_counts([s.prompt_token_ids for s in picked], V, device) > 0  # [R, V]
     params = [s.sampling for s in picked]
-    rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device).unsqueeze(1)
-    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device).unsqueeze(1)
-    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device).unsqueeze(1)
+
+    def column(values: list[float]) -> torch.Tensor:  # [R, 1]
+        return torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)
+
+    rep, freq, pres = (column([p.repetition_penalty for p in params]), column([p.frequency_penalty for p in params]),
+                       column([p.presence_penalty for p in params]))
+    seen = padded_ids([s.prompt_token_ids + s.output_token_ids for s in picked], V, device)  # [R, P + O]
+    output = padded_ids([s.output_token_ids for s in picked], V, device)  # [R, O]
 
     index = torch.tensor(rows, dtype=torch.long, device=device)
-    sub = logits.index_select(0, index)  # [R, V]
-    output_seen = output_counts > 0
-    penalty = torch.where(prompt_seen | output_seen, rep, torch.ones_like(rep))  # [R, V]
-    sub = torch.where(sub > 0, sub / penalty, sub * penalty)
-    sub = sub - freq * output_counts.to(logits.dtype) - pres * output_seen.to(logits.dtype)
-    return logits.index_copy(0, index, sub)
+    work = torch.cat([logits.index_select(0, index), logits.new_zeros(len(rows), 1)], dim=1)  # [R, V + 1]
+    x = work.gather(1, seen)
+    work.scatter_(1, seen, torch.where(x > 0, x / rep, x * rep))
+    work.scatter_add_(1, output, (-freq).expand(output.shape))
+    work.scatter_(1, output, work.gather(1, output) - pres)
+    return logits.index_copy(0, index, work[:, :V])
 
 
-def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[R, V] int64: how often each token id occurs in each row's list."""
+def padded_ids(token_ids: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[R, longest] int64 on `device`: each row's ids, then `pad`."""
     width = max((len(t) for t in token_ids), default=0)
-    padded = torch.full((len(token_ids), width), vocab_size, dtype=torch.long)
+    padded = torch.full((len(token_ids), width), pad, dtype=torch.long)
     for r, ids in enumerate(token_ids):
         if ids:
             padded[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    padded = padded.to(device, non_blocking=True)
-    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(1, padded, torch.ones_like(padded))
-    return counts[:, :vocab_size]
+    return padded.to(device)
