@@ -81,6 +81,7 @@ class RankEpochs:
         self.served = False  # has been a member of some epoch (a rank without a group then awaits recovery)
         self._retired_collectives = 0  # host collectives of this rank's groups already destroyed
         self.left = False  # a joining rank whose join was called off: the process ends
+        self.standin = launch.config.parallel.rank_engine == "standin"  # no model: epochs move groups only
 
     @property
     def host_collectives(self) -> int:
@@ -117,7 +118,7 @@ class RankEpochs:
         self.group = EpochGroup(self.store, msg.epoch, self.epoch_rank, len(msg.rank_ids),
                                 torch.device(self.launch.device), timeout_s=ctl.rank_timeout_s)
         self.served = True
-        if self.launch.config.parallel.rank_engine == "standin":  # no model: nothing to publish over NIXL
+        if self.standin:  # no model: nothing to publish over NIXL
             self.engine = build_standin(self.launch)
         else:
             self.engine = build_engine(self.launch, msg, self.group)
@@ -185,6 +186,11 @@ class RankEpochs:
         if self.store is None:
             self.store = connect_store(target.store_host, target.store_port,
                                        timeout_s=self.launch.config.control.rank_timeout_s)
+        if self.standin:
+            self.engine = build_standin(self.launch)
+            self.send(P.RankStaged(rank_id=self.id, epoch=target.epoch, dense_source="none", dense_bytes=0,
+                                   dense_seconds=0.0))
+            return
         got = {}
 
         def fill_dense(model):
@@ -246,6 +252,9 @@ class RankEpochs:
         device = torch.device(self.launch.device)
         timeout = self.launch.config.control.transfer_timeout_s
         xfer = None
+        if self.standin:
+            self.prepare_group(change, t0)
+            return
         try:
             arch = self.engine.model.arch
             member = self.id in target.rank_ids
@@ -281,8 +290,9 @@ class RankEpochs:
                 xfer = None
             change.staged = staged
             if member:
+                # the serving group waits on a silent peer as long as the head does before declaring it dead
                 change.group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device,
-                                          timeout_s=timeout)
+                                          timeout_s=self.launch.config.control.rank_timeout_s)
                 change.expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts,
                                               device)
             change.state = ChangeState.PREPARED
@@ -292,6 +302,23 @@ class RankEpochs:
             log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
             if xfer is not None:
                 xfer.destroy()
+            change.drop(self.agent)
+            self.change = None
+            self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
+
+    def prepare_group(self, change: EpochChange, t0: float) -> None:
+        """A stand-in's prepare: no experts to move, only the target epoch's group to build (if a member)."""
+        target = change.msg.target
+        try:
+            if self.id in target.rank_ids:
+                change.group = EpochGroup(self.store, target.epoch, target.rank_ids.index(self.id),
+                                          len(target.rank_ids), torch.device(self.launch.device),
+                                          timeout_s=self.launch.config.control.rank_timeout_s)
+            change.state = ChangeState.PREPARED
+            self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=0,
+                                      seconds=time.monotonic() - t0))
+        except Exception as e:
+            log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
             change.drop(self.agent)
             self.change = None
             self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
@@ -317,10 +344,11 @@ class RankEpochs:
         old_group = self.group
         wave = None
         if change.group is not None:
-            arch = self.engine.model.arch
-            a2a = make_all_to_all(self.launch.config, arch, target, change.group, change.expert_map)
-            ep = ExpertParallel(change.expert_map, a2a, arch.num_experts)
-            self.engine.swap_experts(change.staged, ep)
+            if not self.standin:
+                arch = self.engine.model.arch
+                a2a = make_all_to_all(self.launch.config, arch, target, change.group, change.expert_map)
+                ep = ExpertParallel(change.expert_map, a2a, arch.num_experts)
+                self.engine.swap_experts(change.staged, ep)
             self.group, self.epoch_rank, self.served = change.group, target.rank_ids.index(self.id), True
             wave = msg.wave
             self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 
+import httpx
+
 from eep_hpc.bench.head_bench import prompt_ids
 from eep_hpc.bench.sse_client import Connection
-from support import start_head
+from support import pid_of, start_head, until, wait_for_event
 
 
 def test_standin_ranks_stream_every_token_of_every_request(tmp_path):
@@ -82,3 +86,49 @@ def test_bench_head_refuses_bad_options_in_one_line(tmp_path):
         assert done.returncode == 2
         line, = done.stderr.strip().splitlines()
         assert line.startswith(f"eep-hpc bench-head: {message}")
+
+
+def test_grow_and_kill9_under_standin_load_lose_no_request(tmp_path):
+    """The coordinator keeps deciding while tokens stream: a grow, then a kill -9 of a member, under 48 streams of
+    stand-in load, end with every request complete and exact (its prompt's tokens over again, finish "length")."""
+    head = start_head(tmp_path, ranks=2, parallel={"rank_engine": "standin"}, standin={"steps_per_s": 100.0},
+                      engine={"max_num_seqs": 32}, control={"rank_timeout_s": 10.0})
+    host, port = head.url.split("//")[1].rsplit(":", 1)
+    prompt = prompt_ids(512, 6)
+    expected = head.tokenizer.decode([prompt[k % len(prompt)] for k in range(24)])
+    try:
+        async def scenario():
+            stop = asyncio.Event()
+            results = []
+
+            async def stream_loop():
+                conn = Connection(host, int(port))
+                try:
+                    while not stop.is_set():
+                        body = {"model": head.model, "prompt": prompt, "max_tokens": 24, "stream": True,
+                                "stream_options": {"include_usage": True}}
+                        results.append(await conn.complete(body, keep_text=True))
+                finally:
+                    conn.close()
+
+            load = [asyncio.create_task(stream_loop()) for _ in range(48)]
+            await until(lambda: len(results) >= 48, 60, "requests to complete before the grow")
+            async with httpx.AsyncClient(timeout=120) as admin:
+                grown = (await admin.post(f"{head.url}/admin/scale/grow", json={"n": 1})).json()
+            victim = head.state()["members"][0]
+            before_kill = len(results)
+            os.kill(pid_of(head.state(), victim), signal.SIGKILL)
+            recovered = await wait_for_event(head, "recover", 1)
+            await until(lambda: len(results) >= before_kill + 96, 60, "requests to complete after the recovery")
+            stop.set()
+            await asyncio.gather(*load)
+            return results, grown, recovered, victim
+
+        results, grown, recovered, victim = asyncio.run(scenario())
+        assert grown["phase"] == "DONE", grown
+        assert victim not in head.state()["members"] and len(head.state()["members"]) == 2
+        failed = [(r.error, r.finish_reason, r.completion_tokens) for r in results
+                  if r.error or r.finish_reason != "length" or r.completion_tokens != 24 or r.text != expected]
+        assert failed == [] and len(results) > 96
+    finally:
+        head.stop()
