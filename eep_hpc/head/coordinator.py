@@ -141,6 +141,8 @@ class Coordinator:
         if rec is None:
             log.warning("message from unknown rank %d ignored", msg.rank_id)
             return
+        if self.health.fence(rec, msg):
+            return
         rec.last_seen = time.monotonic()
         match msg:
             case P.StepOutputs(outputs=outputs, stats=stats):

@@ -4,6 +4,12 @@ sent nothing for control.rank_timeout_s is FAILED and its job killed, so it cann
 
 A member that fails is recovered from (`on_member_lost`: recovery.py re-forms the survivors and restarts its
 requests there); a rank that was not a member takes its requests down with it, with an error.
+
+A rank declared FAILED may still be alive: behind a cut link, its job cannot be killed (the scheduler cannot reach
+the node either), and a requeued node job starts its ranks again under their old ids. Such a rank is fenced: every
+message it sends is refused (its outputs would duplicate tokens its requests already got on the survivors, its acks
+would count in epochs it has no part in), and it is told Shutdown, so it learns it was removed and exits, and its node
+job ends and releases the node.
 """
 
 from __future__ import annotations
@@ -28,6 +34,18 @@ class Health:
         self.membership, self.link, self.streams = membership, link, streams
         self.heartbeat_s, self.rank_timeout_s = heartbeat_s, rank_timeout_s
         self.on_member_lost = on_member_lost
+        self.fenced = 0  # messages refused from ranks already declared FAILED or EXITED
+
+    def fence(self, rec: RankRecord, msg) -> bool:
+        """-> True when `msg` comes from a rank that is no longer part of the run: refused, and the rank is told
+        to shut down."""
+        if rec.state not in GONE:
+            return False
+        self.fenced += 1
+        log.warning("refused %s from rank %d, which is %s: telling it to shut down", type(msg).__name__,
+                    rec.rank_id, rec.state.name)
+        self.link.send(rec.rank_id, P.Shutdown())
+        return True
 
     def fail(self, rec: RankRecord, why: str) -> None:
         rec.state = RankState.FAILED
