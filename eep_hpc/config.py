@@ -63,6 +63,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # captured at startup for batch sizes 1, 2, 4, 8, 16, 32, ... up to this (0 = max_num_seqs).
     cuda_graphs: bool = True
     cuda_graph_max_batch: NonNegative = 0
+    # A directory: each rank writes a JSON line per step there (rank/step_trace.py); "" = off.
+    step_trace: str = ""
 
 
 class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

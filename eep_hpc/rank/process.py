@@ -26,6 +26,7 @@ from eep_hpc.logs import setup_logging
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import GroupLost
 from eep_hpc.rank.epochs import RankEpochs
+from eep_hpc.rank.step_trace import StepTrace
 
 log = logging.getLogger("eep_hpc.rank")
 
@@ -45,6 +46,7 @@ class RankProcess:
         self.stopping = False
         self.last_heard = time.monotonic()
         self.notice: str = ""  # set by a termination signal: ask the head to drain this rank, once
+        self.trace = StepTrace(launch.config.engine.step_trace, self.id)
 
     @property
     def engine(self):
@@ -83,6 +85,7 @@ class RankProcess:
                 self.epochs.group.destroy()
             self.sock.close(linger=0)
             self.ctx.term()
+            self.trace.close()
 
     def drain(self, timeout_ms: int) -> None:
         """Handle every queued message; wait up to timeout_ms for the first one."""
@@ -106,6 +109,8 @@ class RankProcess:
         match msg:
             case P.AddRequest():  # token ids were checked by the head's API (serve/prompts.py)
                 self.engine.add(msg)
+                if self.trace:
+                    self.trace.write(event="add", request_id=msg.request_id, tokens=len(msg.prompt_token_ids))
             case P.AbortRequests(request_ids=ids):
                 self.engine.abort(ids)
             case P.Wake(wave=w):
@@ -138,7 +143,9 @@ class RankProcess:
     def step_wave(self) -> None:
         """One iteration of the wave: one agreement on what every member runs, then all run it."""
         epochs, engine = self.epochs, self.engine
-        plan = step_plan.agree(epochs.group, engine.demand(), engine.graph_sizes(), engine.chunk_tokens,
+        t0 = time.perf_counter()
+        demand = engine.demand()
+        plan = step_plan.agree(epochs.group, demand, engine.graph_sizes(), engine.chunk_tokens,
                                epochs.prepare_epoch, epochs.commit_epoch)
         if plan.prepare_epoch:
             epochs.prepare()
@@ -152,7 +159,14 @@ class RankProcess:
                 self.send(P.WaveDone(rank_id=self.id, wave=self.wave))
             self.wave += 1
             return
+        t1 = time.perf_counter()
         outputs = engine.step(plan)
+        if self.trace:
+            self.trace.write(event="step", wave=self.wave, agree_ms=round((t1 - t0) * 1e3, 3),
+                             step_ms=round((time.perf_counter() - t1) * 1e3, 3), graph=plan.graph_size,
+                             chunks=plan.chunks, tokens=demand.tokens, seqs=demand.seqs, max_tokens=plan.max_tokens,
+                             running=engine.scheduler.num_running, waiting=engine.scheduler.num_waiting,
+                             outputs=len(outputs))
         masked = getattr(getattr(engine.ep, "all_to_all", None), "failed_ranks", None)
         if masked is not None and masked():  # nixl_ep timed a peer out and masked it: this epoch is broken
             raise GroupLost(f"nixl_ep masked rank(s) {masked()}")
