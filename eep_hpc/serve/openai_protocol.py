@@ -127,6 +127,7 @@ class SamplingRequest(_Strict):
 class CompletionRequest(SamplingRequest):
     # After validation: a non-empty list of prompts, each a string or a list of token ids.
     prompt: Any
+    # Left out: OpenAI's default of 16; null: up to the context limit (vLLM's get_max_tokens does the same).
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -138,11 +139,6 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _prompt(cls, v: Any) -> list[str | list[int]]:
         return normalize_prompt(v)
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _max_tokens(cls, v: Any) -> Any:
-        return 16 if v is None else v  # null means what leaving it out means: OpenAI's default of 16
 
     @property
     def num_logprobs(self) -> int | None:

@@ -324,20 +324,24 @@ def test_completion_usage_matches_tokenizer(api, client):
     assert r.json()["choices"][0]["text"] == choice["text"]
 
 
-def test_null_max_tokens_means_the_default(api, client):
-    """`max_tokens: null` is what leaving it out is: 16 tokens for completions, up to the context for chat."""
-    body = {"model": api.model, "prompt": "Once upon a time", "temperature": 0, "ignore_eos": True}
+def test_null_max_tokens_means_up_to_the_context_limit(api, client):
+    """Left out, completions' max_tokens is OpenAI's default of 16; null means no limit but the context window
+    (vLLM's get_max_tokens: max_model_len - prompt tokens), for completions and chat alike."""
+    max_len = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    ids = (api.tokenizer.encode("Once upon a time") * max_len)[: max_len - 20]  # 20 tokens of room left
+    body = {"model": api.model, "prompt": ids, "temperature": 0, "ignore_eos": True}
     omitted = client.post("/v1/completions", json=body)
     null = client.post("/v1/completions", json={**body, "max_tokens": None})
     assert omitted.status_code == null.status_code == 200, null.text
     assert omitted.json()["usage"]["completion_tokens"] == 16
-    assert null.json()["usage"]["completion_tokens"] == 16
-    assert null.json()["choices"][0]["text"] == omitted.json()["choices"][0]["text"]
-    chat = {"model": api.model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
-    omitted = client.post("/v1/chat/completions", json=chat)
-    null = client.post("/v1/chat/completions", json={**chat, "max_tokens": None, "max_completion_tokens": None})
-    assert omitted.status_code == null.status_code == 200, null.text
-    assert null.json()["choices"][0]["message"] == omitted.json()["choices"][0]["message"]
+    assert null.json()["usage"]["completion_tokens"] == 20 and null.json()["choices"][0]["finish_reason"] == "length"
+    long_message = [{"role": "user", "content": "hi " * ((max_len - 60) // 2)}]  # "hi " is 2 tokens
+    chat = {"model": api.model, "messages": long_message, "temperature": 0, "ignore_eos": True}
+    for nulls in ({}, {"max_tokens": None}, {"max_completion_tokens": None}):
+        r = client.post("/v1/chat/completions", json={**chat, **nulls})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] < max_len and usage["total_tokens"] == max_len, (nulls, usage)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
