@@ -114,11 +114,21 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     zmq_port: Port = 0
     store_port: Port = 0
+    # The head pings every rank this often; every rank sends the head a beacon this often from a thread of its own,
+    # so a rank busy loading weights or in a long step is still heard from.
     heartbeat_s: Seconds = 1.0
     # A rank that hears nothing from the head for this long exits (the head is gone).
     head_timeout_s: Seconds = 15.0
-    # The head declares a rank dead after this long without a message from it.
-    rank_timeout_s: Seconds = 30.0
+    # The head declares a rank dead after this long without a message from it (beacons included: a live rank is
+    # silent about one heartbeat at most), and a serving group's collective waits this long on a silent peer, so
+    # a step must stay shorter than it. Behind a cut link: noticed within rank_timeout_s + heartbeat_s.
+    rank_timeout_s: Seconds = 5.0
+    # While the first epoch's ranks load the model, and while a prepared group's members meet after copying
+    # experts, a rank waits this long for the slowest peer (then the group gets rank_timeout_s).
+    load_timeout_s: Seconds = 120.0
+    # The head waits this long for ranks' answers in a scaling event (joining ranks: 4x to start and to stage the
+    # model, 2x to prepare), and open requests for a recovery 4x this long.
+    event_timeout_s: Seconds = 30.0
     # A peer that does not show up for the expert transfer of a scaling event fails it (and it rolls back) after
     # this long; serving pauses at most this long in that case.
     transfer_timeout_s: Seconds = 20.0

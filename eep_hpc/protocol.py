@@ -220,6 +220,13 @@ class Pong(_Msg):
     stats: RankStats
 
 
+class RankAlive(_Msg):
+    """A rank's beacon, sent every heartbeat from a thread of its own: the rank's process runs and its link to the
+    head works, even while its main loop loads weights or waits in a collective."""
+
+    rank_id: int
+
+
 class WaveDone(_Msg):
     """Epoch rank 0 reports that every member ran out of work and left `wave`."""
 
@@ -292,5 +299,5 @@ class RankFailed(_Msg):
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
 RankToHead = Union[
     RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
-    NodeLeaving, GroupLost, RankFailed,
+    NodeLeaving, GroupLost, RankFailed, RankAlive,
 ]

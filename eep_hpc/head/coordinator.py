@@ -59,16 +59,16 @@ class Coordinator:
         self._stopping = False
         self.membership = m = Membership(f"{ctl.run_dir}/jobs")
         self.link = RankLink(ctl.host, ctl.zmq_port, ctl.store_port)
-        self.streams = Streams(m, self.link, recovery_wait_s=ctl.rank_timeout_s * 4)
+        self.streams = Streams(m, self.link, recovery_wait_s=ctl.event_timeout_s * 4)
         self.jobs = RankJobs(launcher, m, self.link, cfg, model_dir, eos_token_ids)
         self.expert_load = ExpertLoad(num_moe_layers, num_experts)
-        self.exchange = EpochExchange(m, self.link, self.streams, self.jobs, ctl.rank_timeout_s)
+        self.exchange = EpochExchange(m, self.link, self.streams, self.jobs, ctl.event_timeout_s)
         self.scaling = Scaling(m, self.exchange, self.jobs, self.expert_load, num_experts, par.redundant_experts,
-                               ctl.rank_timeout_s)
-        self.health = Health(m, self.link, self.streams, ctl.heartbeat_s, ctl.rank_timeout_s,
+                               ctl.event_timeout_s)
+        self.health = Health(m, self.link, self.streams, ctl.heartbeat_s, ctl.rank_timeout_s, ctl.head_timeout_s,
                              on_member_lost=lambda: self.recovery.start())
         self.recovery = Recovery(m, self.exchange, self.scaling, self.streams, self.health.check_alive,
-                                 ctl.heartbeat_s, self.spawn)
+                                 ctl.heartbeat_s, ctl.rank_timeout_s, self.spawn)
         self.notices = NodeNotices(m, self.link, self.exchange, self.scaling, self.spawn)
         self.autoscaler = Autoscaler(cfg.adapt, m, self.scaling, self.streams, self.ready)
         self.admin = HeadAdmin(m, self.exchange, self.scaling, self.autoscaler, list(cfg.pools), self.spawn)

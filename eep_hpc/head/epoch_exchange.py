@@ -32,9 +32,10 @@ Ack = P.RankStaged | P.EpochPrepared | P.EpochLeft | P.EpochJoined | P.PrepareFa
 
 
 class EpochExchange:
-    def __init__(self, membership: Membership, link: RankLink, streams: Streams, jobs: RankJobs, rank_timeout_s: float):
+    def __init__(self, membership: Membership, link: RankLink, streams: Streams, jobs: RankJobs,
+                 event_timeout_s: float):
         self.membership, self.link, self.streams, self.jobs = membership, link, streams, jobs
-        self.rank_timeout_s = rank_timeout_s
+        self.event_timeout_s = event_timeout_s
         self.event: ScaleEvent | None = None  # the event in progress
         self.history: list[ScaleEvent] = []
         self.acks: dict[tuple[str, int], set[int]] = {}  # (message kind, epoch) -> rank ids that sent it
@@ -82,7 +83,7 @@ class EpochExchange:
         back and raise."""
         m, send = self.membership, self.link.send
         kind, old, new_members = event.kind, event.old_members, event.new_members
-        timeout_s = self.rank_timeout_s
+        timeout_s = self.event_timeout_s
         try:
             prepare = self._prepare(event, placement)
             log.info("%s: epoch %d -> %d, ranks %s -> %s, %d expert copies", kind, event.epoch - 1, event.epoch, old,

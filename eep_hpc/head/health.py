@@ -1,15 +1,23 @@
 """Heartbeats and failure detection. Every heartbeat the launcher is asked which rank processes still live, and
 every live rank is pinged (its Pong carries its stats); a rank whose process is gone, that said RankFailed, or that
-sent nothing for control.rank_timeout_s is FAILED and its job killed, so it cannot come back half-alive.
+sent nothing for control.rank_timeout_s is FAILED.
+
+The bound: every rank sends a beacon each heartbeat from a thread of its own (rank/beacon.py), also while it loads
+weights or waits in a collective, so a live rank with a working link is silent for about one heartbeat; silence of
+rank_timeout_s (default 5 s, 5 heartbeats) means it stopped, or its link is cut. It is found within rank_timeout_s +
+one heartbeat (the check's period). A round that comes late because the head itself was stalled judges nobody: the
+ranks' messages of that time are still queued behind it.
 
 A member that fails is recovered from (`on_member_lost`: recovery.py re-forms the survivors and restarts its
 requests there); a rank that was not a member takes its requests down with it, with an error.
 
-A rank declared FAILED may still be alive: behind a cut link, its job cannot be killed (the scheduler cannot reach
-the node either), and a requeued node job starts its ranks again under their old ids. Such a rank is fenced: every
-message it sends is refused (its outputs would duplicate tokens its requests already got on the survivors, its acks
-would count in epochs it has no part in), and it is told Shutdown, so it learns it was removed and exits, and its node
-job ends and releases the node.
+A rank whose process exited, or that reported its failure, has its job killed at once. A rank that only fell
+silent may still be alive behind a cut link, where its job cannot be killed anyway (the scheduler cannot reach the
+node either): it is fenced instead. Every message it sends is refused (its outputs would duplicate tokens its
+requests already got on the survivors, its acks would count in epochs it has no part in), and it is told Shutdown,
+so it learns it was removed and exits 0, and its node job ends cleanly and releases the node. A requeued node job
+that starts its ranks again under their old ids is fenced the same way. Its job is killed only if it is still there
+head_timeout_s + 2 heartbeats later (a rank that hears nothing from the head exits by itself within head_timeout_s).
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ log = logging.getLogger("eep_hpc.coordinator")
 
 class Health:
     def __init__(self, membership: Membership, link: RankLink, streams: Streams, heartbeat_s: float,
-                 rank_timeout_s: float, on_member_lost: Callable[[], bool]):
+                 rank_timeout_s: float, head_timeout_s: float, on_member_lost: Callable[[], bool]):
         """on_member_lost() starts a recovery and says whether one will run (not while the head stops)."""
         self.membership, self.link, self.streams = membership, link, streams
-        self.heartbeat_s, self.rank_timeout_s = heartbeat_s, rank_timeout_s
+        self.heartbeat_s, self.rank_timeout_s, self.head_timeout_s = heartbeat_s, rank_timeout_s, head_timeout_s
         self.on_member_lost = on_member_lost
         self.fenced = 0  # messages refused from ranks already declared FAILED or EXITED
+        self.fenced_ranks: set[int] = set()
+        self.kill_later: dict[int, float] = {}  # silent ranks -> when to kill their job if it is still there
 
     def fence(self, rec: RankRecord, msg) -> bool:
         """-> True when `msg` comes from a rank that is no longer part of the run: refused, and the rank is told
@@ -42,14 +52,20 @@ class Health:
         if rec.state not in GONE:
             return False
         self.fenced += 1
-        log.warning("refused %s from rank %d, which is %s: telling it to shut down", type(msg).__name__,
-                    rec.rank_id, rec.state.name)
+        if rec.rank_id not in self.fenced_ranks:  # once per rank: what it queued behind a cut link arrives at once
+            self.fenced_ranks.add(rec.rank_id)
+            log.warning("refused %s from rank %d, which is %s: telling it to shut down", type(msg).__name__,
+                        rec.rank_id, rec.state.name)
         self.link.send(rec.rank_id, P.Shutdown())
         return True
 
-    def fail(self, rec: RankRecord, why: str) -> None:
+    def fail(self, rec: RankRecord, why: str, silent: bool = False) -> None:
+        """`silent`: it only stopped sending (maybe behind a cut link): fenced when heard again, killed later."""
         rec.state = RankState.FAILED
-        rec.job.kill()  # a rank declared dead must not come back half-alive
+        if silent:
+            self.kill_later[rec.rank_id] = time.monotonic() + self.head_timeout_s + 2 * self.heartbeat_s
+        else:
+            rec.job.kill()  # a rank that failed must not come back half-alive
         if rec.rank_id in self.membership.members and self.on_member_lost():
             log.error("member rank %d lost: %s", rec.rank_id, why)  # its requests start again on the survivors
         else:
@@ -65,16 +81,31 @@ class Health:
             if not alive[rec.rank_id] and rec.state not in GONE:
                 self.fail(rec, "its process exited")
 
+    async def kill_silent(self) -> None:
+        """The jobs of silent ranks not heard of since (not fenced, not exited): killed, to release their nodes."""
+        now = time.monotonic()
+        due = [self.membership.ranks[r] for r, at in self.kill_later.items() if at <= now]
+        for rec in due:
+            del self.kill_later[rec.rank_id]
+        stuck = await asyncio.to_thread(lambda: [rec for rec in due if rec.job.alive()])
+        for rec in stuck:
+            log.warning("rank %d stayed silent for %.0f s after it was declared lost: killing its job", rec.rank_id,
+                        self.head_timeout_s)
+            await asyncio.to_thread(rec.job.kill)
+
     async def run(self) -> None:
         """The heartbeat, until cancelled."""
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(self.heartbeat_s)
+            stalled = time.monotonic() - slept > 2 * self.heartbeat_s  # the head's own loop was held up
             await self.check_alive()
+            await self.kill_silent()
             now = time.monotonic()
             for rec in list(self.membership.ranks.values()):
                 if rec.state in (RankState.LAUNCHED, *GONE):
                     continue
-                if now - rec.last_seen > self.rank_timeout_s:
-                    self.fail(rec, f"no message for {self.rank_timeout_s:.0f} s")
+                if now - rec.last_seen > self.rank_timeout_s and not stalled:
+                    self.fail(rec, f"no message for {self.rank_timeout_s:g} s", silent=True)
                 else:
                     self.link.send(rec.rank_id, P.Ping(sent_at=time.time()))

@@ -23,10 +23,11 @@ RECOVERY_ATTEMPTS = 5  # re-forming after a loss gives up (and fails the open re
 
 class Recovery:
     def __init__(self, membership: Membership, exchange: EpochExchange, scaling: Scaling, streams: Streams,
-                 check_alive: Callable[[], Awaitable[None]], heartbeat_s: float,
+                 check_alive: Callable[[], Awaitable[None]], heartbeat_s: float, rank_timeout_s: float,
                  spawn: Callable[[Coroutine], asyncio.Task]):
         self.membership, self.exchange, self.scaling, self.streams = membership, exchange, scaling, streams
-        self.check_alive, self.heartbeat_s, self.spawn = check_alive, heartbeat_s, spawn
+        self.check_alive, self.spawn = check_alive, spawn
+        self.heartbeat_s, self.rank_timeout_s = heartbeat_s, rank_timeout_s
         self.closed = False  # the head is going down: nothing is re-formed
 
     def start(self) -> bool:
@@ -50,8 +51,12 @@ class Recovery:
                 while self.exchange.event is not None:
                     await asyncio.sleep(0.05)
                 # a peer's broken connection is often heard of before its exit: give the launcher a moment to
-                # see which member died, rather than re-forming with it
-                deadline = time.monotonic() + 2 * self.heartbeat_s
+                # see which member died, rather than re-forming with it; a member behind a cut link is declared
+                # lost by the health check once it was silent rank_timeout_s (the survivors' collectives give up
+                # on it at about the same time): wait for that too, rather than re-forming with it
+                silent_since = min((m.ranks[r].last_seen for r in m.members), default=time.monotonic())
+                deadline = max(time.monotonic() + 2 * self.heartbeat_s,
+                               silent_since + self.rank_timeout_s + 2 * self.heartbeat_s)
                 await self.check_alive()
                 while not m.lost() and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)

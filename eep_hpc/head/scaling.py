@@ -24,10 +24,10 @@ log = logging.getLogger("eep_hpc.coordinator")
 
 class Scaling:
     def __init__(self, membership: Membership, exchange: EpochExchange, jobs: RankJobs, load: ExpertLoad,
-                 num_experts: int, redundant_experts: int, rank_timeout_s: float):
+                 num_experts: int, redundant_experts: int, event_timeout_s: float):
         self.membership, self.exchange, self.jobs, self.load = membership, exchange, jobs, load
         self.num_experts, self.redundant_experts = num_experts, redundant_experts
-        self.rank_timeout_s = rank_timeout_s
+        self.event_timeout_s = event_timeout_s
 
     def busy(self) -> bool:
         """An event is in progress (a second would be refused)."""
@@ -89,7 +89,7 @@ class Scaling:
                              "queued node jobs to start", watch=joining)
             await m.wait_for(lambda: all(m.ranks[r].state == RankState.CONNECTED for r in joining)
                              or any(m.ranks[r].state == RankState.EXITED for r in joining),
-                             self.rank_timeout_s * 4, f"{len(joining)} new rank(s) to start", watch=joining)
+                             self.event_timeout_s * 4, f"{len(joining)} new rank(s) to start", watch=joining)
             cancelled = [r for r in joining if m.ranks[r].state == RankState.EXITED]
             if cancelled:
                 raise ScaleFailed(f"rank(s) {cancelled} were cancelled before they joined")

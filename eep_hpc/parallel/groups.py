@@ -83,6 +83,14 @@ class EpochGroup:
         else:
             self.dev = self.cpu
 
+    def set_timeout(self, timeout_s: float) -> None:
+        """How long this group's later collectives wait on a silent peer (it was built with a longer allowance for
+        its members to meet)."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        for pg in {id(self.cpu): self.cpu, id(self.dev): self.dev}.values():
+            if pg is not None and hasattr(pg, "set_timeout"):
+                pg.set_timeout(timeout)
+
     @_collective
     def all_reduce_max(self, values: list[int]) -> list[int]:
         if self.cpu is None:

@@ -115,8 +115,9 @@ class RankEpochs:
         if self.store is None:
             self.store = connect_store(msg.store_host, msg.store_port, timeout_s=ctl.rank_timeout_s)
         self.epoch_rank = msg.rank_ids.index(self.id)
+        # the members load the model side by side: the group's first collective (KV sizing) waits for the slowest
         self.group = EpochGroup(self.store, msg.epoch, self.epoch_rank, len(msg.rank_ids),
-                                torch.device(self.launch.device), timeout_s=ctl.rank_timeout_s)
+                                torch.device(self.launch.device), timeout_s=ctl.load_timeout_s)
         self.served = True
         if self.standin:  # no model: nothing to publish over NIXL
             self.engine = build_standin(self.launch)
@@ -124,6 +125,7 @@ class RankEpochs:
             self.engine = build_engine(self.launch, msg, self.group)
             self.start_agent()
             self.publish(msg.epoch)
+        self.group.set_timeout(ctl.rank_timeout_s)  # serving: a silent peer is given up as soon as the head does
         e = self.engine
         self.send(P.RankReady(rank_id=self.id, num_kv_blocks=e.stats().kv_blocks_total,
                               block_size=self.launch.config.engine.block_size, max_model_len=e.max_model_len,
@@ -290,9 +292,7 @@ class RankEpochs:
                 xfer = None
             change.staged = staged
             if member:
-                # the serving group waits on a silent peer as long as the head does before declaring it dead
-                change.group = EpochGroup(self.store, target.epoch, i, len(target.rank_ids), device,
-                                          timeout_s=self.launch.config.control.rank_timeout_s)
+                change.group = self.serving_group(target.epoch, i, len(target.rank_ids), device)
                 change.expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts,
                                               device)
             change.state = ChangeState.PREPARED
@@ -306,14 +306,21 @@ class RankEpochs:
             self.change = None
             self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
 
+    def serving_group(self, epoch: int, rank: int, size: int, device: torch.device) -> EpochGroup:
+        """The group of a prepared epoch: its members meet once each has copied its experts (the slowest may take
+        load_timeout_s); serving, it waits on a silent peer as long as the head does before declaring it dead."""
+        ctl = self.launch.config.control
+        group = EpochGroup(self.store, epoch, rank, size, device, timeout_s=ctl.load_timeout_s)
+        group.set_timeout(ctl.rank_timeout_s)
+        return group
+
     def prepare_group(self, change: EpochChange, t0: float) -> None:
         """A stand-in's prepare: no experts to move, only the target epoch's group to build (if a member)."""
         target = change.msg.target
         try:
             if self.id in target.rank_ids:
-                change.group = EpochGroup(self.store, target.epoch, target.rank_ids.index(self.id),
-                                          len(target.rank_ids), torch.device(self.launch.device),
-                                          timeout_s=self.launch.config.control.rank_timeout_s)
+                change.group = self.serving_group(target.epoch, target.rank_ids.index(self.id),
+                                                  len(target.rank_ids), torch.device(self.launch.device))
             change.state = ChangeState.PREPARED
             self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=0,
                                       seconds=time.monotonic() - t0))

@@ -25,6 +25,7 @@ from eep_hpc import signing
 from eep_hpc.logs import setup_logging
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import GroupLost
+from eep_hpc.rank.beacon import Beacon
 from eep_hpc.rank.epochs import RankEpochs
 from eep_hpc.rank.step_trace import StepTrace
 
@@ -47,6 +48,7 @@ class RankProcess:
         self.last_heard = time.monotonic()
         self.notice: str = ""  # set by a termination signal: ask the head to drain this rank, once
         self.trace = StepTrace(launch.config.engine.step_trace, self.id)
+        self.beacon = Beacon(self.ctx, launch.head_address, self.id, launch.config.control.heartbeat_s)
 
     @property
     def engine(self):
@@ -59,6 +61,7 @@ class RankProcess:
         ctl = self.launch.config.control
         self.send(P.RankHello(protocol_version=P.PROTOCOL_VERSION, rank_id=self.id, pid=os.getpid(),
                               host=socket.gethostname(), device=self.launch.device))
+        self.beacon.start()
         try:
             while not self.stopping:
                 self.drain(timeout_ms=0 if self.active else int(ctl.heartbeat_s * 1000))
@@ -83,6 +86,7 @@ class RankProcess:
         finally:
             if self.epochs.group is not None:
                 self.epochs.group.destroy()
+            self.beacon.stop()
             self.sock.close(linger=0)
             self.ctx.term()
             self.trace.close()

@@ -1,0 +1,143 @@
+"""Network failures between real nodes: the Slurm test cluster of .ci/slurm-up with each node in its own network
+namespace, the real head on this host (at the bridge address), ranks in node jobs on n1..n4.
+
+- A node cut off (the host end of its veth pair down) while its rank serves streams: the head notices within
+  control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
+  reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
+  job ends COMPLETED while the head serves on.
+
+Skipped without the test cluster, or on its loopback layout (no namespaces: no link to cut).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+
+from support import TEST_CONFIG, cluster_network, reference_texts, run_load, until, wait_sacct, why_no_slurm
+
+NO_SLURM = why_no_slurm()
+NO_NETNS = "" if NO_SLURM or cluster_network().nodes else "the test cluster runs the loopback layout (no namespaces)"
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(NO_SLURM or NO_NETNS), reason=NO_SLURM or NO_NETNS)]
+MAX_TOKENS = 24
+
+
+@dataclass
+class SlurmHead:
+    head: object
+    launcher: object
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    @property
+    def coordinator(self):
+        return self.head.coordinator
+
+    def call(self, coro, timeout_s: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def events(self, kind: str) -> list:
+        return [e for e in self.coordinator.history if e.kind == kind]
+
+
+@pytest.fixture
+def slurm_head(tmp_path):
+    """The real head in a thread, its ranks (2, pool small: n3 and n4) in a Slurm node job."""
+    from eep_hpc.cluster.pools import parse_pools
+    from eep_hpc.cluster.slurm import SlurmLauncher
+    from eep_hpc.config import Config
+    from eep_hpc.head.main import Head
+
+    raw = tomllib.loads(TEST_CONFIG.read_text())
+    pools = parse_pools(raw.pop("pools"))
+    raw["serve"] = {"port": 0}
+    raw["control"]["run_dir"] = str(tmp_path / "run")
+    raw["control"]["host"] = cluster_network().host_address
+    cfg = msgspec.convert(raw, Config)
+    launcher = SlurmLauncher(cfg.control.run_dir, pools, default_pool="small", device="cpu")
+    ready, box = threading.Event(), {}
+
+    def main():
+        loop = asyncio.new_event_loop()
+        box["loop"] = loop
+        try:
+            box["head"] = Head(cfg, launcher=launcher)
+            loop.run_until_complete(box["head"].run(on_ready=lambda h: ready.set()))
+        except BaseException as e:
+            box["error"] = e
+            ready.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(300) and "error" not in box, box.get("error")
+        yield SlurmHead(box["head"], launcher, box["loop"], thread)
+    finally:
+        for node in cluster_network().nodes.values():
+            node.link(True)
+        if "loop" in box and "head" in box:
+            box["loop"].call_soon_threadsafe(box["head"].request_stop)
+        thread.join(120)
+        for job in launcher.jobs:  # nothing outlives the test
+            if job.alive():
+                subprocess.run(["scancel", "--signal=KILL", "--full", job.job_id])
+                subprocess.run(["scancel", job.job_id])
+    assert not thread.is_alive()
+
+
+def test_node_cut_off_while_serving_is_replaced_then_fenced_and_its_job_completes(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    ctl = c.cfg.control
+    url, model = sh.head.url, c.model_name
+    reference = asyncio.run(reference_texts(url, model, MAX_TOKENS))
+    sh.call(c.grow(1, "big"))  # a third rank in a node job of its own, on n1 or n2
+    victim = c.members[-1]
+    victim_job = sh.launcher.jobs[-1]
+    node = cluster_network().node(c.ranks[victim].host)
+    survivors = [r for r in c.members if r != victim]
+    assert {c.ranks[r].host for r in survivors} <= {"n3", "n4"} and node.name in {"n1", "n2"}
+
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
+        await until(lambda: c.ranks[victim].in_flight, 60, f"rank {victim} serving")
+        cut_at = time.monotonic()
+        node.link(False)
+        try:
+            await until(lambda: any(e.phase.name == "DONE" for e in sh.events("recover")), 60,
+                        lambda: f"a recovery in {[e.summary() for e in c.history]}", interval_s=0.1)
+            recovered_after = time.monotonic() - cut_at
+            await asyncio.sleep(1.0)  # serving goes on on the survivors while the node is still cut off
+        finally:
+            node.link(True)
+        await asyncio.sleep(2.0)
+        stop.set()
+        return await load, recovered_after
+
+    result, recovered_after = asyncio.run(scenario())
+    assert result.failures == [], result.failures[:5]
+    assert result.completed > 0
+    for k, texts in result.texts.items():
+        assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+    event = sh.events("recover")[-1]
+    assert event.lost == [victim] and sorted(c.members) == sorted(survivors), event.summary()
+    # noticed within the bound: its last message came at most a heartbeat before the cut, and the check runs every
+    # heartbeat
+    assert event.detect_s <= ctl.rank_timeout_s + 2 * ctl.heartbeat_s, event.summary()
+    print(f"cut -> recovered in {recovered_after:.2f} s; detect {event.detect_s:.2f} s, summary {event.summary()}")
+    # the link is back: the rank is fenced, learns it was removed, exits 0, and its node job ends on its own
+    info = wait_sacct(victim_job.job_id, victim_job.job_id, {"COMPLETED", "CANCELLED", "FAILED"}, timeout_s=90)
+    assert info[victim_job.job_id] == ("COMPLETED", "0:0"), info
+    assert victim_job.job.results()[0].exit_codes == [0]
+    assert c.health.fenced >= 1
+    assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
