@@ -1,6 +1,9 @@
 """Network failures between real nodes: the Slurm test cluster of .ci/slurm-up with each node in its own network
 namespace, the real head on this host (at the bridge address), ranks in node jobs on n1..n4.
 
+- A node job that comes back: preempted in the requeue partition (PreemptMode=REQUEUE, GraceTime=0), its rank is
+  drained; Slurm starts the job again and its agent starts the rank again under its old id; the head refuses it and
+  tells it to leave, so the job ends COMPLETED at once instead of holding the node as a rank never admitted.
 - A node cut off (the host end of its veth pair down) while its rank serves streams: the head notices within
   control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
   reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
@@ -50,7 +53,7 @@ class SlurmHead:
 @pytest.fixture
 def slurm_head(tmp_path):
     """The real head in a thread, its ranks (2, pool small: n3 and n4) in a Slurm node job."""
-    from eep_hpc.cluster.pools import parse_pools
+    from eep_hpc.cluster.pools import Pool, parse_pools
     from eep_hpc.cluster.slurm import SlurmLauncher
     from eep_hpc.config import Config
     from eep_hpc.head.main import Head
@@ -61,6 +64,9 @@ def slurm_head(tmp_path):
     raw["control"]["run_dir"] = str(tmp_path / "run")
     raw["control"]["host"] = cluster_network().host_address
     cfg = msgspec.convert(raw, Config)
+    # a pool on n1 alone in the requeue partition, holding all its CPUs: any job of a higher tier preempts it
+    pools["requeue"] = Pool(name="requeue", partition="requeue", cpus_per_node=8, mem_gb=1, time_limit_min=10,
+                            warning_s=30, sbatch={"nodelist": "n1"})
     launcher = SlurmLauncher(cfg.control.run_dir, pools, default_pool="small", device="cpu")
     ready, box = threading.Event(), {}
 
@@ -140,4 +146,43 @@ def test_node_cut_off_while_serving_is_replaced_then_fenced_and_its_job_complete
     assert info[victim_job.job_id] == ("COMPLETED", "0:0"), info
     assert victim_job.job.results()[0].exit_codes == [0]
     assert c.health.fenced >= 1
+    assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
+
+
+def test_requeued_node_job_is_told_to_leave_and_releases_its_node(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    url, model = sh.head.url, c.model_name
+    reference = asyncio.run(reference_texts(url, model, MAX_TOKENS))
+    sh.call(c.grow(1, "requeue"))
+    rank = c.members[-1]
+    job = sh.launcher.jobs[-1]
+    first_pid = c.ranks[rank].pid
+
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
+        await until(lambda: c.ranks[rank].in_flight, 60, f"rank {rank} serving")
+        # a job of a higher tier wants n1: the requeue job is preempted (SIGTERM: the agent's notice, the drain)
+        subprocess.run(["sbatch", "--parsable", "-p", "big", "-w", "n1", "-c", "8", "-o", "/dev/null",
+                        "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+        await until(lambda: any(e.phase.name == "DONE" and rank in e.summary()["left"] for e in sh.events("shrink")),
+                    60, lambda: f"rank {rank} drained: {[e.summary() for e in c.history]}", interval_s=0.1)
+        await asyncio.sleep(1.0)
+        stop.set()
+        return await load
+
+    result = asyncio.run(scenario())
+    assert result.failures == [], result.failures[:5]
+    for k, texts in result.texts.items():
+        assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+    # Slurm requeues the job and would start it again after its requeue delay (about 2 minutes): start it now
+    wait_sacct(job.job_id, job.job_id, {"PENDING", "REQUEUED"}, timeout_s=60)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    fenced = c.health.fenced
+    info = wait_sacct(job.job_id, job.job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=120)
+    assert info[job.job_id] == ("COMPLETED", "0:0"), info
+    assert c.health.fenced > fenced  # its rank said hello again, was refused and told to leave
+    assert c.ranks[rank].pid == first_pid and c.ranks[rank].state.name == "EXITED"
+    assert rank not in c.members and rank not in [r["rank_id"] for r in sh.head.coordinator.cluster_state()["ranks"]]
     assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
