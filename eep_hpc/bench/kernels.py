@@ -24,6 +24,9 @@ from eep_hpc.kernels.moe import swiglu_experts_reference
 from eep_hpc.kernels.norm import rms_norm_reference
 
 HIDDEN, MOE_I, EXPERTS, TOP_K, HQ, HKV, HEAD_D, PAGE = 2048, 768, 128, 8, 32, 4, 128, 16
+# MoE cases by tokens per step: decode batches, and prefill steps up to max_num_batched_tokens (8,192: M = 65,536)
+CASES = [("decode-1", 1), ("decode-64", 64), ("decode-256", 256), ("prefill-512", 512), ("prefill-2048", 2048),
+         ("prefill-8192", 8192)]
 
 
 def eager_us(fn, reps: int, warmup: int = 3) -> float:
@@ -88,7 +91,9 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
     w2 = (torch.randn(EXPERTS, HIDDEN, MOE_I, device=dev) * MOE_I**-0.5).to(dtype)
     configs = [MoEConfig(16, 32, 128, 1, 4, 4), MoEConfig(16, 32, 256, 1, 4, 3), MoEConfig(16, 64, 128, 1, 4, 4),
                MoEConfig(16, 64, 256, 1, 8, 3), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
-               MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3)]
+               MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3),
+               MoEConfig(128, 64, 64, 8, 4, 4), MoEConfig(64, 128, 64, 8, 4, 4), MoEConfig(128, 128, 32, 8, 8, 4),
+               MoEConfig(64, 64, 128, 8, 4, 3), MoEConfig(128, 64, 128, 8, 8, 3)]
     scales = None
     if fp8:
         block = (128, 128)
@@ -104,14 +109,14 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
     per_expert = 3 * MOE_I * HIDDEN * w13.element_size()
     if scales is not None:
         per_expert += (scales.w13[0].numel() + scales.w2[0].numel()) * 4
-    for name, tokens in [("decode-1", 1), ("decode-64", 64), ("decode-256", 256), ("prefill-512", 512)]:
+    for name, tokens in CASES:
         M = tokens * TOP_K
         x = torch.randn(M, HIDDEN, device=dev).to(dtype)
         slot = torch.rand(tokens, EXPERTS, device=dev).topk(TOP_K, dim=-1).indices.reshape(-1)
         used = int(slot.unique().numel())
         bytes_ = used * per_expert + 2 * M * HIDDEN * x.element_size()
         ref = swiglu_experts_reference(x.double(), slot, w13d, w2d)
-        cfg = pick_config(M, EXPERTS, HIDDEN, MOE_I)
+        cfg = pick_config(M, EXPERTS, HIDDEN, MOE_I, dtype, fp8=fp8)
         out = swiglu_experts_triton(x, slot, w13, w2, scales=scales)
         row = dict(kernel="moe-fp8" if fp8 else "moe", case=name, dtype=f"fp8-e4m3 x {dtype}" if fp8 else str(dtype),
                    M=M, slots_used=used, config=str(cfg), rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6)

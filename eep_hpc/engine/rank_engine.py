@@ -9,6 +9,8 @@ plans for itself.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from eep_hpc.config import Config
@@ -43,6 +45,10 @@ def num_kv_blocks_for(cfg: Config, model: MoEForCausalLM, device: torch.device, 
         return e.num_kv_blocks
     per_block = model.kv_cache_bytes_per_block(e.block_size, dtype)
     if device.type == "cuda":
+        # memory torch's allocator keeps cached but unused (the fp32 temporaries of quantising weights at load:
+        # tens of GB) is free for the cache: give it back first, or the driver counts it as taken
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         budget = free - total * (1 - e.gpu_memory_utilization)
     else:
