@@ -9,7 +9,8 @@ import httpx
 from support import start_head
 
 
-def test_step_trace_lists_the_request_then_its_prefill_and_decode_steps(tmp_path):
+def test_step_trace_lists_the_request_then_its_prefill_and_decode_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("EEP_HPC_PROFILE_STEPS", "1")  # the first step with a batch under cProfile
     trace_dir = tmp_path / "trace"
     head = start_head(tmp_path / "run", engine={"step_trace": str(trace_dir)})
     try:
@@ -28,3 +29,5 @@ def test_step_trace_lists_the_request_then_its_prefill_and_decode_steps(tmp_path
     assert [s["tokens"] for s in ran] == [len(prompt), 1, 1, 1], ran
     assert all(s["step_ms"] >= 0 and s["agree_ms"] >= 0 for s in ran)
     assert [s["outputs"] for s in ran] == [1, 1, 1, 1]
+    profile = (trace_dir / "rank-0-profile.txt").read_text()
+    assert "rank_engine.py" in profile and "(step)" in profile, profile[:2000]
