@@ -10,6 +10,7 @@ plans for itself.
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 
@@ -25,6 +26,8 @@ from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.step_plan import StepDemand, StepPlan
 from eep_hpc.protocol import AddRequest, Logprobs, RankStats, RequestOutput
+
+log = logging.getLogger("eep_hpc.rank")
 
 
 def resolve_dtype(cfg: Config, arch: MoEArch, device: torch.device) -> torch.dtype:
@@ -54,6 +57,7 @@ def num_kv_blocks_for(cfg: Config, model: MoEForCausalLM, device: torch.device, 
     else:
         budget = e.kv_cache_gib * 2**30
     blocks = int(budget // per_block)
+    log.info("KV cache: %d blocks of %d tokens (%.1f GiB)", blocks, e.block_size, blocks * per_block / 2**30)
     if blocks < 2:
         raise RuntimeError(f"no room for a KV cache: {budget / 2**20:.0f} MiB left, {per_block} bytes per block")
     return blocks
