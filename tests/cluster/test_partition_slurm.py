@@ -8,6 +8,8 @@ namespace, the real head on this host (at the bridge address), ranks in node job
   control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
   reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
   job ends COMPLETED while the head serves on.
+- The head's host unreachable from a node for a moment (a blackhole route to the head's address in the node's
+  namespace, 2 s, well under control.rank_timeout_s): no request lost, no recovery started.
 
 Skipped without the test cluster, or on its loopback layout (no namespaces: no link to cut).
 """
@@ -186,3 +188,38 @@ def test_requeued_node_job_is_told_to_leave_and_releases_its_node(slurm_head):
     assert c.ranks[rank].pid == first_pid and c.ranks[rank].state.name == "EXITED"
     assert rank not in c.members and rank not in [r["rank_id"] for r in sh.head.coordinator.cluster_state()["ranks"]]
     assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
+
+
+def test_head_unreachable_from_a_node_for_a_moment_loses_nothing_and_recovers_nothing(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    url, model = sh.head.url, c.model_name
+    reference = asyncio.run(reference_texts(url, model, MAX_TOKENS))
+    rank = c.members[0]
+    node = cluster_network().node(c.ranks[rank].host)
+    head_address = cluster_network().host_address
+    route = ["ip", "-n", node.netns, "route"]
+
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
+        await until(lambda: c.ranks[rank].in_flight, 60, f"rank {rank} serving")
+        subprocess.run([*route, "add", "blackhole", f"{head_address}/32"], check=True)
+        try:
+            await asyncio.sleep(2.0)
+        finally:
+            subprocess.run([*route, "del", "blackhole", f"{head_address}/32"], check=True)
+        await asyncio.sleep(2 * c.cfg.control.rank_timeout_s)  # long enough for a needless recovery to show
+        stop.set()
+        return await load
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        subprocess.run([*route, "del", "blackhole", f"{head_address}/32"], capture_output=True)
+    assert result.failures == [], result.failures[:5]
+    assert result.completed > 0
+    for k, texts in result.texts.items():
+        assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+    assert sh.events("recover") == [] and len(c.members) == 2 and rank in c.members, [e.summary() for e in c.history]
+    assert c.health.fenced == 0
