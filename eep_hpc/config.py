@@ -107,6 +107,9 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_grace_s: SecondsOrOff = 5.0
     api_key: str = ""  # empty = no key needed for /v1/*
     admin_token: str = ""  # empty = admin routes open, unless api_key is set (then a random one in RUN_DIR/admin-token)
+    # HTTP processes on the one port (SO_REUSEPORT): the head's own and N - 1 more that stream tokens straight from
+    # the ranks, while the head's coordinator alone decides (head/api_link.py); one per spare CPU core is the idea.
+    api_servers: Positive = 1
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -59,6 +59,25 @@ class RankLaunch(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int]
     device: str  # "cpu" or "cuda:N"
     config: Config
+    # Sockets of the head's other API processes (serve.api_servers > 1): AddRequest.reply_to = i sends a request's
+    # outputs to api_addresses[i - 1] instead of head_address.
+    api_addresses: list[str] = []
+
+
+class ApiLaunch(msgspec.Struct, kw_only=True):
+    """Everything one of the head's other API processes needs (serve.api_servers > 1); on its stdin, since the
+    serve config may carry the API key and admin token."""
+
+    api: int  # 1 .. api_servers - 1
+    config: Config  # the head's, with serve.api_key / serve.admin_token in force
+    port: int  # the head's HTTP port, shared (SO_REUSEPORT)
+    head_address: str  # the head's API link (head/api_link.py)
+    admin_url: str  # the head's private HTTP listener: /admin/* and /metrics are passed on to it
+    model_name: str
+    max_model_len: int
+    vocab_size: int | None
+    tokenizer_dir: str
+    metrics_dir: str  # prometheus_client's multiprocess files, shared by every API process
 
 
 # ---- head -> rank -------------------------------------------------------------------------------------------
@@ -70,6 +89,8 @@ class AddRequest(_Msg, gc=False):
     sampling: SamplingParams
     # Tokens already produced elsewhere (a request moved from another rank): re-prefilled, not re-sampled.
     output_token_ids: list[int] = []
+    # The API process that streams this request (0: the head itself); its outputs go straight to that process.
+    reply_to: int = 0
 
 
 class AbortRequests(_Msg):
@@ -296,8 +317,41 @@ class RankFailed(_Msg):
     error: str
 
 
+# ---- the head's API processes (serve.api_servers > 1) <-> the head ------------------------------------------
+# An API process sends the head AddRequest (reply_to = its index; the head picks the rank and forwards it) and
+# AbortRequests (its client left, a stop string matched); the ranks send it StepOutputs of its requests directly.
+
+
+class ApiHello(_Msg):
+    api: int  # 1 .. api_servers - 1 (0 is the head's own)
+    rank_address: str  # where ranks send this process's outputs (RankLaunch.api_addresses)
+
+
+class ApiResend(_Msg):
+    """These requests lost their rank (it drains or was lost): submit each again with the tokens it has so far,
+    under a new request id (outputs of the old one may still be on their way and are dropped)."""
+
+    request_ids: list[str]
+
+
+class ApiEnd(_Msg):
+    """End these requests with `finish_reason` and `error` (no rank runs them any more); empty = all of them."""
+
+    request_ids: list[str]
+    finish_reason: FinishReason
+    error: str = ""
+
+
+class ApiReady(_Msg):
+    """Whether requests can be served (the head's /health); sent on every change."""
+
+    ready: bool
+
+
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
 RankToHead = Union[
     RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
     NodeLeaving, GroupLost, RankFailed, RankAlive,
 ]
+ApiToHead = Union[ApiHello, AddRequest, AbortRequests]
+HeadToApi = Union[ApiResend, ApiEnd, ApiReady]

@@ -179,6 +179,15 @@ def decode_for_head(data: bytes) -> RankToHead:
     return _to_head.decode(_verified_payload(data))
 
 
+def decode_as(decoder: msgspec.msgpack.Decoder, data: bytes):
+    """A frame of another union (the head's API processes: protocol.ApiToHead, HeadToApi); raises BadMessage for a
+    frame to drop."""
+    try:
+        return decoder.decode(_verified_payload(data))
+    except msgspec.DecodeError as e:
+        raise BadMessage(f"not a message of this channel: {e}") from None
+
+
 _drops = [0, -1e9]  # frames dropped since the last warning, when that warning was logged
 
 

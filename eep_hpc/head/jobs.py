@@ -52,7 +52,7 @@ class RankJobs:
             self.next_rank_id += 1
             out.append(P.RankLaunch(rank_id=rid, head_address=self.link.address, model_dir=self.model_dir,
                                     eos_token_ids=self.eos_token_ids, device=self.launcher.device_for(rid),
-                                    config=self.rank_config))
+                                    config=self.rank_config, api_addresses=list(self.link.api_addresses)))
         return out
 
     def cancel_pending(self, rank_ids: list[int]) -> list[int]:

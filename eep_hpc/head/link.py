@@ -27,6 +27,7 @@ class RankLink:
         self.address = ""  # tcp://host:port of the ROUTER socket, once open
         self.store: dist.TCPStore | None = None
         self.dropped = 0  # control frames refused (unsigned, forged, replayed, malformed), for status
+        self.api_addresses: list[str] = []  # where ranks send outputs for the head's other API processes
 
     def open(self) -> None:
         self._ctx = zmq.asyncio.Context()

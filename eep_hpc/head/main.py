@@ -1,4 +1,8 @@
-"""The head process: coordinator + HTTP API in one event loop (what `eep-hpc serve` and sbatch/head.sh run)."""
+"""The head process: coordinator + HTTP API in one event loop (what `eep-hpc serve` and sbatch/head.sh run).
+
+With serve.api_servers = N > 1 the head starts N - 1 more API processes on its port before the ranks
+(serve/api_servers.py); they stream their requests' tokens straight from the ranks and ask this coordinator for
+everything else (head/api_link.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +13,23 @@ import signal
 import socket
 from pathlib import Path
 
+import msgspec
+
+from eep_hpc import protocol as P
 from eep_hpc.cluster import discovery
 from eep_hpc.cluster.local import LocalLauncher
 from eep_hpc.config import TINY_MODEL, Config
 from eep_hpc.engine.rank_engine import max_model_len
+from eep_hpc.head.api_link import ApiLink
 from eep_hpc.head.coordinator import Coordinator
 from eep_hpc.head.credentials import make_credentials, rank_config, serve_config
 from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.model.tokenizer import Tokenizer
 from eep_hpc.serve.admin import add_admin_routes
+from eep_hpc.serve.api_servers import ApiProcesses
 from eep_hpc.serve.app import create_app
+from eep_hpc.serve.metrics import use_multiprocess_files
 from eep_hpc.serve.server import ApiServer
 
 log = logging.getLogger("eep_hpc.head")
@@ -97,15 +107,30 @@ class Head:
         if self.admin_token_file:
             log.info("admin token required on /admin/*: 'Authorization: Bearer <token>' with the token in %s "
                      "(eep-hpc status/grow/shrink --run-dir %s find it)", self.admin_token_file, cfg.control.run_dir)
-        self.coordinator = build_coordinator(rank_config(cfg, creds), launcher)
+        ranks_cfg = rank_config(cfg, creds)
+        self.coordinator = build_coordinator(ranks_cfg, launcher)
+        more_apis = cfg.serve.api_servers - 1
+        metrics_dir = Path(cfg.control.run_dir) / "api-metrics"
+        if more_apis:  # before the app's metrics exist: every API process writes them where /metrics sums them
+            use_multiprocess_files(metrics_dir, fresh=True)
         self.app = create_app(self.coordinator, serve_config(cfg, creds))
-        self.server = ApiServer(self.app, cfg.serve, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning")
+        self.server = ApiServer(self.app, cfg.serve, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning",
+                                reuse_port=more_apis > 0)
         try:
             self.server.bind()
         except OSError as e:
             raise StartupError(str(e)) from None
         add_admin_routes(self.app, self.coordinator.admin)
-        self.app.state.metrics.registry.register(self.coordinator.metrics)
+        self.app.state.metrics.exposed.register(self.coordinator.metrics)
+        self.api_link: ApiLink | None = None
+        self.api_processes: ApiProcesses | None = None
+        if more_apis:
+            self.api_link = ApiLink(cfg.control.host, more_apis)
+            self._api_launch = dict(
+                config=msgspec.structs.replace(ranks_cfg, serve=serve_config(cfg, creds)), port=self.server.port,
+                admin_url=self.server.bind_private(), model_name=self.coordinator.model_name,
+                max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size,
+                tokenizer_dir=str(tokenizer_dir(cfg, resolve_model_dir(cfg))), metrics_dir=str(metrics_dir))
         self.url = ""
         self._stop = asyncio.Event()
         self._grace_over = asyncio.Event()
@@ -145,6 +170,8 @@ class Head:
                 pass
         server = self.server
         try:
+            if self.api_link is not None:
+                await self._start_api_processes()
             await self.coordinator.start(cfg.parallel.ranks)
             self.url = await server.start()
             discovery.write(cfg.control.run_dir, discovery.HeadInfo(
@@ -159,3 +186,29 @@ class Head:
         finally:
             discovery.remove(cfg.control.run_dir)
             await self.coordinator.stop()
+            if self.api_processes is not None:
+                await asyncio.to_thread(self.api_processes.stop)
+                self.api_link.close()
+
+    async def _start_api_processes(self, timeout_s: float = 120.0) -> None:
+        """The other API processes, before any rank: each rank is launched with their sockets."""
+        link, coordinator = self.api_link, self.coordinator
+        link.open()
+        coordinator.streams.to_api = link.send
+        coordinator.spawn(link.receive(coordinator.streams.submit, coordinator.streams.cancel))
+        self.api_processes = ApiProcesses([P.ApiLaunch(api=i, head_address=link.address, **self._api_launch)
+                                           for i in range(1, link.count + 1)])
+        self.api_processes.start()
+        waiting = asyncio.ensure_future(link.wait_for_hellos(timeout_s))
+        while not waiting.done():  # an API process that exits at start ends the head's start too
+            await asyncio.wait([waiting], timeout=0.2)
+            if not waiting.done():
+                try:
+                    self.api_processes.check()
+                except RuntimeError:
+                    waiting.cancel()
+                    raise
+        coordinator.link.api_addresses = waiting.result()
+        coordinator.spawn(link.watch_ready(coordinator.ready))
+        log.info("%d more API process(es) on port %d: pids %s", link.count, self.server.port,
+                 self.api_processes.pids())

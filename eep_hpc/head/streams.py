@@ -5,13 +5,17 @@ ranks are idle starts a wave (Wake to every member, since each MoE layer needs a
 WaveDone when all ran out of work, and a new wave starts if requests are still out. When a request must move (its
 rank drains or is lost) it starts again elsewhere from its prompt and the tokens it has so far (re-prefill), so the
 client's stream continues.
+
+With serve.api_servers > 1, requests of the head's other API processes are here too (api_link.py): routed, woken
+and moved the same way, but their tokens go from the ranks straight to their API process; the head keeps only
+which rank runs each (a rank tells it when one finishes), and asks the API process to submit a moved one again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from eep_hpc import protocol as P
@@ -22,18 +26,22 @@ from eep_hpc.head.membership import Membership, RankRecord, RankState
 
 @dataclass
 class Stream:
-    queue: asyncio.Queue
+    queue: asyncio.Queue | None  # None: streamed by another API process (`api`), which holds its tokens
     rank_id: int
     prompt_token_ids: list[int]
     sampling: P.SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
     last_token_at: float = field(default_factory=time.monotonic)
     watch_gap: bool = False  # measure its next inter-token gap (around a commit)
+    api: int = 0
+
 
 
 class Streams:
     def __init__(self, membership: Membership, link: RankLink, recovery_wait_s: float):
         self.membership, self.link, self.recovery_wait_s = membership, link, recovery_wait_s
+        self.to_api: Callable[[int, object], None] | None = None  # send to API process i (api_link.py), if any
+        self._parked: set[asyncio.Task] = set()  # other API processes' requests waiting for a recovery
         self.open: dict[str, Stream] = {}  # request id -> stream
         self.wave = 0
         self.wave_running = False
@@ -88,6 +96,47 @@ class Streams:
                 if not finished and owner.state in (RankState.READY, RankState.DRAINING):
                     self.link.send(owner.rank_id, P.AbortRequests(request_ids=[request_id]))
 
+    def submit(self, msg: P.AddRequest) -> None:
+        """A request of another API process (msg.reply_to): routed as generate() routes, forwarded as it came."""
+        m = self.membership
+        if m.recovering:
+            task = asyncio.get_running_loop().create_task(self._submit_after_recovery(msg))
+            self._parked.add(task)
+            task.add_done_callback(self._parked.discard)
+            return
+        try:
+            rec = self.route()
+        except RuntimeError as e:
+            self.to_api(msg.reply_to, P.ApiEnd(request_ids=[msg.request_id], finish_reason="error", error=str(e)))
+            return
+        self.open[msg.request_id] = Stream(None, rec.rank_id, [], msg.sampling, api=msg.reply_to)
+        rec.in_flight.add(msg.request_id)
+        self.link.send(rec.rank_id, msg)
+        self.start_wave()
+
+    async def _submit_after_recovery(self, msg: P.AddRequest) -> None:
+        m = self.membership
+        await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
+                         raise_on_failed=False)
+        self.submit(msg)
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Another API process ended these early (client gone, stop string, or an ApiEnd)."""
+        for rid in request_ids:
+            stream = self.open.get(rid)
+            if stream is None or stream.queue is not None:
+                continue
+            self._forget(rid, stream)
+            owner = self.membership.ranks.get(stream.rank_id)
+            if owner is not None and owner.state in (RankState.READY, RankState.DRAINING):
+                self.link.send(owner.rank_id, P.AbortRequests(request_ids=[rid]))
+
+    def _forget(self, rid: str, stream: Stream) -> None:
+        del self.open[rid]
+        owner = self.membership.ranks.get(stream.rank_id)
+        if owner is not None:
+            owner.in_flight.discard(rid)
+
     async def abort(self, request_id: str) -> None:
         stream = self.open.get(request_id)
         if stream is not None:
@@ -101,24 +150,42 @@ class Streams:
             stream = self.open.get(out.request_id)
             if stream is None or stream.rank_id != rank_id:  # finished, or moved to another rank
                 continue
+            if stream.queue is None:  # another API process's: the rank says only that it finished
+                if out.finish_reason is not None:
+                    self._forget(out.request_id, stream)
+                continue
             if out.new_token_ids:
                 self._note_token(stream, now)
                 stream.output_token_ids += out.new_token_ids
             stream.queue.put_nowait(out)
 
     def end_all(self, finish_reason: P.FinishReason, error: str) -> None:
-        for stream in self.open.values():
+        remote: dict[int, list[str]] = {}
+        for rid, stream in self.open.items():
+            if stream.queue is None:
+                remote.setdefault(stream.api, []).append(rid)
+                continue
             stream.queue.put_nowait(P.RequestOutput(request_id="", new_token_ids=[], finish_reason=finish_reason,
                                                     error=error))
+        self._end_remote(remote, finish_reason, error)
+
+    def _end_remote(self, ids_by_api: dict[int, list[str]], finish_reason: P.FinishReason, error: str) -> None:
+        """The API processes end these and abort them back (cancel), which forgets them here."""
+        for api, ids in ids_by_api.items():
+            self.to_api(api, P.ApiEnd(request_ids=ids, finish_reason=finish_reason, error=error))
 
     def fail_on(self, rec: RankRecord, why: str) -> None:
         """A rank that is not a member failed: its requests end with an error (nobody else runs them)."""
+        remote: dict[int, list[str]] = {}
         for rid in list(rec.in_flight):
             stream = self.open.get(rid)
-            if stream is not None:
+            if stream is not None and stream.queue is None:
+                remote.setdefault(stream.api, []).append(rid)
+            elif stream is not None:
                 stream.queue.put_nowait(P.RequestOutput(request_id=rid, new_token_ids=[], finish_reason="error",
                                                         error=f"rank {rec.rank_id} failed: {why}"))
         rec.in_flight.clear()
+        self._end_remote(remote, "error", f"rank {rec.rank_id} failed: {why}")
 
     # ---- waves ----------------------------------------------------------------------------------------------
 
@@ -149,14 +216,15 @@ class Streams:
         if not rec.in_flight:
             return 0
         self.link.send(rank_id, P.AbortRequests(request_ids=list(rec.in_flight)))
-        moved = 0
+        moved, resend = 0, {}
         for rid in list(rec.in_flight):
             stream = self.open.get(rid)
             rec.in_flight.discard(rid)
             if stream is None:
                 continue
-            self._restart_on(rid, stream, survivors)
+            self._restart_on(rid, stream, survivors, resend)
             moved += 1
+        self._resend(resend)
         self.start_wave()
         return moved
 
@@ -164,13 +232,20 @@ class Streams:
         """Every open stream to the least-loaded member (after a recovery, survivors hold none) -> how many."""
         for rec in self.membership.ranks.values():
             rec.in_flight.clear()
-        for rid, stream in self.open.items():
-            self._restart_on(rid, stream, members)
+        moved, resend = len(self.open), {}
+        for rid, stream in list(self.open.items()):
+            self._restart_on(rid, stream, members, resend)
+        self._resend(resend)
         self.start_wave()
-        return len(self.open)
+        return moved
 
-    def _restart_on(self, rid: str, stream: Stream, members: list[int]) -> None:
-        """Re-send a stream (prompt + tokens so far: re-prefill) to the least-loaded READY rank of `members`."""
+    def _restart_on(self, rid: str, stream: Stream, members: list[int], resend: dict[int, list[str]]) -> None:
+        """Re-send a stream (prompt + tokens so far: re-prefill) to the least-loaded READY rank of `members`; one
+        of another API process is forgotten here and goes into `resend` for that process to submit again."""
+        if stream.queue is None:
+            self.open.pop(rid, None)
+            resend.setdefault(stream.api, []).append(rid)
+            return
         ranks = self.membership.ranks
         target = min((ranks[r] for r in members if ranks[r].state == RankState.READY),
                      key=lambda r: (len(r.in_flight), r.rank_id))
@@ -179,6 +254,10 @@ class Streams:
         self.link.send(target.rank_id, P.AddRequest(request_id=rid, prompt_token_ids=stream.prompt_token_ids,
                                                     sampling=stream.sampling,
                                                     output_token_ids=list(stream.output_token_ids)))
+
+    def _resend(self, ids_by_api: dict[int, list[str]]) -> None:
+        for api, ids in ids_by_api.items():
+            self.to_api(api, P.ApiResend(request_ids=ids))
 
     # ---- the commit pause -----------------------------------------------------------------------------------
 

@@ -1,12 +1,20 @@
 """Prometheus metrics of the HTTP front, named like vLLM's (`eep_hpc:…`), in a registry of their own so that
-several apps can live in one process (tests). The coordinator may register more collectors on `registry`."""
+several apps can live in one process (tests). The coordinator may register more collectors on `exposed`.
+
+With several API processes (serve.api_servers > 1) each writes its values to files in one folder
+(prometheus_client's multiprocess mode, `use_multiprocess_files`) and the head's /metrics sums them: counters and
+histograms added up, the in-progress gauges summed over live processes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, values
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -16,9 +24,29 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def use_multiprocess_files(folder: str | Path, fresh: bool = False) -> None:
+    """From now on this process's metrics live in files under `folder`, where /metrics of any process sums them
+    (process-wide: prometheus_client has one value class). `fresh`: empty the folder first (the head, at start)."""
+    folder = Path(folder)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(folder)
+    values.ValueClass = values.MultiProcessValue()
+
+
 class ApiMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
+        folder = os.environ.get(MULTIPROC_ENV)
+        if folder and values.ValueClass is not values.MutexValue:  # several API processes: the sum of all
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, folder)
+        else:
+            self.exposed = self.registry
         self.model_name = model_name
         r = self.registry
         self.http_requests = Counter(
@@ -26,10 +54,12 @@ class ApiMetrics:
             ["route", "method", "status"], registry=r,
         )  # fmt: skip
         self.http_requests_in_progress = Gauge(
-            "eep_hpc:http_requests_in_progress", "HTTP requests being served now (from their headers on).", registry=r
+            "eep_hpc:http_requests_in_progress", "HTTP requests being served now (from their headers on).", registry=r,
+            multiprocess_mode="livesum",
         )
         self.num_requests_running = Gauge(
-            "eep_hpc:num_requests_running", "Engine requests in flight (one per choice).", ["model_name"], registry=r
+            "eep_hpc:num_requests_running", "Engine requests in flight (one per choice).", ["model_name"], registry=r,
+            multiprocess_mode="livesum",
         )
         self.prompt_tokens = Counter(
             "eep_hpc:prompt_tokens", "Prompt tokens sent to the engine.", ["model_name"], registry=r
@@ -60,7 +90,7 @@ class ApiMetrics:
         self.generation_tokens_of_model = self.generation_tokens.labels(model_name)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
     def track(self, arrival: float, prompt_len: int) -> "RequestTracker":
         return RequestTracker(self, arrival, prompt_len)

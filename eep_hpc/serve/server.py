@@ -37,7 +37,9 @@ class _Uvicorn(uvicorn.Server):
         self.started_event.set()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """reuse_port: several processes serve this port, each its own socket (SO_REUSEPORT: the kernel spreads the
+    connections over them), as the head's API processes do (serve.api_servers > 1)."""
     sock = None
     try:
         family, type_, proto, _, addr = socket.getaddrinfo(
@@ -45,6 +47,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         )[0]
         sock = socket.socket(family, type_, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
     except OSError as e:
         if sock is not None:
@@ -63,8 +67,12 @@ class ApiServer:
         graceful_timeout_s: float = 30.0,
         log_level: str = "info",
         access_log: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.app, self.cfg = app, cfg
+        self.reuse_port = reuse_port
+        self.private_url = ""  # set by bind_private()
+        self._private: socket.socket | None = None
         self.graceful_timeout_s = graceful_timeout_s
         self.log_level, self.access_log = log_level, access_log
         self.port: int | None = None
@@ -85,9 +93,17 @@ class ApiServer:
         """Bind the listening socket now, so that a busy port fails before anything else starts (OSError); start()
         serves on it. Until then connections are refused. Returns the port."""
         if self._sock is None:
-            self._sock = bind_socket(self.cfg.host, self.cfg.port)
+            self._sock = bind_socket(self.cfg.host, self.cfg.port, self.reuse_port)
             self.port = self._sock.getsockname()[1]
         return self.port
+
+    def bind_private(self) -> str:
+        """A second listener on 127.0.0.1 (a free port) for this host's own processes: the head's other API
+        processes pass /admin/* and /metrics on to it. -> its URL."""
+        if self._private is None:
+            self._private = bind_socket("127.0.0.1", 0)
+            self.private_url = f"http://127.0.0.1:{self._private.getsockname()[1]}"
+        return self.private_url
 
     async def start(self) -> str:
         """Bind (unless bind() did), serve in the background, return once accepting connections; returns the URL."""
@@ -104,7 +120,8 @@ class ApiServer:
         if self.access_log:  # uvicorn set its access logger to log_level too; its lines are INFO
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         self._server = _Uvicorn(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="eep-hpc-api")
+        sockets = [sock] if self._private is None else [sock, self._private]
+        self._task = asyncio.create_task(self._server.serve(sockets=sockets), name="eep-hpc-api")
         started = asyncio.ensure_future(self._server.started_event.wait())
         await asyncio.wait([started, self._task], return_when=asyncio.FIRST_COMPLETED)
         if not started.done():

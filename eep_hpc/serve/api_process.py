@@ -1,0 +1,83 @@
+"""One of the head's other API processes (serve.api_servers = N > 1): `python -m eep_hpc.serve.api_process`, its
+ApiLaunch on stdin, started and stopped by the head (api_servers.py).
+
+It serves the same app on the head's port (SO_REUSEPORT: the kernel spreads connections over the N processes),
+streams its requests' tokens straight from the ranks (remote_engine.py), passes /admin/* and /metrics on to the
+head (api_proxy.py), and writes its metrics where the head sums them. SIGTERM stops it gracefully; Ctrl-C is the
+head's to handle (it drains first); it exits by itself when the head is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+
+from eep_hpc import protocol as P
+from eep_hpc import signing
+from eep_hpc.logs import setup_logging
+
+log = logging.getLogger("eep_hpc.api")
+
+CLOSE_CONNECTIONS_S = 3.0
+
+
+async def serve(launch: P.ApiLaunch) -> None:
+    from eep_hpc.model.tokenizer import Tokenizer
+    from eep_hpc.serve.api_proxy import ToHeadMiddleware
+    from eep_hpc.serve.app import create_app
+    from eep_hpc.serve.remote_engine import RemoteEngine
+    from eep_hpc.serve.server import ApiServer
+
+    engine = RemoteEngine(launch, Tokenizer.from_dir(launch.tokenizer_dir))
+    engine.open_sockets()
+    app = create_app(engine, launch.config.serve)
+    app.add_middleware(ToHeadMiddleware, head_url=launch.admin_url)
+    cfg = msgspec.structs.replace(launch.config.serve, port=launch.port)
+    server = ApiServer(app, cfg, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning", reuse_port=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    receiving = asyncio.create_task(engine.run())
+    head_pid = os.getppid()
+    try:
+        await server.start()
+        log.info("API process %d serving on port %d", launch.api, launch.port)
+        while not stop.is_set() and os.getppid() == head_pid:  # the head gone: nobody routes requests any more
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if receiving.done():
+                receiving.result()  # raises what ended it
+        await server.stop()
+    finally:
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+        engine.close()
+
+
+def main() -> int:
+    launch = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=P.ApiLaunch)
+    setup_logging(f"%(asctime)s api{launch.api} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the head drains, then stops us
+    signing.use_secret(signing.read_secret(launch.config.control.secret_file))
+    from eep_hpc.serve.metrics import use_multiprocess_files
+
+    use_multiprocess_files(launch.metrics_dir)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(launch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The head's other API processes (serve.api_servers = N > 1): started before the ranks (their sockets go into
+every RankLaunch), stopped after the head's own server."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+
+import msgspec
+from prometheus_client import multiprocess
+
+from eep_hpc import protocol as P
+
+log = logging.getLogger("eep_hpc.head")
+
+
+class ApiProcesses:
+    def __init__(self, launches: list[P.ApiLaunch]):
+        self.launches = launches
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        for launch in self.launches:
+            proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.serve.api_process"], stdin=subprocess.PIPE)
+            proc.stdin.write(msgspec.msgpack.encode(launch))
+            proc.stdin.close()
+            self.procs.append(proc)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def check(self) -> None:
+        """Raises RuntimeError if one of them exited."""
+        for launch, proc in zip(self.launches, self.procs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"API process {launch.api} exited with code {proc.returncode}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for launch, proc in zip(self.launches, self.procs):
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("API process %d did not stop in %g s: killed", launch.api, timeout_s)
+                proc.kill()
+                proc.wait()
+            multiprocess.mark_process_dead(proc.pid, launch.metrics_dir)

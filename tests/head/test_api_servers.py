@@ -1,0 +1,171 @@
+"""serve.api_servers = 2: the head and one more API process on one port (SO_REUSEPORT), the second streaming its
+requests' tokens straight from the ranks while the head's coordinator alone routes, scales and recovers.
+
+The head runs as `eep-hpc serve` in a process of its own (as users run it): a kill -9 of a rank, and
+prometheus_client's multiprocess mode, stay out of the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from support import PROMPTS, alive, reference_texts, run_load, until, wait_until
+
+MAX_TOKENS = 24
+API_KEY = "sk-test-api-servers"
+
+
+class ServeProcess:
+    """`eep-hpc serve` with two API processes and an API key (so /admin/* gets a random token)."""
+
+    def __init__(self, run_dir: Path, ranks: int):
+        self.run_dir = run_dir
+        cmd = [sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--ranks", str(ranks), "--run-dir",
+               str(run_dir), "--set", "serve.api_servers=2", "--set", f'serve.api_key="{API_KEY}"',
+               "--set", "control.rank_timeout_s=10"]
+        self.log = run_dir.parent / "serve.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: (run_dir / "head.json").is_file() or self.proc.poll() is not None, 300,
+                   "the head to start")
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        info = json.loads((run_dir / "head.json").read_text())
+        self.url, self.model = info["api_url"], info["model"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.admin = {"Authorization": f"Bearer {Path(info['admin_token_file']).read_text().strip()}"}
+        self.user = {"Authorization": f"Bearer {API_KEY}"}
+        self.api_pid = wait_until(self._api_process, 30, "the second API process")
+
+    def _api_process(self) -> int | None:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in map(int, children):
+            if "eep_hpc.serve.api_process" in Path(f"/proc/{pid}/cmdline").read_text():
+                return pid
+        return None
+
+    def state(self) -> dict:
+        r = httpx.get(f"{self.url}/admin/state", headers=self.admin, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def connections_of(pid: int, port: int) -> int:
+    """Established TCP connections that process `pid` accepted on `port`."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01" and f[9] in inodes:
+                count += 1
+    return count
+
+
+async def admin_post(head: ServeProcess, path: str, body: dict) -> dict:
+    async with httpx.AsyncClient(timeout=300, headers=head.admin) as client:
+        r = await client.post(f"{head.url}{path}", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_grow_shrink_and_kill9_with_two_api_processes(tmp_path):
+    head = ServeProcess(tmp_path / "run", ranks=2)
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS, headers=head.user))
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=16,
+                                                headers=head.user))
+            # the kernel spread the 16 clients' connections over both processes
+            await until(lambda: connections_of(head.api_pid, head.port) > 0, 30,
+                        "the second API process to take connections")
+            await asyncio.sleep(0.5)
+            grown = await admin_post(head, "/admin/scale/grow", {"n": 1})
+            await asyncio.sleep(0.5)
+            shrunk = await admin_post(head, "/admin/scale/shrink", {"n": 1})
+            await asyncio.sleep(0.5)
+            before = head.state()
+            victim = before["members"][0]
+            os.kill(next(r["pid"] for r in before["ranks"] if r["rank_id"] == victim), signal.SIGKILL)
+            recovered = await until(lambda: next((e for e in head.state()["scale_events"]
+                                                  if e["kind"] == "recover" and e["phase"] == "DONE"), None),
+                                    120, "the recovery")
+            await asyncio.sleep(1.0)
+            stop.set()
+            return await load, grown, shrunk, recovered, victim
+
+        result, grown, shrunk, recovered, victim = asyncio.run(scenario())
+        assert result.failures == [], result.failures[:5]
+        assert result.completed >= 32
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+        assert (grown["phase"], grown["from_ranks"], grown["to_ranks"]) == ("DONE", 2, 3)
+        assert (shrunk["phase"], shrunk["from_ranks"], shrunk["to_ranks"]) == ("DONE", 3, 2)
+        assert recovered["requests_migrated"] > 0
+        assert victim not in head.state()["members"] and len(head.state()["members"]) == 1
+
+        # /metrics (whichever process a scrape reaches) sums every API process's and adds the cluster's
+        for _ in range(4):
+            with httpx.Client(timeout=30) as fresh:  # a new connection each: either process
+                text = fresh.get(f"{head.url}/metrics").text
+            done = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("eep_hpc:request_success_total{") and 'finished_reason="length"' in line)
+            assert done == result.completed + len(PROMPTS)  # the load and the reference
+            assert 'eep_hpc:scale_events_total{kind="grow",result="done"} 1.0' in text
+    finally:
+        head.stop()
+    assert head.proc.returncode == 0, head.log.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while alive(head.api_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(head.api_pid), "the second API process outlived the head"
+
+
+def test_auth_holds_on_every_api_process(tmp_path):
+    """12 connections, spread by the kernel over both processes: the API key and the admin token are checked on
+    each, /admin/* reaches the coordinator from either."""
+    head = ServeProcess(tmp_path / "run", ranks=1)
+    clients = [httpx.Client(timeout=30) for _ in range(12)]
+    try:
+        for c in clients:
+            no_key = c.post(f"{head.url}/v1/completions", json={"model": head.model, "prompt": "Hi"})
+            assert no_key.status_code == 401
+            assert no_key.json()["error"]["message"].startswith("Missing API key")
+            assert c.get(f"{head.url}/admin/state", headers=head.user).status_code == 401  # the key is no token
+            state = c.get(f"{head.url}/admin/state", headers=head.admin)
+            assert state.status_code == 200 and state.json()["members"] == [0]
+            ok = c.post(f"{head.url}/v1/completions", headers=head.user,
+                        json={"model": head.model, "prompt": "Hi", "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert connections_of(head.api_pid, head.port) > 0, "no connection reached the second API process"
+        assert connections_of(head.proc.pid, head.port) > 0, "no connection reached the head's own"
+    finally:
+        for c in clients:
+            c.close()
+        head.stop()
+    assert head.proc.returncode == 0
