@@ -41,6 +41,15 @@ class RankProcess:
         self.sock.setsockopt(zmq.IDENTITY, signing.rank_identity(self.id))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(launch.head_address)
+        # one PUSH per API process of the head (serve.api_servers > 1): the outputs of the requests it streams
+        self.api_socks = []
+        for address in launch.api_addresses:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.connect(address)
+            self.api_socks.append(sock)
+        self.reply_to: dict[str, int] = {}  # request id -> API process, for those not streamed by the head itself
         self.epochs = RankEpochs(launch, self.send)
         self.wave = 0
         self.active = False
@@ -87,7 +96,8 @@ class RankProcess:
             if self.epochs.group is not None:
                 self.epochs.group.destroy()
             self.beacon.stop()
-            self.sock.close(linger=0)
+            for sock in [self.sock, *self.api_socks]:
+                sock.close(linger=0)
             self.ctx.term()
             self.trace.close()
 
@@ -112,11 +122,15 @@ class RankProcess:
         epochs = self.epochs
         match msg:
             case P.AddRequest():  # token ids were checked by the head's API (serve/prompts.py)
+                if msg.reply_to:
+                    self.reply_to[msg.request_id] = msg.reply_to
                 self.engine.add(msg)
                 if self.trace:
                     self.trace.write(event="add", request_id=msg.request_id, tokens=len(msg.prompt_token_ids))
             case P.AbortRequests(request_ids=ids):
                 self.engine.abort(ids)
+                for rid in ids:
+                    self.reply_to.pop(rid, None)
             case P.Wake(wave=w):
                 if w >= self.wave and epochs.group is not None:
                     self.wave, self.active = w, True
@@ -176,7 +190,34 @@ class RankProcess:
         if masked is not None and masked():  # nixl_ep timed a peer out and masked it: this epoch is broken
             raise GroupLost(f"nixl_ep masked rank(s) {masked()}")
         if outputs:
+            self.send_outputs(outputs)
+
+    def send_outputs(self, outputs: list[P.RequestOutput]) -> None:
+        """Each output to the API process that streams its request; the head hears of the others only when they
+        finish (a bare finish_reason), which frees them in its routing."""
+        if not self.reply_to:
             self.send(P.StepOutputs(rank_id=self.id, outputs=outputs, stats=self.stats()))
+            return
+        to_head, to_api = [], {}
+        for out in outputs:
+            api = self.reply_to.get(out.request_id, 0)
+            if not api:
+                to_head.append(out)
+                continue
+            to_api.setdefault(api, []).append(out)
+            if out.finish_reason is not None:
+                del self.reply_to[out.request_id]
+                to_head.append(P.RequestOutput(request_id=out.request_id, new_token_ids=[],
+                                               finish_reason=out.finish_reason))
+        stats = self.stats()
+        for api, outs in to_api.items():
+            try:
+                self.api_socks[api - 1].send(signing.encode(P.StepOutputs(rank_id=self.id, outputs=outs, stats=stats)),
+                                             zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # that API process is gone or stuck: its streams end there, not this rank
+                log.warning("rank %d: API process %d does not take outputs, %d dropped", self.id, api, len(outs))
+        if to_head:
+            self.send(P.StepOutputs(rank_id=self.id, outputs=to_head, stats=stats))
 
     def commit(self) -> None:
         wave = self.epochs.commit()
