@@ -22,7 +22,7 @@ def parse_setting(item: str) -> tuple[str, str, object]:
     name, eq, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not eq or not dot or not section or not key:
-        raise SystemExit(f"eep-hpc: --set wants SECTION.KEY=VALUE (e.g. engine.max_num_seqs=512), got {item!r}")
+        raise ConfigError(f"--set wants SECTION.KEY=VALUE (e.g. engine.max_num_seqs=512), got {item!r}")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -75,10 +75,10 @@ def _serve(args) -> int:
 
 
 def _status(args) -> int:
-
     url = _head_url(args)
     r = httpx.get(f"{url}/admin/state", timeout=10, headers=_auth(args))
-    r.raise_for_status()
+    if r.status_code != 200:
+        return _refused(r)
     state = r.json()
     if args.json:
         print(json.dumps(state, indent=2))
@@ -88,7 +88,8 @@ def _status(args) -> int:
     if adapt:
         print(_adapt_line(adapt))
     if state.get("scaling"):
-        print(f"scaling now: {state['scaling']['kind']} to epoch {state['scaling']['epoch']} ({state['scaling']['phase'].lower()})")
+        scaling = state["scaling"]
+        print(f"scaling now: {scaling['kind']} to epoch {scaling['epoch']} ({scaling['phase'].lower()})")
     print(_rank_table(state["ranks"]))
     placement = state.get("placement")
     if placement:
@@ -123,17 +124,27 @@ def _rank_table(ranks: list[dict]) -> str:
 
 
 def _admin_post(args, path: str, body: dict) -> int:
-
     url = _head_url(args)
     r = httpx.post(f"{url}{path}", json=body, timeout=args.timeout, headers=_auth(args))
     return _report(r)
 
 
+def _refused(r: httpx.Response) -> int:
+    """The head's error as one line (its OpenAI-shaped message, else the status), exit 1."""
+    try:
+        message = r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = f"HTTP {r.status_code} {r.reason_phrase}"
+    if r.status_code == 401:
+        message += " (--admin-token TOKEN, or --run-dir of the head, which finds it)"
+    print(f"eep-hpc: {message}", file=sys.stderr)
+    return 1
+
+
 def _report(r: httpx.Response) -> int:
-    data = r.json()
     if r.status_code != 200:
-        print(f"eep-hpc: {data.get('error', {}).get('message', r.text)}", file=sys.stderr)
-        return 1
+        return _refused(r)
+    data = r.json()
     if data.get("phase") == "SUBMITTED":  # grow --no-wait
         print(f"{data['kind']}: rank(s) {_ids(data['rank_ids'])} submitted; they join when their jobs start "
               f"(eep-hpc status shows them)")
@@ -192,13 +203,14 @@ def _shrink(args) -> int:
 
 
 def _adapt(args) -> int:
-
+    if not 1 <= args.min <= args.max:
+        print(f"eep-hpc: adapt needs 1 <= --min <= --max, got --min {args.min} --max {args.max}", file=sys.stderr)
+        return 2
     url = _head_url(args)
     body = {"min": args.min, "max": args.max, "enabled": not args.off}
     r = httpx.post(f"{url}/admin/adapt", json=body, timeout=30, headers=_auth(args))
     if r.status_code != 200:
-        print(f"eep-hpc: {r.json().get('error', {}).get('message', r.text)}", file=sys.stderr)
-        return 1
+        return _refused(r)
     print(_adapt_line(r.json()))
     return 0
 

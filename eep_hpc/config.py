@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -265,6 +266,8 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
     raw: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config path {p} is a directory, not a TOML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
@@ -281,37 +284,60 @@ def load_config(path: str | Path | None = None, **overrides: dict) -> Config:
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{path or 'config'}: {_out_of_range(str(e), raw) or e}{_valid_keys(str(e))}") from None
+        raise ConfigError(f"{path or 'config'}: {_describe(str(e), raw)}") from None
 
 
-def _out_of_range(message: str, raw: dict) -> str:
-    """msgspec's "Expected `int` >= 1 - at `$.parallel.ranks`" -> "parallel.ranks must be >= 1, got 0"."""
-    found = re.fullmatch(r"Expected `\w+` ([<>]=?) (\S+) - at `\$\.([\w.]+)`", message)
-    if not found:
-        return ""
-    op, bound, key = found.groups()
+def _describe(message: str, raw: dict) -> str:
+    """msgspec's message about `raw` in the config's own terms: the key as `section.key`, what it must be, the
+    value given; an unknown key with the valid keys of its table. Other messages pass through as they are."""
+    found = re.fullmatch(r"(.*?)(?: - at `\$((?:\.\w+|\[\.\.\.\])*)`)?", message)
+    what, where = found.group(1), found.group(2) or ""
+    if where.startswith(".pools[...]"):  # msgspec does not say which pool: the first that fails on its own
+        name = next((n for n, t in (raw.get("pools") or {}).items() if _fails_as_pool(t)), "NAME")
+        where = f".pools.{name}" + where[len(".pools[...]"):]
+    key = where.lstrip(".")
     value: object = raw
-    for part in key.split("."):
+    for part in key.split(".") if key else []:
         value = value.get(part) if isinstance(value, dict) else None
-    return f"{key} must be {op} {float(bound):g}, got {value!r}"
+    if unknown := re.fullmatch(r"Object contains unknown field `([^`]*)`", what):
+        table = f"[{key}]" if key else "the top level (whose keys are tables)"
+        return f"unknown key `{unknown.group(1)}` in {table}; valid keys: {', '.join(_table(key).__struct_fields__)}"
+    if bound := re.fullmatch(r"Expected `\w+` ([<>]=?) (\S+)", what):
+        return f"{key} must be {bound.group(1)} {float(bound.group(2)):g}, got {value!r}"
+    if kind := re.fullmatch(r"Expected `(\w+)`, got `\w+`", what):
+        return f"{key} must be {_KINDS.get(kind.group(1), kind.group(1))}, got {value!r}"
+    if re.fullmatch(r"Invalid enum value .*", what):
+        allowed = ", ".join(repr(v) for v in _choices(key))
+        return f"{key} must be one of {allowed}, got {value!r}" if allowed else f"{key}: {what}"
+    return f"{key}: {what}" if key else what
 
 
-def _valid_keys(message: str) -> str:
-    """For msgspec's "Object contains unknown field `x` - at `$.engine`": the keys that table takes."""
-    found = re.search(r"unknown field `[^`]*`(?: - at `\$(.*)`)?", message)
-    if not found:
-        return ""
-    where = found.group(1) or ""  # "", ".engine", ".pools[...]"
-    sections = {f".{name}": type(getattr(Config(), name)) for name in Config.__struct_fields__ if name != "pools"}
-    if not where:
-        struct = Config
-    elif where.startswith((".pools[", ".pools.")):
-        struct = Pool
-    elif where in sections:
-        struct = sections[where]
-    else:
-        return ""
-    return "; valid keys: " + ", ".join(struct.__struct_fields__)
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "object": "a table", "array": "an array"}
+
+
+def _fails_as_pool(table: object) -> bool:
+    try:
+        msgspec.convert(table, Pool)
+    except (msgspec.ValidationError, ValueError):
+        return True
+    return False
+
+
+def _table(key: str) -> type[msgspec.Struct]:
+    """The Struct of the table at `key` ("" = the whole config, "engine", "pools.big")."""
+    if not key:
+        return Config
+    if key.startswith("pools."):
+        return Pool
+    return type(getattr(Config(), key.split(".")[0]))
+
+
+def _choices(key: str) -> tuple:
+    """The values a Literal-typed key allows (e.g. model.dtype), () when it is not one."""
+    table, _, name = key.rpartition(".")
+    hint = typing.get_type_hints(_table(table)).get(name)
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 def to_dict(cfg: Config) -> dict:

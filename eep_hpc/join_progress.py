@@ -63,7 +63,8 @@ async def grow_watching(url: str, headers: dict, body: dict, timeout: float, n: 
     """POST /admin/scale/grow and show the joining ranks until it answers; returns its response."""
     async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         before = await client.get(f"{url}/admin/state")
-        before.raise_for_status()
+        if before.status_code != 200:  # refused (no admin token, ...): the CLI prints why
+            return before
         known = {r["rank_id"] for r in before.json()["ranks"]}
         post = asyncio.ensure_future(client.post(f"{url}/admin/scale/grow", json=body))
         view = JoinView(n, stream)

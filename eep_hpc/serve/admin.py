@@ -13,7 +13,7 @@ The routes talk to a `ClusterAdmin` (the head's is head/admin.py), never to the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Annotated, Protocol
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,15 +58,16 @@ class ClusterAdmin(Protocol):
 
 
 class GrowRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion: `true` is not n = 1, "no" not false
     n: int | None = Field(None, ge=1, le=1024)  # None: 1, or the counts of `pools`
     pool: str = ""  # one pool (Slurm node shape); "" = the configured default
-    pools: dict[str, int] | None = None  # several pools in one heterogeneous job: {"big": 2, "small": 1}
+    # several pools in one heterogeneous job: {"big": 2, "small": 1}
+    pools: dict[str, Annotated[int, Field(ge=1)]] | None = None
     wait: bool = True  # False: answer once submitted; the ranks join whenever the scheduler starts them
 
 
 class AdaptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     min: int = Field(ge=1)
     max: int = Field(ge=1)
     enabled: bool = True
@@ -77,7 +78,7 @@ class AdaptRequest(BaseModel):
 
 
 class ShrinkRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     n: int | None = Field(None, ge=1)
     rank_ids: list[int] | None = None
     node: str | None = None

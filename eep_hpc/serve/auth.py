@@ -23,18 +23,19 @@ def _bearer(scope: Scope) -> str | None:
 class BearerAuthMiddleware:
     def __init__(self, app: ASGIApp, *, api_key: str = "", admin_token: str = "") -> None:
         self.app = app
-        self.rules = [(p, t) for p, t in (("/v1/", api_key), ("/admin/", admin_token)) if t]
+        rules = (("/v1/", api_key, "API key"), ("/admin/", admin_token, "admin token"))  # (prefix, secret, what)
+        self.rules = [rule for rule in rules if rule[1]]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope.get("path", "")
-            for prefix, secret in self.rules:
+            for prefix, secret, what in self.rules:
                 if path.startswith(prefix) or path == prefix.rstrip("/"):
                     token = _bearer(scope)
                     if token is None:
-                        error = unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
+                        error = unauthorized(f"Missing {what}: send the header 'Authorization: Bearer <{what}>'.")
                     elif not hmac.compare_digest(token.encode(), secret.encode()):
-                        error = unauthorized("Incorrect API key provided.")
+                        error = unauthorized(f"Incorrect {what} provided.")
                     else:
                         break
                     await error.response()(scope, receive, send)

@@ -1,5 +1,5 @@
-"""The `eep-hpc` command as a user meets it: mistakes end in one line naming the problem and a nonzero exit,
-never a traceback, and before anything starts."""
+"""The `eep-hpc` command as a user meets it against a serving head: what status, grow, shrink and rebalance print,
+a refusal in one line, logs. Mistakes in its arguments: test_input_checks.py."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
+import time
 
 import httpx
-import pytest
 
 from support import metric, pid_of, start_head, wait_for_event
 
@@ -21,13 +20,6 @@ from support import metric, pid_of, start_head, wait_for_event
 def eep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "eep_hpc.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("eep-hpc: "), r.stderr
-    return lines[0]
 
 
 def assert_one_observation(url: str, name: str, value: float, **labels: str) -> None:
@@ -44,102 +36,10 @@ def assert_one_observation(url: str, name: str, value: float, **labels: str) -> 
     assert all(n == (1 if bound >= value else 0) for bound, n in buckets.items()), (value, buckets)
 
 
-def test_grow_and_shrink_need_at_least_one_rank():
-    # refused before any request: the URL leads nowhere
-    assert "N >= 1" in one_line_error(eep("grow", "0", "--url", "http://127.0.0.1:9"))
-    assert "N >= 1" in one_line_error(eep("shrink", "0", "--url", "http://127.0.0.1:9"))
-    assert "COUNT" in one_line_error(eep("grow", "2", "--pool", "a:1", "--url", "http://127.0.0.1:9"))
-
-
 def test_rebalance_that_moves_nothing_says_so(api):
     r = eep("rebalance", "--url", api.url)
     assert r.returncode == 0, r.stderr
     assert "placement unchanged, nothing moved" in r.stdout
-
-
-# ---- serve: config mistakes end before anything starts --------------------------------------------------------
-
-
-def test_serve_names_a_toml_syntax_error(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[engine]\nblock_size = \n")
-    line = one_line_error(eep("serve", "--config", str(bad)))
-    assert str(bad) in line and "not valid TOML" in line and "line 2" in line
-
-
-def model_dir(tmp_path, kind: str) -> str:
-    """A --model argument that is wrong in one way."""
-    path = tmp_path / kind
-    if kind == "missing" or path.exists():
-        return str(path)
-    path.mkdir()
-    if kind in ("no-weights", "llama", "bad-json"):
-        text = {"no-weights": '{"architectures": ["Qwen3MoeForCausalLM"]}',
-                "llama": '{"architectures": ["LlamaForCausalLM"]}', "bad-json": '{"architectures": ['}[kind]
-        (path / "config.json").write_text(text)
-    if kind in ("llama", "bad-json"):
-        (path / "model.safetensors").write_bytes(b"")
-    return str(path)
-
-
-# (arguments of `eep-hpc serve` ({model:KIND} = a model dir wrong that way, {busy} = a port in use), the one line)
-SERVE_MISTAKES = [
-    (["--ranks", "0"], "eep-hpc: config: parallel.ranks must be >= 1, got 0"),
-    (["--port", "-1"], "eep-hpc: config: serve.port must be >= 0, got -1"),
-    (["--port", "65536"], "eep-hpc: config: serve.port must be <= 65535, got 65536"),
-    (["--set", "control.rank_timeout_s=0"], "eep-hpc: config: control.rank_timeout_s must be > 0, got 0"),
-    (["--set", "engine.max_num_seqs=-4"], "eep-hpc: config: engine.max_num_seqs must be >= 1, got -4"),
-    (["--set", "engine.block_size=0"], "eep-hpc: config: engine.block_size must be >= 1, got 0"),
-    (["--set", "engine.gpu_memory_utilization=1.5"],
-     "eep-hpc: config: engine.gpu_memory_utilization must be <= 1, got 1.5"),
-    (["--set", "serve.shutdown_grace_s=-1"], "eep-hpc: config: serve.shutdown_grace_s must be >= 0, got -1"),
-    (["--model", "{model:missing}"], "eep-hpc: model path {model:missing} does not exist (model.path / --model: a "
-                                     "Hugging Face-format directory, or 'tiny')"),
-    (["--model", "{model:empty}"],
-     "eep-hpc: model path {model:empty} has no config.json (expected a Hugging Face-format directory)"),
-    (["--model", "{model:no-weights}"], "eep-hpc: model path {model:no-weights} has no *.safetensors weights "
-                                        '(model.load_format = "dummy" serves random weights of its shape)'),
-    (["--model", "{model:llama}"], "eep-hpc: model path {model:llama}: config.json: unsupported architecture "
-     "['LlamaForCausalLM']; supported: ['DeepseekV2ForCausalLM', 'MixtralForCausalLM', 'Qwen3MoeForCausalLM']"),
-    (["--model", "{model:bad-json}"],
-     "eep-hpc: model path {model:bad-json}: config.json: Expecting value: line 1 column 20 (char 19)"),
-    (["--port", "{busy}"], "eep-hpc: cannot listen on 127.0.0.1:{busy} (serve.host, serve.port): Address already "
-                           "in use"),
-]
-
-
-@pytest.mark.parametrize("args, line", SERVE_MISTAKES, ids=[" ".join(a) for a, _ in SERVE_MISTAKES])
-def test_serve_mistakes_end_in_one_line_before_any_rank_starts(tmp_path, args, line):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-
-        def fill(text: str) -> str:
-            text = text.replace("{busy}", str(busy.getsockname()[1]))
-            return re.sub(r"\{model:([\w-]+)\}", lambda m: model_dir(tmp_path, m.group(1)), text)
-
-        args = [fill(a) for a in args]
-        run_dir = tmp_path / "run"
-        assert one_line_error(eep("serve", *args, "--run-dir", str(run_dir))) == fill(line)
-    jobs = run_dir / "jobs"
-    assert not (run_dir / "head.json").exists() and not (jobs.exists() and any(jobs.iterdir())), "something started"
-
-
-def test_serve_unknown_key_lists_the_valid_ones(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[serve]\nprot = 8000\n")
-    line = one_line_error(eep("serve", "--config", str(bad)))
-    assert str(bad) in line and "`prot`" in line and "valid keys: host, port" in line
-
-
-def test_serve_names_a_missing_config_before_loading_the_model(tmp_path):
-    """Named at once: before the head, its model code and torch are even imported."""
-    missing = tmp_path / "nope.toml"
-    code = ("import sys; from eep_hpc.cli import main; rc = main(['serve', '--config', sys.argv[1]]); "
-            "print(rc, 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, str(missing)], capture_output=True, text=True, timeout=60)
-    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
-    assert r.stderr.strip() == f"eep-hpc: config file not found: {missing}"
 
 
 def test_commands_do_not_print_http_request_logs(api):
@@ -182,8 +82,9 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path, caplo
                                     "SLOTS", "STEPS", "GRAPHS"], r.stdout
         slots = len(state["placement"]["physical_to_logical"][0])  # the survivor holds every slot
         kv = f"{rank1['kv_blocks_used']}/{rank1['kv_blocks_total']}"
-        assert table[1].split()[:8] == ["1", "READY", rank1["host"], str(rank1["job_id"]), "cpu", "0", "0", kv], r.stdout
-        assert table[1].split()[9] == str(slots) == str(rank1["expert_slots"]), r.stdout
+        row = table[1].split()
+        assert row[:8] == ["1", "READY", rank1["host"], str(rank1["job_id"]), "cpu", "0", "0", kv], r.stdout
+        assert row[9] == str(slots) == str(rank1["expert_slots"]), r.stdout
         assert not any(line.split()[:1] == ["0"] for line in lines), r.stdout
         as_json = json.loads(eep("status", "--json", "--url", head.url).stdout)
         assert [r["rank_id"] for r in as_json["ranks"]] == [1] and as_json["members"] == [1]
@@ -219,14 +120,34 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path, caplo
         head.stop()
 
 
-def test_grow_no_wait_says_which_ranks_were_submitted(tmp_path):
-    head = start_head(tmp_path / "run", ranks=1)
+def test_grow_no_wait_says_which_ranks_were_submitted_and_a_refusal_is_one_line(tmp_path):
+    """A head with an API key guards /admin/* with a token of its own (RUN_DIR/admin-token): without it the CLI says
+    so in one line and nothing changes; with --run-dir it finds the token."""
+    run_dir = tmp_path / "run"
+    head = start_head(run_dir, ranks=1, serve={"api_key": "sk-test"})
+    token = {"Authorization": f"Bearer {(run_dir / 'admin-token').read_text().strip()}"}
+
+    def events() -> list[dict]:
+        return httpx.get(f"{head.url}/admin/state", headers=token, timeout=10).json()["scale_events"]
+
     try:
-        r = eep("grow", "1", "--no-wait", "--url", head.url)
+        for args in (["status"], ["grow", "1"], ["shrink", "--rank", "0"], ["rebalance"],
+                     ["adapt", "--min", "1", "--max", "2"]):
+            r = eep(*args, "--url", head.url)
+            assert (r.returncode, r.stdout) == (1, ""), (args, r)
+            assert r.stderr == ("eep-hpc: Missing admin token: send the header 'Authorization: Bearer <admin token>'. "
+                                "(--admin-token TOKEN, or --run-dir of the head, which finds it)\n"), (args, r.stderr)
+        r = eep("status", "--url", head.url, "--admin-token", "sk-test")  # the API key is not the admin token
+        assert r.returncode == 1 and r.stderr.startswith("eep-hpc: Incorrect admin token provided. "), r.stderr
+        assert events() == []
+
+        r = eep("grow", "1", "--no-wait", "--run-dir", str(run_dir))
         assert r.returncode == 0, r.stderr
         assert r.stdout == "grow: rank(s) 1 submitted; they join when their jobs start (eep-hpc status shows them)\n"
-        event = asyncio.run(wait_for_event(head, "grow", 1))
-        assert event["joined"] == [1]
+        deadline = time.monotonic() + 120
+        while not [e for e in events() if e["phase"] == "DONE"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [(e["kind"], e["phase"], e["joined"]) for e in events()] == [("grow", "DONE", [1])]
     finally:
         head.stop()
 
