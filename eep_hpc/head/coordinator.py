@@ -27,6 +27,7 @@ from eep_hpc.config import Config
 from eep_hpc.head.admin import HeadAdmin
 from eep_hpc.head.autoscaler import Autoscaler
 from eep_hpc.head.epoch_exchange import EpochExchange
+from eep_hpc.head.events import describe_event
 from eep_hpc.head.expert_load import ExpertLoad
 from eep_hpc.head.health import Health
 from eep_hpc.head.jobs import RankJobs
@@ -66,7 +67,7 @@ class Coordinator:
         self.scaling = Scaling(m, self.exchange, self.jobs, self.expert_load, num_experts, par.redundant_experts,
                                ctl.event_timeout_s)
         self.health = Health(m, self.link, self.streams, ctl.heartbeat_s, ctl.rank_timeout_s, ctl.head_timeout_s,
-                             on_member_lost=lambda: self.recovery.start())
+                             on_member_lost=lambda: self.recovery.start(), take_back=self.take_back)
         self.recovery = Recovery(m, self.exchange, self.scaling, self.streams, self.health.check_alive,
                                  ctl.heartbeat_s, ctl.rank_timeout_s, self.spawn)
         self.notices = NodeNotices(m, self.link, self.exchange, self.scaling, self.spawn)
@@ -129,6 +130,22 @@ class Coordinator:
 
     def cluster_state(self) -> dict:
         return cluster_state(self.cfg, self.membership, self.streams, self.exchange, self.autoscaler, self.link)
+
+    def take_back(self, rec) -> bool:
+        """A rank whose node job started again (requeued): it joins through a grow while the autoscaler wants more
+        ranks than serve or are on their way (its minimum), else it is told to leave."""
+        m, policy = self.membership, self.autoscaler.policy
+        coming = [r for r in m.live() if r.rank_id not in m.members]
+        if self._stopping or not policy.enabled or len(m.members) + len(coming) >= policy.min_ranks:
+            return False
+        self.spawn(self._bring_back(rec.rank_id))
+        return True
+
+    async def _bring_back(self, rank_id: int) -> None:
+        try:
+            log.info("rank %d is back: %s", rank_id, describe_event(await self.scaling.bring_in([rank_id])))
+        except Exception as e:  # the grow rolled back and discarded the rank (its job ends); serving goes on
+            log.warning("rank %d could not join again: %s", rank_id, e)
 
     # ---- messages from ranks and node agents ----------------------------------------------------------------
 

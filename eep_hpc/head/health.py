@@ -15,9 +15,13 @@ A rank whose process exited, or that reported its failure, has its job killed at
 silent may still be alive behind a cut link, where its job cannot be killed anyway (the scheduler cannot reach the
 node either): it is fenced instead. Every message it sends is refused (its outputs would duplicate tokens its
 requests already got on the survivors, its acks would count in epochs it has no part in), and it is told Shutdown,
-so it learns it was removed and exits 0, and its node job ends cleanly and releases the node. A requeued node job
-that starts its ranks again under their old ids is fenced the same way. Its job is killed only if it is still there
-head_timeout_s + 2 heartbeats later (a rank that hears nothing from the head exits by itself within head_timeout_s).
+so it learns it was removed and exits 0, and its node job ends cleanly and releases the node. Its job is killed
+only if it is still there head_timeout_s + 2 heartbeats later (a rank that hears nothing from the head exits by
+itself within head_timeout_s).
+
+A node job that Slurm requeued (preempted with PreemptMode=REQUEUE) starts its ranks again under their old ids: a
+new process says RankHello. It joins through a normal grow when `take_back` says the service still wants capacity
+(the autoscaler's minimum); otherwise it is fenced like any other, and its job ends at once.
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ log = logging.getLogger("eep_hpc.coordinator")
 
 class Health:
     def __init__(self, membership: Membership, link: RankLink, streams: Streams, heartbeat_s: float,
-                 rank_timeout_s: float, head_timeout_s: float, on_member_lost: Callable[[], bool]):
-        """on_member_lost() starts a recovery and says whether one will run (not while the head stops)."""
+                 rank_timeout_s: float, head_timeout_s: float, on_member_lost: Callable[[], bool],
+                 take_back: Callable[[RankRecord], bool] = lambda rec: False):
+        """on_member_lost() starts a recovery and says whether one will run (not while the head stops);
+        take_back(rec) brings a rank that started again into the serving group and says whether it will."""
         self.membership, self.link, self.streams = membership, link, streams
         self.heartbeat_s, self.rank_timeout_s, self.head_timeout_s = heartbeat_s, rank_timeout_s, head_timeout_s
-        self.on_member_lost = on_member_lost
+        self.on_member_lost, self.take_back = on_member_lost, take_back
         self.fenced = 0  # messages refused from ranks already declared FAILED or EXITED
         self.fenced_ranks: set[int] = set()
         self.kill_later: dict[int, float] = {}  # silent ranks -> when to kill their job if it is still there
@@ -50,6 +56,13 @@ class Health:
         """-> True when `msg` comes from a rank that is no longer part of the run: refused, and the rank is told
         to shut down."""
         if rec.state not in GONE:
+            return False
+        if isinstance(msg, P.RankHello) and (msg.host, msg.pid) != (rec.host, rec.pid) and self.take_back(rec):
+            log.info("rank %d started again on %s (its node job came back): it joins through a grow", rec.rank_id,
+                     msg.host)
+            rec.state = RankState.LAUNCHED  # its hello, handled next, makes it CONNECTED
+            self.kill_later.pop(rec.rank_id, None)
+            self.fenced_ranks.discard(rec.rank_id)
             return False
         self.fenced += 1
         if rec.rank_id not in self.fenced_ranks:  # once per rank: what it queued behind a cut link arrives at once

@@ -3,7 +3,8 @@ namespace, the real head on this host (at the bridge address), ranks in node job
 
 - A node job that comes back: preempted in the requeue partition (PreemptMode=REQUEUE, GraceTime=0), its rank is
   drained; Slurm starts the job again and its agent starts the rank again under its old id; the head refuses it and
-  tells it to leave, so the job ends COMPLETED at once instead of holding the node as a rank never admitted.
+  tells it to leave, so the job ends COMPLETED at once instead of holding the node as a rank never admitted; while
+  the autoscaler wants more ranks than serve (its minimum), the rank joins again through a normal grow instead.
 - A node cut off (the host end of its veth pair down) while its rank serves streams: the head notices within
   control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
   reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 
-from support import TEST_CONFIG, cluster_network, reference_texts, run_load, until, wait_sacct, why_no_slurm
+from support import (TEST_CONFIG, cluster_network, reference_texts, run_load, sacct, until, wait_sacct, wait_until,
+                     why_no_slurm)
 
 NO_SLURM = why_no_slurm()
 NO_NETNS = "" if NO_SLURM or cluster_network().nodes else "the test cluster runs the loopback layout (no namespaces)"
@@ -53,8 +55,9 @@ class SlurmHead:
 
 
 @pytest.fixture
-def slurm_head(tmp_path):
-    """The real head in a thread, its ranks (2, pool small: n3 and n4) in a Slurm node job."""
+def slurm_head(tmp_path, request):
+    """The real head in a thread, its ranks (2, pool small: n3 and n4) in a Slurm node job; config sections to
+    change come as the test's parameter (indirect)."""
     from eep_hpc.cluster.pools import Pool, parse_pools
     from eep_hpc.cluster.slurm import SlurmLauncher
     from eep_hpc.config import Config
@@ -65,6 +68,8 @@ def slurm_head(tmp_path):
     raw["serve"] = {"port": 0}
     raw["control"]["run_dir"] = str(tmp_path / "run")
     raw["control"]["host"] = cluster_network().host_address
+    for section, values in getattr(request, "param", {}).items():
+        raw.setdefault(section, {}).update(values)
     cfg = msgspec.convert(raw, Config)
     # a pool on n1 alone in the requeue partition, holding all its CPUs: any job of a higher tier preempts it
     pools["requeue"] = Pool(name="requeue", partition="requeue", cpus_per_node=8, mem_gb=1, time_limit_min=10,
@@ -151,6 +156,32 @@ def test_node_cut_off_while_serving_is_replaced_then_fenced_and_its_job_complete
     assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
 
 
+def preempt_requeue_job(sh, url: str, model: str, rank: int):
+    """Under 8 streams, a job of a higher tier takes n1: the requeue job is preempted (SIGTERM: the agent's notice,
+    the drain of `rank`) -> the load's result."""
+    c = sh.coordinator
+
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
+        await until(lambda: c.ranks[rank].in_flight, 60, f"rank {rank} serving")
+        subprocess.run(["sbatch", "--parsable", "-p", "big", "-w", "n1", "-c", "8", "-o", "/dev/null",
+                        "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+        await until(lambda: any(e.phase.name == "DONE" and rank in e.summary()["left"] for e in sh.events("shrink")),
+                    60, lambda: f"rank {rank} drained: {[e.summary() for e in c.history]}", interval_s=0.1)
+        await asyncio.sleep(1.0)
+        stop.set()
+        return await load
+
+    return asyncio.run(scenario())
+
+
+def start_requeued(job_id: str) -> None:
+    """Slurm requeues the job and would start it again after its requeue delay (about 2 minutes): start it now."""
+    wait_sacct(job_id, job_id, {"PENDING", "REQUEUED"}, timeout_s=60)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
 def test_requeued_node_job_is_told_to_leave_and_releases_its_node(slurm_head):
     sh = slurm_head
     c = sh.coordinator
@@ -160,27 +191,11 @@ def test_requeued_node_job_is_told_to_leave_and_releases_its_node(slurm_head):
     rank = c.members[-1]
     job = sh.launcher.jobs[-1]
     first_pid = c.ranks[rank].pid
-
-    async def scenario():
-        stop = asyncio.Event()
-        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
-        await until(lambda: c.ranks[rank].in_flight, 60, f"rank {rank} serving")
-        # a job of a higher tier wants n1: the requeue job is preempted (SIGTERM: the agent's notice, the drain)
-        subprocess.run(["sbatch", "--parsable", "-p", "big", "-w", "n1", "-c", "8", "-o", "/dev/null",
-                        "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
-        await until(lambda: any(e.phase.name == "DONE" and rank in e.summary()["left"] for e in sh.events("shrink")),
-                    60, lambda: f"rank {rank} drained: {[e.summary() for e in c.history]}", interval_s=0.1)
-        await asyncio.sleep(1.0)
-        stop.set()
-        return await load
-
-    result = asyncio.run(scenario())
+    result = preempt_requeue_job(sh, url, model, rank)
     assert result.failures == [], result.failures[:5]
     for k, texts in result.texts.items():
         assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
-    # Slurm requeues the job and would start it again after its requeue delay (about 2 minutes): start it now
-    wait_sacct(job.job_id, job.job_id, {"PENDING", "REQUEUED"}, timeout_s=60)
-    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
+    start_requeued(job.job_id)
     fenced = c.health.fenced
     info = wait_sacct(job.job_id, job.job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=120)
     assert info[job.job_id] == ("COMPLETED", "0:0"), info
@@ -223,3 +238,28 @@ def test_head_unreachable_from_a_node_for_a_moment_loses_nothing_and_recovers_no
         assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
     assert sh.events("recover") == [] and len(c.members) == 2 and rank in c.members, [e.summary() for e in c.history]
     assert c.health.fenced == 0
+
+
+# the autoscaler wants 3 ranks, but decides only every 10 minutes: the returning rank is what brings the third back
+@pytest.mark.parametrize("slurm_head", [{"adapt": {"enabled": True, "min_ranks": 3, "max_ranks": 3,
+                                                   "interval_s": 600.0}}], indirect=True)
+def test_requeued_node_job_joins_again_through_a_grow_while_the_autoscaler_wants_it(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    url, model = sh.head.url, c.model_name
+    reference = asyncio.run(reference_texts(url, model, MAX_TOKENS))
+    sh.call(c.grow(1, "requeue"))
+    rank = c.members[-1]
+    job = sh.launcher.jobs[-1]
+    first_pid = c.ranks[rank].pid
+    result = preempt_requeue_job(sh, url, model, rank)
+    assert result.failures == [], result.failures[:5]
+    assert len(c.members) == 2
+    start_requeued(job.job_id)
+    wait_until(lambda: rank in c.members and c.ranks[rank].state.name == "READY", 120,
+               lambda: f"rank {rank} back: {[e.summary() for e in c.history]}")
+    assert c.ranks[rank].pid != first_pid and c.ranks[rank].host == "n1"
+    grows = sh.events("grow")
+    assert grows[-1].phase.name == "DONE" and grows[-1].summary()["joined"] == [rank], grows[-1].summary()
+    assert sacct(job.job_id)[job.job_id][0] == "RUNNING"  # it holds n1 because it serves again
+    assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference

@@ -110,6 +110,8 @@ class FakeHead:
                 continue
             ident, data = self.sock.recv_multipart()
             msg = signing.decode_for_head(data)
+            if isinstance(msg, P.RankAlive):  # a rank's beacon, from a socket of its own (rank/beacon.py)
+                continue
             assert isinstance(msg, P.RankHello) and ident == signing.rank_identity(msg.rank_id)
             self.hellos[msg.rank_id] = msg
         return self.hellos
