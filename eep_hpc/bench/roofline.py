@@ -55,6 +55,22 @@ def step_bytes(arch: MoEArch, batch: int, context: int, weight_bytes: float = 2.
                      distinct)
 
 
+def prefill_flops_per_token(arch: MoEArch, prompt_len: int) -> float:
+    """FLOPs one prompt token costs in a prefill of `prompt_len` tokens: 2 per weight it multiplies (attention
+    projections, router, its top-k experts, dense MLP layers; the LM head only for the last token of a prompt) and
+    the causal attention itself (QK^T and PV over on average (prompt_len + 1) / 2 keys, every query head)."""
+    if arch.mla is not None:
+        raise ValueError("the roofline counts GQA attention only (Qwen3-MoE, Mixtral)")
+    D, L = arch.hidden_size, arch.num_layers
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    moe_layers = len(arch.moe_layers)
+    experts = arch.top_k * 3 * arch.moe_intermediate_size
+    weights = (L * (D * q + 2 * D * kv + q * D) + moe_layers * D * (arch.num_experts + experts)
+               + (L - moe_layers) * 3 * D * arch.intermediate_size + arch.vocab_size * D / prompt_len)
+    attention = L * 2 * 2 * q * (prompt_len + 1) / 2
+    return 2 * weights + attention
+
+
 def measure_bandwidth(device: str = "cuda", gib: float = 2.0, repeats: int = 20) -> float:
     """Copy bandwidth in GB/s, counting read + write, as a large device-to-device copy achieves it."""
     n = int(gib * 2**30) // 4
