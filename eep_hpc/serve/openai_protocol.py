@@ -61,7 +61,17 @@ class SamplingRequest(_Strict):
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     repetition_penalty: float | None = Field(1.0, gt=0, allow_inf_nan=False)  # vLLM extension
     logit_bias: dict[str, float] | None = None
+    # vLLM extensions not implemented here: refused when they would change the answer, not silently ignored
+    min_p: float | None = None
+    use_beam_search: bool | None = False
     user: str | None = None
+
+    @field_validator("min_p", "use_beam_search")
+    @classmethod
+    def _not_implemented(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("not supported")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
