@@ -16,6 +16,10 @@ Measured, per point of --steps-per-s (a fresh head each):
   head's per token = its CPU seconds / tokens delivered;
 - with --profile: py-spy (if installed) samples the head during a second, identical load, and the functions with
   the most samples (own and inclusive) are listed.
+
+With --api-servers N (serve.api_servers) the head has N - 1 more API processes on its port, each pinned to a CPU
+of its own (--api-cpus; the head's first); their CPU counts with the head's ("API CPU": all N processes), and each
+process's share is reported too.
 """
 
 from __future__ import annotations
@@ -66,12 +70,20 @@ def add_head_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--input-len", type=int, default=16, help="prompt tokens (default %(default)s)")
     b.add_argument("--rounds", type=int, default=4, help="requests per stream, one after another (default %(default)s)")
     b.add_argument("--head-cpu", type=int, default=0, help="the CPU the head runs on (default %(default)s)")
+    b.add_argument("--api-servers", type=int, default=1,
+                   help="API processes on the head's port, the head's own included (serve.api_servers; default "
+                        "%(default)s)")
+    b.add_argument("--api-cpus", default="",
+                   help="comma list: the CPUs of the head's other API processes, one each (default: the CPUs after "
+                        "--head-cpu, in turn)")
     b.add_argument("--client-cpu", type=int, default=1,
                    help="the CPU of the clients and the stand-in ranks (default %(default)s)")
     b.add_argument("--nice", type=int, default=0,
                    help="niceness of the head, ranks and clients, e.g. -5 on a machine others use too (needs the "
                         "privilege; default %(default)s: unchanged)")
     b.add_argument("--profile", action="store_true", help="also sample the head with py-spy during a second load")
+    b.add_argument("--profile-api", type=int, default=0, metavar="I",
+                   help="with --profile: sample API process I instead (0: the head's own; default %(default)s)")
     b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="passed to the head's `eep-hpc serve --set` (repeatable)")
     b.add_argument("--run-dir", default="runs/bench-head", help="the head's run dir (default %(default)s)")
@@ -94,8 +106,16 @@ def run_head_bench(args: argparse.Namespace) -> int:
         (args.rounds < 1, "--rounds must be at least 1"),
         (any(p <= 0 for p in points), "--steps-per-s must be positive"),
         (args.max_batch < 0, "--max-batch must be at least 1"),
+        (args.api_servers < 1, "--api-servers must be at least 1"),
     ) if bad]
     cpus = os.sched_getaffinity(0)
+    try:
+        args.api_cpu_list = api_cpus(args, sorted(cpus))
+    except ValueError:
+        problems.append(f"--api-cpus wants a comma list of CPUs, got {args.api_cpus!r}")
+        args.api_cpu_list = []
+    problems += [f"--api-cpus: {c} is not one of this machine's CPUs {sorted(cpus)}" for c in args.api_cpu_list
+                 if c not in cpus]
     for name in ("head_cpu", "client_cpu"):
         if getattr(args, name) not in cpus:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is not one of this machine's CPUs "
@@ -120,12 +140,25 @@ def run_head_bench(args: argparse.Namespace) -> int:
     return 0 if all(r["failed"] == 0 for r in runs) else 1
 
 
+def api_cpus(args: argparse.Namespace, cpus: list[int]) -> list[int]:
+    """The CPUs of the API processes after the head's: --api-cpus, or the next CPUs after --head-cpu in turn."""
+    if args.api_cpus:
+        found = [int(c) for c in args.api_cpus.split(",")]
+    else:
+        start = cpus.index(args.head_cpu) if args.head_cpu in cpus else 0
+        found = [cpus[(start + k) % len(cpus)] for k in range(1, args.api_servers)]
+    return (found * args.api_servers)[: args.api_servers - 1]
+
+
 def summary_line(run: dict) -> str:
-    return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams: "
+    apis = f", {run['api_servers']} API processes" if run["api_servers"] > 1 else ""
+    return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams{apis}: "
             f"{run['delivered_tok_s']:,.0f} tok/s delivered ({run['delivered_tok_s_middle']:,.0f} in the middle half) "
             f"of {run['offered_tok_s']:,.0f} offered, "
             f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms, "
             f"head CPU {run['head_cpu_us_per_token']:.1f} us/token ({run['head_cpu_util']:.0%}), "
+            + (f"API CPU {run['api_cpu_us_per_token']:.1f} us/token "
+               f"({', '.join(f'{u:.0%}' for u in run['api_cpu_util'])}), " if run["api_servers"] > 1 else "") +
             f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed")
 
 
@@ -164,13 +197,22 @@ class HeadUnderTest:
         max_batch = args.max_batch or -(-args.streams // args.standin_ranks)
         sets = [f"parallel.rank_engine=\"standin\"", f"parallel.ranks={args.standin_ranks}",
                 f"standin.steps_per_s={steps_per_s}", f"standin.emit_log=\"{emit_dir}\"",
-                f"engine.max_num_seqs={max_batch}", *args.set]
+                f"engine.max_num_seqs={max_batch}", f"serve.api_servers={args.api_servers}", *args.set]
         self.cmd = [sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir)]
         for s in sets:
             self.cmd += ["--set", s]
         self.max_batch = max_batch
         self.proc: subprocess.Popen | None = None
         self.log = run_dir / "head.log"
+
+    def api_pids(self) -> list[int]:
+        """The head's other API processes (serve.api_servers > 1), in start order."""
+        pids = []
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in sorted(map(int, children)):
+            if b"eep_hpc.serve.api_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        return pids
 
     def start(self, timeout_s: float = 300.0) -> tuple[str, list[int]]:
         """-> (API URL, the ranks' pids)."""
@@ -275,6 +317,9 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             url, rank_pids = head.start()
             head_pid = head.proc.pid
             pin(head_pid, args.head_cpu, args.nice)
+            api_pids = head.api_pids()
+            for pid, cpu in zip(api_pids, args.api_cpu_list):
+                pin(pid, cpu, args.nice)
             for pid in [os.getpid(), *rank_pids]:
                 pin(pid, args.client_cpu, args.nice)
             cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
@@ -285,7 +330,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
                 f.write_bytes(b"")
 
             def measured_load():
-                cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *rank_pids]}
+                cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *api_pids, *rank_pids]}
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
                 results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
                                                            args.rounds))
@@ -296,13 +341,15 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
 
             results, duration, wall, cpu, client_cpu = measured_load()
             emitted = read_emit_times(emit_dir)
-            profile = profile_head(head_pid, measured_load, args.client_cpu) if args.profile else None
+            sampled = [head_pid, *api_pids][min(args.profile_api, len(api_pids))]
+            profile = profile_head(sampled, measured_load, args.client_cpu) if args.profile else None
         finally:
             head.stop()
     failed = [r for r in results if not r.success or r.finish_reason != "length"
               or r.completion_tokens != r.max_tokens or len(r.received_at) != r.max_tokens]
     tokens = sum(len(r.received_at) for r in results)
     head_cpu = cpu[head_pid]
+    api_cpu = [cpu[p] for p in [head_pid, *api_pids]]
     ranks_used = min(args.standin_ranks, args.streams)
     run = {
         "ranks": args.standin_ranks, "steps_per_s": steps_per_s, "max_batch": head.max_batch,
@@ -320,12 +367,16 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "added_delay_ms": percentiles_ms(added_delays(results, emitted)),
         "head_cpu_s": head_cpu, "head_cpu_util": head_cpu / duration,
         "head_cpu_us_per_token": head_cpu / max(tokens, 1) * 1e6,
-        "ranks_cpu_util": sum(cpu[p] for p in cpu if p != head_pid) / duration,
+        "api_servers": args.api_servers, "api_cpus": [args.head_cpu, *args.api_cpu_list],
+        # every API process (the head's first): CPU seconds, and per token delivered by all of them
+        "api_cpu_s": api_cpu, "api_cpu_util": [c / duration for c in api_cpu],
+        "api_cpu_us_per_token": sum(api_cpu) / max(tokens, 1) * 1e6,
+        "ranks_cpu_util": sum(cpu[p] for p in rank_pids) / duration,
         "client_cpu_util": client_cpu / duration,
         "head_command": shlex.join(head.cmd),
     }
     if profile is not None:
-        run["profile"] = profile
+        run["profile"] = {"api_process": min(args.profile_api, len(api_pids)), **profile}
     return run
 
 

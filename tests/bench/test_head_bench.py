@@ -77,10 +77,30 @@ def test_bench_head_command_reports_zero_failures(tmp_path):
     assert run["head_cpu_s"] > 0 and run["delivered_tok_s"] > 0
 
 
+def test_bench_head_with_two_api_processes(tmp_path):
+    """--api-servers 2: the head and one more API process on its port, each pinned; every token arrives, and the CPU
+    of both processes is counted."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "eep_hpc.cli", "bench-head", "--standin-ranks", "2", "--streams", "24",
+           "--output-len", "12", "--rounds", "2", "--steps-per-s", "100", "--api-servers", "2", "--run-dir",
+           str(tmp_path / "run"), "--result-file", str(out), "--head-cpu", "0", "--api-cpus", "0",
+           "--client-cpu", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["failed"] == 0 and run["requests"] == 48
+    assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
+    assert run["added_delay_ms"]["count"] == run["tokens"]
+    assert run["api_servers"] == 2 and run["api_cpus"] == [0, 0]
+    assert len(run["api_cpu_s"]) == 2 and all(c > 0 for c in run["api_cpu_s"])  # both processes streamed
+
+
 def test_bench_head_refuses_bad_options_in_one_line(tmp_path):
     for bad, message in ((["--streams", "0"], "--streams must be at least 1"),
                          (["--steps-per-s", "fast"], "--steps-per-s wants numbers"),
-                         (["--head-cpu", "4096"], "--head-cpu 4096 is not one of this machine's CPUs")):
+                         (["--head-cpu", "4096"], "--head-cpu 4096 is not one of this machine's CPUs"),
+                         (["--api-servers", "2", "--api-cpus", "4096"], "--api-cpus: 4096 is not one of this"),
+                         (["--api-servers", "0"], "--api-servers must be at least 1")):
         done = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "bench-head", *bad, "--run-dir",
                                str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
