@@ -9,6 +9,9 @@ namespace, the real head on this host (at the bridge address), ranks in node job
   control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
   reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
   job ends COMPLETED while the head serves on.
+- A node cut off during a scaling event: a member's during a grow, the departing rank's during a shrink. The event
+  rolls back (or completes), the survivors re-form without the cut rank, nothing is left scaling or recovering,
+  and no request fails.
 - The head's host unreachable from a node for a moment (a blackhole route to the head's address in the node's
   namespace, 2 s, well under control.rank_timeout_s): no request lost, no recovery started.
 
@@ -263,3 +266,73 @@ def test_requeued_node_job_joins_again_through_a_grow_while_the_autoscaler_wants
     assert grows[-1].phase.name == "DONE" and grows[-1].summary()["joined"] == [rank], grows[-1].summary()
     assert sacct(job.job_id)[job.job_id][0] == "RUNNING"  # it holds n1 because it serves again
     assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
+
+
+def cut_during_event(sh, start, rank: int) -> tuple:
+    """Under 8 streams: start a scaling event (`start()` -> its coroutine, run on the head's loop), cut the link of
+    `rank`'s node as soon as the event is open, keep it down until the event ended and the group serves without
+    that rank, then bring it back -> (load result, the event's phase when the cut came, the scaling call's outcome,
+    the event)."""
+    c = sh.coordinator
+    url, model = sh.head.url, c.model_name
+
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(url, model, MAX_TOKENS, stop, streams=8))
+        await until(lambda: sum(len(r.in_flight) for r in c.ranks.values()) >= 4, 60, "streams in flight")
+        call = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), sh.loop))
+        event = await until(lambda: c.event, 120, "the scaling event to open", interval_s=0.005)
+        node = cluster_network().node(c.ranks[rank].host)
+        node.link(False)
+        phase = event.phase.name
+        try:
+            outcome = await asyncio.gather(call, return_exceptions=True)
+            await until(lambda: rank not in c.members and c.event is None and not c.membership.recovering, 120,
+                        lambda: f"serving without rank {rank} after the {event.kind}: "
+                                f"{[e.summary() for e in c.history]}", interval_s=0.1)
+            await asyncio.sleep(1.0)
+        finally:
+            node.link(True)
+        await asyncio.sleep(2.0)
+        stop.set()
+        return await load, phase, outcome[0], event
+
+    return asyncio.run(scenario())
+
+
+def check_served_through(sh, result, reference) -> None:
+    c = sh.coordinator
+    assert result.failures == [], result.failures[:5]
+    assert result.completed > 0
+    for k, texts in result.texts.items():
+        assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+    state = c.cluster_state()
+    assert c.event is None and not c.membership.recovering and c.ready(), state
+    assert asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS)) == reference
+
+
+def test_member_cut_off_during_a_grow_rolls_back_or_completes_without_a_failed_request(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    reference = asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS))
+    victim = c.members[0]
+    result, phase, outcome, event = cut_during_event(sh, lambda: c.grow(1, "big"), victim)
+    print(f"grow: cut at {phase}, grow -> {event.phase.name} ({outcome!r:.200}); history "
+          f"{[(e.kind, e.phase.name, e.lost) for e in c.history]}")
+    assert event.kind == "grow" and event.phase.name in ("DONE", "ROLLED_BACK")
+    assert victim not in c.members and sh.events("recover")[-1].lost == [victim]
+    check_served_through(sh, result, reference)
+
+
+def test_departing_rank_cut_off_during_a_shrink_without_a_failed_request(slurm_head):
+    sh = slurm_head
+    c = sh.coordinator
+    reference = asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS))
+    sh.call(c.grow(1, "big"))
+    leaving = c.members[-1]
+    result, phase, outcome, event = cut_during_event(sh, lambda: c.shrink([leaving]), leaving)
+    print(f"shrink: cut at {phase}, shrink -> {event.phase.name} ({outcome!r:.200}); history "
+          f"{[(e.kind, e.phase.name, e.lost) for e in c.history]}")
+    assert event.kind == "shrink" and event.phase.name in ("DONE", "ROLLED_BACK")
+    assert leaving not in c.members and len(c.members) == 2
+    check_served_through(sh, result, reference)
