@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -152,13 +153,16 @@ def api_cpus(args: argparse.Namespace, cpus: list[int]) -> list[int]:
 
 def summary_line(run: dict) -> str:
     apis = f", {run['api_servers']} API processes" if run["api_servers"] > 1 else ""
+    per_process = zip(run["api_tok_s"], run["api_cpu_us_per_own_token"])
     return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams{apis}: "
             f"{run['delivered_tok_s']:,.0f} tok/s delivered ({run['delivered_tok_s_middle']:,.0f} in the middle half) "
             f"of {run['offered_tok_s']:,.0f} offered, "
             f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms, "
             f"head CPU {run['head_cpu_us_per_token']:.1f} us/token ({run['head_cpu_util']:.0%}), "
             + (f"API CPU {run['api_cpu_us_per_token']:.1f} us/token "
-               f"({', '.join(f'{u:.0%}' for u in run['api_cpu_util'])}), " if run["api_servers"] > 1 else "") +
+               f"({', '.join(f'{u:.0%}' for u in run['api_cpu_util'])}), per process "
+               f"{', '.join(f'{t:,.0f} tok/s at {c:.1f} us/token' for t, c in per_process)}, "
+               if run["api_servers"] > 1 else "") +
             f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed")
 
 
@@ -170,6 +174,50 @@ def cpu_model() -> str:
 
 
 # ---- the head and its processes ---------------------------------------------------------------------------
+
+
+def accepted_by(pids: list[int], port: int) -> dict[int, int]:
+    """Open TCP connections to local `port` -> which of `pids` holds the server side: {client port: pid}."""
+    owner = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()  # sl, local address, remote address, state, ..., inode (field 9)
+            if f[9] in owner and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":
+                found[int(f[2].rsplit(":", 1)[1], 16)] = owner[f[9]]
+    return found
+
+
+class ConnectionWatch:
+    """Samples, every `period_s` while running, which API process holds each client connection."""
+
+    def __init__(self, pids: list[int], port: int, period_s: float = 0.5):
+        self.pids, self.port, self.period_s = pids, port, period_s
+        self.owner: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        wait = 0.05  # soon after the clients connect, then every period_s
+        while not self._stop.wait(wait):
+            self.owner.update(accepted_by(self.pids, self.port))
+            wait = self.period_s
+
+    def __enter__(self) -> "ConnectionWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -332,13 +380,15 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             def measured_load():
                 cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *api_pids, *rank_pids]}
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
-                results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
-                                                           args.rounds))
+                with watch:
+                    results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
+                                                               args.rounds))
                 client1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
                 client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
                 return results, duration, wall, cpu, client_cpu
 
+            watch = ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1]))
             results, duration, wall, cpu, client_cpu = measured_load()
             emitted = read_emit_times(emit_dir)
             sampled = [head_pid, *api_pids][min(args.profile_api, len(api_pids))]
@@ -350,6 +400,8 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
     tokens = sum(len(r.received_at) for r in results)
     head_cpu = cpu[head_pid]
     api_cpu = [cpu[p] for p in [head_pid, *api_pids]]
+    api_tokens = [sum(len(r.received_at) for r in results if watch.owner.get(r.local_port) == p)
+                  for p in [head_pid, *api_pids]]
     ranks_used = min(args.standin_ranks, args.streams)
     run = {
         "ranks": args.standin_ranks, "steps_per_s": steps_per_s, "max_batch": head.max_batch,
@@ -371,6 +423,11 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         # every API process (the head's first): CPU seconds, and per token delivered by all of them
         "api_cpu_s": api_cpu, "api_cpu_util": [c / duration for c in api_cpu],
         "api_cpu_us_per_token": sum(api_cpu) / max(tokens, 1) * 1e6,
+        # tokens each process streamed (its clients' connections, sampled while open; the rest: not seen), and
+        # its CPU per own token: what one core of that process would pass on at most is 1e6 / that
+        "api_tokens": api_tokens, "api_tokens_unattributed": tokens - sum(api_tokens),
+        "api_cpu_us_per_own_token": [c / max(n, 1) * 1e6 for c, n in zip(api_cpu, api_tokens)],
+        "api_tok_s": [n / duration for n in api_tokens],
         "ranks_cpu_util": sum(cpu[p] for p in rank_pids) / duration,
         "client_cpu_util": client_cpu / duration,
         "head_command": shlex.join(head.cmd),

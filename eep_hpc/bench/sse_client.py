@@ -28,6 +28,7 @@ class StreamResult:
     text: str = ""  # only when asked for (keep_text)
     status: int = 0
     error: str = ""
+    local_port: int = 0  # of the connection it came on (which server process took it: bench-head)
 
     @property
     def success(self) -> bool:
@@ -161,6 +162,7 @@ class Connection:
             f"Content-Length: {len(payload)}\r\n{self.extra}\r\n".encode() + payload)
         result = await done
         result.max_tokens = body.get("max_tokens", 0)
+        result.local_port = (proto.transport.get_extra_info("sockname") or ("", 0))[1]
         if result.error:  # the connection's state is unknown: a fresh one for the next request
             self.close()
         return result

@@ -92,7 +92,9 @@ def test_bench_head_with_two_api_processes(tmp_path):
     assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
     assert run["added_delay_ms"]["count"] == run["tokens"]
     assert run["api_servers"] == 2 and run["api_cpus"] == [0, 0]
-    assert len(run["api_cpu_s"]) == 2 and all(c > 0 for c in run["api_cpu_s"])  # both processes streamed
+    assert len(run["api_cpu_s"]) == 2 and all(c > 0 for c in run["api_cpu_s"])
+    # every stream's connection was seen on the process that took it, and both took some
+    assert sum(run["api_tokens"]) == run["tokens"] and all(n > 0 for n in run["api_tokens"])
 
 
 def test_bench_head_refuses_bad_options_in_one_line(tmp_path):
