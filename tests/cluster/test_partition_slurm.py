@@ -14,6 +14,9 @@ namespace, the real head on this host (at the bridge address), ranks in node job
   and no request fails.
 - The head's host unreachable from a node for a moment (a blackhole route to the head's address in the node's
   namespace, 2 s, well under control.rank_timeout_s): no request lost, no recovery started.
+- A slow, lossy link to one node (tc's token bucket on both ends: this kernel has no netem): every request completes
+  with the reference text, no recovery; throughput and the longest stream gap against the clean link are printed
+  (and written to $EEP_SLOW_LINK_JSON when set).
 
 Skipped without the test cluster, or on its loopback layout (no namespaces: no link to cut).
 """
@@ -21,12 +24,17 @@ Skipped without the test cluster, or on its loopback layout (no namespaces: no l
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import subprocess
 import threading
 import time
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
@@ -336,3 +344,106 @@ def test_departing_rank_cut_off_during_a_shrink_without_a_failed_request(slurm_h
     assert event.kind == "shrink" and event.phase.name in ("DONE", "ROLLED_BACK")
     assert leaving not in c.members and len(c.members) == 2
     check_served_through(sh, result, reference)
+
+
+# ---- slow and lossy links: tc's token bucket (this kernel has no netem; docs/multi-host.md) ----------------------
+
+
+async def timed_requests(url: str, model: str, n: int, streams: int) -> dict:
+    """n streamed requests (PROMPTS in turn), `streams` at a time -> texts by prompt, failures, output tokens per
+    second over the whole run, and the longest gap between two chunks of one stream."""
+    from support import PROMPTS
+
+    texts: dict[int, list[str]] = {}
+    failures, gaps, tokens = [], [], 0
+    queue = list(range(n))
+
+    async def one(client, i):
+        nonlocal tokens
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        chunks, last, gap = [], time.monotonic(), 0.0
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.monotonic()
+                if chunks:
+                    gap = max(gap, now - last)
+                last = now
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                chunks.append(chunk["choices"][0]["text"])
+        tokens += len(chunks)
+        gaps.append(gap)
+        texts.setdefault(i % len(PROMPTS), []).append("".join(chunks))
+
+    async def worker():
+        async with httpx.AsyncClient(timeout=300) as client:
+            while queue:
+                i = queue.pop(0)
+                try:
+                    await one(client, i)
+                except Exception as e:
+                    failures.append(f"request {i}: {type(e).__name__}: {e}")
+
+    t0 = time.monotonic()
+    await asyncio.gather(*[worker() for _ in range(streams)])
+    elapsed = time.monotonic() - t0
+    return {"texts": texts, "failures": failures, "output_tok_s": round(tokens / elapsed, 1),
+            "max_stream_gap_s": round(max(gaps), 3), "elapsed_s": round(elapsed, 2)}
+
+
+def shape_link(node, spec: list[str], on: bool) -> None:
+    """tc's token bucket on both ends of the node's link (the host's veth end: traffic to the node; the node's
+    eth0: traffic from it)."""
+    for cmd in (["tc"], ["ip", "netns", "exec", node.netns, "tc"]):
+        dev = node.veth if len(cmd) == 1 else "eth0"
+        if on:
+            subprocess.run([*cmd, "qdisc", "add", "dev", dev, "root", *spec], check=True)
+        else:
+            subprocess.run([*cmd, "qdisc", "del", "dev", dev, "root"], capture_output=True)
+
+
+def link_stats(node) -> dict:
+    """Packets sent and dropped by the token buckets on both ends of the node's link."""
+    out = {"sent": 0, "dropped": 0}
+    for cmd, dev in ((["tc"], node.veth), (["ip", "netns", "exec", node.netns, "tc"], "eth0")):
+        text = subprocess.run([*cmd, "-s", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+        m = re.search(r"Sent \d+ bytes (\d+) pkt \(dropped (\d+)", text)
+        if m:
+            out["sent"] += int(m.group(1))
+            out["dropped"] += int(m.group(2))
+    return out
+
+
+SLOW_LINK = ["tbf", "rate", "1mbit", "burst", "8kb", "latency", "20ms"]  # 125 kB/s; a packet that would queue over
+# 20 ms is dropped: slow, and lossy under bursts
+
+
+def test_slow_lossy_link_to_one_node_serves_every_request_exactly(slurm_head, tmp_path):
+    sh = slurm_head
+    c = sh.coordinator
+    url, model = sh.head.url, c.model_name
+    reference = asyncio.run(reference_texts(url, model, MAX_TOKENS))
+    sh.call(c.grow(1, "big"))
+    node = cluster_network().node(c.ranks[c.members[-1]].host)
+    clean = asyncio.run(timed_requests(url, model, 32, 8))
+    shape_link(node, SLOW_LINK, True)
+    try:
+        slow = asyncio.run(timed_requests(url, model, 32, 8))
+        slow["packets"] = link_stats(node)
+    finally:
+        shape_link(node, SLOW_LINK, False)
+    for run in (clean, slow):
+        assert run["failures"] == [], run["failures"][:5]
+        for k, texts in run["texts"].items():
+            assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
+    assert sh.events("recover") == [] and len(c.members) == 3
+    figures = {"link": " ".join(SLOW_LINK), "node": node.name, "requests": 32, "streams": 8, "max_tokens": MAX_TOKENS,
+               "clean": {k: v for k, v in clean.items() if k not in ("texts", "failures")},
+               "slow": {k: v for k, v in slow.items() if k not in ("texts", "failures")}}
+    print(json.dumps(figures))
+    if os.environ.get("EEP_SLOW_LINK_JSON"):
+        Path(os.environ["EEP_SLOW_LINK_JSON"]).write_text(json.dumps(figures, indent=1) + "\n")
