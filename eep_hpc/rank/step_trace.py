@@ -3,7 +3,8 @@ DIR/rank-<id>.jsonl (when it began, how long it took, the plan, what ran, what w
 requests it received. For finding where latency goes (a burst's first tokens, a stall) without a profiler; off by
 default, and a no-op then. With EEP_HPC_PROFILE_STEPS=N as well, the first N steps that run a batch run under
 cProfile, and DIR/rank-<id>-profile.txt gets the functions by cumulative time (the host's view: a step waits for
-the GPU when it samples)."""
+the GPU when it samples). Every Triton kernel compiled in the process gets a line too ("jit": which kernel, with
+its specialisation), so a compile in the middle of serving shows by its time."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ class StepTrace:
             self.profile_left = int(os.environ.get("EEP_HPC_PROFILE_STEPS", "0"))
             self.profile_path = os.path.join(directory, f"rank-{rank_id}-profile.txt")
             self.profiler = cProfile.Profile() if self.profile_left else None
+            self.watch_jit()
+
+    def watch_jit(self) -> None:
+        try:
+            from triton import knobs
+        except ImportError:  # no Triton (a CPU-only install): nothing is compiled
+            return
+
+        def compiled(*, repr: str, **_) -> None:
+            self.write(event="jit", kernel=repr[:600])
+
+        knobs.runtime.jit_post_compile_hook = compiled
 
     def __bool__(self) -> bool:
         return self.file is not None
