@@ -10,6 +10,11 @@ k times is written k times with the same value (repetition, presence), or gets -
 addends are equal, so their order, which CUDA's atomics do not fix, cannot change the sum). Rows are padded with
 the id V, a column past the vocabulary that is dropped. Only rows that ask for a penalty are touched; a batch where
 none does costs one Python pass over its sampling params.
+
+CUDA graphs: this runs eagerly on the logits a step produced (engine/model_runner.py computes them after a decode
+graph's replay), never inside a capture, so the index tensors it builds from each row's token lists every step need
+no static buffers, and a batch with penalised rows replays its decode graph like any other (tests/serve/
+test_penalties.py, on a GPU).
 """
 
 from __future__ import annotations

@@ -34,12 +34,21 @@ def tiny_ref():
     return transformers.Qwen3MoeForCausalLM.from_pretrained(ensure_tiny_checkpoint(), dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks"])
+ON_GPU = {"parallel": {"device": "cuda"}, "model": {"dtype": "float32"},  # fp32, as tests/gpu/test_gpu.py
+          "engine": {"cuda_graphs": True, "cuda_graph_max_batch": 24}}
+
+
+@pytest.fixture(scope="module", params=[1, 2, pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])], ids=["1-rank", "2-ranks", "1-gpu-cuda-graphs"])
 def head(request, tmp_path_factory):
+    """One or two CPU ranks, or one GPU rank whose decode steps replay CUDA graphs: the penalties run on the
+    logits the graph produced, eagerly after it, so a batch with penalised rows still replays one."""
     from eep_hpc.model.tiny import ensure_tiny_checkpoint
 
     model = id_token_model(ensure_tiny_checkpoint(), tmp_path_factory.mktemp("id-model") / "tiny")
-    running = start_head(tmp_path_factory.mktemp("run"), ranks=request.param, model={"path": str(model)})
+    gpu = request.param == "gpu"
+    overrides = {**ON_GPU, "model": {**ON_GPU["model"], "path": str(model)}} if gpu else {"model": {"path": str(model)}}
+    running = start_head(tmp_path_factory.mktemp("run"), ranks=1 if gpu else request.param, **overrides)
     yield running
     running.stop()
 
@@ -74,7 +83,10 @@ async def served(url: str, model: str, cases: list[tuple[list[int], dict]]) -> l
 
 def test_penalties_give_the_reference_tokens(head, tiny_ref):
     cases = [(p, pen) for p in PROMPTS for pen in PENALTIES]
+    graph_steps = head.state()["ranks"][0]["graph_steps"]
     got = asyncio.run(served(head.url, head.model, cases))
+    if head.state()["ranks"][0]["device"].startswith("cuda"):  # every decode step had penalised rows
+        assert head.state()["ranks"][0]["graph_steps"] - graph_steps >= NEW_TOKENS // 2
     for (prompt, penalties), (ids, logprobs) in zip(cases, got):
         want, raw = reference(tiny_ref, prompt, penalties)
         assert ids == want, (prompt, penalties)
