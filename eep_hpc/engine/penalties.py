@@ -13,8 +13,8 @@ none does costs one Python pass over its sampling params.
 
 CUDA graphs: this runs eagerly on the logits a step produced (engine/model_runner.py computes them after a decode
 graph's replay), never inside a capture, so the index tensors it builds from each row's token lists every step need
-no static buffers, and a batch with penalised rows replays its decode graph like any other (tests/serve/
-test_penalties.py, on a GPU).
+no static buffers, and a batch with penalised rows replays its decode graph like any other (checked on a GPU by
+tests/serve/test_penalties.py).
 """
 
 from __future__ import annotations
