@@ -84,6 +84,7 @@ def rel(a, b) -> float:
 
 
 def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
+    from eep_hpc.kernels.grouped_moe import grouped_mm_available, swiglu_experts_grouped
     from eep_hpc.kernels.triton_moe import MoEConfig, pick_config, swiglu_experts_triton
 
     dev = torch.device("cuda")
@@ -122,6 +123,14 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
                    M=M, slots_used=used, config=str(cfg), rel_err=rel(out, ref), bytes=bytes_, floor_us=bytes_ / 3.0e6)
         timings(row, lambda: swiglu_experts_triton(x, slot, w13, w2, scales=scales),
                 lambda: swiglu_experts_reference(x, slot, w13, w2, scales), reps, 5, out)
+        if tokens >= 512 and grouped_mm_available(x):  # torch's grouped GEMM for prefill sizes
+            try:
+                g = swiglu_experts_grouped(x, slot, w13, w2, scales=scales)
+                row["grouped_mm_rel_err"] = rel(g, ref)
+                row["grouped_mm_us"] = eager_us(lambda: swiglu_experts_grouped(x, slot, w13, w2, scales=scales),
+                                                reps)
+            except Exception as e:  # report, keep the other numbers
+                row["grouped_mm_error"] = f"{type(e).__name__}: {e}"[:300]
         if sweep:
             row["sweep"] = {str(c): gpu_us(lambda c=c: swiglu_experts_triton(x, slot, w13, w2, config=c, scales=scales),
                                            reps)[0]

@@ -82,10 +82,27 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
     With `scales`, w13/w2 are fp8 with block scales (fp8.py): dequantised in registers on the GPU path, slot by
     slot in the reference."""
     if use_triton(x):
+        if _prefill_sized(x, slot, w13):
+            from eep_hpc.kernels.grouped_moe import swiglu_experts_grouped
+
+            return swiglu_experts_grouped(x, slot, w13, w2, scales=scales)
         from eep_hpc.kernels.triton_moe import swiglu_experts_triton
 
         return swiglu_experts_triton(x, slot, w13, w2, scales=scales)
     return swiglu_experts_reference(x, slot, w13, w2, scales)
+
+
+# rows per slot from which torch's grouped GEMM beats the Triton kernels (eager steps only: it sorts on the device);
+# EEP_HPC_MOE_GROUPED=0 keeps Triton everywhere
+GROUPED_MIN_ROWS_PER_SLOT = 64
+
+
+def _prefill_sized(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor) -> bool:
+    if slot.shape[0] < GROUPED_MIN_ROWS_PER_SLOT * w13.shape[0] or torch.cuda.is_current_stream_capturing():
+        return False
+    from eep_hpc.kernels.grouped_moe import grouped_mm_available
+
+    return os.environ.get("EEP_HPC_MOE_GROUPED", "1") != "0" and grouped_mm_available(x)
 
 
 def swiglu_experts_batched(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
