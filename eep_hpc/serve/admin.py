@@ -92,7 +92,7 @@ def pick_ranks(members: dict[int, str], req: ShrinkRequest) -> list[int]:
     if req.rank_ids is not None:
         if not req.rank_ids:
             raise bad_request("rank_ids is empty: name at least one rank to remove", "rank_ids")
-        return req.rank_ids
+        return req.rank_ids  # members, or ranks still queued or starting (cancelled): the head checks which
     if req.node is not None:
         on_node = [r for r, host in members.items() if host == req.node]
         if not on_node:

@@ -173,6 +173,8 @@ ADMIN_MISTAKES = [
     ("/admin/scale/grow", {"nn": 1}, "nn", "nn: Extra inputs are not permitted (got 1)"),
     ("/admin/scale/shrink", {"rank_ids": []}, "rank_ids", "rank_ids is empty: name at least one rank to remove"),
     ("/admin/scale/shrink", {"rank_ids": [7]}, None, "rank(s) [7] are not members; members are [0]"),
+    ("/admin/scale/shrink", {"rank_ids": [0, 7]}, None, "rank(s) [7] are not members; members are [0]"),
+    ("/admin/scale/shrink", {"rank_ids": [0]}, None, "cannot shrink below one rank"),
     ("/admin/scale/shrink", {"n": 0}, "n", "n: Input should be greater than or equal to 1 (got 0)"),
     ("/admin/scale/shrink", {"n": 1}, "n", "cannot remove 1 of 1 ranks: at least one must stay"),
     ("/admin/scale/shrink", {}, None, "give exactly one of n, rank_ids, node"),
