@@ -163,7 +163,8 @@ def summary_line(run: dict) -> str:
                f"({', '.join(f'{u:.0%}' for u in run['api_cpu_util'])}), per process "
                f"{', '.join(f'{t:,.0f} tok/s at {c:.1f} us/token' for t, c in per_process)}, "
                if run["api_servers"] > 1 else "") +
-            f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed")
+            f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed"
+            + "".join(f", {e['kind']} {e['phase']}" for e in run["scale_events"]))
 
 
 def cpu_model() -> str:
@@ -221,8 +222,11 @@ class ConnectionWatch:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """utime + stime of a process, all its threads; NaN once it is gone (a rank the head declared lost)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return float("nan")
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -380,17 +384,18 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             def measured_load():
                 cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *api_pids, *rank_pids]}
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
-                with watch:
+                with ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1])) as watch:
                     results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
                                                                args.rounds))
                 client1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
                 client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
-                return results, duration, wall, cpu, client_cpu
+                return results, duration, wall, cpu, client_cpu, watch.owner
 
-            watch = ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1]))
-            results, duration, wall, cpu, client_cpu = measured_load()
+            results, duration, wall, cpu, client_cpu, owner = measured_load()
             emitted = read_emit_times(emit_dir)
+            # what the coordinator did meanwhile: a rank it lost (silent past control.rank_timeout_s) shows here
+            events = httpx.get(f"{url}/admin/state", timeout=30).json().get("scale_events", [])
             sampled = [head_pid, *api_pids][min(args.profile_api, len(api_pids))]
             profile = profile_head(sampled, measured_load, args.client_cpu) if args.profile else None
         finally:
@@ -400,7 +405,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
     tokens = sum(len(r.received_at) for r in results)
     head_cpu = cpu[head_pid]
     api_cpu = [cpu[p] for p in [head_pid, *api_pids]]
-    api_tokens = [sum(len(r.received_at) for r in results if watch.owner.get(r.local_port) == p)
+    api_tokens = [sum(len(r.received_at) for r in results if owner.get(r.local_port) == p)
                   for p in [head_pid, *api_pids]]
     ranks_used = min(args.standin_ranks, args.streams)
     run = {
@@ -428,7 +433,10 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "api_tokens": api_tokens, "api_tokens_unattributed": tokens - sum(api_tokens),
         "api_cpu_us_per_own_token": [c / max(n, 1) * 1e6 for c, n in zip(api_cpu, api_tokens)],
         "api_tok_s": [n / duration for n in api_tokens],
-        "ranks_cpu_util": sum(cpu[p] for p in rank_pids) / duration,
+        "ranks_cpu_util": sum(cpu[p] for p in rank_pids if cpu[p] == cpu[p]) / duration,
+        "ranks_gone": [p for p in rank_pids if cpu[p] != cpu[p]],
+        "scale_events": [{k: e.get(k) for k in ("kind", "phase", "from_ranks", "to_ranks", "requests_migrated")}
+                         for e in events],
         "client_cpu_util": client_cpu / duration,
         "head_command": shlex.join(head.cmd),
     }
