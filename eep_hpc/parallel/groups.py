@@ -85,11 +85,12 @@ class EpochGroup:
 
     def set_timeout(self, timeout_s: float) -> None:
         """How long this group's later collectives wait on a silent peer (it was built with a longer allowance for
-        its members to meet)."""
+        its members to meet). Through the backends' _set_default_timeout, as torch's own _set_pg_timeout does for
+        gloo and NCCL alike."""
         timeout = datetime.timedelta(seconds=timeout_s)
         for pg in {id(self.cpu): self.cpu, id(self.dev): self.dev}.values():
-            if pg is not None and hasattr(pg, "set_timeout"):
-                pg.set_timeout(timeout)
+            if pg is not None:
+                pg._set_default_timeout(timeout)
 
     @_collective
     def all_reduce_max(self, values: list[int]) -> list[int]:

@@ -259,7 +259,7 @@ class NixlEpRuntime:
         """Through the store: members reach here minutes apart at worst (a model still loading at startup)."""
         es.set(f"{name}/{me}", value)
         keys = [f"{name}/{i}" for i in range(n)]
-        es.wait(keys, datetime.timedelta(seconds=4 * self.cfg.control.rank_timeout_s))
+        es.wait(keys, datetime.timedelta(seconds=self.cfg.control.load_timeout_s))
         return es.multi_get(keys)
 
     def masked_seats(self) -> list[int]:
