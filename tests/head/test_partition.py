@@ -10,9 +10,12 @@ Slurm test cluster cuts a real link between network namespaces (tests/cluster/te
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+
+import httpx
 
 from support import alive, pid_of, reference_texts, run_load, start_head, until, wait_for_event
 
@@ -65,5 +68,33 @@ def test_cut_off_member_is_replaced_then_fenced_when_heard_again(tmp_path):
         after = head.state()
         assert victim not in after["members"] and len(after["members"]) == 2
         assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
+    finally:
+        head.stop()
+
+
+def test_rank_busy_longer_than_the_timeout_is_not_declared_lost(tmp_path):
+    """A rank whose main loop is deaf for longer than rank_timeout_s (here a stand-in step of 2.5 s, as a long
+    prefill or a weight load on a GPU) still beacons from its own thread: its request completes, nothing is
+    recovered."""
+    timeout_s, step_s = 1.5, 2.5
+    head = start_head(tmp_path, ranks=1, parallel={"rank_engine": "standin"}, standin={"steps_per_s": 1 / step_s},
+                      control={"rank_timeout_s": timeout_s, "heartbeat_s": 0.3})
+    try:
+        body = {"model": head.model, "prompt": "a b c d", "max_tokens": 3, "stream": True, "ignore_eos": True}
+        arrivals = []
+        with httpx.stream("POST", f"{head.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    assert "error" not in json.loads(line[6:]), line
+                    arrivals.append(time.monotonic())
+                if line == "data: [DONE]":
+                    break
+        assert len(arrivals) == 3
+        # the rank's main loop sent nothing between tokens for longer than the timeout
+        assert max(b - a for a, b in zip(arrivals, arrivals[1:])) > timeout_s
+        state = head.state()
+        assert [e for e in state["scale_events"] if e["kind"] == "recover"] == []
+        assert [r["state"] for r in state["ranks"]] == ["READY"]
     finally:
         head.stop()
