@@ -190,6 +190,13 @@ class Head:
                 await asyncio.to_thread(self.api_processes.stop)
                 self.api_link.close()
 
+    def _api_process_exited(self, api: int, code: int) -> None:
+        """Its clients lost their connections with it; the others and the head serve on (the kernel gives new
+        connections to the listeners left). It is not restarted: the ranks were told its socket at their launch."""
+        aborted = self.coordinator.streams.drop_api(api)
+        log.error("API process %d exited with code %d: its %d request(s) aborted; the others serve on", api, code,
+                  aborted)
+
     async def _start_api_processes(self, timeout_s: float = 120.0) -> None:
         """The other API processes, before any rank: each rank is launched with their sockets."""
         link, coordinator = self.api_link, self.coordinator
@@ -210,5 +217,6 @@ class Head:
                     raise
         coordinator.link.api_addresses = waiting.result()
         coordinator.spawn(link.watch_ready(coordinator.ready))
+        coordinator.spawn(self.api_processes.watch(self._api_process_exited))
         log.info("%d more API process(es) on port %d: pids %s", link.count, self.server.port,
                  self.api_processes.pids())

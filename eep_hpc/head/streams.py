@@ -131,6 +131,12 @@ class Streams:
             if owner is not None and owner.state in (RankState.READY, RankState.DRAINING):
                 self.link.send(owner.rank_id, P.AbortRequests(request_ids=[rid]))
 
+    def drop_api(self, api: int) -> int:
+        """API process `api` is gone (its clients' connections with it): abort its requests -> how many."""
+        ids = [rid for rid, stream in self.open.items() if stream.queue is None and stream.api == api]
+        self.cancel(ids)
+        return len(ids)
+
     def _forget(self, rid: str, stream: Stream) -> None:
         del self.open[rid]
         owner = self.membership.ranks.get(stream.rank_id)

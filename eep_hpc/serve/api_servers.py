@@ -3,10 +3,12 @@ every RankLaunch), stopped after the head's own server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import msgspec
 from prometheus_client import multiprocess
@@ -36,6 +38,16 @@ class ApiProcesses:
         for launch, proc in zip(self.launches, self.procs):
             if proc.poll() is not None:
                 raise RuntimeError(f"API process {launch.api} exited with code {proc.returncode}")
+
+    async def watch(self, on_exit: Callable[[int, int], None], period_s: float = 0.5) -> None:
+        """Until cancelled (before stop()): on_exit(api index, exit code) once for each that exits."""
+        reported: set[int] = set()
+        while True:
+            for launch, proc in zip(self.launches, self.procs):
+                if launch.api not in reported and proc.poll() is not None:
+                    reported.add(launch.api)
+                    on_exit(launch.api, proc.returncode)
+            await asyncio.sleep(period_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for proc in self.procs:

@@ -26,11 +26,13 @@ API_KEY = "sk-test-api-servers"
 class ServeProcess:
     """`eep-hpc serve` with two API processes and an API key (so /admin/* gets a random token)."""
 
-    def __init__(self, run_dir: Path, ranks: int):
+    def __init__(self, run_dir: Path, ranks: int, sets: list[str] = ()):
         self.run_dir = run_dir
         cmd = [sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--ranks", str(ranks), "--run-dir",
                str(run_dir), "--set", "serve.api_servers=2", "--set", f'serve.api_key="{API_KEY}"',
                "--set", "control.rank_timeout_s=10"]
+        for item in sets:
+            cmd += ["--set", item]
         self.log = run_dir.parent / "serve.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -144,6 +146,53 @@ def test_grow_shrink_and_kill9_with_two_api_processes(tmp_path):
     while alive(head.api_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(head.api_pid), "the second API process outlived the head"
+
+
+def test_a_lost_api_process_leaves_the_others_serving(tmp_path):
+    """kill -9 of the second API process while 12 long streams run on stand-in ranks: the head aborts that
+    process's requests at the rank at once (they would run for 30 s more), the head's own streams go on, and new
+    requests are served."""
+    head = ServeProcess(tmp_path / "run", ranks=1, sets=['parallel.rank_engine="standin"', "standin.steps_per_s=10"])
+    prompt = [300, 301, 302]
+    body = {"model": head.model, "prompt": prompt, "max_tokens": 300, "stream": True, "ignore_eos": True}
+    try:
+        async def scenario():
+            clients = [httpx.AsyncClient(timeout=60, headers=head.user) for _ in range(12)]
+            streams = [await c.send(c.build_request("POST", f"{head.url}/v1/completions", json=body), stream=True)
+                       for c in clients]
+            assert [r.status_code for r in streams] == [200] * 12
+            await until(lambda: head.state()["requests_in_flight"] == 12, 30, "12 requests in flight")
+            on_head = connections_of(head.proc.pid, head.port)
+            assert 0 < on_head < 12, "both processes should hold some of the 12 connections"
+            os.kill(head.api_pid, signal.SIGKILL)
+            await until(lambda: head.state()["requests_in_flight"] == on_head, 5,
+                        "the lost process's requests aborted")
+            async def goes_on(r) -> bool:  # 40 more events (4 s): past what arrived before the kill
+                events = 0
+                try:
+                    async for line in r.aiter_lines():
+                        events += line.startswith("data: ")
+                        if events == 40:
+                            return True
+                except httpx.RemoteProtocolError:  # the killed process's connection, once its buffer is read
+                    return False
+                return False
+
+            going = sum(await asyncio.gather(*(goes_on(r) for r in streams)))  # the head's own
+            for c in clients:
+                await c.aclose()
+            return on_head, going
+
+        on_head, going = asyncio.run(scenario())
+        assert going == on_head
+        assert f"API process 1 exited with code -9: its {12 - on_head} request(s) aborted" in head.log.read_text()
+        wait_until(lambda: head.state()["requests_in_flight"] == 0, 30, "the closed streams to be aborted")
+        with httpx.Client(timeout=60, headers=head.user) as c:
+            r = c.post(f"{head.url}/v1/completions", json={**body, "stream": False, "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        head.stop()
+    assert head.proc.returncode == 0
 
 
 def test_auth_holds_on_every_api_process(tmp_path):
