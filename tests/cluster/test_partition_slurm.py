@@ -9,7 +9,8 @@ namespace, the real head on this host (at the bridge address), ranks in node job
   control.rank_timeout_s (its default) plus a heartbeat, the survivors re-form, every request finishes with the
   reference text; when the link comes back the cut-off rank is fenced, told it was removed, exits 0, and its node
   job ends COMPLETED while the head serves on.
-- A node cut off during a scaling event: a member's during a grow, the departing rank's during a shrink. The event
+- A node cut off during a scaling event: a member's or the joiner's during a grow, the departing rank's during a
+  shrink. The event
   rolls back (or completes), the survivors re-form without the cut rank, nothing is left scaling or recovering,
   and no request fails.
 - The head's host unreachable from a node for a moment (a blackhole route to the head's address in the node's
@@ -276,11 +277,11 @@ def test_requeued_node_job_joins_again_through_a_grow_while_the_autoscaler_wants
     assert asyncio.run(reference_texts(url, model, MAX_TOKENS)) == reference
 
 
-def cut_during_event(sh, start, rank: int) -> tuple:
+def cut_during_event(sh, start, pick) -> tuple:
     """Under 8 streams: start a scaling event (`start()` -> its coroutine, run on the head's loop), cut the link of
-    `rank`'s node as soon as the event is open, keep it down until the event ended and the group serves without
-    that rank, then bring it back -> (load result, the event's phase when the cut came, the scaling call's outcome,
-    the event)."""
+    the node of rank `pick(event)` as soon as the event is open, keep it down until the event ended and the group
+    serves without that rank, then bring it back -> (load result, the event's phase when the cut came, the scaling
+    call's outcome, the event)."""
     c = sh.coordinator
     url, model = sh.head.url, c.model_name
 
@@ -290,6 +291,8 @@ def cut_during_event(sh, start, rank: int) -> tuple:
         await until(lambda: sum(len(r.in_flight) for r in c.ranks.values()) >= 4, 60, "streams in flight")
         call = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start(), sh.loop))
         event = await until(lambda: c.event, 120, "the scaling event to open", interval_s=0.005)
+        rank = pick(event)
+        await until(lambda: c.ranks[rank].host, 30, f"rank {rank} said hello")
         node = cluster_network().node(c.ranks[rank].host)
         node.link(False)
         phase = event.phase.name
@@ -319,16 +322,23 @@ def check_served_through(sh, result, reference) -> None:
     assert asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS)) == reference
 
 
-def test_member_cut_off_during_a_grow_rolls_back_or_completes_without_a_failed_request(slurm_head):
+@pytest.mark.parametrize("who", ["member", "joiner"])
+def test_node_cut_off_during_a_grow_rolls_back_or_completes_without_a_failed_request(slurm_head, who):
     sh = slurm_head
     c = sh.coordinator
     reference = asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS))
-    victim = c.members[0]
-    result, phase, outcome, event = cut_during_event(sh, lambda: c.grow(1, "big"), victim)
-    print(f"grow: cut at {phase}, grow -> {event.phase.name} ({outcome!r:.200}); history "
+    members = list(c.members)
+    pick = (lambda event: members[0]) if who == "member" else (lambda event: event.joining[0])
+    result, phase, outcome, event = cut_during_event(sh, lambda: c.grow(1, "big"), pick)
+    victim = pick(event)
+    print(f"grow, {who} cut at {phase}: grow -> {event.phase.name} ({outcome!r:.200}); history "
           f"{[(e.kind, e.phase.name, e.lost) for e in c.history]}")
     assert event.kind == "grow" and event.phase.name in ("DONE", "ROLLED_BACK")
-    assert victim not in c.members and sh.events("recover")[-1].lost == [victim]
+    assert victim not in c.members
+    if who == "member":
+        assert sh.events("recover")[-1].lost == [victim]
+    else:  # the grow gave up on it; the serving members were never in doubt
+        assert event.phase.name == "ROLLED_BACK" and c.members == members and sh.events("recover") == []
     check_served_through(sh, result, reference)
 
 
@@ -338,7 +348,7 @@ def test_departing_rank_cut_off_during_a_shrink_without_a_failed_request(slurm_h
     reference = asyncio.run(reference_texts(sh.head.url, c.model_name, MAX_TOKENS))
     sh.call(c.grow(1, "big"))
     leaving = c.members[-1]
-    result, phase, outcome, event = cut_during_event(sh, lambda: c.shrink([leaving]), leaving)
+    result, phase, outcome, event = cut_during_event(sh, lambda: c.shrink([leaving]), lambda event: leaving)
     print(f"shrink: cut at {phase}, shrink -> {event.phase.name} ({outcome!r:.200}); history "
           f"{[(e.kind, e.phase.name, e.lost) for e in c.history]}")
     assert event.kind == "shrink" and event.phase.name in ("DONE", "ROLLED_BACK")
