@@ -44,7 +44,9 @@ from support import (TEST_CONFIG, cluster_network, reference_texts, run_load, sa
 
 NO_SLURM = why_no_slurm()
 NO_NETNS = "" if NO_SLURM or cluster_network().nodes else "the test cluster runs the loopback layout (no namespaces)"
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(NO_SLURM or NO_NETNS), reason=NO_SLURM or NO_NETNS)]
+NOT_ROOT = "" if os.geteuid() == 0 else "cutting and shaping the nodes' links (ip, tc) needs root"
+WHY_SKIP = NO_SLURM or NO_NETNS or NOT_ROOT
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(WHY_SKIP), reason=WHY_SKIP)]
 MAX_TOKENS = 24
 
 
