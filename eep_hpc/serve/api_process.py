@@ -39,7 +39,8 @@ async def serve(launch: P.ApiLaunch) -> None:
     app = create_app(engine, launch.config.serve)
     app.add_middleware(ToHeadMiddleware, head_url=launch.admin_url)
     cfg = msgspec.structs.replace(launch.config.serve, port=launch.port)
-    server = ApiServer(app, cfg, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning", reuse_port=True)
+    server = ApiServer(app, cfg, graceful_timeout_s=CLOSE_CONNECTIONS_S, log_level="warning", reuse_port=True,
+                       join_port=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -37,14 +37,21 @@ class _Uvicorn(uvicorn.Server):
         self.started_event.set()
 
 
-def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False, join: bool = False) -> socket.socket:
     """reuse_port: several processes serve this port, each its own socket (SO_REUSEPORT: the kernel spreads the
-    connections over them), as the head's API processes do (serve.api_servers > 1)."""
+    connections over them), as the head's API processes do (serve.api_servers > 1). The first (join=False) checks
+    the port is free by binding it plainly first: SO_REUSEPORT alone would let it share the port of another head of
+    the same user. join=True: the port is the first one's."""
     sock = None
     try:
         family, type_, proto, _, addr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
+        if reuse_port and not join:
+            with socket.socket(family, type_, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(addr)
+                addr = probe.getsockname()  # port 0: the free port found, shared from here on
         sock = socket.socket(family, type_, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -68,9 +75,10 @@ class ApiServer:
         log_level: str = "info",
         access_log: bool = False,
         reuse_port: bool = False,
+        join_port: bool = False,
     ) -> None:
         self.app, self.cfg = app, cfg
-        self.reuse_port = reuse_port
+        self.reuse_port, self.join_port = reuse_port, join_port
         self.private_url = ""  # set by bind_private()
         self._private: socket.socket | None = None
         self.graceful_timeout_s = graceful_timeout_s
@@ -93,7 +101,7 @@ class ApiServer:
         """Bind the listening socket now, so that a busy port fails before anything else starts (OSError); start()
         serves on it. Until then connections are refused. Returns the port."""
         if self._sock is None:
-            self._sock = bind_socket(self.cfg.host, self.cfg.port, self.reuse_port)
+            self._sock = bind_socket(self.cfg.host, self.cfg.port, self.reuse_port, self.join_port)
             self.port = self._sock.getsockname()[1]
         return self.port
 

@@ -213,6 +213,12 @@ def test_auth_holds_on_every_api_process(tmp_path):
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         assert connections_of(head.api_pid, head.port) > 0, "no connection reached the second API process"
         assert connections_of(head.proc.pid, head.port) > 0, "no connection reached the head's own"
+        # SO_REUSEPORT does not let a second head of the same user share the port
+        second = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", str(head.port), "--run-dir",
+                                 str(tmp_path / "second"), "--set", "serve.api_servers=2"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{head.port}" in second.stderr and "Address already in use" in second.stderr
     finally:
         for c in clients:
             c.close()
