@@ -88,8 +88,10 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
     from eep_hpc.kernels.triton_moe import MoEConfig, pick_config, swiglu_experts_triton
 
     dev = torch.device("cuda")
-    w13 = (torch.randn(EXPERTS, 2 * MOE_I, HIDDEN, device=dev) * HIDDEN**-0.5).to(dtype)
-    w2 = (torch.randn(EXPERTS, HIDDEN, MOE_I, device=dev) * MOE_I**-0.5).to(dtype)
+    # inputs from the CPU's generator: a capture that fails (the torch reference is not capturable) leaves CUDA's
+    # generator unusable for the rest of the process
+    w13 = (torch.randn(EXPERTS, 2 * MOE_I, HIDDEN) * HIDDEN**-0.5).to(dev, dtype)
+    w2 = (torch.randn(EXPERTS, HIDDEN, MOE_I) * MOE_I**-0.5).to(dev, dtype)
     configs = [MoEConfig(16, 32, 128, 1, 4, 4), MoEConfig(16, 32, 256, 1, 4, 3), MoEConfig(16, 64, 128, 1, 4, 4),
                MoEConfig(16, 64, 256, 1, 8, 3), MoEConfig(16, 128, 128, 1, 4, 4), MoEConfig(32, 64, 128, 4, 4, 4),
                MoEConfig(64, 128, 64, 8, 8, 4), MoEConfig(64, 64, 64, 8, 4, 4), MoEConfig(128, 128, 64, 8, 8, 3),
@@ -112,8 +114,8 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
         per_expert += (scales.w13[0].numel() + scales.w2[0].numel()) * 4
     for name, tokens in CASES:
         M = tokens * TOP_K
-        x = torch.randn(M, HIDDEN, device=dev).to(dtype)
-        slot = torch.rand(tokens, EXPERTS, device=dev).topk(TOP_K, dim=-1).indices.reshape(-1)
+        x = torch.randn(M, HIDDEN).to(dev, dtype)
+        slot = torch.rand(tokens, EXPERTS).topk(TOP_K, dim=-1).indices.reshape(-1).to(dev)
         used = int(slot.unique().numel())
         bytes_ = used * per_expert + 2 * M * HIDDEN * x.element_size()
         ref = swiglu_experts_reference(x.double(), slot, w13d, w2d)

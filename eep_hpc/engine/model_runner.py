@@ -45,12 +45,22 @@ class ModelRunner:
         return self.model(ids, pos, self.kv_caches, meta, ep)
 
     def warmup(self, max_tokens: int, ep: ExpertParallel, chunk_tokens: int = 0) -> None:
-        """Compile the kernels of large prefills before serving (Triton JITs each new tile config on first use):
-        max_tokens in sequences of at most max_model_len, then 4 of 64. Nothing is written to the cache (slot -1). Collective under EP:
-        every member of the epoch calls it."""
+        """Compile the kernels of prefills before serving (Triton JITs each new tile config on first use):
+        max_tokens in sequences of at most max_model_len, 4 of 64, and one prefill per MoE tile class. Nothing is
+        written to the cache (slot -1). Collective under EP: every member of the epoch calls it."""
         load = ep.load.clone()  # not real traffic
         longest = min(max_tokens, self.max_model_len or max_tokens)
-        for seqs, n in ((max(1, max_tokens // longest), longest), (4, 64)):
+        shapes = [(max(1, max_tokens // longest), longest), (4, 64)]
+        # one prefill in each tile class of the MoE kernels (by rows per local slot: kernels/triton_moe.pick_config,
+        # and the grouped GEMM from ops.GROUPED_MIN_ROWS_PER_SLOT), or its first real batch compiles mid-serving
+        # (counted against the logical experts, not this rank's slots: every member must run the same shapes)
+        arch = self.model.arch
+        if self.model.moe_blocks():
+            for rows_per_slot in (2, 16, 48, 96, 256):
+                n = min(max_tokens, -(-rows_per_slot * arch.num_experts // arch.top_k))
+                seqs = -(-n // longest)
+                shapes.append((seqs, -(-n // seqs)))
+        for seqs, n in dict.fromkeys(shapes):
             width = -(-n // self.block_size)
             cap = chunk_tokens or seqs * n
             ep.plan(chunks=-(-seqs * n // cap), chunk_tokens=cap)

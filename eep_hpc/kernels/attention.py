@@ -61,24 +61,31 @@ class AttentionMetadata:
     ) -> "AttentionMetadata":
         B, T = len(query_lens), len(slot_mapping)
         width = max(1, max((len(t) for t in block_tables), default=0))
-        # one flat host list -> one tensor -> one host-to-device copy: [slots | query_start_loc | seq_lens | tables]
-        flat = list(slot_mapping)
+        # one flat host list -> one tensor -> one host-to-device copy: [slots | query_start_loc | seq_lens | tables],
+        # each part starting on a 16-byte boundary (an even index): Triton compiles a kernel once per alignment of
+        # its pointers, so parts at offsets that follow T and B made new variants mid-serving (a burst's first
+        # steps waited on the JIT)
+        flat = list(slot_mapping) + [0] * (T % 2)
         flat += itertools.accumulate(query_lens, initial=0)
+        flat += [0] * ((B + 1) % 2)
         flat += seq_lens
+        flat += [0] * (B % 2)
         for t in block_tables:
             flat += t
             flat += [0] * (width - len(t))
         host = torch.frombuffer(array.array("q", flat), dtype=torch.long)  # ~4x faster than torch.tensor(list)
         dev = host.to(device)
-        q0, s0, t0 = T, T + B + 1, T + 2 * B + 1
+        q0 = T + T % 2
+        s0 = q0 + B + 1 + (B + 1) % 2
+        t0 = s0 + B + B % 2
         return AttentionMetadata(
-            slot_mapping=dev[:q0],
-            query_start_loc=host[q0:s0],
-            seq_lens=host[s0:t0],
+            slot_mapping=dev[:T],
+            query_start_loc=host[q0 : q0 + B + 1],
+            seq_lens=host[s0 : s0 + B],
             block_tables=dev[t0:].view(B, width),
             block_size=block_size,
-            query_start_loc_device=dev[q0:s0],
-            seq_lens_device=dev[s0:t0],
+            query_start_loc_device=dev[q0 : q0 + B + 1],
+            seq_lens_device=dev[s0 : s0 + B],
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             block_tables_host=host[t0:].view(B, width),

@@ -82,7 +82,7 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
     With `scales`, w13/w2 are fp8 with block scales (fp8.py): dequantised in registers on the GPU path, slot by
     slot in the reference."""
     if use_triton(x):
-        if _prefill_sized(x, slot, w13):
+        if scales is None and _prefill_sized(x, slot, w13):  # fp8: dequantising every expert per layer costs more
             from eep_hpc.kernels.grouped_moe import swiglu_experts_grouped
 
             return swiglu_experts_grouped(x, slot, w13, w2, scales=scales)
@@ -92,8 +92,8 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
     return swiglu_experts_reference(x, slot, w13, w2, scales)
 
 
-# rows per slot from which torch's grouped GEMM beats the Triton kernels (eager steps only: it sorts on the device);
-# EEP_HPC_MOE_GROUPED=0 keeps Triton everywhere
+# rows per slot from which torch's grouped GEMM takes bf16 experts from the Triton kernels (eager steps only: it sorts
+# on the device); EEP_HPC_MOE_GROUPED=0 keeps Triton everywhere
 GROUPED_MIN_ROWS_PER_SLOT = 64
 
 

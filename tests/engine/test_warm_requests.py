@@ -29,3 +29,14 @@ def test_warm_requests_leave_no_trace(tmp_path):
     assert (stats.steps, stats.kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0, 0)
     assert stats.prefix_cache_queries == 0 and not any(any(row) for row in stats.expert_load)
     assert serve(warm) == serve(cold)
+
+
+def test_runner_warmup_leaves_no_load_and_no_kv(tmp_path):
+    """The warm-up prefills (every MoE tile class) count no expert load and write nothing to the KV cache."""
+    path = save_random_hf_model("qwen3_moe", tmp_path / "m")
+    engine = single_rank_engine(path, 8, 2, max_num_batched_tokens=512)
+    before = [t.clone() for pair in engine.runner.kv_caches for t in pair]
+    engine.runner.warmup(512, engine.ep)
+    assert not engine.ep.load.any()
+    after = [t for pair in engine.runner.kv_caches for t in pair]
+    assert all(a.equal(b) for a, b in zip(before, after))

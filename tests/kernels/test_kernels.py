@@ -265,3 +265,20 @@ def test_ops_pick_triton_on_cuda_and_agree_with_reference():
     got = ops.paged_attention(q, k_cache, v_cache, meta, 0.25)
     assert rel_err(got, paged_attention_reference(q, k_cache, v_cache, meta, 0.25)) <= 1e-4
 
+
+
+def test_attention_metadata_parts_start_on_16_byte_boundaries():
+    """Triton compiles a kernel once per alignment of its pointers: the metadata's parts (one flat tensor) must
+    start 16-byte aligned whatever the token and sequence counts, or steps of new shapes compile mid-serving."""
+    from eep_hpc.kernels.attention import AttentionMetadata
+
+    for T, B in [(1, 1), (7, 3), (16, 2), (33, 5), (8, 8)]:
+        qlens = [T // B] * (B - 1) + [T - (T // B) * (B - 1)]
+        tables = [[i, i + 1][: 1 + i % 2] for i in range(B)]
+        meta = AttentionMetadata.build(list(range(T)), qlens, [q + 3 for q in qlens], tables, 16, torch.device("cpu"))
+        for part in (meta.slot_mapping, meta.query_start_loc_device, meta.seq_lens_device, meta.block_tables):
+            assert part.data_ptr() % 16 == 0, (T, B)
+        assert meta.slot_mapping.tolist() == list(range(T))
+        assert meta.query_start_loc.tolist() == [sum(qlens[:i]) for i in range(B + 1)]
+        assert meta.seq_lens_device.tolist() == [q + 3 for q in qlens]
+        assert meta.block_tables[:, 0].tolist() == [t[0] for t in tables]
