@@ -35,8 +35,8 @@ class StepTrace:
         except ImportError:  # no Triton (a CPU-only install): nothing is compiled
             return
 
-        def compiled(*, repr: str, **_) -> None:
-            self.write(event="jit", kernel=repr[:600])
+        def compiled(*, key, repr: str, **_) -> None:  # key: the argument types and alignments it was built for
+            self.write(event="jit", kernel=repr.split("[", 1)[0], key=str(key)[:1000])
 
         knobs.runtime.jit_post_compile_hook = compiled
 
