@@ -41,7 +41,7 @@ class Streams:
     def __init__(self, membership: Membership, link: RankLink, recovery_wait_s: float):
         self.membership, self.link, self.recovery_wait_s = membership, link, recovery_wait_s
         self.to_api: Callable[[int, object], None] | None = None  # send to API process i (api_link.py), if any
-        self._parked: set[asyncio.Task] = set()  # other API processes' requests waiting for a recovery
+        self._parked: dict[str, asyncio.Task] = {}  # other API processes' requests waiting for a recovery, by id
         self.open: dict[str, Stream] = {}  # request id -> stream
         self.wave = 0
         self.wave_running = False
@@ -101,8 +101,9 @@ class Streams:
         m = self.membership
         if m.recovering:
             task = asyncio.get_running_loop().create_task(self._submit_after_recovery(msg))
-            self._parked.add(task)
-            task.add_done_callback(self._parked.discard)
+            self._parked[msg.request_id] = task
+            task.add_done_callback(lambda t: self._parked.pop(msg.request_id, None)
+                                   if self._parked.get(msg.request_id) is t else None)
             return
         try:
             rec = self.route()
@@ -116,13 +117,20 @@ class Streams:
 
     async def _submit_after_recovery(self, msg: P.AddRequest) -> None:
         m = self.membership
-        await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
-                         raise_on_failed=False)
+        try:
+            await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
+                             raise_on_failed=False)
+        except Exception as e:  # what generate() raises to the head's own requests, as an end for this one
+            self.to_api(msg.reply_to, P.ApiEnd(request_ids=[msg.request_id], finish_reason="error", error=str(e)))
+            return
         self.submit(msg)
 
     def cancel(self, request_ids: list[str]) -> None:
         """Another API process ended these early (client gone, stop string, or an ApiEnd)."""
         for rid in request_ids:
+            parked = self._parked.pop(rid, None)
+            if parked is not None:  # ended before the recovery let it reach a rank
+                parked.cancel()
             stream = self.open.get(rid)
             if stream is None or stream.queue is not None:
                 continue
