@@ -79,6 +79,8 @@ def add_head_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "--head-cpu, in turn)")
     b.add_argument("--client-cpu", type=int, default=1,
                    help="the CPU of the clients and the stand-in ranks (default %(default)s)")
+    b.add_argument("--rank-cpu", type=int, default=-1,
+                   help="the stand-in ranks' CPU, when it should not be the clients' (default: --client-cpu)")
     b.add_argument("--nice", type=int, default=0,
                    help="niceness of the head, ranks and clients, e.g. -5 on a machine others use too (needs the "
                         "privilege; default %(default)s: unchanged)")
@@ -117,7 +119,9 @@ def run_head_bench(args: argparse.Namespace) -> int:
         args.api_cpu_list = []
     problems += [f"--api-cpus: {c} is not one of this machine's CPUs {sorted(cpus)}" for c in args.api_cpu_list
                  if c not in cpus]
-    for name in ("head_cpu", "client_cpu"):
+    if args.rank_cpu < 0:
+        args.rank_cpu = args.client_cpu
+    for name in ("head_cpu", "client_cpu", "rank_cpu"):
         if getattr(args, name) not in cpus:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is not one of this machine's CPUs "
                             f"{sorted(cpus)}")
@@ -372,8 +376,9 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             api_pids = head.api_pids()
             for pid, cpu in zip(api_pids, args.api_cpu_list):
                 pin(pid, cpu, args.nice)
-            for pid in [os.getpid(), *rank_pids]:
-                pin(pid, args.client_cpu, args.nice)
+            pin(os.getpid(), args.client_cpu, args.nice)
+            for pid in rank_pids:
+                pin(pid, args.rank_cpu, args.nice)
             cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
             model, vocab = cards[0]["id"], int(cards[0].get("vocab_size") or 512)
             prompt = prompt_ids(vocab, args.input_len)

@@ -102,7 +102,8 @@ def test_bench_head_refuses_bad_options_in_one_line(tmp_path):
                          (["--steps-per-s", "fast"], "--steps-per-s wants numbers"),
                          (["--head-cpu", "4096"], "--head-cpu 4096 is not one of this machine's CPUs"),
                          (["--api-servers", "2", "--api-cpus", "4096"], "--api-cpus: 4096 is not one of this"),
-                         (["--api-servers", "0"], "--api-servers must be at least 1")):
+                         (["--api-servers", "0"], "--api-servers must be at least 1"),
+                         (["--rank-cpu", "4096"], "--rank-cpu 4096 is not one of this machine's CPUs")):
         done = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "bench-head", *bad, "--run-dir",
                                str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2
