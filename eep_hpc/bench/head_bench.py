@@ -211,10 +211,9 @@ class ConnectionWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        wait = 0.05  # soon after the clients connect, then every period_s
-        while not self._stop.wait(wait):
-            self.owner.update(accepted_by(self.pids, self.port))
-            wait = self.period_s
+        start = time.monotonic()
+        while not self._stop.wait(0.05 if time.monotonic() - start < 2.0 else self.period_s):  # often while they
+            self.owner.update(accepted_by(self.pids, self.port))  # connect (a short load may be over in a second)
 
     def __enter__(self) -> "ConnectionWatch":
         self._thread.start()

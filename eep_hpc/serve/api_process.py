@@ -1,10 +1,12 @@
-"""One of the head's other API processes (serve.api_servers = N > 1): `python -m eep_hpc.serve.api_process`, its
-ApiLaunch on stdin, started and stopped by the head (api_servers.py).
+"""One of the head's other API processes (serve.api_servers = N > 1): `python -m eep_hpc.serve.api_process`,
+started and stopped by the head (api_servers.py) through its stdin: the ApiLaunch (length-prefixed msgpack), then
+nothing until the head closes the pipe, or dies.
 
 It serves the same app on the head's port (SO_REUSEPORT: the kernel spreads connections over the N processes),
 streams its requests' tokens straight from the ranks (remote_engine.py), passes /admin/* and /metrics on to the
-head (api_proxy.py), and writes its metrics where the head sums them. SIGTERM stops it gracefully; Ctrl-C is the
-head's to handle (it drains first); it exits by itself when the head is gone.
+head (api_proxy.py), and writes its metrics where the head sums them. End of its stdin stops it gracefully; SIGINT
+and SIGTERM are the head's to handle (Ctrl-C reaches the whole process group, scancel every process of the job):
+the head drains first, ending this process's requests through the coordinator, then closes the pipe.
 """
 
 from __future__ import annotations
@@ -43,17 +45,17 @@ async def serve(launch: P.ApiLaunch) -> None:
                        join_port=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_reader(sys.stdin.fileno(), lambda: os.read(sys.stdin.fileno(), 4096) or stop.set())  # EOF: stop
     receiving = asyncio.create_task(engine.run())
-    head_pid = os.getppid()
     try:
         await server.start()
         log.info("API process %d serving on port %d", launch.api, launch.port)
-        while not stop.is_set() and os.getppid() == head_pid:  # the head gone: nobody routes requests any more
+        while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             if receiving.done():
                 receiving.result()  # raises what ended it
+        loop.remove_reader(sys.stdin.fileno())
         await server.stop()
     finally:
         receiving.cancel()
@@ -61,10 +63,16 @@ async def serve(launch: P.ApiLaunch) -> None:
         engine.close()
 
 
+def read_launch(stream) -> P.ApiLaunch:
+    size = int.from_bytes(stream.read(8), "big")
+    return msgspec.msgpack.decode(stream.read(size), type=P.ApiLaunch)
+
+
 def main() -> int:
-    launch = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=P.ApiLaunch)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the head's to handle: it drains, then closes our stdin
+        signal.signal(sig, signal.SIG_IGN)
+    launch = read_launch(sys.stdin.buffer)
     setup_logging(f"%(asctime)s api{launch.api} %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the head drains, then stops us
     signing.use_secret(signing.read_secret(launch.config.control.secret_file))
     from eep_hpc.serve.metrics import use_multiprocess_files
 

@@ -1,11 +1,11 @@
 """The head's other API processes (serve.api_servers = N > 1): started before the ranks (their sockets go into
-every RankLaunch), stopped after the head's own server."""
+every RankLaunch), stopped after the head's own server. Each gets its ApiLaunch on its stdin, which the head keeps
+open: closing it stops the process gracefully, and it closes by itself when the head dies, however it dies."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,8 +26,9 @@ class ApiProcesses:
     def start(self) -> None:
         for launch in self.launches:
             proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.serve.api_process"], stdin=subprocess.PIPE)
-            proc.stdin.write(msgspec.msgpack.encode(launch))
-            proc.stdin.close()
+            data = msgspec.msgpack.encode(launch)
+            proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            proc.stdin.flush()
             self.procs.append(proc)
 
     def pids(self) -> list[int]:
@@ -51,8 +52,7 @@ class ApiProcesses:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.stdin.close()
         for launch, proc in zip(self.launches, self.procs):
             try:
                 proc.wait(timeout=timeout_s)

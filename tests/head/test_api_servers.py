@@ -195,6 +195,24 @@ def test_a_lost_api_process_leaves_the_others_serving(tmp_path):
     assert head.proc.returncode == 0
 
 
+def test_the_second_api_process_goes_with_the_head(tmp_path):
+    """It ignores SIGTERM and SIGINT (the head's to handle: it drains first) and stops when its stdin closes, which
+    also happens when the head is killed -9."""
+    head = ServeProcess(tmp_path / "run", ranks=1)
+    try:
+        os.kill(head.api_pid, signal.SIGTERM)
+        os.kill(head.api_pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert alive(head.api_pid)
+        with httpx.Client(timeout=30, headers=head.user) as c:  # and the port is still served by both
+            assert all(c.get(f"{head.url}/v1/models").status_code == 200 for _ in range(4))
+        head.proc.kill()
+        head.proc.wait()
+        wait_until(lambda: not alive(head.api_pid), 10, "the second API process to stop after the head's kill -9")
+    finally:
+        head.stop()
+
+
 def test_auth_holds_on_every_api_process(tmp_path):
     """12 connections, spread by the kernel over both processes: the API key and the admin token are checked on
     each, /admin/* reaches the coordinator from either."""
