@@ -213,6 +213,41 @@ def test_the_second_api_process_goes_with_the_head(tmp_path):
         head.stop()
 
 
+def test_sigterm_drains_the_streams_of_both_processes(tmp_path):
+    """SIGTERM to the head: every long stream, on either process, ends after serve.shutdown_grace_s with the
+    server's 503 error event and [DONE]; the head exits 0 and the second process with it."""
+    head = ServeProcess(tmp_path / "run", ranks=1, sets=['parallel.rank_engine="standin"', "standin.steps_per_s=10",
+                                                         "serve.shutdown_grace_s=1"])
+    body = {"model": head.model, "prompt": [300, 301], "max_tokens": 300, "stream": True, "ignore_eos": True}
+
+    async def scenario():
+        clients = [httpx.AsyncClient(timeout=60, headers=head.user) for _ in range(8)]
+        streams = [await c.send(c.build_request("POST", f"{head.url}/v1/completions", json=body), stream=True)
+                   for c in clients]
+        await until(lambda: head.state()["requests_in_flight"] == 8, 30, "8 requests in flight")
+        both = connections_of(head.api_pid, head.port), connections_of(head.proc.pid, head.port)
+        head.proc.send_signal(signal.SIGTERM)
+        ends = []
+        for r in streams:
+            lines = [line async for line in r.aiter_lines() if line]
+            ends.append(lines[-2:])
+        for c in clients:
+            await c.aclose()
+        return both, ends
+
+    try:
+        (on_api, on_head), ends = asyncio.run(scenario())
+        assert on_api > 0 and on_head > 0, "both processes should hold some of the 8 streams"
+        error = {"error": {"message": "The server is shutting down.", "type": "ServiceUnavailableError",
+                           "param": None, "code": 503}}
+        assert all(json.loads(e[0][6:]) == error and e[1] == "data: [DONE]" for e in ends), ends
+        head.proc.wait(60)
+        assert head.proc.returncode == 0
+        wait_until(lambda: not alive(head.api_pid), 10, "the second API process to stop with the head")
+    finally:
+        head.stop()
+
+
 def test_auth_holds_on_every_api_process(tmp_path):
     """12 connections, spread by the kernel over both processes: the API key and the admin token are checked on
     each, /admin/* reaches the coordinator from either."""
