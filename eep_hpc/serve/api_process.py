@@ -48,6 +48,14 @@ async def serve(launch: P.ApiLaunch) -> None:
     loop.add_reader(sys.stdin.fileno(), lambda: os.read(sys.stdin.fileno(), 4096) or stop.set())  # EOF: stop
     receiving = asyncio.create_task(engine.run())
     try:
+        # join the port only once the head says the service is ready: the kernel hands connections to every
+        # process listening on it, and one that had not heard ApiReady yet answered 503 to requests the head took
+        while not engine.ready():
+            if stop.is_set():
+                return
+            if receiving.done():
+                receiving.result()  # raises what ended it
+            await asyncio.sleep(0.02)
         await server.start()
         log.info("API process %d serving on port %d", launch.api, launch.port)
         while not stop.is_set():
