@@ -49,8 +49,10 @@ def write_timeline_png(result: dict, path: str | Path) -> Path:
             ax.axvline(e["t_done_s"], color=color, ls="--", lw=1)
         label = f"{e['kind']} {e['from_ranks']}→{e['to_ranks']}"
         label += f"\npause {e['commit_pause_ms']:.0f} ms" if e["phase"] == "DONE" else f"\n{str(e['phase']).lower()}"
-        tok.annotate(label, xy=(e["t_done_s"], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                     textcoords="offset points", va="top", fontsize=8, color=color)
+        right = e["t_done_s"] > 0.85 * max(tl["duration_s"], 1)  # near the right edge: the label goes to its left
+        tok.annotate(label, xy=(e["t_done_s"], 1.0), xycoords=("data", "axes fraction"),
+                     xytext=(-3 if right else 3, -3), textcoords="offset points", va="top",
+                     ha="right" if right else "left", fontsize=8, color=color)
     for ax in (tok, itl, ranks):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result.get('model', '')} on {result.get('device', '')}: {result.get('workload', '')}\n"
