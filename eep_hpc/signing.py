@@ -206,3 +206,8 @@ def log_dropped(logger, origin, error: Exception, every_s: float = 10.0) -> None
 def rank_identity(rank_id: int) -> bytes:
     """A rank's routing identity on the head's ROUTER socket (its DEALER's)."""
     return f"rank-{rank_id}-{identity_suffix()}".encode()
+
+
+def api_identity(api: int) -> bytes:
+    """An extra API process's routing identity on the head's API link (serve.api_servers > 1)."""
+    return f"api-{api}-{identity_suffix()}".encode()

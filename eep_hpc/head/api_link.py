@@ -25,10 +25,6 @@ log = logging.getLogger("eep_hpc.coordinator")
 _from_api = msgspec.msgpack.Decoder(P.ApiToHead)
 
 
-def api_identity(api: int) -> bytes:
-    return f"api-{api}-{signing.identity_suffix()}".encode()
-
-
 class ApiLink:
     def __init__(self, host: str, count: int):
         self.host, self.count = host, count  # API processes other than the head: indices 1 .. count
@@ -48,7 +44,7 @@ class ApiLink:
         self._ctx.term()
 
     def send(self, api: int, msg) -> None:
-        self._sock.send_multipart([api_identity(api), signing.encode(msg)], flags=zmq.NOBLOCK)
+        self._sock.send_multipart([signing.api_identity(api), signing.encode(msg)], flags=zmq.NOBLOCK)
 
     def send_all(self, msg) -> None:
         for api in self.rank_addresses:
@@ -76,7 +72,7 @@ class ApiLink:
                 msg = signing.decode_as(_from_api, frames[0])
                 match msg:
                     case P.ApiHello(api=api, rank_address=address):
-                        if sender != api_identity(api):
+                        if sender != signing.api_identity(api):
                             raise signing.BadMessage(f"API process {api} says hello under another identity")
                         self.rank_addresses[api] = address
                         if self._ready is not None:

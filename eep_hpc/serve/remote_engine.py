@@ -18,7 +18,6 @@ import zmq.asyncio
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
-from eep_hpc.head.api_link import api_identity
 
 log = logging.getLogger("eep_hpc.api")
 
@@ -56,7 +55,7 @@ class RemoteEngine:
         self._outputs.bind_to_random_port(f"tcp://{host}")
         self._head = self._ctx.socket(zmq.DEALER)
         self._head.setsockopt(zmq.LINGER, 0)
-        self._head.setsockopt(zmq.IDENTITY, api_identity(self.api))
+        self._head.setsockopt(zmq.IDENTITY, signing.api_identity(self.api))
         self._head.connect(self._launch.head_address)
         address = self._outputs.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._send(P.ApiHello(api=self.api, rank_address=address))
