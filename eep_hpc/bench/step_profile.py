@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from eep_hpc.bench.roofline import measure_bandwidth, roofline
+from eep_hpc.bench.roofline import measure_bandwidth, prefill_flops_per_token, roofline
 from eep_hpc.config import load_config
 from eep_hpc.engine.cuda_graphs import DecodeGraphs
 from eep_hpc.engine.model_runner import ModelRunner
@@ -51,6 +51,36 @@ def host_ms(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) * 1000 / repeats
 
 
+def kernel_table(prof, top: int) -> list[dict]:
+    return [{"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]]
+
+
+def profile_prefill(runner: ModelRunner, ep: ExpertParallel, arch, seqs: int, n: int, repeats: int, top: int) -> dict:
+    """An eager prefill step of `seqs` prompts of `n` random tokens each: GPU and wall time, its heaviest kernels,
+    and tokens/s against the compute roofline."""
+    bs = runner.block_size
+    width = -(-n // bs)
+    tables = [list(range(1 + i * width, 1 + (i + 1) * width)) for i in range(seqs)]
+    ids = torch.randint(0, arch.vocab_size, (seqs * n,), generator=torch.Generator().manual_seed(n)).tolist()
+    slots = [t[p // bs] * bs + p % bs for t in tables for p in range(n)]
+    ep.plan(chunks=1, chunk_tokens=seqs * n)
+    step = lambda: runner.forward(ids, list(range(n)) * seqs, slots, [n] * seqs, [n] * seqs, tables, ep)
+    gpu_ms, wall_ms = cuda_ms(step, max(2, repeats // 4)), host_ms(step, max(2, repeats // 4))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ep.take_load()
+    tokens = seqs * n
+    flops = prefill_flops_per_token(arch, n) * tokens
+    row = {"seqs": seqs, "len": n, "gpu_ms": gpu_ms, "wall_ms": wall_ms, "tok_per_s": tokens / gpu_ms * 1000,
+           "tflops": flops / gpu_ms / 1e9, "launches": sum(e.count for e in prof.key_averages()),
+           "device_us_total": round(sum(e.device_time_total for e in prof.key_averages()), 1),
+           "top": kernel_table(prof, top)}
+    print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+    return row
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/qwen3-30b-a3b-dummy.toml")
@@ -59,6 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top-kernels", type=int, default=15)
     p.add_argument("--profile-batch", type=int, nargs="+", default=[1], help="batch sizes whose eager kernels to list")
+    p.add_argument("--prefill", nargs="*", default=[], metavar="SEQSxLEN",
+                   help="also time and list the kernels of eager prefill steps of SEQS prompts of LEN tokens, e.g. 64x128")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -73,7 +105,9 @@ def main(argv=None) -> None:
     bs, ctx = cfg.engine.block_size, args.context
     max_b = max(args.batch)
     blocks_per_seq = -(-(ctx + 1) // bs)
-    runner = ModelRunner(model, max_b * blocks_per_seq + 1, bs, device, dtype)
+    prefills = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill]
+    prefill_blocks = max((s * -(-n // bs) for s, n in prefills), default=0)
+    runner = ModelRunner(model, max(max_b * blocks_per_seq, prefill_blocks) + 1, bs, device, dtype)
     graphs = DecodeGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)
     bw = measure_bandwidth()
     rows = []
@@ -107,9 +141,7 @@ def main(argv=None) -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        kernels = []
-        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[: args.top_kernels]:
-            kernels.append({"name": e.key[:80], "calls": e.count, "device_us": round(e.device_time_total, 1)})
+        kernels = kernel_table(prof, args.top_kernels)
         profiles[f"batch{b}"] = {
             "launches": sum(e.count for e in prof.key_averages()),
             "device_us_total": round(sum(e.device_time_total for e in prof.key_averages()), 1),
@@ -117,6 +149,8 @@ def main(argv=None) -> None:
             "experts_touched_per_layer": round((ep.take_load() > 0).sum(dim=1).float().mean().item(), 1),
             "top": kernels,
         }
+    for seqs, n in prefills:
+        profiles[f"prefill{seqs}x{n}"] = profile_prefill(runner, ep, arch, seqs, n, args.repeats, args.top_kernels)
     result = {"config": args.config, "device": torch.cuda.get_device_name(), "bandwidth_gbps": bw, "rows": rows,
               "eager_kernels": profiles}
     print(json.dumps(profiles, indent=1))
