@@ -118,9 +118,9 @@ def main(argv=None) -> None:
         ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
         inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
         eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
-        graphed = lambda: graphs.run(*inputs, ep)
+        graphed = lambda: graphs.run(*inputs, ep, b)
         # what the roofline counts: the layers, the LM head and the greedy pick (the engine's decode step)
-        whole = lambda: model.compute_logits(graphs.run(*inputs, ep)).argmax(dim=-1)
+        whole = lambda: model.compute_logits(graphs.run(*inputs, ep, b)).argmax(dim=-1)
         roof = roofline(arch, b, ctx + 1, bw)
         row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
                "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),
