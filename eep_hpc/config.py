@@ -60,10 +60,13 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0  # seed for requests that bring none
     # Share the KV blocks of identical prompt prefixes between requests (full blocks, hashed with their parent).
     enable_prefix_caching: bool = True
-    # On CUDA, replay decode steps as CUDA graphs (vLLM's default; False = vLLM's enforce_eager). Graphs are
-    # captured at startup for batch sizes 1, 2, 4, 8, 16, 32, ... up to this (0 = max_num_seqs).
+    # On CUDA, replay steps as CUDA graphs (vLLM's default; False = vLLM's enforce_eager). Graphs are captured at
+    # startup: decode steps for batch sizes 1, 2, 4, 8, 16, 32, ... up to cuda_graph_max_batch (0 = max_num_seqs),
+    # other steps (prefill chunks with decodes) for 32, 64, 128, 256, 384, ... tokens up to cuda_graph_max_tokens
+    # (0 = none; at most max_num_batched_tokens).
     cuda_graphs: bool = True
     cuda_graph_max_batch: NonNegative = 0
+    cuda_graph_max_tokens: NonNegative = 512
     # A directory: each rank writes a JSON line per step there (rank/step_trace.py); "" = off.
     step_trace: str = ""
 

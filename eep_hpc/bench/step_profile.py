@@ -16,7 +16,7 @@ import torch
 
 from eep_hpc.bench.roofline import measure_bandwidth, prefill_flops_per_token, roofline
 from eep_hpc.config import load_config
-from eep_hpc.engine.cuda_graphs import DecodeGraphs
+from eep_hpc.engine.cuda_graphs import StepGraphs
 from eep_hpc.engine.model_runner import ModelRunner
 from eep_hpc.engine.rank_engine import max_model_len, resolve_dtype
 from eep_hpc.model.arch import load_arch
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     prefills = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill]
     prefill_blocks = max((s * -(-n // bs) for s, n in prefills), default=0)
     runner = ModelRunner(model, max(max_b * blocks_per_seq, prefill_blocks) + 1, bs, device, dtype)
-    graphs = DecodeGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)
+    graphs = StepGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)
     bw = measure_bandwidth()
     rows = []
     for b in args.batch:
@@ -118,9 +118,9 @@ def main(argv=None) -> None:
         ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
         inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
         eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
-        graphed = lambda: graphs.run(*inputs, ep, b)
+        graphed = lambda: graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)
         # what the roofline counts: the layers, the LM head and the greedy pick (the engine's decode step)
-        whole = lambda: model.compute_logits(graphs.run(*inputs, ep, b)).argmax(dim=-1)
+        whole = lambda: model.compute_logits(graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)).argmax(dim=-1)
         roof = roofline(arch, b, ctx + 1, bw)
         row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
                "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),

@@ -1,10 +1,19 @@
-"""CUDA graphs for decode steps: one graph per padded batch size, replayed instead of ~20 kernel launches per layer.
+"""CUDA graphs for steps: one graph per padded size, replayed instead of ~20 kernel launches per layer.
 
-A decode step (every sequence brings one new token, no prompt logprobs) of B sequences runs the graph of the size
-the step's plan agreed (parallel/step_plan.py: the smallest captured size >= the largest B of any rank; an idle
-rank replays it with B = 0). Inputs go into static buffers the graphs were captured with; the padding sequences
-have seq_len 0 and slot -1, so they write no KV and read nothing (kernels/NOTES.md lists what the kernels need),
-and the router gives their rows no expert (`num_valid`), so they are never dispatched nor counted as load.
+Two families, each captured at a list of padded sizes:
+- **decode graphs**, by sequences: every sequence brings one new token (no prompt logprobs); attention runs its
+  decode configuration (split-KV for small batches). B sequences run the graph of the size the step's plan agreed
+  (parallel/step_plan.py: the smallest captured size >= the largest B of any rank; an idle rank replays it with
+  B = 0).
+- **mixed graphs**, by tokens: prefill chunks and decodes together, up to `max_mixed_tokens` tokens (vLLM captures
+  such steps too: an eager step of a few hundred tokens costs ~1,000 Python launches, 40-50 ms on the lent GPUs,
+  for ~15 ms of GPU work). A graph of T tokens holds up to T sequences; attention runs its prefill configuration,
+  whose grid depends on T and the sequence count only (kernels/triton_attention.py).
+
+Inputs go into static buffers the graphs were captured with. Padding tokens belong to padding sequences with
+seq_len 0 and slot -1, so they write no KV and read nothing (kernels/NOTES.md lists what the kernels need): each
+padding sequence takes one token while there are tokens left (the last takes the rest, further ones none). The
+router gives padding rows no expert (`num_valid`), so they are never dispatched nor counted as load.
 
 A graph bakes in the tensors it saw: the expert weights and the `ExpertParallel` of its epoch. Commit swaps both,
 so graphs are dropped when the runner sees another `ExpertParallel` and re-captured on first use. Every rank of an
@@ -23,33 +32,47 @@ import torch
 
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.step_plan import GraphSizes
 
 log = logging.getLogger("eep_hpc.cuda_graphs")
 
 
 def capture_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16 up to max_batch (and max_batch itself)."""
+    """Decode graphs: 1, 2, 4, 8, then every multiple of 16 up to max_batch (and max_batch itself)."""
     sizes = [s for s in (1, 2, 4, 8) if s <= max_batch] + list(range(16, max_batch + 1, 16))
-    if sizes[-1] != max_batch:
+    if sizes and sizes[-1] != max_batch:
         sizes.append(max_batch)
     return sizes
 
 
-class DecodeGraphs:
+def mixed_capture_sizes(max_tokens: int) -> list[int]:
+    """Mixed graphs: 32, 64, 128, 256, then every multiple of 128 up to max_tokens (and max_tokens itself)."""
+    sizes = [s for s in (32, 64, 128, 256) if s <= max_tokens] + list(range(384, max_tokens + 1, 128))
+    if max_tokens >= 32 and sizes[-1] != max_tokens:
+        sizes.append(max_tokens)
+    return sizes
+
+
+class StepGraphs:
     def __init__(self, model, kv_caches, block_size: int, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device):
+                 device: torch.device, max_mixed_tokens: int = 0):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
-        self.sizes = capture_sizes(max_batch)
-        self.max_batch, self.width = self.sizes[-1], max(1, max_blocks_per_seq)
-        B, W = self.max_batch, self.width
+        self.sizes = GraphSizes(tuple(capture_sizes(max_batch)), tuple(mixed_capture_sizes(max_mixed_tokens)))
+        self.max_batch = self.sizes.decode[-1] if self.sizes.decode else 0
+        self.width = max(1, max_blocks_per_seq)
+        T = B = max(self.max_batch, max(self.sizes.mixed, default=0))
+        W = self.width
+        self.capacity = T
         # one flat int64 buffer, same layout on host (pinned) and device, copied in one go per step:
-        # [input_ids B | positions B | slot_mapping B | query_start_loc B+1 | seq_lens B | block_tables B*W |
+        # [input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W |
         #  num_valid 1]
-        self.offsets = np.cumsum([0, B, B, B, B + 1, B, B * W, 1])
-        self.host = torch.zeros(int(self.offsets[-1]), dtype=torch.long).pin_memory()
+        self.offsets = np.cumsum([0, T, T, T, B + 1, B, B * W, 1])
+        self.host = torch.zeros(int(self.offsets[-1]), dtype=torch.long)
+        if device.type == "cuda":
+            self.host = self.host.pin_memory()
         self.host_np = self.host.numpy()
         self.static = torch.zeros_like(self.host, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.ep: ExpertParallel | None = None
         self.replays = 0
@@ -57,69 +80,86 @@ class DecodeGraphs:
     def _region(self, buf, i: int):
         return buf[self.offsets[i] : self.offsets[i + 1]]
 
-    def sizes_for(self, ep: ExpertParallel) -> list[int]:
-        """The graph sizes this epoch can replay (none when its all-to-all is not capturable)."""
-        return self.sizes if ep.graph_safe else []
+    def sizes_for(self, ep: ExpertParallel, max_tokens: int = 0) -> GraphSizes:
+        """The graph sizes this epoch can replay (none when its all-to-all is not capturable); mixed graphs only
+        up to max_tokens (the epoch's dispatch capacity; 0 = no limit)."""
+        if not ep.graph_safe:
+            return GraphSizes()
+        if not max_tokens:
+            return self.sizes
+        return GraphSizes(self.sizes.decode, tuple(s for s in self.sizes.mixed if s <= max_tokens))
 
-    def _fill(self, input_ids, positions, slot_mapping, seq_lens, block_tables, size: int) -> None:
-        """Write a batch of B <= size sequences and its padding into the host buffer."""
-        B, h, W = len(input_ids), self.host_np, self.width
+    def _fill(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, T: int) -> None:
+        """Write a batch of t <= T tokens in b <= T sequences, and its padding, into the host buffer."""
+        t, b, h, W = len(input_ids), len(seq_lens), self.host_np, self.width
         ids, pos, slots, qsl, lens, tables, num_valid = (self._region(h, i) for i in range(7))
-        num_valid[0] = B
-        ids[:B], pos[:B], slots[:B], lens[:B] = input_ids, positions, slot_mapping, seq_lens
-        ids[B:size] = 0
-        pos[B:size] = 0
-        slots[B:size] = -1
-        lens[B:size] = 0
-        qsl[: size + 1] = np.arange(size + 1)
-        tables = tables.reshape(self.max_batch, W)
-        for b, t in enumerate(block_tables):
-            tables[b, : len(t)] = t
+        num_valid[0] = t
+        ids[:t], pos[:t], slots[:t], lens[:b] = input_ids, positions, slot_mapping, seq_lens
+        ids[t:T] = 0
+        pos[t:T] = 0
+        slots[t:T] = -1
+        lens[b:T] = 0
+        qsl[0] = 0
+        if b:
+            qsl[1 : b + 1] = np.cumsum(query_lens)
+        # padding sequences b .. T-1: one token each while tokens last, the rest to the last one
+        qsl[b + 1 : T + 1] = np.minimum(np.arange(t + 1, t + 1 + T - b), T)
+        qsl[T] = T
+        tables = tables.reshape(self.capacity, W)
+        for i, row in enumerate(block_tables):
+            tables[i, : len(row)] = row
 
-    def _meta(self, size: int) -> AttentionMetadata:
+    def _meta(self, T: int, mixed: bool) -> AttentionMetadata:
         s = self.static
-        qsl, lens = self._region(s, 3)[: size + 1], self._region(s, 4)[:size]
-        tables = self._region(s, 5).view(self.max_batch, self.width)[:size]
-        cpu_lens = torch.zeros(size, dtype=torch.long)
+        qsl, lens = self._region(s, 3)[: T + 1], self._region(s, 4)[:T]
+        tables = self._region(s, 5).view(self.capacity, self.width)[:T]
+        # the host copies only the torch reference reads (CPU: `forward_eager`); a graph's kernels never do
+        on_host = s.device.type == "cpu"
         return AttentionMetadata(
-            slot_mapping=self._region(s, 2)[:size], query_start_loc=torch.arange(size + 1), seq_lens=cpu_lens,
-            block_tables=tables, block_size=self.block_size, query_start_loc_device=qsl, seq_lens_device=lens,
-            max_query_len=1, max_seq_len=self.width * self.block_size,
-            block_tables_host=torch.zeros(size, self.width, dtype=torch.long),  # (the torch reference's; unused)
+            slot_mapping=self._region(s, 2)[:T], query_start_loc=qsl if on_host else torch.arange(T + 1),
+            seq_lens=lens if on_host else torch.zeros(T, dtype=torch.long), block_tables=tables,
+            block_size=self.block_size, query_start_loc_device=qsl, seq_lens_device=lens,
+            # attention picks its prefill configuration for query_len > 1 (its grid: T and the sequence count)
+            max_query_len=T if mixed else 1, max_seq_len=self.width * self.block_size,
+            block_tables_host=tables if on_host else torch.zeros(T, self.width, dtype=torch.long),
         )
 
-    def _forward(self, size: int, ep: ExpertParallel) -> torch.Tensor:
+    def _forward(self, T: int, mixed: bool, ep: ExpertParallel) -> torch.Tensor:
         s = self.static
-        ep.plan(chunks=1, chunk_tokens=size, num_valid=self._region(s, 6))
-        return self.model(self._region(s, 0)[:size], self._region(s, 1)[:size], self.kv_caches, self._meta(size), ep)
+        ep.plan(chunks=1, chunk_tokens=T, num_valid=self._region(s, 6))
+        return self.model(self._region(s, 0)[:T], self._region(s, 1)[:T], self.kv_caches, self._meta(T, mixed), ep)
 
-    def _capture(self, size: int, ep: ExpertParallel) -> None:
+    def _capture(self, T: int, mixed: bool, ep: ExpertParallel) -> None:
         t0 = time.monotonic()
-        self._fill([], [], [], [], [], size)
+        self._fill([], [], [], [], [], [], T)
         self.static.copy_(self.host)
-        self._forward(size, ep)  # compiles the kernels of this size outside the capture
+        self._forward(T, mixed, ep)  # compiles the kernels of this size outside the capture
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(size, ep)
+            out = self._forward(T, mixed, ep)
         torch.cuda.synchronize(self.device)
-        self.graphs[size] = (graph, out)
-        log.debug("captured decode graph for %d sequences in %.2f s", size, time.monotonic() - t0)
+        self.graphs[(T, mixed)] = (graph, out)
+        log.debug("captured %s graph for %d %s in %.2f s", "mixed" if mixed else "decode", T,
+                  "tokens" if mixed else "sequences", time.monotonic() - t0)
 
-    def capture_all(self, ep: ExpertParallel) -> None:
+    def capture_all(self, ep: ExpertParallel, max_tokens: int = 0) -> None:
         """Capture every size now (largest first, so smaller graphs reuse its pool), e.g. at startup; every rank of
-        a multi-rank epoch together."""
-        if not ep.graph_safe:
+        a multi-rank epoch together, in the same order."""
+        sizes = self.sizes_for(ep, max_tokens)
+        keys = sorted([(s, False) for s in sizes.decode] + [(s, True) for s in sizes.mixed], reverse=True)
+        if not keys:
             return
         t0 = time.monotonic()
         self._use(ep)
-        for size in reversed(self.sizes):
-            if size not in self.graphs:
-                self._capture(size, ep)
-        log.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes), self.sizes[0],
-                 self.sizes[-1], time.monotonic() - t0)
+        for T, mixed in keys:
+            if (T, mixed) not in self.graphs:
+                self._capture(T, mixed, ep)
+        log.info("captured %d decode CUDA graphs (batch sizes %s) and %d mixed ones (tokens %s) in %.1f s",
+                 len(sizes.decode), _span(sizes.decode), len(sizes.mixed), _span(sizes.mixed),
+                 time.monotonic() - t0)
 
     def _use(self, ep: ExpertParallel) -> None:
         if ep is not self.ep:
@@ -132,18 +172,32 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool, self.ep = None, None
 
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables, ep: ExpertParallel,
-            size: int) -> torch.Tensor:
-        """A decode batch of B <= size sequences (B = 0 on an idle rank) through the graph of `size` -> hidden [B, D]
-        (a view into the graph's output: read it before the next step)."""
+    def run(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, ep: ExpertParallel,
+            size: int, mixed: bool = False) -> torch.Tensor:
+        """A batch of t <= size tokens (t = 0 on an idle rank) through the decode graph of `size` sequences (every
+        query_len 1) or the mixed graph of `size` tokens -> hidden [t, D] (a view into the graph's output: read it
+        before the next step)."""
         self._use(ep)
-        B = len(input_ids)
-        assert B <= size and size in self.sizes, (B, size)
-        if size not in self.graphs:
-            self._capture(size, ep)
-        self._fill(input_ids, positions, slot_mapping, seq_lens, block_tables, size)
+        t = len(input_ids)
+        assert t <= size and size in (self.sizes.mixed if mixed else self.sizes.decode), (t, size, mixed)
+        assert mixed or all(n == 1 for n in query_lens)
+        if (size, mixed) not in self.graphs:
+            self._capture(size, mixed, ep)
+        self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host, non_blocking=True)
-        graph, out = self.graphs[size]
+        graph, out = self.graphs[(size, mixed)]
         graph.replay()
         self.replays += 1
-        return out[:B]
+        return out[:t]
+
+
+    def forward_eager(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables,
+                      ep: ExpertParallel, size: int, mixed: bool = False) -> torch.Tensor:
+        """What a replay of the graph of `size` computes, run without a graph (tests; the CPU)."""
+        self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
+        self.static.copy_(self.host)
+        return self._forward(size, mixed, ep)[: len(input_ids)]
+
+
+def _span(sizes) -> str:
+    return f"{sizes[0]}..{sizes[-1]}" if sizes else "none"

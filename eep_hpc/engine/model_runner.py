@@ -9,24 +9,25 @@ from typing import NamedTuple
 
 import torch
 
-from eep_hpc.engine.cuda_graphs import DecodeGraphs
+from eep_hpc.engine.cuda_graphs import StepGraphs
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
-from eep_hpc.parallel.step_plan import StepPlan
+from eep_hpc.parallel.step_plan import GraphSizes, StepPlan
 
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, num_kv_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, graph_max_batch: int = 0, max_model_len: int = 0):
-        """graph_max_batch > 0 on CUDA: decode steps of up to that many sequences replay CUDA graphs."""
+                 dtype: torch.dtype, graph_max_batch: int = 0, max_model_len: int = 0, graph_max_tokens: int = 0):
+        """On CUDA, graph_max_batch > 0: decode steps of up to that many sequences replay CUDA graphs, and
+        graph_max_tokens > 0: so do other steps of up to that many tokens (mixed graphs)."""
         self.model, self.device, self.block_size = model, device, block_size
         self.num_kv_blocks, self.max_model_len = num_kv_blocks, max_model_len
         self.kv_caches = model.make_kv_caches(num_kv_blocks, block_size, dtype, device)
         self.graphs = None
         if graph_max_batch > 0 and device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, graph_max_batch,
-                                       -(-max_model_len // block_size), device)
+            self.graphs = StepGraphs(model, self.kv_caches, block_size, graph_max_batch,
+                                     -(-max_model_len // block_size), device, graph_max_tokens)
 
     def forward(
         self,
@@ -70,13 +71,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def graph_sizes(self, ep: ExpertParallel) -> list[int]:
-        return self.graphs.sizes_for(ep) if self.graphs is not None else []
+    def graph_sizes(self, ep: ExpertParallel, max_tokens: int = 0) -> GraphSizes:
+        return self.graphs.sizes_for(ep, max_tokens) if self.graphs is not None else GraphSizes()
 
     def graphable(self, batch, ep: ExpertParallel) -> bool:
         """Can this batch of (seq, num_new_tokens) run as a decode graph: one new token each, no prompt logprobs
         rows, not more sequences than the largest graph (an empty batch can: an idle rank replays)."""
-        if not self.graph_sizes(ep) or len(batch) > self.graphs.max_batch:
+        if not self.graph_sizes(ep).decode or len(batch) > self.graphs.max_batch:
             return False
         return all(n == 1 and not (seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
                    for seq, n in batch)
@@ -108,7 +109,8 @@ class ModelRunner:
                     prompt_rows += range(first_row, first_row + rows)
                     prompt_chunks.append((i, start, rows))
         if plan.is_graph:
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables, ep, plan.graph_size)
+            hidden = self.graphs.run(input_ids, positions, slots, qlens, seq_lens, tables, ep, plan.graph_size,
+                                     plan.mixed)
         else:
             ep.plan(chunks=plan.chunks, chunk_tokens=plan.chunk_tokens)
             hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)

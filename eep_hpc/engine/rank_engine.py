@@ -24,7 +24,7 @@ from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel import step_plan
-from eep_hpc.parallel.step_plan import StepDemand, StepPlan
+from eep_hpc.parallel.step_plan import GraphSizes, StepDemand, StepPlan
 from eep_hpc.protocol import AddRequest, Logprobs, RankStats, RequestOutput, SamplingParams
 
 log = logging.getLogger("eep_hpc.rank")
@@ -72,7 +72,9 @@ class RankEngine:
         self.scheduler = Scheduler(cfg.engine, self.block_manager, self.max_model_len, eos_token_ids)
         e = cfg.engine
         graph_batch = (e.cuda_graph_max_batch or e.max_num_seqs) if e.cuda_graphs else 0
-        self.runner = ModelRunner(model, num_kv_blocks, e.block_size, device, dtype, graph_batch, self.max_model_len)
+        graph_tokens = min(e.cuda_graph_max_tokens, e.max_num_batched_tokens) if e.cuda_graphs else 0
+        self.runner = ModelRunner(model, num_kv_blocks, e.block_size, device, dtype, graph_batch, self.max_model_len,
+                                  graph_tokens)
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.engine.seed)
@@ -83,14 +85,14 @@ class RankEngine:
 
     def enter_epoch(self, ep: ExpertParallel) -> None:
         """Serve with `ep` from now on; on CUDA, with every member of the epoch: compile the prefill kernels and
-        capture the decode graphs (collectives run in both, in the same order on every rank)."""
+        capture the graphs (collectives run in both, in the same order on every rank)."""
         self.ep = ep
         if self.runner.graphs is not None:  # captured with the old slots and map
             self.runner.graphs.reset()
         if self.device.type == "cuda":
             self.runner.warmup(self.cfg.engine.max_num_batched_tokens, ep, self.chunk_tokens)
             if self.runner.graphs is not None:
-                self.runner.graphs.capture_all(ep)
+                self.runner.graphs.capture_all(ep, self.chunk_tokens)
             self.warm_requests()
 
     def warm_requests(self) -> None:
@@ -161,8 +163,9 @@ class RankEngine:
         return StepDemand(tokens=out.num_batched_tokens, seqs=len(batch),
                           graphable=self.runner.graphable(batch, self.ep), busy=True)
 
-    def graph_sizes(self) -> list[int]:
-        return self.runner.graph_sizes(self.ep) if self.ep is not None else []
+    def graph_sizes(self) -> GraphSizes:
+        """The graphs this epoch replays: mixed ones only up to what one dispatch carries."""
+        return self.runner.graph_sizes(self.ep, self.chunk_tokens) if self.ep is not None else GraphSizes()
 
     def plan_alone(self) -> StepPlan:
         """The plan of a one-rank epoch: the agreement's decision over this rank's demand alone."""

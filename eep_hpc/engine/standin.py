@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from eep_hpc.config import Config
-from eep_hpc.parallel.step_plan import StepDemand, StepPlan
+from eep_hpc.parallel.step_plan import GraphSizes, StepDemand, StepPlan
 from eep_hpc.protocol import AddRequest, RankStats, RequestOutput
 
 
@@ -87,8 +87,8 @@ class StandinEngine:
         seqs = min(self.max_batch, len(self.running) + len(self.waiting))
         return StepDemand(tokens=seqs, seqs=seqs, graphable=True, busy=True)
 
-    def graph_sizes(self) -> list[int]:
-        return []
+    def graph_sizes(self) -> GraphSizes:
+        return GraphSizes()
 
     def step(self, plan: StepPlan | None = None) -> list[RequestOutput]:
         """Wait out the step's time, then one token for each request of the batch."""

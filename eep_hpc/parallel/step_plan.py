@@ -5,8 +5,10 @@ What a rank says (`StepDemand`): how many tokens and sequences it scheduled, whe
 and which PrepareEpoch/CommitEpoch it holds. The plan (`StepPlan`), the same on every rank:
 - a scaling action every member holds (prepare or commit) runs instead of a step;
 - nobody busy: the wave ends;
-- every rank decode-only (or idle) and a graph fits the largest batch: every rank replays the graph of one padded
-  size, an idle rank with zero valid rows;
+- every rank decode-only (or idle) and a graph fits the largest batch: every rank replays the decode graph of one
+  padded size, an idle rank with zero valid rows;
+- else, when a mixed graph holds the largest batch's tokens: every rank replays the mixed graph of one padded
+  token count (prefill chunks and decodes together; engine/cuda_graphs.py);
 - else an eager step whose MoE runs in `chunks` pieces of at most `chunk_tokens` tokens per rank, the same count
   on every rank (a rank with fewer tokens sends empty pieces), so no collective inside the layer loop needs to
   ask anyone how much is coming.
@@ -28,9 +30,18 @@ class StepDemand:
 
 
 @dataclass(frozen=True)
+class GraphSizes:
+    """The CUDA graphs every member of an epoch has (the same on all: config and backend are shared)."""
+
+    decode: tuple[int, ...] = ()  # decode graphs, by sequences (one new token each)
+    mixed: tuple[int, ...] = ()  # mixed graphs, by tokens (prefill chunks and decodes)
+
+
+@dataclass(frozen=True)
 class StepPlan:
     busy: bool = False
-    graph_size: int = 0  # > 0: every rank replays the decode graph of this many sequences
+    graph_size: int = 0  # > 0: every rank replays the graph of this size (sequences; tokens if `mixed`)
+    mixed: bool = False  # the graph is a mixed one
     chunks: int = 1  # eager: MoE pieces per layer, the same on every rank
     chunk_tokens: int = 0  # eager: tokens per rank per piece (the dispatch capacity); graph: graph_size
     max_tokens: int = 0  # the largest batch of any rank this step
@@ -51,7 +62,7 @@ def pick_graph_size(sizes: list[int], seqs: int) -> int:
     return next((s for s in sizes if s >= max(seqs, 1)), 0)
 
 
-def decide(values: list[int], graph_sizes: list[int], chunk_tokens: int) -> StepPlan:
+def decide(values: list[int], graph_sizes: GraphSizes, chunk_tokens: int) -> StepPlan:
     """The plan from the element-wise maximum of every rank's `encode` (a pure function: every rank gets the
     same answer)."""
     busy, tokens, seqs, not_graphable, prep, neg_prep, com, neg_com = values
@@ -61,9 +72,12 @@ def decide(values: list[int], graph_sizes: list[int], chunk_tokens: int) -> Step
         return StepPlan(busy=bool(busy), prepare_epoch=prepare, commit_epoch=commit, max_tokens=tokens)
     if not busy:
         return StepPlan(busy=False)
-    graph = pick_graph_size(graph_sizes, seqs) if graph_sizes and not not_graphable else 0
+    graph = pick_graph_size(graph_sizes.decode, seqs) if graph_sizes.decode and not not_graphable else 0
     if graph:
         return StepPlan(busy=True, graph_size=graph, chunk_tokens=graph, max_tokens=tokens)
+    mixed = pick_graph_size(graph_sizes.mixed, tokens) if graph_sizes.mixed else 0  # holds seqs <= tokens too
+    if mixed:
+        return StepPlan(busy=True, graph_size=mixed, mixed=True, chunk_tokens=mixed, max_tokens=tokens)
     cap = max(1, min(chunk_tokens, tokens)) if chunk_tokens else max(1, tokens)
     return StepPlan(busy=True, chunks=max(1, -(-tokens // cap)), chunk_tokens=cap, max_tokens=tokens)
 
@@ -73,10 +87,10 @@ def encode(demand: StepDemand, prepare_epoch: int, commit_epoch: int) -> list[in
             int(not demand.graphable), prepare_epoch, -prepare_epoch, commit_epoch, -commit_epoch]
 
 
-def agree(group: EpochGroup, demand: StepDemand, graph_sizes: list[int], chunk_tokens: int,
+def agree(group: EpochGroup, demand: StepDemand, graph_sizes: GraphSizes, chunk_tokens: int,
           prepare_epoch: int = 0, commit_epoch: int = 0) -> StepPlan:
-    """The step's one host collective (none in a one-rank epoch). graph_sizes: the decode graphs every member
-    has (the same list on all: config and backend are shared), empty when the epoch runs none; chunk_tokens: the
+    """The step's one host collective (none in a one-rank epoch). graph_sizes: the graphs every member has
+    (empty when the epoch runs none); chunk_tokens: the
     most tokens per rank one MoE dispatch carries (0 = no limit)."""
     values = group.all_reduce_max(encode(demand, prepare_epoch, commit_epoch))
     return decide(values, graph_sizes, chunk_tokens)

@@ -4,7 +4,7 @@
   reference run by an in-process engine (no head, no GPU). TF32 is off for torch's matmuls and the Triton kernels
   use IEEE fp32 dots, and the tiny model's top logits are far enough apart that rounding in another order picks
   the same tokens. Served through HTTP by one rank, by two ranks on two GPUs across grow and shrink, and with
-  decode CUDA graphs on and off.
+  CUDA graphs on and off (decode and mixed).
 - bf16 on a GPU gives logprobs within twice transformers' own bf16 error, both measured against transformers in
   fp32 (as tests/model/test_deepseek_v2.py does for logits).
 
@@ -130,21 +130,22 @@ def test_bf16_on_gpu_logprobs_within_transformers_bf16_error(tiny_ids, tmp_path)
 
 @pytest.mark.gpu
 @needs_gpu
-def test_decode_cuda_graphs_keep_token_ids_and_run(tiny_ids, cpu_greedy, tmp_path):
-    """Decode steps replay CUDA graphs (padded batch sizes, static buffers) and give the CPU's token ids, in fp32."""
+def test_cuda_graphs_keep_token_ids_and_run(tiny_ids, cpu_greedy, tmp_path):
+    """Steps replay CUDA graphs (decode graphs by padded batch size; mixed graphs by padded token count, for the
+    prefills; static buffers) and give the CPU's token ids, in fp32."""
     got, graph_steps = {}, {}
-    for graphs in (False, True):
-        head = start_head(tmp_path / str(graphs), ranks=1, parallel={"device": GPU},
+    for name, graphs, mixed in (("eager", False, 0), ("decode", True, 0), ("mixed", True, 512)):
+        head = start_head(tmp_path / name, ranks=1, parallel={"device": GPU},
                           model={"path": str(tiny_ids), "dtype": "float32"},
-                          engine={"cuda_graphs": graphs, "cuda_graph_max_batch": 24})
+                          engine={"cuda_graphs": graphs, "cuda_graph_max_batch": 24, "cuda_graph_max_tokens": mixed})
         try:
-            got[graphs] = greedy_ids(head.url, head.model, PROMPT_IDS, NEW)
-            graph_steps[graphs] = head.state()["ranks"][0]["graph_steps"]
+            got[name] = greedy_ids(head.url, head.model, PROMPT_IDS, NEW)
+            graph_steps[name] = head.state()["ranks"][0]["graph_steps"]
         finally:
             head.stop()
-    assert graph_steps[False] == 0 and graph_steps[True] > 0, graph_steps
-    assert got[False] == cpu_greedy
-    assert got[True] == cpu_greedy
+    # the prefills replay mixed graphs too
+    assert graph_steps["eager"] == 0 < graph_steps["decode"] < graph_steps["mixed"], graph_steps
+    assert got == {"eager": cpu_greedy, "decode": cpu_greedy, "mixed": cpu_greedy}
 
 
 # ---- two GPUs --------------------------------------------------------------------------------------------------------

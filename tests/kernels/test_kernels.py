@@ -222,6 +222,30 @@ def test_paged_attention_triton_padding_sequences_get_zeros():
 
 
 @needs_kernels
+def test_paged_attention_triton_mixed_graph_padding():
+    """A mixed CUDA-graph batch (engine/cuda_graphs.py): T = 16 tokens in 16 sequences, 3 real ones (a prefill chunk
+    and two decodes, 10 tokens), then padding sequences of one token each while tokens last, then empty ones; all
+    with seq_len 0. The real rows equal the unpadded batch's in the prefill configuration; padding rows are zeros."""
+    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
+
+    page, Hq, Hkv, D = 4, 4, 2, 16
+    qlens, seq_lens, tables = [8, 1, 1], [8, 10, 3], [[1, 0], [2, 4, 5], [3]]
+    slots = [tables[0][p // page] * page + p % page for p in range(8)] + [5 * page + 1, 3 * page + 2]
+    real = AttentionMetadata.build(slots, qlens, seq_lens, tables, page, DEVICE)
+    pad_q = [1] * 6 + [0] * 7
+    padded = AttentionMetadata.build(slots + [-1] * 6, qlens + pad_q, seq_lens + [0] * 13, tables + [[]] * 13,
+                                     page, DEVICE)
+    padded.max_query_len = 16  # as the graph's metadata says: the prefill configuration
+    k_cache, v_cache = torch.randn(2, 6, page, Hkv, D, device=DEVICE)
+    q = torch.randn(16, Hq, D, device=DEVICE)
+    for cfg in (None, AttentionConfig(16, 16, 1, 4, 2)):
+        want = paged_attention_triton(q[:10], k_cache, v_cache, real, 0.25, config=cfg)
+        out = torch.full_like(q, float("nan"))
+        paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
+        assert rel_err(out[:10], want) <= 1e-5 and torch.equal(out[10:], torch.zeros_like(out[10:]))
+
+
+@needs_kernels
 def test_write_kv_triton_skips_negative_slots():
     from eep_hpc.kernels.triton_attention import write_kv_triton
 

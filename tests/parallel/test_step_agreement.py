@@ -19,7 +19,7 @@ from eep_hpc.model.arch import load_arch
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import EpochGroup, connect_store
-from eep_hpc.parallel.step_plan import StepDemand, decide, encode
+from eep_hpc.parallel.step_plan import GraphSizes, StepDemand, decide, encode
 
 CHUNK = 8  # tokens per rank per MoE dispatch: the 20-token prompt below takes 3 chunks
 PROMPTS = {0: [[5, 17, 3, 99, 41, 7, 250, 12, 64, 3, 8, 91, 33, 2, 71, 18, 150, 6, 27, 44]],  # one long prefill
@@ -136,14 +136,14 @@ def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
 
 def test_plan_decisions():
     """The decision every rank takes from the element-wise maximum of their demands."""
-    sizes = [1, 2, 4, 8, 16]
+    sizes = GraphSizes(decode=(1, 2, 4, 8, 16))
     both = [encode(StepDemand(tokens=3, seqs=3, busy=True), 0, 0), encode(StepDemand(), 0, 0)]
     values = [max(col) for col in zip(*both)]
     # decode-only and idle: one graph of the smallest size that holds the largest batch
     plan = decide(values, sizes, 256)
     assert plan.is_graph and plan.graph_size == 4
     # no graphs (CPU, or a backend that cannot be captured): eager, one chunk
-    assert decide(values, [], 256) == step_plan.StepPlan(busy=True, chunks=1, chunk_tokens=3, max_tokens=3)
+    assert decide(values, GraphSizes(), 256) == step_plan.StepPlan(busy=True, chunks=1, chunk_tokens=3, max_tokens=3)
     # one rank prefills 600 tokens: nobody replays; three chunks of 256 on everyone
     prefill = encode(StepDemand(tokens=600, seqs=1, graphable=False, busy=True), 0, 0)
     plan = decide([max(col) for col in zip(prefill, both[0])], sizes, 256)
@@ -159,6 +159,15 @@ def test_plan_decisions():
     assert plan.prepare_epoch == 0 and plan.busy
     assert decide([max(c) for c in zip(encode(StepDemand(), 0, 9), encode(StepDemand(), 0, 9))],
                   sizes, 256).commit_epoch == 9
+    # with mixed graphs: a step that is not decode-only replays the mixed graph that holds the most tokens of any
+    # rank; above the largest one it runs eagerly
+    with_mixed = GraphSizes(decode=(1, 2, 4, 8, 16), mixed=(32, 64, 128))
+    small_prefill = encode(StepDemand(tokens=40, seqs=2, graphable=False, busy=True), 0, 0)
+    plan = decide([max(col) for col in zip(small_prefill, both[0])], with_mixed, 256)
+    assert plan == step_plan.StepPlan(busy=True, graph_size=64, mixed=True, chunk_tokens=64, max_tokens=40)
+    assert decide(values, with_mixed, 256).graph_size == 4 and not decide(values, with_mixed, 256).mixed
+    plan = decide([max(col) for col in zip(prefill, both[0])], with_mixed, 256)
+    assert not plan.is_graph and (plan.chunks, plan.chunk_tokens) == (3, 256)
 
 
 def test_operators_see_steps_and_host_collectives(tmp_path):
