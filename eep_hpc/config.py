@@ -121,8 +121,10 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     zmq_port: Port = 0
     store_port: Port = 0
-    # The head pings every rank this often; every rank sends the head a beacon this often from a thread of its own,
-    # so a rank busy loading weights or in a long step is still heard from.
+    beacon_port: Port = 0  # the head's pings to its ranks, from a thread of their own (head/beacon.py)
+    # The head pings every rank this often and every rank sends the head a beacon this often, each from a thread of
+    # its own, so a rank busy loading weights or in a long step, and a head whose event loop is far behind its
+    # streams, are still heard from.
     heartbeat_s: Seconds = 1.0
     # A rank that hears nothing from the head for this long exits (the head is gone).
     head_timeout_s: Seconds = 15.0

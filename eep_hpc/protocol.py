@@ -3,7 +3,7 @@
 Wire format: one ZMQ frame per message, msgpack (msgspec, tagged by class name) behind an HMAC-SHA256 signature
 with the run's secret and a per-sender counter (signing.py: encode, decode_for_rank, decode_for_head); no pickle on
 the wire. The head binds a ROUTER socket; each rank connects a DEALER whose identity is
-`signing.rank_identity(rank_id)`.
+`signing.rank_identity(rank_id)`, and one more with the same identity to the head's beacon (its Pings).
 
 Ids: `rank_id` is a stable integer the head assigns when it launches a rank; an *epoch* orders the member ranks
 (`Epoch.rank_ids`), and a rank's index in that list is its rank within that epoch's groups.
@@ -55,6 +55,7 @@ class RankLaunch(msgspec.Struct, kw_only=True):
 
     rank_id: int
     head_address: str  # tcp://host:port of the head's ROUTER socket
+    head_beacon_address: str = ""  # the head's beacon (head/beacon.py): its Pings come from there
     model_dir: str
     eos_token_ids: list[int]
     device: str  # "cpu" or "cuda:N"
@@ -108,6 +109,8 @@ class Wake(_Msg):
 
 
 class Ping(_Msg):
+    """Every heartbeat, from the head's beacon thread (head/beacon.py) on its own socket; answered with a Pong."""
+
     sent_at: float
 
 

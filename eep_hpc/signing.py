@@ -10,7 +10,8 @@ never argv or the environment). A frame is
 with tag = HMAC-SHA256(secret, sender | counter | payload). `sender` is random per process and `counter` counts
 the frames it encoded, so a receiver takes each (sender, counter) once: a frame recorded on the wire and sent
 again is dropped. Counters may arrive out of order by up to REPLAY_WINDOW frames (one process may encode on
-several threads); older ones are dropped too. No clocks are compared, so node clocks need not agree.
+several threads); older ones are dropped too. A thread that sends on a socket of its own (the head's beacon) signs
+as a `Sender` of its own, so its frames, on their own channel, never fall behind the process's others by a window. No clocks are compared, so node clocks need not agree.
 Routing identities are derived from the secret as well (`identity_suffix`), so a process without it cannot take
 a rank's identity on the ROUTER socket before the rank connects.
 """
@@ -144,8 +145,18 @@ def unseal(name: str, sealed: bytes) -> bytes:
     return data
 
 
-def encode(msg: HeadToRank | RankToHead) -> bytes:
-    body = _sender + next(_counter).to_bytes(8, "big") + _encoder.encode(msg)
+class Sender:
+    """A sequence of signed frames of its own: a random sender id and its own counter (encode(msg, sender))."""
+
+    def __init__(self):
+        self.id, self.counter = os.urandom(8), itertools.count(1)
+
+
+def encode(msg: HeadToRank | RankToHead, sender: Sender | None = None) -> bytes:
+    if sender is None:
+        body = _sender + next(_counter).to_bytes(8, "big") + _encoder.encode(msg)
+    else:
+        body = sender.id + next(sender.counter).to_bytes(8, "big") + _encoder.encode(msg)
     return _mac(body) + body
 
 

@@ -9,7 +9,7 @@ Protocol with the ranks (messages in protocol.py, the ROUTER socket in link.py, 
    outputs come back as StepOutputs and are fanned out to per-request queues.
 4. Scaling (scaling.py, epoch_exchange.py): grow, shrink, rebalance move the group to a new epoch with prepare
    before commit, rolled back on any failure; node notices (notices.py) drain a node; the autoscaler decides alone.
-5. Ping every heartbeat (health.py); a rank that stops answering, fails, or whose job dies is marked FAILED. A
+5. Ping every heartbeat (health.py decides whom, the link's beacon thread sends); a rank that stops answering, fails, or whose job dies is marked FAILED. A
    member lost that way starts a recovery (recovery.py): survivors re-form without it and every open request starts
    again on them, so no request fails while one member lives. New requests wait for the recovery to end.
 """
@@ -59,7 +59,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self.membership = m = Membership(f"{ctl.run_dir}/jobs")
-        self.link = RankLink(ctl.host, ctl.zmq_port, ctl.store_port)
+        self.link = RankLink(ctl.host, ctl.zmq_port, ctl.store_port, ctl.beacon_port, ctl.heartbeat_s)
         self.streams = Streams(m, self.link, recovery_wait_s=ctl.event_timeout_s * 4)
         self.jobs = RankJobs(launcher, m, self.link, cfg, model_dir, eos_token_ids)
         self.expert_load = ExpertLoad(num_moe_layers, num_experts)

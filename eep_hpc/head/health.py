@@ -1,5 +1,6 @@
 """Heartbeats and failure detection. Every heartbeat the launcher is asked which rank processes still live, and
-every live rank is pinged (its Pong carries its stats); a rank whose process is gone, that said RankFailed, or that
+every live rank is pinged (its Pong carries its stats) by the link's beacon, a thread of its own (beacon.py): a
+loop far behind its streams still pings, and its ranks stay. Here, on the loop, is decided whom; a rank whose process is gone, that said RankFailed, or that
 sent nothing for control.rank_timeout_s is FAILED.
 
 The bound: every rank sends a beacon each heartbeat from a thread of its own (rank/beacon.py), also while it loads
@@ -75,6 +76,7 @@ class Health:
     def fail(self, rec: RankRecord, why: str, silent: bool = False) -> None:
         """`silent`: it only stopped sending (maybe behind a cut link): fenced when heard again, killed later."""
         rec.state = RankState.FAILED
+        self.link.beacon.ping_only(r.rank_id for r in self.pinged())  # a rank cut off must hear nothing from now on
         if silent:
             self.kill_later[rec.rank_id] = time.monotonic() + self.head_timeout_s + 2 * self.heartbeat_s
         else:
@@ -115,10 +117,11 @@ class Health:
             await self.check_alive()
             await self.kill_silent()
             now = time.monotonic()
-            for rec in list(self.membership.ranks.values()):
-                if rec.state in (RankState.LAUNCHED, *GONE):
-                    continue
+            for rec in self.pinged():
                 if now - rec.last_seen > self.rank_timeout_s and not stalled:
                     self.fail(rec, f"no message for {self.rank_timeout_s:g} s", silent=True)
-                else:
-                    self.link.send(rec.rank_id, P.Ping(sent_at=time.time()))
+            self.link.beacon.ping_only(rec.rank_id for rec in self.pinged())
+
+    def pinged(self) -> list[RankRecord]:
+        """The ranks that hear from the head: connected and not gone."""
+        return [rec for rec in self.membership.ranks.values() if rec.state not in (RankState.LAUNCHED, *GONE)]

@@ -50,7 +50,8 @@ class RankJobs:
         for _ in range(count):
             rid = self.next_rank_id
             self.next_rank_id += 1
-            out.append(P.RankLaunch(rank_id=rid, head_address=self.link.address, model_dir=self.model_dir,
+            out.append(P.RankLaunch(rank_id=rid, head_address=self.link.address,
+                                    head_beacon_address=self.link.beacon.address, model_dir=self.model_dir,
                                     eos_token_ids=self.eos_token_ids, device=self.launcher.device_for(rid),
                                     config=self.rank_config, api_addresses=list(self.link.api_addresses)))
         return out

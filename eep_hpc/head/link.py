@@ -1,5 +1,6 @@
-"""The head's link to its ranks and node agents: the ROUTER socket they connect to (one DEALER each), and the
-TCPStore master where each epoch's groups meet (`Epoch.store_host/port`).
+"""The head's link to its ranks and node agents: the ROUTER socket they connect to (one DEALER each), the TCPStore
+master where each epoch's groups meet (`Epoch.store_host/port`), and the beacon that pings the ranks from a thread
+of its own (beacon.py; each rank connects one more DEALER to it).
 
 Every frame is signed with the run's secret (signing.py); a frame that does not verify, was seen before, or has
 an unexpected shape is dropped and counted, and never ends the receive loop (anyone on the cluster can connect).
@@ -16,14 +17,17 @@ import zmq.asyncio
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
+from eep_hpc.head.beacon import HeadBeacon
 from eep_hpc.parallel.eplb import Placement
 
 log = logging.getLogger("eep_hpc.coordinator")
 
 
 class RankLink:
-    def __init__(self, host: str, zmq_port: int = 0, store_port: int = 0):
+    def __init__(self, host: str, zmq_port: int = 0, store_port: int = 0, beacon_port: int = 0,
+                 heartbeat_s: float = 1.0):
         self.host, self._zmq_port, self._store_port = host, zmq_port, store_port
+        self.beacon = HeadBeacon(host, beacon_port, heartbeat_s)
         self.address = ""  # tcp://host:port of the ROUTER socket, once open
         self.store: dist.TCPStore | None = None
         self.dropped = 0  # control frames refused (unsigned, forged, replayed, malformed), for status
@@ -40,8 +44,10 @@ class RankLink:
             self._sock.bind_to_random_port(f"tcp://{self.host}")
         self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.store = dist.TCPStore(self.host, self._store_port, is_master=True, wait_for_workers=False)
+        self.beacon.open()
 
     def close(self) -> None:
+        self.beacon.close()
         self._sock.close(linger=0)
         self._ctx.term()
         self.store = None

@@ -4,7 +4,8 @@ Loop: idle ranks block on their socket (no spinning). A Wake for the current wav
 run one agreement per iteration (parallel/step_plan.py: what each is about to run, and which scaling action every
 member holds) and then all do the same thing: a prepare, a commit, one model step of the agreed shape, or leave
 the wave (nobody has work; epoch rank 0 reports WaveDone). The epoch side (membership, prepare, commit) is
-epochs.py. A rank that hears nothing from the head for `head_timeout_s` exits: the head is gone.
+epochs.py. A rank that hears nothing from the head for `head_timeout_s` exits: the head is gone. The head's Pings
+come on a socket of their own (`pings`, from the head's beacon thread, head/beacon.py), polled next to the main one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ class RankProcess:
         self.sock.setsockopt(zmq.IDENTITY, signing.rank_identity(self.id))
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(launch.head_address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.pings = None
+        if launch.head_beacon_address:
+            self.pings = self.ctx.socket(zmq.DEALER)
+            self.pings.setsockopt(zmq.IDENTITY, signing.rank_identity(self.id))
+            self.pings.setsockopt(zmq.LINGER, 0)
+            self.pings.connect(launch.head_beacon_address)
+            self.poller.register(self.pings, zmq.POLLIN)
         # one PUSH per API process of the head (serve.api_servers > 1): the outputs of the requests it streams
         self.api_socks = []
         for address in launch.api_addresses:
@@ -96,15 +106,18 @@ class RankProcess:
             if self.epochs.group is not None:
                 self.epochs.group.destroy()
             self.beacon.stop()
-            for sock in [self.sock, *self.api_socks]:
+            for sock in [self.sock, *self.api_socks, *([self.pings] if self.pings else [])]:
                 sock.close(linger=0)
             self.ctx.term()
             self.trace.close()
 
     def drain(self, timeout_ms: int) -> None:
         """Handle every queued message; wait up to timeout_ms for the first one."""
-        if not self.sock.poll(timeout_ms):
+        ready = dict(self.poller.poll(timeout_ms))
+        if not ready:
             return
+        if self.pings in ready:
+            self.drain_pings()
         while not self.stopping:
             try:
                 data = self.sock.recv(zmq.NOBLOCK)
@@ -114,6 +127,23 @@ class RankProcess:
                 msg = signing.decode_for_rank(data)
             except signing.BadMessage as e:  # not from this run's head: dropped, and not counted as hearing from it
                 signing.log_dropped(log, self.launch.head_address, e)
+                continue
+            self.last_heard = time.monotonic()
+            self.handle(msg)
+
+    def drain_pings(self) -> None:
+        """The head's beacon sends Pings only; anything else on its socket is dropped."""
+        while True:
+            try:
+                data = self.pings.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = signing.decode_for_rank(data)
+                if not isinstance(msg, P.Ping):
+                    raise signing.BadMessage(f"{type(msg).__name__} on the head's beacon socket, which sends Pings")
+            except signing.BadMessage as e:
+                signing.log_dropped(log, self.launch.head_beacon_address, e)
                 continue
             self.last_heard = time.monotonic()
             self.handle(msg)
