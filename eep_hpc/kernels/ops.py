@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 from eep_hpc.kernels.attention import AttentionMetadata, paged_attention_reference
 from eep_hpc.kernels.attention import write_kv as write_kv_reference
@@ -34,6 +35,23 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
+
+
+def skinny_gemm_enabled() -> bool:
+    """`EEP_HPC_SKINNY_GEMM=0` keeps cuBLAS for every dense projection (read at each call: a benchmark can compare
+    both in one process; a captured CUDA graph keeps what it captured)."""
+    return os.environ.get("EEP_HPC_SKINNY_GEMM", "1") != "0"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias) -> [..., N]: the dense projections (qkv, o_proj, router gate, LM head,
+    dense MLP). On CUDA with at most `triton_linear.MAX_M` rows (decode) the Triton skinny GEMM, else F.linear."""
+    if (use_triton(x) and x.dtype == weight.dtype and weight.dim() == 2 and weight.stride(-1) == 1
+            and 0 < x.numel() <= 16 * x.shape[-1] and skinny_gemm_enabled()):
+        from eep_hpc.kernels.triton_linear import skinny_linear_triton
+
+        return skinny_linear_triton(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.arch import MoEArch
-from eep_hpc.model.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding
+from eep_hpc.model.layers import Attention, DenseMLP, Linear, RMSNorm, RotaryEmbedding
 from eep_hpc.model.moe import ExpertParallel, SparseMoE
 
 
@@ -46,7 +46,7 @@ class MoEForCausalLM(nn.Module):
         rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(arch, i, rope, num_local_slots) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)  # ops.linear: skinny GEMM at decode
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

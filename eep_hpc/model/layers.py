@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, paged GQA attention, dense SwiGLU MLP."""
+"""Building blocks of the decoder: linear projections, RMSNorm, rotary embedding, paged GQA attention, dense SwiGLU
+MLP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ from torch import nn
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.kernels.rope import qk_norm_rope_write_kv, rope_neox_reference
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose forward goes through `ops.linear`: the Triton skinny
+    GEMM for decode-sized inputs on the GPU, F.linear otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -49,8 +58,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
         self.qkv_split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-        self.qkv_proj = nn.Linear(hidden, sum(self.qkv_split), bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.qkv_proj = Linear(hidden, sum(self.qkv_split), bias=False)
+        self.o_proj = Linear(heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.rope = rope
@@ -72,9 +81,9 @@ class Attention(nn.Module):
 class DenseMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,6 +13,7 @@ from torch import nn
 
 from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
 from eep_hpc.kernels.routing import route_topk
+from eep_hpc.model.layers import Linear
 from eep_hpc.parallel.all_to_all import AllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
 
@@ -92,7 +93,7 @@ class SparseMoE(nn.Module):
         """fp8_block: expert slots in fp8 with scales of that block (buffers: they travel with the slots, never
         with the dense weights); None: in the default dtype."""
         super().__init__()
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)  # ops.linear: the skinny GEMM at decode
         self.top_k, self.renormalize, self.moe_index = top_k, renormalize, moe_index
         S, dtype = num_local_slots, (FP8 if fp8_block else None)
         self.w13 = nn.Parameter(torch.empty(S, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)

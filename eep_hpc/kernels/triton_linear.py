@@ -1,0 +1,188 @@
+"""Skinny GEMM in Triton: y = x @ W.T (+ b) for a few token rows (decode), the GPU path of `F.linear` for M <= 16.
+
+At decode the dense projections (qkv_proj, o_proj, the router gate, the LM head) read a whole weight matrix for one
+to sixteen rows: pure weight streaming. cuBLAS picks GEMM tiles made for larger M there (at batch 1 on the H200:
+~25 us per layer for ~38 MB, a floor of ~9 us, plus a split-K reduce launch). Here a program owns BLOCK_N output
+columns (= weight rows, contiguous in K) and walks K in BLOCK_K steps; the grid has enough programs to keep every SM
+streaming, and all of a program's loads of one step are independent 16-byte loads.
+
+Two inner products, one kernel:
+- BLOCK_M == 1 (one row, M = 1): no tensor cores; fp32 FMAs into a [BLOCK_N, BLOCK_K] accumulator, reduced over K
+  once at the end (no shuffle per step).
+- BLOCK_M == 16 (2 to 16 rows): tl.dot of the [BLOCK_M, BLOCK_K] row tile with the transposed weight tile (rows past
+  M are masked to zero), so each weight byte is read once for all rows.
+Split-K (SPLIT_K > 1, where N alone gives too few programs): each program covers K_SPLIT of K and writes an fp32
+partial [SPLIT_K, M, N]; `_split_k_reduce` sums them in a fixed order (deterministic, no atomics, no zeroed buffer).
+fp32 inputs use IEEE dots (tests); the accumulator is fp32 and rounded once to the output dtype, as cuBLAS does.
+
+The config depends on (M, N, K, dtype) only and nothing syncs with the host: CUDA graphs capture it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 16  # rows the skinny path serves (ops.linear sends larger M to cuBLAS)
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    BLOCK_M: int  # 1: FMA path (M must be 1); 16: tl.dot path
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int
+    num_warps: int
+    num_stages: int
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: small grids
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
+    """From shapes only. Aim: at least ~2 programs per SM (bytes in flight), weight tiles of 8-16 KB per K step,
+    split-K only when the weight rows alone cannot give one program per SM.
+    `python -m eep_hpc.bench.kernels --only linear --sweep` times the alternatives (H100/H200)."""
+    sms = _num_sms(device)
+    esize = dtype.itemsize
+    if M == 1:
+        block_n = 16
+        while block_n > 1 and triton.cdiv(N, block_n) < 2 * sms:
+            block_n //= 2
+        # ~16 KB of weights per program and K step (fewer columns: longer rows), at most 4096 elements
+        block_k = min(triton.next_power_of_2(K), max(16384 // esize // block_n, 128), 4096)
+        split = 1
+        while triton.cdiv(N, block_n) * split < sms and K // (split * 2) >= block_k and split < 16:
+            split *= 2
+        return LinearConfig(1, block_n, block_k, split, 4, 1)
+    block_k = min(max(triton.next_power_of_2(K), 16), 256 if esize == 2 else 64)
+    block_n = 32 if triton.cdiv(N, 32) >= 2 * sms else 16
+    split = 1
+    while triton.cdiv(N, block_n) * split < sms and K // (split * 2) >= block_k and split < 16:
+        split *= 2
+    return LinearConfig(16, block_n, block_k, split, 4, 3 if esize == 2 else 2)
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_SPLIT,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # the LM head has ~3e8 weights
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + offs_k
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :])
+            else:
+                k_ok = k < k_end
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)
+        acc = tl.reshape(tl.sum(acc2, 1), (1, BLOCK_N))
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k = k0 + offs_k
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
+            else:
+                k_ok = k < k_end
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:  # partials [SPLIT_K, M, N] fp32
+        part = part_ptr + (pid_k * M + offs_m).to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part, acc, mask=ok)
+
+
+@triton.jit
+def _split_k_reduce(
+    part_ptr, b_ptr, out_ptr, M, N, stride_om,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    m = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # fixed order: the same sums on every run
+        acc += tl.load(part_ptr + (s * M + m).to(tl.int64) * N + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         config: LinearConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, for at most MAX_M rows (BLOCK_M 16) or
+    one row (BLOCK_M 1)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    assert weight.shape == (N, K) and weight.stride(-1) == 1 and weight.dtype == x.dtype, (x.shape, weight.shape)
+    assert bias is None or (bias.shape == (N,) and bias.is_contiguous())
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out2 = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    if M == 0 or N == 0:
+        return out2.view(*x.shape[:-1], N)
+    if K == 0:
+        out2.copy_(bias.expand(M, N) if bias is not None else torch.zeros(M, N, dtype=x.dtype, device=x.device))
+        return out2.view(*x.shape[:-1], N)
+    cfg = config or pick_config(M, N, K, x.dtype, x.device)
+    assert M <= MAX_M and (cfg.BLOCK_M >= 16 or M == 1), (M, cfg)
+    split = cfg.SPLIT_K
+    k_split = triton.cdiv(triton.cdiv(K, split), cfg.BLOCK_K) * cfg.BLOCK_K  # whole K tiles per split
+    split = triton.cdiv(K, k_split)  # splits that own any K
+    even_k = K % cfg.BLOCK_K == 0  # then every split's range is whole tiles too
+    part = (torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2)
+    grid = (triton.cdiv(N, cfg.BLOCK_N), split, triton.cdiv(M, cfg.BLOCK_M))
+    _skinny_linear_kernel[grid](
+        x2, weight, bias if bias is not None else weight, out2, part, M, N, K, k_split,
+        x2.stride(0), weight.stride(0), out2.stride(0),
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        SPLIT_K=split, EVEN_K=even_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(N))
+        _split_k_reduce[(triton.cdiv(N, block), M)](
+            part, bias if bias is not None else weight, out2, M, N, out2.stride(0),
+            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4,
+        )
+    return out2.view(*x.shape[:-1], N)
