@@ -1,12 +1,16 @@
 """Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
 
-    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,...]
+    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,linear,...]
 
 Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
 (never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
 the replays. --sweep also times a few tile configs per case (to tune `pick_config`). `moe_fp8` times the same MoE
 cases with the weights quantised to fp8 (e4m3, 128 x 128 block scales, as Qwen3-30B-A3B-FP8) and bf16 activations,
 beside the bf16 rows of `moe`; its error is against the dequantised weights (the kernel's own error, not fp8's).
+`linear` times the skinny GEMM (triton_linear.py) against cuBLAS (F.linear) at the dense projections' shapes for
+1, 4 and 16 rows, cycling through enough weight copies that L2 (50 MB) holds none of them between calls (as in a
+step, where every layer has its own weights; the router gate's 0.5 MB copies stay in L2 all the same: its time is
+latency); `pct_of_copy_bw` is the weight stream against a measured copy.
 """
 
 from __future__ import annotations
@@ -141,6 +145,74 @@ def bench_moe(results, reps, sweep, dtype, fp8: bool = False):
         print(row, flush=True)
 
 
+# the dense projections of Qwen3-30B-A3B: (name, N, K)
+LINEAR_CASES = [("qkv_proj", (HQ + 2 * HKV) * HEAD_D, HIDDEN), ("o_proj", HIDDEN, HQ * HEAD_D),
+                ("router_gate", EXPERTS, HIDDEN), ("lm_head", 151936, HIDDEN)]
+
+
+def _linear_sweep_configs(M: int):
+    """~20 one-row and ~12 tl.dot configs (each compiles once: the sweep stays near a minute)."""
+    from eep_hpc.kernels.triton_linear import LinearConfig as C
+
+    if M == 1:
+        fma = [C(1, n, k, 1, 4, 1) for n, k in ((2, 2048), (4, 1024), (4, 2048), (8, 512), (8, 1024), (16, 256),
+                                                (16, 512), (32, 256))]
+        fma += [C(1, n, k, 1, w, st) for n, k in ((4, 2048), (8, 1024), (16, 512)) for w, st in ((8, 1), (4, 3))]
+        fma += [C(1, 8, 1024, 2, 4, 1), C(1, 16, 512, 2, 4, 1)]
+        return fma + [C(16, 16, 256, 1, 4, 3), C(16, 32, 256, 1, 4, 3), C(16, 16, 128, 1, 4, 4), C(16, 16, 256, 2, 4, 4)]
+    return [C(16, n, k, s, 4, 3) for n in (16, 32) for k in (128, 256) for s in (1, 2)] + [
+        C(16, 32, 256, 1, 4, 4), C(16, 64, 128, 1, 4, 3), C(16, 16, 512, 1, 4, 3), C(16, 32, 256, 4, 4, 3)]
+
+
+def bench_linear(results, reps, sweep, dtype):
+    import torch.nn.functional as F
+
+    from eep_hpc.bench.roofline import measure_bandwidth
+    from eep_hpc.kernels.triton_linear import pick_config, skinny_linear_triton
+
+    dev = torch.device("cuda")
+    bw = measure_bandwidth()  # GB/s = bytes per us / 1e3
+    for name, N, K in LINEAR_CASES:
+        copies = max(2, min(INNER, -(-160 * 2**20 // (N * K * dtype.itemsize))))  # > 3x L2 in flight
+        base = (torch.randn(N, K) * K**-0.5).to(dev, dtype)  # the CPU's generator (see bench_moe); copies by roll
+        ws = [base] + [base.roll(i, 0) for i in range(1, copies)]
+        for M in (1, 4, 16):
+            x = torch.randn(M, K).to(dev, dtype)
+            turn = [0]
+
+            def nxt():
+                turn[0] += 1
+                return ws[turn[0] % copies]
+
+            ref = F.linear(x.double(), ws[0].double())
+            out = skinny_linear_triton(x, ws[0])
+            cfg = pick_config(M, N, K, dtype, dev)
+            bytes_ = N * K * dtype.itemsize + (M * K + M * N) * dtype.itemsize
+            row = dict(kernel="linear", case=f"{name}-{M}", dtype=str(dtype), M=M, N=N, K=K, config=str(cfg),
+                       rel_err=rel(out, ref), torch_rel_err=rel(F.linear(x, ws[0]), ref), bytes=bytes_,
+                       floor_us=bytes_ / (bw * 1e3), copies=copies)
+            t_gpu, _ = gpu_us(lambda: skinny_linear_triton(x, nxt()), reps)
+            r_gpu, _ = gpu_us(lambda: F.linear(x, nxt()), reps)
+            row.update(triton_us=t_gpu, torch_us=r_gpu, triton_eager_us=eager_us(lambda: skinny_linear_triton(x, nxt()), reps),
+                       torch_eager_us=eager_us(lambda: F.linear(x, nxt()), reps),
+                       pct_of_copy_bw=None if t_gpu is None else round(100 * row["floor_us"] / t_gpu, 1),
+                       torch_pct_of_copy_bw=None if r_gpu is None else round(100 * row["floor_us"] / r_gpu, 1))
+            # a graph replay gives the eager result (no host-side state in the kernel)
+            g_out = gpu_us(lambda: skinny_linear_triton(x, ws[0]), 3)[1]
+            row["graph_matches_eager"] = None if g_out is None else bool(torch.equal(g_out, out))
+            if sweep and name in ("qkv_proj", "o_proj") and M in (1, 16):
+                times = {str(c): gpu_us(lambda c=c: skinny_linear_triton(x, nxt(), config=c), reps)[0]
+                         for c in _linear_sweep_configs(M)}
+                row["sweep"] = times
+                best = min((t, c) for c, t in times.items() if t is not None)
+                row["sweep_best"] = {"config": best[1], "us": best[0],
+                                     "pct_of_copy_bw": round(100 * row["floor_us"] / best[0], 1)}
+            results.append(row)
+            print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
+        del ws, base
+        torch.cuda.empty_cache()
+
+
 def _decode_meta(seq_lens, qlens, dev):
     tables, slots, nxt = [], [], 0
     for L, q in zip(seq_lens, qlens):
@@ -156,7 +228,7 @@ def bench_attention(results, reps, sweep, dtype):
     from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton, pick_config, write_kv_triton
 
     dev = torch.device("cuda")
-    cases = [("decode-1-ctx1024", [1024], [1]), ("decode-1-ctx8192", [8192], [1]),
+    cases = [("decode-1-ctx320", [321], [1]), ("decode-1-ctx1024", [1024], [1]), ("decode-1-ctx8192", [8192], [1]),
              ("decode-16-ctx2048", [2048] * 16, [1] * 16),
              ("decode-64-ctx1024", [1024] * 64, [1] * 64), ("decode-256-ctx1024", [1024] * 256, [1] * 256),
              ("prefill-512", [512], [512]), ("prefill-4x128+60dec", [128] * 4 + [1024] * 60, [128] * 4 + [1] * 60)]
@@ -180,10 +252,15 @@ def bench_attention(results, reps, sweep, dtype):
                    write_kv_torch_us=gpu_us(lambda: write_kv(k, v, k_cache, v_cache, meta.slot_mapping), reps)[0])
         timings(row, lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale),
                 lambda: paged_attention_reference(q, k_cache, v_cache, meta, scale), reps, reps, out)
+        if meta.max_query_len == 1 and cfg.NUM_SEGMENTS > 1:  # before/after of the live segments, same process
+            legacy = AttentionConfig(cfg.BLOCK_M, cfg.TILE_N, cfg.NUM_SEGMENTS, cfg.num_warps, cfg.num_stages, 0)
+            row["all_segments_us"] = gpu_us(
+                lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=legacy), reps)[0]
         if sweep:
             decode = meta.max_query_len == 1
             configs = ([AttentionConfig(16, t, s, w, st) for t in (64, 128) for s in (1, 2, 4, 16, 32)
-                        for w, st in ((4, 2), (4, 3), (8, 2))]
+                        for w, st in ((4, 2), (4, 3), (8, 2))]  # parts of at least 2 tiles (the default), and:
+                       + [AttentionConfig(16, t, s, 4, 2, mt) for t in (64, 128) for s in (4, 16, 32) for mt in (1, 4)]
                        if decode else
                        [AttentionConfig(m, t, 1, w, st) for m in (64, 128) for t in (32, 64) for w in (4, 8) for st in (2, 3)])
             row["sweep"] = {str(c): gpu_us(lambda c=c: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=c), reps)[0]
@@ -215,7 +292,7 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--only", default="moe,moe_fp8,attention,norm")
+    p.add_argument("--only", default="moe,moe_fp8,attention,norm,linear")
     args = p.parse_args()
     torch.manual_seed(0)
     results = []
@@ -224,7 +301,8 @@ def main():
     sections = dict(norm=lambda: bench_norm(results, args.reps, dtype),
                     attention=lambda: bench_attention(results, args.reps, args.sweep, dtype),
                     moe=lambda: bench_moe(results, args.reps, args.sweep, dtype),
-                    moe_fp8=lambda: bench_moe(results, args.reps, args.sweep, dtype, fp8=True))
+                    moe_fp8=lambda: bench_moe(results, args.reps, args.sweep, dtype, fp8=True),
+                    linear=lambda: bench_linear(results, args.reps, args.sweep, dtype))
     for name in only:
         try:
             sections[name]()
@@ -241,6 +319,14 @@ def main():
         print(f"{r['kernel']:10} {r['case']:22} {f(r.get('triton_us')):8.1f} {f(r.get('torch_us')):8.1f} "
               f"{f(r.get('floor_us')):7.1f} {f(r.get('triton_eager_us')):9.1f} {f(r.get('torch_eager_us')):11.1f} "
               f"{f(r.get('rel_err')):8.1e}")
+    for r in results:  # the before/after and tuning lines
+        if r.get("all_segments_us") is not None:
+            print(f"attention {r['case']}: live segments {f(r.get('triton_us')):.1f} us, every segment (before) "
+                  f"{r['all_segments_us']:.1f} us")
+        if r["kernel"] == "linear":
+            print(f"linear {r['case']:18} triton {f(r.get('pct_of_copy_bw')):5.1f}% of copy bw, cuBLAS "
+                  f"{f(r.get('torch_pct_of_copy_bw')):5.1f}%  {r['config']}"
+                  + (f"  sweep best {r['sweep_best']}" if "sweep_best" in r else ""))
 
 
 if __name__ == "__main__":

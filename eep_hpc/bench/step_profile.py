@@ -3,12 +3,18 @@ graph, timed with CUDA events, beside the memory roofline (`step_gpu_ms`: the gr
 the greedy pick, the bytes the roofline counts); plus the heaviest kernels of a graph-less step.
 
     python -m eep_hpc.bench.step_profile --config configs/qwen3-30b-a3b-dummy.toml --batch 1 64 256 --context 320
+
+--baseline-env VAR=VALUE ... first measures the decode rows and kernel tables with those variables set (graphs
+captured afresh), then without, and prints both side by side: a before/after of kernel switches in one process,
+e.g. `--baseline-env EEP_HPC_SKINNY_GEMM=0 EEP_HPC_ATTN_LIVE_SEGMENTS=0` (cuBLAS projections, every split-KV
+segment run and merged).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -81,6 +87,29 @@ def profile_prefill(runner: ModelRunner, ep: ExpertParallel, arch, seqs: int, n:
     return row
 
 
+def print_comparison(baseline: dict, rows: list[dict], profiles: dict) -> None:
+    """Step times and per-kernel device time, baseline (the --baseline-env variables set) against now."""
+    print(f"\nbefore = {baseline['env']}, after = without them")
+    for before, after in zip(baseline["rows"], rows):
+        print(f"batch {after['batch']:4}: graph {before['graph_gpu_ms']:.3f} -> {after['graph_gpu_ms']:.3f} ms, step "
+              f"{before['step_gpu_ms']:.3f} -> {after['step_gpu_ms']:.3f} ms ({before['step_vs_roofline']:.2f}x -> "
+              f"{after['step_vs_roofline']:.2f}x of the roofline, {after['roofline_ms']:.3f} ms)")
+    for key, after in profiles.items():
+        before = baseline["eager_kernels"].get(key)
+        if before is None:
+            continue
+        print(f"\n{key}: eager step kernels, device us (calls); launches {before['launches']} -> {after['launches']}, "
+              f"total {before['device_us_total']} -> {after['device_us_total']}; then the LM head")
+        for part in ("top", "lm_head_kernels"):
+            b_rows = {k["name"]: k for k in before[part]}
+            a_rows = {k["name"]: k for k in after[part]}
+            size = lambda n: -max(b_rows.get(n, {}).get("device_us", 0), a_rows.get(n, {}).get("device_us", 0))
+            for name in sorted(set(b_rows) | set(a_rows), key=size):
+                b, a = b_rows.get(name, {}), a_rows.get(name, {})
+                print(f"  {name[:64]:64} {b.get('device_us', 0):8.1f} ({b.get('calls', 0):3}) -> "
+                      f"{a.get('device_us', 0):8.1f} ({a.get('calls', 0):3})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/qwen3-30b-a3b-dummy.toml")
@@ -91,6 +120,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile-batch", type=int, nargs="+", default=[1], help="batch sizes whose eager kernels to list")
     p.add_argument("--prefill", nargs="*", default=[], metavar="SEQSxLEN",
                    help="also time and list the kernels of eager prefill steps of SEQS prompts of LEN tokens, e.g. 64x128")
+    p.add_argument("--baseline-env", nargs="*", default=[], metavar="VAR=VALUE",
+                   help="first measure with these environment variables set, then without; print both side by side")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -108,52 +139,84 @@ def main(argv=None) -> None:
     prefills = [tuple(int(x) for x in spec.split("x")) for spec in args.prefill]
     prefill_blocks = max((s * -(-n // bs) for s, n in prefills), default=0)
     runner = ModelRunner(model, max(max_b * blocks_per_seq, prefill_blocks) + 1, bs, device, dtype)
-    graphs = StepGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)
     bw = measure_bandwidth()
-    rows = []
-    for b in args.batch:
-        tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
-        slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
-        # random token ids, as `eep-hpc bench` sends: routing spreads over the experts as the roofline assumes
-        ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
-        inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
-        eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
-        graphed = lambda: graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)
-        # what the roofline counts: the layers, the LM head and the greedy pick (the engine's decode step)
-        whole = lambda: model.compute_logits(graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)).argmax(dim=-1)
-        roof = roofline(arch, b, ctx + 1, bw)
-        row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
-               "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),
-               "graph_wall_ms": host_ms(graphed, args.repeats), "step_gpu_ms": cuda_ms(whole, args.repeats),
-               "roofline_ms": roof["step_floor_ms"], "bytes": roof["total_bytes"]}
-        row["step_vs_roofline"] = row["step_gpu_ms"] / row["roofline_ms"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    # the heaviest kernels of one eager step (a graph replay hides its kernels from the profiler)
-    profiles = {}
-    for b in args.profile_batch:
-        tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
-        slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
-        ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
-        step = lambda: runner.forward(ids, [ctx] * b, slots, [1] * b, [ctx + 1] * b, tables, ep)
-        step()
-        ep.take_load()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels = kernel_table(prof, args.top_kernels)
-        profiles[f"batch{b}"] = {
-            "launches": sum(e.count for e in prof.key_averages()),
-            "device_us_total": round(sum(e.device_time_total for e in prof.key_averages()), 1),
-            # distinct experts the batch's tokens reached per MoE layer: what the step must read
-            "experts_touched_per_layer": round((ep.take_load() > 0).sum(dim=1).float().mean().item(), 1),
-            "top": kernels,
-        }
+
+    def measure() -> tuple[list[dict], dict]:
+        graphs = StepGraphs(model, runner.kv_caches, bs, max_b, blocks_per_seq, device)  # captured afresh
+        rows = []
+        for b in args.batch:
+            tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
+            slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
+            # random token ids, as `eep-hpc bench` sends: routing spreads over the experts as the roofline assumes
+            ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
+            inputs = (ids, [ctx] * b, slots, [ctx + 1] * b, tables)
+            eager = lambda: runner.forward(inputs[0], inputs[1], inputs[2], [1] * b, inputs[3], inputs[4], ep)
+            graphed = lambda: graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)
+            # what the roofline counts: the layers, the LM head and the greedy pick (the engine's decode step)
+            whole = lambda: model.compute_logits(graphs.run(*inputs[:3], [1] * b, *inputs[3:], ep, b)).argmax(dim=-1)
+            roof = roofline(arch, b, ctx + 1, bw)
+            row = {"batch": b, "context": ctx, "eager_gpu_ms": cuda_ms(eager, args.repeats),
+                   "eager_wall_ms": host_ms(eager, args.repeats), "graph_gpu_ms": cuda_ms(graphed, args.repeats),
+                   "graph_wall_ms": host_ms(graphed, args.repeats), "step_gpu_ms": cuda_ms(whole, args.repeats),
+                   "roofline_ms": roof["step_floor_ms"], "bytes": roof["total_bytes"]}
+            row["step_vs_roofline"] = row["step_gpu_ms"] / row["roofline_ms"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        graphs.reset()
+        del graphs
+        torch.cuda.empty_cache()
+        # the heaviest kernels of one eager step (a graph replay hides its kernels from the profiler)
+        profiles = {}
+        for b in args.profile_batch:
+            tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
+            slots = [t[ctx // bs] * bs + ctx % bs for t in tables]
+            ids = torch.randint(0, arch.vocab_size, (b,), generator=torch.Generator().manual_seed(b)).tolist()
+            step = lambda: runner.forward(ids, [ctx] * b, slots, [1] * b, [ctx + 1] * b, tables, ep)
+            hidden = step()
+            model.compute_logits(hidden)
+            ep.take_load()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            kernels = kernel_table(prof, args.top_kernels)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as head_prof:
+                model.compute_logits(hidden)
+                torch.cuda.synchronize()
+            profiles[f"batch{b}"] = {
+                "launches": sum(e.count for e in prof.key_averages()),
+                "device_us_total": round(sum(e.device_time_total for e in prof.key_averages()), 1),
+                # distinct experts the batch's tokens reached per MoE layer: what the step must read
+                "experts_touched_per_layer": round((ep.take_load() > 0).sum(dim=1).float().mean().item(), 1),
+                "top": kernels,
+                "lm_head_kernels": kernel_table(head_prof, 4),  # the LM head and its fp32 cast (not in the total)
+            }
+        return rows, profiles
+
+    baseline = None
+    if args.baseline_env:
+        pairs = dict(kv.split("=", 1) for kv in args.baseline_env)
+        saved = {k: os.environ.get(k) for k in pairs}
+        os.environ.update(pairs)
+        print(f"baseline: {pairs}", flush=True)
+        try:
+            base_rows, base_profiles = measure()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        baseline = {"env": pairs, "rows": base_rows, "eager_kernels": base_profiles}
+        print("now: without the baseline's variables", flush=True)
+    rows, profiles = measure()
     for seqs, n in prefills:
         profiles[f"prefill{seqs}x{n}"] = profile_prefill(runner, ep, arch, seqs, n, args.repeats, args.top_kernels)
     result = {"config": args.config, "device": torch.cuda.get_device_name(), "bandwidth_gbps": bw, "rows": rows,
               "eager_kernels": profiles}
     print(json.dumps(profiles, indent=1))
+    if baseline is not None:
+        result["baseline"] = baseline
+        print_comparison(baseline, rows, profiles)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
