@@ -75,7 +75,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     return LinearConfig(16, block_n, block_k, split, 4, 3 if esize == 2 else 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the row count: one compile for 2-16 rows, not one per divisibility class
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_SPLIT,
     stride_xm, stride_wn, stride_om,
@@ -130,7 +130,7 @@ def _skinny_linear_kernel(
         tl.store(part, acc, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce(
     part_ptr, b_ptr, out_ptr, M, N, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
