@@ -7,7 +7,8 @@ tokens, for --rounds requests per stream. The head (all its threads) runs on one
 ranks on the other (--head-cpu, --client-cpu), so the head's CPU is its own.
 
 Measured, per point of --steps-per-s (a fresh head each):
-- delivered tok/s: text events received by the clients / the time from the first request to the last [DONE]
+- delivered tok/s: tokens received by the clients (an event may carry several: sse_client.py counts them by their
+  text) / the time from the first request to the last [DONE]
   (and in the middle half of that time, where every stream is open);
   offered tok/s: what the ranks would emit at full batches (ranks x min(max_batch, streams / ranks) x steps/s);
 - added delay: for every token, the time the client received it minus the time the stand-in emitted it (its
@@ -305,10 +306,32 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
     return [lo + 3 + (7 * i) % (vocab_size // 2 - 16) for i in range(n)]
 
 
-async def load(url: str, model: str, prompt: list[int], streams: int, output_len: int, rounds: int
-               ) -> tuple[list[StreamResult], float, float]:
+def piece_chars(url: str, model: str, prompt: list[int]) -> list[int]:
+    """The characters of each of the stand-in's output tokens (the prompt's, in order), from the texts of
+    non-streamed requests of 1, 2, ... len(prompt) tokens (stand-ins give no logprobs), so that a client can count
+    the tokens of an event that carries several."""
+    async def texts() -> list[str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(n: int) -> str:
+                body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True}
+                r = await client.post(f"{url}/v1/completions", json=body)
+                r.raise_for_status()
+                return r.json()["choices"][0]["text"]
+
+            return list(await asyncio.gather(*(one(n) for n in range(1, len(prompt) + 1))))
+
+    got = asyncio.run(texts())
+    pieces = [b[len(a):] for a, b in zip(["", *got], got)]
+    if not all(pieces) or not all(b.startswith(a) for a, b in zip(got, got[1:])):
+        raise HeadBenchError(f"the prompt's tokens do not each decode to text of their own: {got[-1]!r}")
+    return [len(p) for p in pieces]
+
+
+async def load(url: str, model: str, prompt: list[int], streams: int, output_len: int, rounds: int,
+               pieces: list[int] | None = None) -> tuple[list[StreamResult], float, float]:
     """`streams` connections, each `rounds` requests in a row; the first request of stream i has
-    ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step.
+    ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step. `pieces`: the
+    characters of each output token (piece_chars), to count events that carry several tokens.
     -> (results, seconds from the first request to the last [DONE], time.time() at the start)."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     results: list[StreamResult] = []
@@ -320,7 +343,7 @@ async def load(url: str, model: str, prompt: list[int], streams: int, output_len
                 n = -(-(i + 1) * output_len // streams) if k == 0 else output_len
                 body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
                         "stream": True, "stream_options": {"include_usage": True}}
-                results.append(await conn.complete(body))
+                results.append(await conn.complete(body, piece_chars=pieces))
         finally:
             conn.close()
 
@@ -345,7 +368,8 @@ def read_emit_times(emit_dir: Path) -> dict[str, list[float]]:
 
 
 def added_delays(results: list[StreamResult], emitted: dict[str, list[float]]) -> np.ndarray:
-    """Received minus emitted, per token (each token is one event: prompt ids that decode to text each)."""
+    """Received minus emitted, per token (prompt ids that decode to text each: a token arrived with the event that
+    completed its text)."""
     delays = []
     for r in results:
         times = emitted.get(f"{r.request_id}-0")
@@ -381,7 +405,8 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
             model, vocab = cards[0]["id"], int(cards[0].get("vocab_size") or 512)
             prompt = prompt_ids(vocab, args.input_len)
-            asyncio.run(load(url, model, prompt, min(args.streams, 8), 4, 1))  # warm-up: every path taken once
+            pieces = piece_chars(url, model, prompt)
+            asyncio.run(load(url, model, prompt, min(args.streams, 8), 4, 1, pieces))  # warm-up: every path once
             for f in emit_dir.glob("*"):
                 f.write_bytes(b"")
 
@@ -390,7 +415,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
                 with ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1])) as watch:
                     results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
-                                                               args.rounds))
+                                                               args.rounds, pieces))
                 client1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
                 client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
@@ -417,7 +442,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "streams": args.streams, "output_len": args.output_len, "input_len": args.input_len, "rounds": args.rounds,
         "requests": len(results), "failed": len(failed),
         "failures": [f"{r.error or 'wrong output'}: {r.finish_reason}, {r.completion_tokens} tokens by usage, "
-                     f"{len(r.received_at)} events, {r.max_tokens} asked" for r in failed[:10]],
+                     f"{len(r.received_at)} tokens by their text, {r.max_tokens} asked" for r in failed[:10]],
         "tokens": tokens, "duration_s": duration,
         "offered_tok_s": ranks_used * min(head.max_batch, args.streams / ranks_used) * steps_per_s,
         "delivered_tok_s": tokens / duration,

@@ -5,6 +5,11 @@ Why not httpx (bench/client.py): at thousands of streams it spends more CPU per 
 so the client would be what is measured. Here an asyncio Protocol takes the bytes as they come, undoes the chunked
 transfer encoding, splits events, and fully parses JSON only where it must (a request's first event, its last
 ones, errors); token events are recognised by their bytes.
+
+An event may carry several tokens (an API process merges the tokens a stream's writer finds queued,
+serve/output_queue.py). Given the text of each output token (`piece_chars`: the characters of token k is
+piece_chars[k % len], as the stand-in ranks repeat the prompt), every token gets the arrival time of the event
+that completed its text; without it, each event with text counts as one token.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from dataclasses import dataclass, field
 
 TOKEN_EVENT = b'"finish_reason":null'  # a chunk of a choice that goes on (text, or nothing)
 EMPTY_TEXT = b'"text":""'
+TEXT_START, TEXT_END = b'"text":"', b'","logprobs"'  # around a completion chunk's text (quotes in it are escaped)
 
 
 @dataclass
 class StreamResult:
     request_id: str = ""
     max_tokens: int = 0  # what the request asked for
-    received_at: list[float] = field(default_factory=list)  # time.time() of each event carrying text
+    received_at: list[float] = field(default_factory=list)  # time.time() each token arrived (see piece_chars)
     completion_tokens: int = 0  # from the usage chunk
     finish_reason: str | None = None
     text: str = ""  # only when asked for (keep_text)
@@ -53,8 +59,11 @@ class _Response(asyncio.Protocol):
             self.result.error = self.result.error or f"connection closed ({exc or 'by the server'})"
             self.done.set_result(self.result)
 
-    def expect(self, keep_text: bool) -> asyncio.Future:
-        self.result, self.keep_text = StreamResult(), keep_text
+    def expect(self, keep_text: bool, piece_chars: list[int] | None = None) -> asyncio.Future:
+        if piece_chars is not None and min(piece_chars, default=0) < 1:
+            raise ValueError(f"every token needs text of its own to be counted by it, got {piece_chars}")
+        self.result, self.keep_text, self.piece_chars = StreamResult(), keep_text, piece_chars
+        self.chars = 0  # characters of text received and not yet counted as tokens
         self.raw = bytearray()
         self.headers_done, self.chunked = False, False
         self.body = bytearray()  # de-chunked bytes not yet split into events
@@ -110,7 +119,7 @@ class _Response(asyncio.Protocol):
                 continue
             if TOKEN_EVENT in ev and r.request_id and not self.keep_text:
                 if EMPTY_TEXT not in ev:
-                    r.received_at.append(now)
+                    self._text_arrived(ev, now)
                 continue
             if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                 continue
@@ -121,13 +130,32 @@ class _Response(asyncio.Protocol):
             r.request_id = r.request_id or chunk.get("id", "")
             for c in chunk.get("choices") or []:
                 if c.get("text"):
-                    r.received_at.append(now)
+                    self._tokens_arrived(len(c["text"]), now)
                     self.texts.append(c["text"])
                 if c.get("finish_reason") is not None:
                     r.finish_reason = c["finish_reason"]
             if chunk.get("usage"):
                 r.completion_tokens = chunk["usage"]["completion_tokens"]
         del body[:start]
+
+    def _text_arrived(self, ev: bytes, now: float) -> None:
+        if self.piece_chars is None:
+            self.result.received_at.append(now)
+            return
+        start = ev.find(TEXT_START) + len(TEXT_START)
+        raw = ev[start : ev.find(TEXT_END, start)]
+        self._tokens_arrived(len(json.loads(b'"' + raw + b'"')) if b"\\" in raw else len(raw.decode()), now)
+
+    def _tokens_arrived(self, chars: int, now: float) -> None:
+        """`chars` more characters of text: every token whose text they complete arrived now."""
+        lens, received = self.piece_chars, self.result.received_at
+        if lens is None:
+            received.append(now)
+            return
+        self.chars += chars
+        while self.chars >= (need := lens[len(received) % len(lens)]):
+            self.chars -= need
+            received.append(now)
 
     def _finish(self) -> None:
         self.result.text = "".join(self.texts)
@@ -149,14 +177,15 @@ class Connection:
             _, self.proto = await asyncio.get_running_loop().create_connection(_Response, self.host, self.port)
         return self.proto
 
-    async def complete(self, body: dict, keep_text: bool = False) -> StreamResult:
+    async def complete(self, body: dict, keep_text: bool = False, piece_chars: list[int] | None = None
+                       ) -> StreamResult:
         """POST /v1/completions with `body` (stream: true) -> what arrived; never raises for a failed request."""
         try:
             proto = await self._connect()
         except OSError as e:
             return StreamResult(error=f"cannot connect: {e}")
         payload = json.dumps(body).encode()
-        done = proto.expect(keep_text)
+        done = proto.expect(keep_text, piece_chars)
         proto.transport.write(
             f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n{self.extra}\r\n".encode() + payload)
