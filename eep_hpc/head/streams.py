@@ -22,11 +22,12 @@ from eep_hpc import protocol as P
 from eep_hpc.head.events import ScaleEvent, ScalePhase
 from eep_hpc.head.link import RankLink
 from eep_hpc.head.membership import Membership, RankRecord, RankState
+from eep_hpc.serve.output_queue import OutputQueue
 
 
 @dataclass
 class Stream:
-    queue: asyncio.Queue | None  # None: streamed by another API process (`api`), which holds its tokens
+    queue: OutputQueue | None  # None: streamed by another API process (`api`), which holds its tokens
     rank_id: int
     prompt_token_ids: list[int]
     sampling: P.SamplingParams
@@ -74,7 +75,7 @@ class Streams:
             await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
                              raise_on_failed=False)
         rec = self.route()
-        stream = Stream(asyncio.Queue(), rec.rank_id, prompt_token_ids, sampling)
+        stream = Stream(OutputQueue(), rec.rank_id, prompt_token_ids, sampling)
         self.open[request_id] = stream
         rec.in_flight.add(request_id)
         self.link.send(rec.rank_id, P.AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
@@ -83,7 +84,7 @@ class Streams:
         finished = False
         try:
             while True:
-                out = await stream.queue.get()
+                out = await stream.queue.get()  # what queued since the last one, merged
                 finished = out.finish_reason is not None
                 yield out
                 if finished:

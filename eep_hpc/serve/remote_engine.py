@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
+from eep_hpc.serve.output_queue import OutputQueue
 
 log = logging.getLogger("eep_hpc.api")
 
@@ -30,7 +31,7 @@ class _Stream:
     def __init__(self, request_id: str, prompt: list[int], sampling: P.SamplingParams):
         self.request_id = self.wire_id = request_id  # wire_id: the id ranks know it by now
         self.attempt = 0
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = OutputQueue()
         self.prompt, self.sampling = prompt, sampling
         self.tokens: list[int] = []
         self.ended_by_head = False
@@ -139,7 +140,7 @@ class RemoteEngine:
         done_by_rank = False
         try:
             while True:
-                out = await stream.queue.get()
+                out = await stream.queue.get()  # what queued since the last one, merged
                 done_by_rank = out.finish_reason is not None and not stream.ended_by_head
                 yield out
                 if out.finish_reason is not None:
