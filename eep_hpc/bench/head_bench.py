@@ -446,6 +446,8 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "tokens": tokens, "duration_s": duration,
         "offered_tok_s": ranks_used * min(head.max_batch, args.streams / ranks_used) * steps_per_s,
         "delivered_tok_s": tokens / duration,
+        # SSE events with text per token: 1 while every stream's writer keeps up, less where queued tokens merged
+        "text_events_per_token": sum(r.text_events for r in results) / max(tokens, 1),
         # the middle half of the run, past the start (all streams admitted at once) and before the tail (streams
         # ending one by one)
         "delivered_tok_s_middle": middle_rate(results, wall, duration),

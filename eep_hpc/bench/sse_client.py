@@ -29,6 +29,7 @@ class StreamResult:
     request_id: str = ""
     max_tokens: int = 0  # what the request asked for
     received_at: list[float] = field(default_factory=list)  # time.time() each token arrived (see piece_chars)
+    text_events: int = 0  # events that carried text (fewer than tokens where the server merged some)
     completion_tokens: int = 0  # from the usage chunk
     finish_reason: str | None = None
     text: str = ""  # only when asked for (keep_text)
@@ -139,8 +140,8 @@ class _Response(asyncio.Protocol):
         del body[:start]
 
     def _text_arrived(self, ev: bytes, now: float) -> None:
-        if self.piece_chars is None:
-            self.result.received_at.append(now)
+        if self.piece_chars is None:  # one token per event
+            self._tokens_arrived(0, now)
             return
         start = ev.find(TEXT_START) + len(TEXT_START)
         raw = ev[start : ev.find(TEXT_END, start)]
@@ -149,6 +150,7 @@ class _Response(asyncio.Protocol):
     def _tokens_arrived(self, chars: int, now: float) -> None:
         """`chars` more characters of text: every token whose text they complete arrived now."""
         lens, received = self.piece_chars, self.result.received_at
+        self.result.text_events += 1
         if lens is None:
             received.append(now)
             return

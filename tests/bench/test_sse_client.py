@@ -34,4 +34,4 @@ def test_tokens_of_merged_events_are_counted_by_their_text():
     for keep_text in (False, True):
         result = asyncio.run(read(keep_text))
         assert result.error == "" and result.finish_reason == "length" and result.completion_tokens == 6
-        assert len(result.received_at) == 6, keep_text
+        assert len(result.received_at) == 6 and result.text_events == 4, keep_text
