@@ -77,12 +77,14 @@ def test_decode_padding_sequences_get_zeros_with_live_segments(poisoned):
     from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
 
     page, Hq, Hkv, D = 4, 4, 2, 16
-    real = AttentionMetadata.build([9, 10], [1, 1], [10, 3], [[1, 0, 2], [3]], page, DEVICE)
-    padded = AttentionMetadata.build([9, 10, -1, -1], [1, 1, 1, 1], [10, 3, 0, 0], [[1, 0, 2], [3], [], []], page,
-                                     DEVICE)
-    k_cache, v_cache = torch.randn(2, 4, page, Hkv, D, device=DEVICE)
+    # 40 keys in 16-key tiles (the GPU's smallest dot): 3 tiles, so several parts are live
+    table = [11, 0, 2, 5, 7, 1, 9, 4, 8, 6]
+    real = AttentionMetadata.build([6 * 4 + 3, 10], [1, 1], [40, 3], [table, [3]], page, DEVICE)
+    padded = AttentionMetadata.build([6 * 4 + 3, 10, -1, -1], [1, 1, 1, 1], [40, 3, 0, 0], [table, [3], [], []],
+                                     page, DEVICE)
+    k_cache, v_cache = torch.randn(2, 12, page, Hkv, D, device=DEVICE)
     q = torch.randn(4, Hq, D, device=DEVICE)
-    for cfg in (AttentionConfig(16, 4, 4, 4, 2, 1), AttentionConfig(16, 4, 32, 4, 2, 2)):
+    for cfg in (AttentionConfig(16, 16, 4, 4, 2, 1), AttentionConfig(16, 16, 32, 4, 2, 2)):
         want = paged_attention_reference(q[:2].double(), k_cache.double(), v_cache.double(), real, 0.25)
         out = torch.full_like(q, float("nan"))
         paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
