@@ -66,7 +66,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # (0 = none; at most max_num_batched_tokens).
     cuda_graphs: bool = True
     cuda_graph_max_batch: NonNegative = 0
-    cuda_graph_max_tokens: NonNegative = 512
+    cuda_graph_max_tokens: NonNegative = 1024
     # A directory: each rank writes a JSON line per step there (rank/step_trace.py); "" = off.
     step_trace: str = ""
 

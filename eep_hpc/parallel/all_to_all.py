@@ -109,6 +109,6 @@ class TorchAllToAll:
 
 
 def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """pairs [T, k, D], weights [T, k] -> [T, D]: one batched matmul (fp32 accumulation on the GPU); the sum
-    depends only on the values, not on which rank computed them."""
-    return torch.bmm(weights.to(pairs.dtype).unsqueeze(1), pairs).squeeze(1)
+    """pairs [T, k, D], weights [T, k] -> [T, D] (fp32 accumulation on the GPU); the sum depends only on the
+    values, not on which rank computed them."""
+    return ops.weighted_sum(pairs, weights.to(pairs.dtype))
