@@ -99,7 +99,7 @@ def test_decode_config_depends_on_shapes_only(monkeypatch):
 
     monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 132)
     cfg = pick_config(1, 1, 4, 8, 128, torch.bfloat16, torch.device("cuda"))
-    assert (cfg.NUM_SEGMENTS, cfg.TILE_N, cfg.MIN_SEG_TILES) == (32, 128, 2)
+    assert (cfg.NUM_SEGMENTS, cfg.TILE_N, cfg.MIN_SEG_TILES) == (32, 128, 1)
     assert pick_config(1, 64, 4, 8, 128, torch.bfloat16, torch.device("cuda")).NUM_SEGMENTS == 1
     monkeypatch.setenv("EEP_HPC_ATTN_LIVE_SEGMENTS", "0")
     assert pick_config(1, 1, 4, 8, 128, torch.bfloat16, torch.device("cuda")).MIN_SEG_TILES == 0
