@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel.step_plan import GraphSizes
@@ -133,13 +134,14 @@ class StepGraphs:
         t0 = time.monotonic()
         self._fill([], [], [], [], [], [], T)
         self.static.copy_(self.host)
-        self._forward(T, mixed, ep)  # compiles the kernels of this size outside the capture
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(T, mixed, ep)
+        with ops.graph_kernels():  # the same kernels in the warm-up as in the capture
+            self._forward(T, mixed, ep)  # compiles the kernels of this size outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(T, mixed, ep)
         torch.cuda.synchronize(self.device)
         self.graphs[(T, mixed)] = (graph, out)
         log.debug("captured %s graph for %d %s in %.2f s", "mixed" if mixed else "decode", T,
@@ -196,7 +198,8 @@ class StepGraphs:
         """What a replay of the graph of `size` computes, run without a graph (tests; the CPU)."""
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host)
-        return self._forward(size, mixed, ep)[: len(input_ids)]
+        with ops.graph_kernels():
+            return self._forward(size, mixed, ep)[: len(input_ids)]
 
 
 def _span(sizes) -> str:

@@ -6,8 +6,10 @@ are imported on first use only, so CPU runs never need Triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +137,24 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
 GROUPED_MIN_ROWS_PER_SLOT = 64
 
 
+_graph_kernels = threading.local()
+
+
+@contextlib.contextmanager
+def graph_kernels():
+    """Only kernels a CUDA graph can capture (the Triton MoE, not the grouped GEMM's sort): for a capture and for
+    the eager forward just before it, so that forward compiles exactly what the capture launches (a Triton kernel
+    compiled inside a capture fails it: a 2,048-token mixed graph's MoE tile class was never compiled before)."""
+    _graph_kernels.on = True
+    try:
+        yield
+    finally:
+        _graph_kernels.on = False
+
+
 def _prefill_sized(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor) -> bool:
-    if slot.shape[0] < GROUPED_MIN_ROWS_PER_SLOT * w13.shape[0] or torch.cuda.is_current_stream_capturing():
+    if (slot.shape[0] < GROUPED_MIN_ROWS_PER_SLOT * w13.shape[0] or getattr(_graph_kernels, "on", False)
+            or torch.cuda.is_current_stream_capturing()):
         return False
     from eep_hpc.kernels.grouped_moe import grouped_mm_available
 
