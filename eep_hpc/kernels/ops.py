@@ -56,16 +56,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [M, 2I] (gate columns first) -> SiLU(gate) * up [M, I], in one pass on the GPU."""
-    if use_triton(gate_up):
-        from eep_hpc.kernels.triton_combine import silu_mul_triton
-
-        return silu_mul_triton(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """pairs [T, k, D], weights [T, k] (pairs' dtype) -> [T, D]: each token's k expert outputs, weighted and summed
     with fp32 accumulation in pair order."""
