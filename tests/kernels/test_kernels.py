@@ -207,18 +207,26 @@ def test_paged_attention_triton(qlens, ctxs, Hq, Hkv, D, page, dtype):
 @needs_kernels
 def test_paged_attention_triton_padding_sequences_get_zeros():
     """A CUDA-graph batch padded with (query_len 1, seq_len 0) sequences: they read nothing and output zeros."""
-    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
+    from eep_hpc.kernels.triton_attention import AttentionConfig
 
-    page, Hq, Hkv, D = 4, 4, 2, 16
+    page = 4
     real = AttentionMetadata.build([9, 10], [1, 1], [10, 3], [[1, 0, 2], [3]], page, DEVICE)
     padded = AttentionMetadata.build([9, 10, -1, -1], [1, 1, 1, 1], [10, 3, 0, 0], [[1, 0, 2], [3], [], []], page, DEVICE)
-    k_cache, v_cache = torch.randn(2, 4, page, Hkv, D, device=DEVICE)
-    q = torch.randn(4, Hq, D, device=DEVICE)
-    for cfg in (None, AttentionConfig(16, 16, 4, 4, 2)):
-        want = paged_attention_triton(q[:2], k_cache, v_cache, real, 0.25, config=cfg)
+    _assert_padding_changes_nothing(real, padded, 4, (None, AttentionConfig(16, 16, 4, 4, 2)))
+
+
+def _assert_padding_changes_nothing(real, padded, blocks: int, configs, page=4, Hq=4, Hkv=2, D=16):
+    """The padded batch's real rows equal the unpadded batch's; its padding rows are zeros."""
+    from eep_hpc.kernels.triton_attention import paged_attention_triton
+
+    k_cache, v_cache = torch.randn(2, blocks, page, Hkv, D, device=DEVICE)
+    q = torch.randn(padded.num_tokens, Hq, D, device=DEVICE)
+    n = real.num_tokens
+    for cfg in configs:
+        want = paged_attention_triton(q[:n], k_cache, v_cache, real, 0.25, config=cfg)
         out = torch.full_like(q, float("nan"))
         paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
-        assert rel_err(out[:2], want) <= 1e-5 and torch.equal(out[2:], torch.zeros_like(out[2:]))
+        assert rel_err(out[:n], want) <= 1e-5 and torch.equal(out[n:], torch.zeros_like(out[n:]))
 
 
 @needs_kernels
@@ -226,9 +234,9 @@ def test_paged_attention_triton_mixed_graph_padding():
     """A mixed CUDA-graph batch (engine/cuda_graphs.py): T = 16 tokens in 16 sequences, 3 real ones (a prefill chunk
     and two decodes, 10 tokens), then padding sequences of one token each while tokens last, then empty ones; all
     with seq_len 0. The real rows equal the unpadded batch's in the prefill configuration; padding rows are zeros."""
-    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
+    from eep_hpc.kernels.triton_attention import AttentionConfig
 
-    page, Hq, Hkv, D = 4, 4, 2, 16
+    page = 4
     qlens, seq_lens, tables = [8, 1, 1], [8, 10, 3], [[1, 0], [2, 4, 5], [3]]
     slots = [tables[0][p // page] * page + p % page for p in range(8)] + [5 * page + 1, 3 * page + 2]
     real = AttentionMetadata.build(slots, qlens, seq_lens, tables, page, DEVICE)
@@ -236,13 +244,7 @@ def test_paged_attention_triton_mixed_graph_padding():
     padded = AttentionMetadata.build(slots + [-1] * 6, qlens + pad_q, seq_lens + [0] * 13, tables + [[]] * 13,
                                      page, DEVICE)
     padded.max_query_len = 16  # as the graph's metadata says: the prefill configuration
-    k_cache, v_cache = torch.randn(2, 6, page, Hkv, D, device=DEVICE)
-    q = torch.randn(16, Hq, D, device=DEVICE)
-    for cfg in (None, AttentionConfig(16, 16, 1, 4, 2)):
-        want = paged_attention_triton(q[:10], k_cache, v_cache, real, 0.25, config=cfg)
-        out = torch.full_like(q, float("nan"))
-        paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
-        assert rel_err(out[:10], want) <= 1e-5 and torch.equal(out[10:], torch.zeros_like(out[10:]))
+    _assert_padding_changes_nothing(real, padded, 6, (None, AttentionConfig(16, 16, 1, 4, 2)))
 
 
 @needs_kernels
