@@ -3,8 +3,9 @@ ran against the GPU's compute roofline.
 
     python -m eep_hpc.bench.trace_report TRACE_DIR [--model-dir DIR --prompt-len N --tflops T] [--first N]
 
-Kinds: "graph" (a decode step replayed as a CUDA graph), "eager" (anything else: prefill, mixed, a decode batch
-too big for the graphs). Prefill throughput counts the tokens of eager steps over their time, so the decode tokens
+Kinds: "graph" (a decode step replayed as a CUDA graph), "mixed" (a step with prefill chunks replayed as a mixed
+graph), "eager" (anything else: prefill and mixed steps above the mixed graphs, a decode batch too big for the
+graphs). Prefill throughput counts the tokens of eager steps over their time, so the decode tokens
 that ride along in a mixed step count too (one each; a prefill step of 64 prompts of 1,024 carries at most 64).
 --first N prints the first N steps of each rank as written (a burst's first tokens on a fresh head)."""
 
@@ -25,7 +26,10 @@ def read_trace(path: Path) -> list[dict]:
 def summarize(records: list[dict]) -> dict:
     steps = [r for r in records if r["event"] == "step"]
     out = {}
-    for kind, rows in (("graph", [s for s in steps if s["graph"]]), ("eager", [s for s in steps if not s["graph"]])):
+    kinds = (("graph", [s for s in steps if s["graph"] and not s.get("mixed")]),
+             ("mixed", [s for s in steps if s["graph"] and s.get("mixed")]),
+             ("eager", [s for s in steps if not s["graph"]]))
+    for kind, rows in kinds:
         ms = sum(s["step_ms"] for s in rows)
         tokens = sum(s["tokens"] for s in rows)
         out[kind] = {"steps": len(rows), "seconds": round(ms / 1e3, 3), "tokens": tokens,

@@ -9,19 +9,21 @@ from eep_hpc.bench.roofline import prefill_flops_per_token
 from eep_hpc.model.arch import load_arch
 
 
-def step(t, ms, graph, tokens, agree=0.5):
-    return {"t": t, "event": "step", "agree_ms": agree, "step_ms": ms, "graph": graph, "tokens": tokens, "seqs": 1,
-            "waiting": 0}
+def step(t, ms, graph, tokens, agree=0.5, mixed=False):
+    return {"t": t, "event": "step", "agree_ms": agree, "step_ms": ms, "graph": graph, "mixed": mixed,
+            "tokens": tokens, "seqs": 1, "waiting": 0}
 
 
-def test_summary_splits_graph_and_eager_steps(tmp_path, capsys):
+def test_summary_splits_graph_mixed_and_eager_steps(tmp_path, capsys):
     records = [{"t": 0.0, "event": "add", "request_id": "a", "tokens": 100}, step(0.1, 100.0, 0, 1000),
-               step(0.2, 10.0, 4, 4), step(0.3, 10.0, 4, 4), step(0.4, 300.0, 0, 2000)]
+               step(0.2, 10.0, 4, 4), step(0.3, 10.0, 4, 4), step(0.4, 300.0, 0, 2000),
+               step(0.5, 20.0, 256, 200, mixed=True)]
     (tmp_path / "rank-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     trace_report.main([str(tmp_path)])
     report = json.loads(capsys.readouterr().out)["rank-0"]
     assert report["eager"] == {"steps": 2, "seconds": 0.4, "tokens": 3000, "tokens_per_s": 7500.0, "longest_ms": 300.0}
     assert report["graph"]["steps"] == 2 and report["graph"]["tokens_per_s"] == 400.0
+    assert report["mixed"] == {"steps": 1, "seconds": 0.02, "tokens": 200, "tokens_per_s": 10000.0, "longest_ms": 20.0}
     assert report["agree_seconds"] == 0.002 and report["requests"] == 1
 
 
