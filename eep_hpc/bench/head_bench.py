@@ -18,6 +18,14 @@ Measured, per point of --steps-per-s (a fresh head each):
 - with --profile: py-spy (if installed) samples the head during a second, identical load, and the functions with
   the most samples (own and inclusive) are listed.
 
+With --scale-plan "grow@5,kill@12" the coordinator's own work is measured under the load: at those seconds into
+the load, one stand-in rank more through POST /admin/scale/grow (as `eep-hpc bench --scale-plan` grows), or a
+SIGKILL of the process of the member rank with the most requests in flight, after which the head must notice the
+loss and recover (its requests started again on the survivors). Every stream keeps requesting (past --rounds) until
+the last event has finished and --scale-settle-s more, every stream's text is checked, and each event records when
+it started, how long it took (grow answered / the head's recover event DONE), the head's own figures, and the
+longest gap between two tokens any stream saw around it. Ranks started by a grow are pinned as the others.
+
 With --api-servers N (serve.api_servers) the head has N - 1 more API processes on its port, each pinned to a CPU
 of its own (--api-cpus; the head's first); their CPU counts with the head's ("API CPU": all N processes), and each
 process's share is reported too.
@@ -47,6 +55,7 @@ import httpx
 import numpy as np
 
 from eep_hpc.bench.report import write_result
+from eep_hpc.bench.scale_plan import ScalePlan, parse_timed_plan
 from eep_hpc.bench.sse_client import Connection, StreamResult
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -88,6 +97,13 @@ def add_head_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true", help="also sample the head with py-spy during a second load")
     b.add_argument("--profile-api", type=int, default=0, metavar="I",
                    help="with --profile: sample API process I instead (0: the head's own; default %(default)s)")
+    b.add_argument("--scale-plan", default="", metavar="EVENTS",
+                   help="scale events during the load, e.g. grow@5,kill@12: grow / shrink one rank through the admin "
+                        "API, or kill -9 one member rank, at seconds into the load")
+    b.add_argument("--scale-settle-s", type=float, default=3.0,
+                   help="with --scale-plan: load goes on this long after the last event (default %(default)s)")
+    b.add_argument("--recover-timeout-s", type=float, default=180.0,
+                   help="with --scale-plan: a kill not recovered in this long counts as failed (default %(default)s)")
     b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="passed to the head's `eep-hpc serve --set` (repeatable)")
     b.add_argument("--run-dir", default="runs/bench-head", help="the head's run dir (default %(default)s)")
@@ -112,6 +128,10 @@ def run_head_bench(args: argparse.Namespace) -> int:
         (args.max_batch < 0, "--max-batch must be at least 1"),
         (args.api_servers < 1, "--api-servers must be at least 1"),
     ) if bad]
+    try:
+        args.timed_plan = parse_timed_plan(args.scale_plan) if args.scale_plan else []
+    except ValueError as e:
+        problems.append(str(e))
     cpus = os.sched_getaffinity(0)
     try:
         args.api_cpu_list = api_cpus(args, sorted(cpus))
@@ -143,7 +163,8 @@ def run_head_bench(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = write_result(result, args.result_file or Path(args.run_dir) / f"bench-head-{stamp}.json")
     print(f"result written to {path}")
-    return 0 if all(r["failed"] == 0 for r in runs) else 1
+    return 0 if all(r["failed"] == 0 and all(e["phase"] == "DONE" for e in r.get("scale_plan", [])) for r in runs
+                    ) else 1
 
 
 def api_cpus(args: argparse.Namespace, cpus: list[int]) -> list[int]:
@@ -169,7 +190,9 @@ def summary_line(run: dict) -> str:
                f"{', '.join(f'{t:,.0f} tok/s at {c:.1f} us/token' for t, c in per_process)}, "
                if run["api_servers"] > 1 else "") +
             f"client CPU {run['client_cpu_util']:.0%}, {run['failed']} failed"
-            + "".join(f", {e['kind']} {e['phase']}" for e in run["scale_events"]))
+            + "".join(f", {e['kind']} {e['phase']}" for e in run["scale_events"])
+            + "".join(f"; {e['kind']}@{e['at_s']:g} s: {e['phase']} in {e['took_s']:.2f} s, longest gap "
+                      f"{e['longest_gap_ms']:.0f} ms" for e in run.get("scale_plan", [])))
 
 
 def cpu_model() -> str:
@@ -307,9 +330,19 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
 
 
 def piece_chars(url: str, model: str, prompt: list[int]) -> list[int]:
-    """The characters of each of the stand-in's output tokens (the prompt's, in order), from the texts of
-    non-streamed requests of 1, 2, ... len(prompt) tokens (stand-ins give no logprobs), so that a client can count
+    """The characters of each of the stand-in's output tokens (the prompt's, in order), so that a client can count
     the tokens of an event that carries several."""
+    return [len(p) for p in piece_texts(url, model, prompt)]
+
+
+def expected_text(pieces: list[str], n: int) -> str:
+    """What a stand-in streams for a request of n tokens: the prompt's tokens over again."""
+    return "".join(pieces[k % len(pieces)] for k in range(n))
+
+
+def piece_texts(url: str, model: str, prompt: list[int]) -> list[str]:
+    """The text of each of the stand-in's output tokens (the prompt's, in order), from the texts of non-streamed
+    requests of 1, 2, ... len(prompt) tokens (stand-ins give no logprobs)."""
     async def texts() -> list[str]:
         async with httpx.AsyncClient(timeout=120) as client:
             async def one(n: int) -> str:
@@ -324,32 +357,50 @@ def piece_chars(url: str, model: str, prompt: list[int]) -> list[int]:
     pieces = [b[len(a):] for a, b in zip(["", *got], got)]
     if not all(pieces) or not all(b.startswith(a) for a, b in zip(got, got[1:])):
         raise HeadBenchError(f"the prompt's tokens do not each decode to text of their own: {got[-1]!r}")
-    return [len(p) for p in pieces]
+    return pieces
 
 
 async def load(url: str, model: str, prompt: list[int], streams: int, output_len: int, rounds: int,
-               pieces: list[int] | None = None) -> tuple[list[StreamResult], float, float]:
+               pieces: list[int] | None = None, during=None, keep_text: bool = False
+               ) -> tuple[list[StreamResult], float, float, object]:
     """`streams` connections, each `rounds` requests in a row; the first request of stream i has
     ceil((i + 1) * output_len / streams) tokens, so that requests do not all end at the same step. `pieces`: the
-    characters of each output token (piece_chars), to count events that carry several tokens.
-    -> (results, seconds from the first request to the last [DONE], time.time() at the start)."""
+    characters of each output token (piece_chars), to count events that carry several tokens. `during`: an async
+    function of (perf_counter, time.time() at the start), run alongside; until it returns, every stream goes on
+    past `rounds`. -> (results, seconds from the first request to the last [DONE], time.time() at the start,
+    what `during` returned)."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     results: list[StreamResult] = []
+    more = asyncio.Event()  # set: `during` is over (or there is none)
 
     async def one_stream(i: int) -> None:
         conn = Connection(host, int(port))
         try:
-            for k in range(rounds):
+            k = 0
+            while k < rounds or not more.is_set():
                 n = -(-(i + 1) * output_len // streams) if k == 0 else output_len
                 body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
                         "stream": True, "stream_options": {"include_usage": True}}
-                results.append(await conn.complete(body, piece_chars=pieces))
+                result = await conn.complete(body, keep_text=keep_text, piece_chars=pieces)
+                result.stream = i
+                results.append(result)
+                k += 1
         finally:
             conn.close()
 
+    async def side(start: float, wall: float):
+        try:
+            return await during(start, wall)
+        finally:
+            more.set()
+
+    if during is None:
+        more.set()
     start, wall = time.perf_counter(), time.time()
+    side_task = asyncio.create_task(side(start, wall)) if during is not None else None
     await asyncio.gather(*(one_stream(i) for i in range(streams)))
-    return results, time.perf_counter() - start, wall
+    side_result = await side_task if side_task is not None else None
+    return results, time.perf_counter() - start, wall, side_result
 
 
 def middle_rate(results: list[StreamResult], start: float, duration: float) -> float:
@@ -379,6 +430,145 @@ def added_delays(results: list[StreamResult], emitted: dict[str, list[float]]) -
     return np.concatenate(delays) if delays else np.zeros(0)
 
 
+# ---- scale events under the load -------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (children, theirs, ...); [] for one that is gone."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                kids = [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+class RankPinner:
+    """While a scale plan runs: every process the head starts (a grow's rank) goes onto the ranks' CPU, as the
+    first ranks did, within `period_s` of appearing (else it would share the head's CPU, which it inherits)."""
+
+    def __init__(self, head_pid: int, skip: list[int], cpu: int, nice: int, period_s: float = 0.1):
+        self.head_pid, self.cpu, self.nice, self.period_s = head_pid, cpu, nice, period_s
+        self.known = set(skip) | set(descendants(head_pid))
+        self.started: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for pid in descendants(self.head_pid):
+                if pid not in self.known:
+                    self.known.add(pid)
+                    self.started.append(pid)
+                    try:
+                        pin(pid, self.cpu, self.nice)
+                    except (FileNotFoundError, HeadBenchError):
+                        pass
+
+    def __enter__(self) -> "RankPinner":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def drive_scale_plan(url: str, plan: list[tuple[str, float]], start: float, settle_s: float,
+                           recover_timeout_s: float) -> list[dict]:
+    """Run `plan` ((kind, seconds into the load), parse_timed_plan) against the head at `url`; `start`: the load's
+    perf_counter() at its start. -> one record per event (times in seconds since the load's start)."""
+    records = []
+    async with httpx.AsyncClient(timeout=600) as admin:
+        stepper = ScalePlan(admin, url, [], 0.0, on_event=lambda e: None)
+        stepper.start = start  # its t_s / t_done_s: since the load's start
+        for kind, at in plan:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            if kind == "kill":
+                record = await kill_and_recover(admin, url, start, recover_timeout_s)
+            else:
+                current = await stepper.ranks()
+                await stepper.step(current, current + (1 if kind == "grow" else -1))
+                e = stepper.events[-1]
+                record = {"kind": kind, "at_s": e["t_s"], "done_s": e["t_done_s"], "took_s": e["t_done_s"] - e["t_s"],
+                          "phase": e.get("phase", "?"), "head_event": e}
+            record["planned_at_s"] = at
+            print(f"bench-head: {kind} at {record['at_s']:.2f} s: {record['phase']} in {record['took_s']:.2f} s",
+                  file=sys.stderr)
+            records.append(record)
+        await asyncio.sleep(settle_s)
+    return records
+
+
+async def kill_and_recover(admin: httpx.AsyncClient, url: str, start: float, timeout_s: float) -> dict:
+    """SIGKILL the process of the member rank with the most requests in flight, then wait for the head's next
+    recover event to be DONE (phase NOT_RECOVERED if it is not within `timeout_s`)."""
+    async def state() -> dict | None:
+        try:
+            r = await admin.get(f"{url}/admin/state")
+            r.raise_for_status()
+            return r.json()
+        except httpx.HTTPError:
+            return None
+
+    before = await state()
+    seen = sum(1 for e in before["scale_events"] if e["kind"] == "recover")
+    members = [r for r in before["ranks"] if r["rank_id"] in before["members"]]
+    victim = max(members, key=lambda r: r.get("requests_in_flight", 0))
+    t = time.perf_counter() - start
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline, event, after = time.perf_counter() + timeout_s, None, before
+    while event is None and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+        after = await state() or after
+        recovers = [e for e in after["scale_events"] if e["kind"] == "recover"][seen:]
+        event = next((e for e in recovers if e["phase"] == "DONE"), None)
+    done = time.perf_counter() - start
+    return {"kind": "kill", "rank_id": victim["rank_id"], "pid": victim["pid"],
+            "requests_in_flight": victim.get("requests_in_flight"), "at_s": round(t, 3), "done_s": round(done, 3),
+            "took_s": round(done - t, 3), "phase": event["phase"] if event else "NOT_RECOVERED",
+            "victim_still_member": victim["rank_id"] in after["members"], "members_after": after["members"],
+            "head_event": event,  # the head's recover event (detect_s: from the rank's last message to its start)
+            "recover_events": len([e for e in after["scale_events"] if e["kind"] == "recover"][seen:])}
+
+
+def stream_gaps(results: list[StreamResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Every gap between two tokens one stream received in a row (across its requests too: a new request's wait
+    for its first token is a gap its user sees): (time before, time after)."""
+    by_stream: dict[int, list[float]] = {}
+    for r in results:  # a stream's requests are in order
+        by_stream.setdefault(r.stream, []).extend(r.received_at)
+    before, after = [], []
+    for times in by_stream.values():
+        before += times[:-1]
+        after += times[1:]
+    return np.asarray(before), np.asarray(after)
+
+
+def add_gaps(records: list[dict], results: list[StreamResult], wall: float) -> dict:
+    """Each event's longest gap any stream saw that overlaps it (from its start to its end); -> the gaps that
+    overlap no event, as percentiles (for comparison)."""
+    before, after = stream_gaps(results)
+    gaps = after - before
+    elsewhere = np.ones(gaps.size, dtype=bool)
+    for e in records:
+        lo, hi = wall + e["at_s"], wall + e["done_s"]
+        around = (after >= lo) & (before <= hi)
+        elsewhere &= ~around
+        e["longest_gap_ms"] = float(gaps[around].max() * 1e3) if around.any() else 0.0
+        e["streams_gapped_over_1s"] = int(np.count_nonzero(around & (gaps > 1.0)))
+    return percentiles_ms(gaps[elsewhere])
+
+
 def percentiles_ms(values: np.ndarray) -> dict:
     if values.size == 0:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
@@ -405,23 +595,32 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
             model, vocab = cards[0]["id"], int(cards[0].get("vocab_size") or 512)
             prompt = prompt_ids(vocab, args.input_len)
-            pieces = piece_chars(url, model, prompt)
+            texts = piece_texts(url, model, prompt)
+            pieces = [len(p) for p in texts]
             asyncio.run(load(url, model, prompt, min(args.streams, 8), 4, 1, pieces))  # warm-up: every path once
             for f in emit_dir.glob("*"):
                 f.write_bytes(b"")
 
-            def measured_load():
+            def measured_load(plan=()):
                 cpu0 = {pid: cpu_seconds(pid) for pid in [head_pid, *api_pids, *rank_pids]}
                 client0 = resource.getrusage(resource.RUSAGE_SELF)
-                with ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1])) as watch:
-                    results, duration, wall = asyncio.run(load(url, model, prompt, args.streams, args.output_len,
-                                                               args.rounds, pieces))
+                during = None
+                if plan:
+                    async def during(start, _wall):
+                        return await drive_scale_plan(url, list(plan), start, args.scale_settle_s,
+                                                      args.recover_timeout_s)
+                with ConnectionWatch([head_pid, *api_pids], int(url.rsplit(":", 1)[1])) as watch, \
+                        RankPinner(head_pid, [*api_pids, *rank_pids], args.rank_cpu, args.nice) as pinner:
+                    results, duration, wall, records = asyncio.run(load(
+                        url, model, prompt, args.streams, args.output_len, args.rounds, pieces, during,
+                        keep_text=bool(plan)))
                 client1 = resource.getrusage(resource.RUSAGE_SELF)
+                cpu0.update({pid: 0.0 for pid in pinner.started})  # started (by a grow) during the load
                 cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in cpu0}
                 client_cpu = client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
-                return results, duration, wall, cpu, client_cpu, watch.owner
+                return results, duration, wall, cpu, client_cpu, watch.owner, records, pinner.started
 
-            results, duration, wall, cpu, client_cpu, owner = measured_load()
+            results, duration, wall, cpu, client_cpu, owner, records, started = measured_load(args.timed_plan)
             emitted = read_emit_times(emit_dir)
             # what the coordinator did meanwhile: a rank it lost (silent past control.rank_timeout_s) shows here
             events = httpx.get(f"{url}/admin/state", timeout=30).json().get("scale_events", [])
@@ -429,8 +628,10 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             profile = profile_head(sampled, measured_load, args.client_cpu) if args.profile else None
         finally:
             head.stop()
+    check_text = bool(args.timed_plan)  # (the text is kept, and checked, where scale events run)
     failed = [r for r in results if not r.success or r.finish_reason != "length"
-              or r.completion_tokens != r.max_tokens or len(r.received_at) != r.max_tokens]
+              or r.completion_tokens != r.max_tokens or len(r.received_at) != r.max_tokens
+              or (check_text and r.text != expected_text(texts, r.max_tokens))]
     tokens = sum(len(r.received_at) for r in results)
     head_cpu = cpu[head_pid]
     api_cpu = [cpu[p] for p in [head_pid, *api_pids]]
@@ -443,7 +644,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "requests": len(results), "failed": len(failed),
         "failures": [f"{r.error or 'wrong output'}: {r.finish_reason}, {r.completion_tokens} tokens by usage, "
                      f"{len(r.received_at)} tokens by their text, {r.max_tokens} asked" for r in failed[:10]],
-        "tokens": tokens, "duration_s": duration,
+        "tokens": tokens, "tokens_asked": sum(r.max_tokens for r in results), "duration_s": duration,
         "offered_tok_s": ranks_used * min(head.max_batch, args.streams / ranks_used) * steps_per_s,
         "delivered_tok_s": tokens / duration,
         # SSE events with text per token: 1 while every stream's writer keeps up, less where queued tokens merged
@@ -464,13 +665,21 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "api_tokens": api_tokens, "api_tokens_unattributed": tokens - sum(api_tokens),
         "api_cpu_us_per_own_token": [c / max(n, 1) * 1e6 for c, n in zip(api_cpu, api_tokens)],
         "api_tok_s": [n / duration for n in api_tokens],
-        "ranks_cpu_util": sum(cpu[p] for p in rank_pids if cpu[p] == cpu[p]) / duration,
+        "ranks_cpu_util": sum(cpu[p] for p in [*rank_pids, *started] if cpu[p] == cpu[p]) / duration,
         "ranks_gone": [p for p in rank_pids if cpu[p] != cpu[p]],
+        "processes_started": started,  # by the head during the load (a grow's rank), pinned to --rank-cpu
         "scale_events": [{k: e.get(k) for k in ("kind", "phase", "from_ranks", "to_ranks", "requests_migrated")}
                          for e in events],
         "client_cpu_util": client_cpu / duration,
         "head_command": shlex.join(head.cmd),
     }
+    if records:
+        run["text_checked"] = check_text
+        run["scale_plan"] = records
+        run["streams_seen"] = len({r.stream for r in results})
+        # gaps between a stream's tokens (its requests in a row) that overlap no scale event, to compare with
+        # each event's longest_gap_ms
+        run["token_gap_ms_outside_events"] = add_gaps(records, results, wall)
     if profile is not None:
         run["profile"] = {"api_process": min(args.profile_api, len(api_pids)), **profile}
     return run

@@ -29,6 +29,29 @@ def parse_plan(text: str) -> list[int]:
     return plan
 
 
+TIMED_KINDS = ("grow", "shrink", "kill")
+
+
+def parse_timed_plan(text: str) -> list[tuple[str, float]]:
+    """`eep-hpc bench-head --scale-plan`: events at times into the load, e.g. "grow@5,kill@12" -> [("grow", 5.0),
+    ("kill", 12.0)]. grow / shrink: one rank more / fewer through the admin API (as a rank-count step here);
+    kill: SIGKILL of one member rank's process (the head must notice and recover). In time order."""
+    plan = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, _, at = item.partition("@")
+        try:
+            t = float(at)
+        except ValueError:
+            t = -1.0
+        if kind not in TIMED_KINDS or t < 0:
+            raise ValueError(f"--scale-plan wants events like grow@5,kill@12 (one of {', '.join(TIMED_KINDS)} at "
+                             f"seconds into the load), got {item!r}")
+        plan.append((kind, t))
+    if not plan:
+        raise ValueError(f"--scale-plan names no event: {text!r}")
+    return sorted(plan, key=lambda e: e[1])
+
+
 def event_line(e: dict) -> str:
     line = f"scale {e.get('kind', '?')} {e.get('from_ranks', '?')} -> {e.get('to_ranks', '?')} ranks"
     line += f" (epoch {e.get('epoch', '?')}, {str(e.get('phase', '?')).lower()})"

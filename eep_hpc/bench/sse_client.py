@@ -36,6 +36,7 @@ class StreamResult:
     status: int = 0
     error: str = ""
     local_port: int = 0  # of the connection it came on (which server process took it: bench-head)
+    stream: int = 0  # which of the load's streams (connections) sent it (bench-head)
 
     @property
     def success(self) -> bool:
@@ -118,7 +119,7 @@ class _Response(asyncio.Protocol):
             start = end + 2
             if r.error:
                 continue
-            if TOKEN_EVENT in ev and r.request_id and not self.keep_text:
+            if TOKEN_EVENT in ev and r.request_id:
                 if EMPTY_TEXT not in ev:
                     self._text_arrived(ev, now)
                 continue
@@ -140,12 +141,15 @@ class _Response(asyncio.Protocol):
         del body[:start]
 
     def _text_arrived(self, ev: bytes, now: float) -> None:
-        if self.piece_chars is None:  # one token per event
+        if self.piece_chars is None and not self.keep_text:  # one token per event
             self._tokens_arrived(0, now)
             return
         start = ev.find(TEXT_START) + len(TEXT_START)
         raw = ev[start : ev.find(TEXT_END, start)]
-        self._tokens_arrived(len(json.loads(b'"' + raw + b'"')) if b"\\" in raw else len(raw.decode()), now)
+        text = json.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        if self.keep_text:
+            self.texts.append(text)
+        self._tokens_arrived(len(text), now)
 
     def _tokens_arrived(self, chars: int, now: float) -> None:
         """`chars` more characters of text: every token whose text they complete arrived now."""

@@ -156,3 +156,38 @@ def test_grow_and_kill9_under_standin_load_lose_no_request(tmp_path):
         assert failed == [] and len(results) > 96
     finally:
         head.stop()
+
+
+def test_bench_head_scale_plan_grow_and_kill9_under_load(tmp_path):
+    """`bench-head --scale-plan grow@2,kill@6`: one stand-in rank more through the admin API, then a kill -9 of a
+    member rank's process, while 64 streams run; every request is complete and its text exact, the grow is DONE, and
+    the head recovered from the kill (its recover event DONE, the rank no member), each with its gap measured."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "eep_hpc.cli", "bench-head", "--standin-ranks", "2", "--streams", "64",
+           "--output-len", "16", "--rounds", "2", "--steps-per-s", "50", "--scale-plan", "grow@2,kill@6",
+           "--scale-settle-s", "2", "--recover-timeout-s", "60", "--run-dir", str(tmp_path / "run"),
+           "--result-file", str(out), "--head-cpu", "0", "--client-cpu", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["text_checked"] and run["failed"] == 0, run["failures"]
+    assert run["streams_seen"] == 64 and run["requests"] > 2 * 64  # the streams went on past --rounds
+    assert run["tokens"] == run["tokens_asked"]
+    grow, kill = run["scale_plan"]
+    assert grow["kind"] == "grow" and grow["phase"] == "DONE", grow
+    assert grow["head_event"]["from_ranks"] == 2 and grow["head_event"]["to_ranks"] == 3, grow
+    assert kill["kind"] == "kill" and kill["phase"] == "DONE", kill  # NOT_RECOVERED fails here
+    assert kill["head_event"]["lost"] == [kill["rank_id"]] and not kill["victim_still_member"], kill
+    assert len(kill["members_after"]) == 2 and kill["at_s"] >= grow["done_s"]
+    for e in (grow, kill):
+        assert e["took_s"] > 0 and e["longest_gap_ms"] > 0
+    assert [e["kind"] for e in run["scale_events"]] == ["grow", "recover"]
+
+
+def test_bench_head_refuses_a_bad_scale_plan(tmp_path):
+    for bad in ("grow@", "jump@3", "kill@-1", ","):
+        done = subprocess.run([sys.executable, "-m", "eep_hpc.cli", "bench-head", "--scale-plan", bad, "--run-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, bad
+        line, = done.stderr.strip().splitlines()
+        assert line.startswith("eep-hpc bench-head: --scale-plan"), line
