@@ -565,6 +565,9 @@ def add_gaps(records: list[dict], results: list[StreamResult], wall: float) -> d
         around = (after >= lo) & (before <= hi)
         elsewhere &= ~around
         e["longest_gap_ms"] = float(gaps[around].max() * 1e3) if around.any() else 0.0
+        if around.any():  # where it was (seconds since the load's start): in the event's wait, or at its commit
+            k = int(np.flatnonzero(around)[np.argmax(gaps[around])])
+            e["longest_gap_from_s"], e["longest_gap_to_s"] = round(before[k] - wall, 3), round(after[k] - wall, 3)
         e["streams_gapped_over_1s"] = int(np.count_nonzero(around & (gaps > 1.0)))
     return percentiles_ms(gaps[elsewhere])
 

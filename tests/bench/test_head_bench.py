@@ -181,6 +181,7 @@ def test_bench_head_scale_plan_grow_and_kill9_under_load(tmp_path):
     assert len(kill["members_after"]) == 2 and kill["at_s"] >= grow["done_s"]
     for e in (grow, kill):
         assert e["took_s"] > 0 and e["longest_gap_ms"] > 0
+        assert e["longest_gap_from_s"] <= e["done_s"] and e["longest_gap_to_s"] >= e["at_s"]  # it overlaps the event
     assert [e["kind"] for e in run["scale_events"]] == ["grow", "recover"]
 
 
