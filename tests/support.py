@@ -167,6 +167,29 @@ def rss_kib(pid: int) -> int:
     return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
 
 
+def open_fds_besides_clients_of(port: int) -> int:
+    """This process's open files, less both ends of the TCP connections to `port` (a load running in the same
+    process as the head opens and closes those as it likes; the listening socket and all else stay counted)."""
+    connection_inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl, local_address, rem_address, st, ..., inode (index 9)
+            ports = {int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2)}
+            if port in ports and fields[3] != "0A":  # 0A: LISTEN
+                connection_inodes.add(fields[9])
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            continue
+    return sum(1 for link in links if not (link.startswith("socket:[") and link[8:-1] in connection_inodes))
+
+
 def rank_pids(head) -> dict[int, int]:
     return {r["rank_id"]: r["pid"] for r in head.state()["ranks"] if r["pid"]}
 

@@ -10,7 +10,7 @@ import time
 import httpx
 
 from support import reference_texts, run_load
-from support import alive, only_held_by, rank_pids, rss_kib, start_head, until, wait_gone
+from support import alive, only_held_by, open_fds_besides_clients_of, rank_pids, rss_kib, start_head, until, wait_gone
 
 MAX_TOKENS = 32
 EXIT_WITHIN_S = 8.0  # a rank that left exits on the head's Shutdown at once
@@ -50,6 +50,7 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         survivor = rank_pids(head)[head.state()["members"][0]]
         sole_experts_moved = 0
         usage = []  # (head's open fds, survivor rank's resident KiB) after each cycle
+        http_port = int(head.url.rsplit(":", 1)[1].split("/")[0])
 
         async def scenario():
             nonlocal sole_experts_moved
@@ -74,7 +75,7 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
                     for layer, e in sole:  # the expert now lives on a survivor
                         assert e in after["placement"]["physical_to_logical"][layer]
                 if len(events) % 4 == 0:
-                    usage.append((len(os.listdir("/proc/self/fd")), rss_kib(survivor)))
+                    usage.append((open_fds_besides_clients_of(http_port), rss_kib(survivor)))
             await asyncio.sleep(0.4)
             stop.set()
             return await load, events
