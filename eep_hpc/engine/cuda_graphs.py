@@ -182,7 +182,6 @@ class StepGraphs:
         self._use(ep)
         t = len(input_ids)
         assert t <= size and size in (self.sizes.mixed if mixed else self.sizes.decode), (t, size, mixed)
-        assert mixed or all(n == 1 for n in query_lens)
         if (size, mixed) not in self.graphs:
             self._capture(size, mixed, ep)
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
@@ -191,7 +190,6 @@ class StepGraphs:
         graph.replay()
         self.replays += 1
         return out[:t]
-
 
     def forward_eager(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables,
                       ep: ExpertParallel, size: int, mixed: bool = False) -> torch.Tensor:

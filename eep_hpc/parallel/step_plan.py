@@ -89,8 +89,7 @@ def encode(demand: StepDemand, prepare_epoch: int, commit_epoch: int) -> list[in
 
 def agree(group: EpochGroup, demand: StepDemand, graph_sizes: GraphSizes, chunk_tokens: int,
           prepare_epoch: int = 0, commit_epoch: int = 0) -> StepPlan:
-    """The step's one host collective (none in a one-rank epoch). graph_sizes: the graphs every member has
-    (empty when the epoch runs none); chunk_tokens: the
-    most tokens per rank one MoE dispatch carries (0 = no limit)."""
+    """The step's one host collective (none in a one-rank epoch). graph_sizes: the graphs every member has (empty
+    when the epoch runs none); chunk_tokens: the most tokens per rank one MoE dispatch carries (0 = no limit)."""
     values = group.all_reduce_max(encode(demand, prepare_epoch, commit_epoch))
     return decide(values, graph_sizes, chunk_tokens)

@@ -116,34 +116,22 @@ class RankProcess:
         ready = dict(self.poller.poll(timeout_ms))
         if not ready:
             return
-        if self.pings in ready:
-            self.drain_pings()
+        if self.pings in ready:  # the head's beacon sends Pings only; anything else on its socket is dropped
+            self._drain(self.pings, self.launch.head_beacon_address, only=P.Ping)
+        self._drain(self.sock, self.launch.head_address)
+
+    def _drain(self, sock, address: str, only: type | None = None) -> None:
         while not self.stopping:
             try:
-                data = self.sock.recv(zmq.NOBLOCK)
+                data = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
                 msg = signing.decode_for_rank(data)
+                if only is not None and not isinstance(msg, only):
+                    raise signing.BadMessage(f"{type(msg).__name__} on a socket that carries {only.__name__} only")
             except signing.BadMessage as e:  # not from this run's head: dropped, and not counted as hearing from it
-                signing.log_dropped(log, self.launch.head_address, e)
-                continue
-            self.last_heard = time.monotonic()
-            self.handle(msg)
-
-    def drain_pings(self) -> None:
-        """The head's beacon sends Pings only; anything else on its socket is dropped."""
-        while True:
-            try:
-                data = self.pings.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = signing.decode_for_rank(data)
-                if not isinstance(msg, P.Ping):
-                    raise signing.BadMessage(f"{type(msg).__name__} on the head's beacon socket, which sends Pings")
-            except signing.BadMessage as e:
-                signing.log_dropped(log, self.launch.head_beacon_address, e)
+                signing.log_dropped(log, address, e)
                 continue
             self.last_heard = time.monotonic()
             self.handle(msg)
