@@ -5,7 +5,8 @@
 #   bash sbatch/ep-lab.sh                         (one GPU; MPS=1 runs the two ranks under an MPS daemon)
 # Env: CONFIG (configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS_LIST ("1 2"), PROMPTS (256), IN_LEN/OUT_LEN (128/128),
 # CONCURRENCY (64), KV_BLOCKS (4096 per rank: fixed, since two ranks on one GPU cannot size by free memory),
-# GRAPH_MAX (64: largest decode graph), STAGES ("steady scaling"), PLAN (1,2), DEST (results/<gpu>-lab).
+# GRAPH_MAX (64: largest decode graph), STAGES ("steady scaling"), PLAN (1,2; `rebalance` steps too), DEST
+# (results/<gpu>-lab), SERVE_ARGS (more `eep-hpc serve` arguments), TAG (a name part of the result files).
 #SBATCH --job-name=eep-ep-lab
 #SBATCH --nodes=1
 #SBATCH --gpus=1
@@ -32,14 +33,14 @@ for RANKS in ${RANKS_LIST:-1 2}; do
   T0=$(date +%s)
   start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend=nixl_ep \
     --set engine.num_kv_blocks="${KV_BLOCKS:-4096}" --set engine.cuda_graph_max_batch="${GRAPH_MAX:-64}" \
-    --set adapt.max_ranks=2
+    --set adapt.max_ranks=2 ${SERVE_ARGS:-}
   echo "ep$RANKS: serving after $(( $(date +%s) - T0 )) s"
-  [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/ep$RANKS-nixl_ep-steady.json"
+  [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-steady.json"
   [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]] && bench --num-prompts $((PROMPTS * 2)) \
-    --scale-plan "${PLAN:-1,2}" --scale-interval 8 --result-file "$DEST/ep$RANKS-nixl_ep-scaling.json"
+    --scale-plan "${PLAN:-1,2}" --scale-interval 8 --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-scaling.json"
   $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep -v "^layer" || true
   kill -INT $HEAD; wait $HEAD || true
   grep -E "ERROR|Traceback" "$RUN_DIR/head.log" | head -20 || true
-  { cat "$RUN_DIR/head.log"; find "$RUN_DIR" -name "*.err" -exec tail -n 30 {} +; } > "$DEST/ep$RANKS-logs.txt" 2>&1 || true
+  { cat "$RUN_DIR/head.log"; find "$RUN_DIR" -name "*.err" -exec tail -n 30 {} +; } > "$DEST/ep$RANKS${TAG:-}-logs.txt" 2>&1 || true
 done
 echo "results in $DEST"

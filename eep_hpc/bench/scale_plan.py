@@ -3,7 +3,8 @@
 A plan is a list of rank counts, e.g. 1,2,4,2,1. Before each step the plan waits `interval` seconds, then moves
 from the current number of member ranks (len(GET /admin/state ["members"])) to the step's count:
 POST /admin/scale/grow {"n": k} or POST /admin/scale/shrink {"n": k}. A step equal to the current count is a no-op
-(no event). Every event's summary is recorded; one that was refused while another event ran (409) is retried;
+(no event). A step `rebalance` re-places the experts by the load so far (POST /admin/rebalance; no event when the
+placement would not change). Every event's summary is recorded; one that was refused while another event ran (409) is retried;
 one that was rolled back (503) is recorded with phase ROLLED_BACK, and the plan goes on from the real count.
 """
 
@@ -19,12 +20,18 @@ BUSY_RETRY_S = 1.0
 BUSY_GIVE_UP_S = 300.0
 
 
-def parse_plan(text: str) -> list[int]:
+REBALANCE = "rebalance"
+
+
+def parse_plan(text: str) -> list[int | str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
     try:
-        plan = [int(x) for x in text.split(",") if x.strip()]
+        plan = [x if x == REBALANCE else int(x) for x in items]
     except ValueError:
-        raise ValueError(f"--scale-plan must be comma-separated rank counts like 1,2,4,2,1, got {text!r}") from None
-    if not plan or min(plan) < 1:
+        raise ValueError(f"--scale-plan must be comma-separated rank counts (or {REBALANCE}) like 1,2,4,2,1, got "
+                         f"{text!r}") from None
+    counts = [x for x in plan if x != REBALANCE]
+    if not plan or (counts and min(counts) < 1):
         raise ValueError(f"--scale-plan needs rank counts of at least 1, got {text!r}")
     return plan
 
@@ -67,7 +74,7 @@ class ScalePlan:
     """Runs one plan; `events` holds each event's summary, plus `t_s` and `t_done_s`: seconds since the plan
     started when the request was sent and when it was answered."""
 
-    def __init__(self, admin: httpx.AsyncClient, url: str, plan: list[int], interval: float,
+    def __init__(self, admin: httpx.AsyncClient, url: str, plan: list[int | str], interval: float,
                  on_event: Callable[[dict], None] = print) -> None:
         self.admin, self.url, self.plan, self.interval = admin, url, plan, interval
         self.on_event = on_event
@@ -84,23 +91,27 @@ class ScalePlan:
         for target in self.plan:
             await asyncio.sleep(self.interval)
             current = await self.ranks()
-            if target != current:
+            if target == REBALANCE:
+                await self.step(current, current, REBALANCE)
+            elif target != current:
                 await self.step(current, target)
         return self.events
 
-    async def step(self, current: int, target: int) -> None:
-        kind = "grow" if target > current else "shrink"
-        body = {"n": abs(target - current)}
+    async def step(self, current: int, target: int, kind: str = "") -> None:
+        kind = kind or ("grow" if target > current else "shrink")
+        path, body = ("rebalance", {}) if kind == REBALANCE else (f"scale/{kind}", {"n": abs(target - current)})
         deadline = time.perf_counter() + BUSY_GIVE_UP_S
         while True:
             t = time.perf_counter() - self.start
-            r = await self.admin.post(f"{self.url}/admin/scale/{kind}", json=body)
+            r = await self.admin.post(f"{self.url}/admin/{path}", json=body)
             if r.status_code == 409 and time.perf_counter() < deadline:
                 await asyncio.sleep(BUSY_RETRY_S)  # another event is running (not ours): wait for it
                 continue
             break
         if r.status_code == 200:
             event = r.json()
+            if event.get("phase") == "UNCHANGED":  # nothing to move: no event ran
+                return
         else:
             event = await self.failed_event(kind, current, target, r)
         event["t_s"] = round(t, 3)

@@ -15,8 +15,10 @@ seq_len 0 and slot -1, so they write no KV and read nothing (kernels/NOTES.md li
 padding sequence takes one token while there are tokens left (the last takes the rest, further ones none). The
 router gives padding rows no expert (`num_valid`), so they are never dispatched nor counted as load.
 
-A graph bakes in the tensors it saw: the expert weights and the `ExpertParallel` of its epoch. Commit swaps both,
-so graphs are dropped when the runner sees another `ExpertParallel` and re-captured on first use. Every rank of an
+A graph bakes in the tensors it saw: the expert weights and the `ExpertParallel` of its epoch. A commit that
+changes their shapes or the communication (a new member, another buffer) drops the graphs, and each size is
+re-captured on first use; one that does not (a rebalance, a recovery onto the same shapes) writes the new experts
+and tables into the captured tensors and keeps every graph (`keep_for`). Every rank of an
 epoch captures the same sizes in the same order (at startup all of them; after a commit each size at the step
 that first agrees on it), since a capture's warm-up runs the epoch's collectives. Only an epoch whose all-to-all
 is graph-safe (no host sync, no host collective: one rank, or nixl_ep) runs graphs; others run eagerly.
@@ -168,6 +170,12 @@ class StepGraphs:
             self.reset()
             self.ep = ep
 
+    def keep_for(self, ep: ExpertParallel) -> None:
+        """The graphs go on serving `ep`, which took over the device tensors they captured
+        (`ExpertParallel.adopt_tensors`): a commit that re-captures nothing."""
+        if self.ep is not None:
+            self.ep = ep
+
     def reset(self) -> None:
         """Drop every graph: they hold the previous epoch's expert tensors and maps (memory a new epoch needs).
         Their pool goes with them; a handle whose graphs are all gone must not be captured into again."""
@@ -182,8 +190,11 @@ class StepGraphs:
         self._use(ep)
         t = len(input_ids)
         assert t <= size and size in (self.sizes.mixed if mixed else self.sizes.decode), (t, size, mixed)
-        if (size, mixed) not in self.graphs:
+        if (size, mixed) not in self.graphs:  # after a commit that dropped the graphs (a pause for every rank)
+            t0 = time.monotonic()
             self._capture(size, mixed, ep)
+            log.info("captured the %s graph of %d on first use in %.2f s", "mixed" if mixed else "decode", size,
+                     time.monotonic() - t0)
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host, non_blocking=True)
         graph, out = self.graphs[(size, mixed)]

@@ -209,20 +209,39 @@ class RankEngine:
             all_sampled[i], all_logprobs[i] = sampled[j], logprobs[j]
         return self.scheduler.postprocess(out, all_sampled, all_logprobs)
 
-    def swap_experts(self, staged, ep: ExpertParallel) -> None:
-        """Commit: the staged slot tensors (with the scales of fp8 experts) and the new epoch's expert
-        map/communicator replace the old ones."""
+    def swap_experts(self, staged, ep: ExpertParallel, keep_graphs: bool = False) -> None:
+        """Commit: the staged experts (with the scales of fp8 experts) go live, and the new epoch's expert
+        map/communicator replace the old ones. Staged in place (`staged.rows`), the changed slots are copied into
+        the live tensors; else the staged tensors replace them. keep_graphs (in place, `ep.can_replace(self.ep)`,
+        and every member of the epoch agreed): `ep` takes over the old epoch's device tensors and the captured
+        CUDA graphs go on serving; else they are dropped and re-captured on first use, by every rank at the step
+        that first agrees on that size."""
         blocks = self.model.moe_blocks()
         if blocks and (blocks[0].w13_scale is None) != (getattr(staged, "w13_scale", None) is None):
             raise ValueError("staged experts and the model's slots differ in having fp8 scales")
+        rows = getattr(staged, "rows", None)
         for i, block in enumerate(blocks):
+            live = [block.w13.data, block.w2.data] + ([block.w13_scale, block.w2_scale] if block.w13_scale is not None
+                                                      else [])
+            if rows is not None:
+                if rows[i]:
+                    idx = torch.tensor(rows[i], device=block.w13.device)
+                    for t, new in zip(live, staged.kinds()):
+                        t.index_copy_(0, idx, new[i])
+                continue
             block.w13.data = staged.w13[i]
             block.w2.data = staged.w2[i]
             if block.w13_scale is not None:
                 block.w13_scale, block.w2_scale = staged.w13_scale[i], staged.w2_scale[i]
+        if keep_graphs:
+            if rows is None or not ep.can_replace(self.ep):
+                raise ValueError("graphs are kept only across an in-place commit to an epoch of the same shapes")
+            ep.adopt_tensors(self.ep)
+            if self.runner.graphs is not None:
+                self.runner.graphs.keep_for(ep)
+        elif self.runner.graphs is not None:
+            self.runner.graphs.reset()
         self.ep = ep
-        if self.runner.graphs is not None:  # captured with the old slots: re-captured on first use, by every rank
-            self.runner.graphs.reset()  # at the step that first agrees on that size
 
     def stats(self, with_load: bool = False) -> RankStats:
         bm = self.block_manager

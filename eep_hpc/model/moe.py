@@ -39,6 +39,27 @@ class ExpertParallel:
     def graph_safe(self) -> bool:
         return bool(getattr(self.all_to_all, "graph_safe", False))
 
+    def can_replace(self, old: ExpertParallel) -> bool:
+        """Can this epoch's steps run through `old`'s CUDA graphs once `adopt_tensors(old)` gave it old's device
+        tensors: the same communication memory and kernels (the backend's `graph_key`), the same local slots,
+        tables of the same shapes."""
+        key = getattr(self.all_to_all, "graph_key", None)
+        m, o = self.map, old.map
+        return (key is not None and key == getattr(old.all_to_all, "graph_key", None)
+                and (m.local_start, m.num_local_slots) == (o.local_start, o.num_local_slots)
+                and all(getattr(m, n).shape == getattr(o, n).shape for n in ("replica_count", "logical_to_physical",
+                                                                             "slot_owner"))
+                and self.route_table.shape == old.route_table.shape and self.route_table.dtype == old.route_table.dtype)
+
+    def adopt_tensors(self, old: ExpertParallel) -> None:
+        """Write this epoch's tables into `old`'s device tensors and use those from now on (what old's CUDA graphs
+        read); the load counted so far carries on (it is per logical expert, whatever the placement)."""
+        for name in ("replica_count", "logical_to_physical", "slot_owner"):
+            mine = getattr(old.map, name).copy_(getattr(self.map, name))
+            setattr(self.map, name, mine)
+        self.route_table = old.route_table.copy_(self.route_table)
+        self.load = old.load
+
     def plan(self, chunks: int = 1, chunk_tokens: int = 0, num_valid: torch.Tensor | None = None) -> None:
         self.chunks, self.chunk_tokens, self.num_valid = chunks, chunk_tokens, num_valid
 

@@ -26,6 +26,7 @@ class DispatchHandle:
 
 class AllToAll(Protocol):
     graph_safe: bool  # a CUDA graph can capture dispatch and combine (no host sync, no host collective)
+    graph_key: tuple | None  # equal across epochs whose communication a captured graph serves alike (None: none)
     weights_dtype: torch.dtype | None  # what combine wants the top-k weights in (None: the activations' dtype)
 
     def to_destinations(self, slots: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,11 @@ class TorchAllToAll:
     def graph_safe(self) -> bool:
         """One rank exchanges nothing: its steps can be CUDA graphs. (NCCL inside graphs is not tried yet.)"""
         return self.group.size == 1
+
+    @property
+    def graph_key(self) -> tuple | None:
+        """Equal for two epochs whose steps a CUDA graph of one can run for the other (None: never)."""
+        return ("one rank",) if self.group.size == 1 else None
 
     def dispatch(self, x, slots, slot_owner, local_start, capacity):
         T, k = slots.shape

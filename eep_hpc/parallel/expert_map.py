@@ -34,7 +34,9 @@ class ExpertMap:
         if (counts == 0).any():
             raise ValueError("every logical expert needs at least one physical slot in every layer")
         self.replica_count = counts.to(device)  # [L, E]
-        l2p = torch.full((L, num_experts, int(counts.max())), -1, dtype=torch.long)
+        # as wide as any placement of S slots may need (S - E + 1 replicas of one expert), so that the table keeps
+        # its shape across placements and a commit can update it in place (CUDA graphs captured it)
+        l2p = torch.full((L, num_experts, S - num_experts + 1), -1, dtype=torch.long)
         for layer in range(L):
             seen = [0] * num_experts
             for slot, e in enumerate(p2l[layer].tolist()):

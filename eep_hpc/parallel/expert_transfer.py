@@ -48,7 +48,17 @@ class SlotTensors:
 
 @dataclass
 class StagedExperts(SlotTensors):
+    """The slots of the next epoch as staged. Either all of them (`rows` None: the tensors replace the live ones
+    at commit), or, in place, only those that change (`rows[layer]`: the local slot of each staged row; commit
+    copies them into the live tensors, which keep their addresses, so CUDA graphs that captured them stay valid,
+    and staging costs the moved experts' memory, not a second copy of all of them)."""
+
     bytes_received: int = 0
+    rows: list[list[int]] | None = None
+
+    def row(self, layer: int, local_slot: int) -> int:
+        """Where the expert of `local_slot` (in the new epoch's numbering) is staged in layer `layer`."""
+        return local_slot if self.rows is None else self.rows[layer].index(local_slot)
 
 
 def _slot_specs(like: SlotTensors | None, old: SlotTensors | None, shape: tuple[int, int], dtype: torch.dtype):
@@ -64,38 +74,46 @@ def _slot_specs(like: SlotTensors | None, old: SlotTensors | None, shape: tuple[
 
 def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, new_start: int, new_end: int,
                   num_layers: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
-                  like: SlotTensors | None = None, into: SlotTensors | None = None) -> tuple[StagedExperts, list]:
+                  like: SlotTensors | None = None, into: SlotTensors | None = None,
+                  in_place: bool = False) -> tuple[StagedExperts, list]:
     """New slot tensors with untouched slots and local copies filled in -> (staged, remote moves still to fetch).
     The kinds staged (and their per-slot shapes) are those of `like` (this rank's model's slots), else of `old`,
     else w13/w2 of `shape` (I, D) and `dtype`. `into`: fill these tensors instead of allocating new ones (a
-    joining rank's still empty slots: staging them twice would double its expert memory)."""
+    joining rank's still empty slots: staging them twice would double its expert memory). `in_place` (the rank
+    keeps as many slots as `old` has): stage only the slots that moves fill (`StagedExperts.rows`)."""
     specs = _slot_specs(like, old, shape, dtype)
     if old is not None and len(old.kinds()) != len(specs):
         raise ValueError("the old expert slots lack the scales of fp8 experts: use SlotTensors.of_blocks(blocks)")
     n_new = new_end - new_start
+    if in_place and (old is None or into is not None or old.w13[0].shape[0] != n_new):
+        raise ValueError(f"in-place staging needs the old slots, as many as the new ({n_new})")
     kinds: list[list[torch.Tensor]] = [[] for _ in specs]
+    rows: list[list[int]] = []
     remote = []
     for layer in range(num_layers):
+        moved_here = sorted({m[4] - new_start for m in moves if m[0] == layer and m[3] == my_id})
+        row = {s: i for i, s in enumerate(moved_here)} if in_place else None
         new = ([k[layer] for k in into.kinds()] if into is not None
-               else [torch.empty(n_new, *slot_shape, dtype=dt, device=device) for slot_shape, dt in specs])
-        moved_here = {m[4] for m in moves if m[0] == layer and m[3] == my_id}
+               else [torch.empty(len(row) if in_place else n_new, *slot_shape, dtype=dt, device=device)
+                     for slot_shape, dt in specs])
         olds = [k[layer] for k in old.kinds()] if old is not None else []
-        if old is not None:
-            for g in range(new_start, new_end):
-                if g not in moved_here:
-                    for t, o in zip(new, olds):
-                        t[g - new_start] = o[g - new_start]
+        if old is not None and not in_place:  # untouched slots keep what the same local index held
+            for s in sorted(set(range(n_new)) - set(moved_here)):
+                for t, o in zip(new, olds):
+                    t[s] = o[s]
         for m in moves:
             if m[0] != layer or m[3] != my_id:
                 continue
             if m[2] == my_id:
+                at = m[4] - new_start if row is None else row[m[4] - new_start]
                 for t, o in zip(new, olds):
-                    t[m[4] - new_start] = o[m[5]]
+                    t[at] = o[m[5]]
             else:
                 remote.append(m)
+        rows.append(moved_here)
         for k, t in zip(kinds, new):
             k.append(t)
-    return StagedExperts(*kinds[:2], *(kinds[2:] or [None, None])), remote
+    return StagedExperts(*kinds[:2], *(kinds[2:] or [None, None]), rows=rows if in_place else None), remote
 
 
 def publish_slots(agent, epoch: int, slots: SlotTensors, reg=None) -> None:
@@ -110,14 +128,15 @@ def publish_slots(agent, epoch: int, slots: SlotTensors, reg=None) -> None:
 def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: list[list[int]], new_start: int):
     """Remote copies by NIXL READs into the staging tensors -> (bytes, their registration). The registration is
     kept: after the commit the staging tensors are what this rank serves to peers."""
-    every = [t for k in staged.kinds() for t in k]
-    reg = agent.register(every) if staged.w13 and staged.w13[0].shape[0] else None
+    every = [t for k in staged.kinds() for t in k if t.numel()]
+    reg = agent.register(every) if every else None
     try:
         L = len(staged.w13)
-        reads = [(m[2], m[0], m[5], staged.w13[m[0]][m[4] - new_start], staged.w2[m[0]][m[4] - new_start]) for m in remote]
+        at = [(m[0], staged.row(m[0], m[4] - new_start)) for m in remote]
+        reads = [(m[2], m[0], m[5], staged.w13[layer][r], staged.w2[layer][r]) for m, (layer, r) in zip(remote, at)]
         if staged.w13_scale is not None:
-            reads += [(m[2], L + m[0], m[5], staged.w13_scale[m[0]][m[4] - new_start],
-                       staged.w2_scale[m[0]][m[4] - new_start]) for m in remote]
+            reads += [(m[2], L + m[0], m[5], staged.w13_scale[layer][r], staged.w2_scale[layer][r])
+                      for m, (layer, r) in zip(remote, at)]
         return agent.fetch_experts(source_epoch, reads), reg
     except BaseException:
         if reg is not None:
@@ -150,7 +169,7 @@ def exchange_over_group(group: EpochGroup, participants: list[int], my_id: int, 
         group.all_to_all(recv, send, recv_counts, send_counts)
         received += recv.numel()
         for (_, i), data in zip(recvs, recv):
-            slot = layer_moves[i][4] - new_start
+            slot = staged.row(layer, layer_moves[i][4] - new_start)
             offset = 0
             for k, n in zip(staged.kinds(), slot_bytes):
                 dst = k[layer][slot]

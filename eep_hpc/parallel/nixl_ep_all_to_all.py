@@ -335,6 +335,14 @@ class NixlEpAllToAll:
         return True
 
     @property
+    def graph_key(self) -> tuple:
+        """A graph captured in another epoch serves this one when it used the same buffer (same incarnation: not
+        rebuilt) with the same expert numbering; nixl_ep keeps graphs valid across connect/disconnect of peers."""
+        if self.local is not None:
+            return ("one rank",)
+        return ("nixl_ep", self.runtime.incarnation, self.num_experts, self.max_tokens)
+
+    @property
     def weights_dtype(self) -> torch.dtype | None:
         return None if self.local is not None else torch.float32  # low_latency_combine reads fp32 weights
 

@@ -124,6 +124,11 @@ class RankAgent:
         key = experts_key(epoch, self.rank_id)
         self.store.set(key, signing.seal(key, msgspec.msgpack.encode(msg)))
 
+    def take_expert_registration(self):
+        """The registration of the expert tensors published last, taken out of retirement: a commit in place
+        publishes the same tensors again for its epoch (None: nothing published)."""
+        return self._expert_regs.pop(max(self._expert_regs)) if self._expert_regs else None
+
     def retire_experts(self, keep_epoch: int) -> None:
         """Deregister expert tensors of epochs before `keep_epoch` (after a commit nobody reads them)."""
         for epoch in [e for e in self._expert_regs if e < keep_epoch]:

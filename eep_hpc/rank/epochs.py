@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +269,10 @@ class RankEpochs:
             shape = (arch.moe_intermediate_size, arch.hidden_size)
             # experts whose every holder died come from the checkpoint; the rest move between live ranks
             joining = old is None and member and blocks[0].w13.shape[0] == end - start
+            in_place = old is not None and member and blocks[0].w13.shape[0] == end - start
             staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
-                                           blocks[0].w13.dtype, device, like=mine, into=mine if joining else None)
+                                           blocks[0].w13.dtype, device, like=mine, into=mine if joining else None,
+                                           in_place=in_place)
             self.load_from_checkpoint([m for m in remote if m[2] == CHECKPOINT], staged, start)
             remote = [m for m in remote if m[2] != CHECKPOINT]
             moves = [m for m in msg.moves if m[2] != CHECKPOINT]
@@ -341,7 +344,7 @@ class RankEpochs:
             into = SimpleNamespace(w13=staged.w13[layer], w2=staged.w2[layer], fp8_block=blocks[layer].fp8_block,
                                    w13_scale=staged.w13_scale[layer] if staged.w13_scale is not None else None,
                                    w2_scale=staged.w2_scale[layer] if staged.w2_scale is not None else None)
-            load_expert_slot(model, source, layer, dst_slot - start, logical, into=into)
+            load_expert_slot(model, source, layer, staged.row(layer, dst_slot - start), logical, into=into)
         log.info("rank %d: %d expert(s) restored from the checkpoint", self.id, len(moves))
 
     def commit(self) -> int | None:
@@ -355,7 +358,20 @@ class RankEpochs:
                 arch = self.engine.model.arch
                 a2a = make_all_to_all(self.launch.config, arch, target, change.group, change.expert_map)
                 ep = ExpertParallel(change.expert_map, a2a, arch.num_experts)
-                self.engine.swap_experts(change.staged, ep)
+                in_place = change.staged.rows is not None
+                keep = (in_place and self.engine.ep is not None and ep.can_replace(self.engine.ep)
+                        and os.environ.get("EEP_HPC_KEEP_GRAPHS", "1") != "0")  # 0: the before of a benchmark
+                if change.group.size > 1:  # graphs are kept by all members or none (a capture runs collectives)
+                    keep = change.group.all_reduce_max([int(not keep)]) == [0]
+                self.engine.swap_experts(change.staged, ep, keep_graphs=keep)
+                log.info("rank %d: epoch %d: %s, %s", self.id, msg.epoch,
+                         f"{sum(map(len, change.staged.rows))} expert slot(s) updated in place" if in_place
+                         else "expert slots replaced",
+                         "step path kept (tables and CUDA graphs)" if keep else "graphs dropped (re-captured on use)")
+                if in_place and self.agent is not None:  # the live tensors stay what peers read
+                    if change.reg is not None:
+                        self.agent.deregister(change.reg)
+                    change.reg = self.agent.take_expert_registration()
             self.group, self.epoch_rank, self.served = change.group, target.rank_ids.index(self.id), True
             wave = msg.wave
             self.send(P.EpochJoined(rank_id=self.id, epoch=msg.epoch))

@@ -54,6 +54,7 @@ def test_random_requests_have_exact_lengths_and_safe_ids():
 
 def test_scale_plan_parsing():
     assert parse_plan("1,2,4,2,1") == [1, 2, 4, 2, 1]
+    assert parse_plan("2, rebalance,1") == [2, "rebalance", 1]
     for bad in ("", "1,0", "a,b"):
         with pytest.raises(ValueError):
             parse_plan(bad)
