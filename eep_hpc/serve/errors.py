@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -175,11 +175,11 @@ class CatchAllMiddleware:
             return
         started = False
 
-        async def send_tracking(message: Message) -> None:
+        def send_tracking(message: Message) -> Awaitable[None]:  # no coroutine of its own per streamed chunk
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_tracking)

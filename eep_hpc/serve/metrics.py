@@ -12,6 +12,7 @@ import shutil
 import time
 from bisect import bisect_left
 from pathlib import Path
+from typing import Awaitable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST, values
@@ -175,11 +176,11 @@ class HttpMetricsMiddleware:
             return
         status = 500
 
-        async def send_status(message: Message) -> None:
+        def send_status(message: Message) -> Awaitable[None]:  # no coroutine of its own per streamed chunk
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         self.metrics.http_requests_in_progress.inc()
         try:

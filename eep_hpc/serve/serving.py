@@ -13,9 +13,9 @@ whole body, is an `Endpoint`: chat.py's ChatCompletion, completions.py's Complet
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # json.dumps(text, ensure_ascii=False) without a JSONEncoder per call
 from typing import AsyncIterator, ClassVar, Protocol, TypeVar
 
 from fastapi import Request
@@ -136,13 +136,14 @@ class Reply:
 
         def text_chunk(d: ChoiceDelta) -> bytes:
             """The chunk of a delta that only carries text: the same bytes `chunk` makes, without building and
-            serialising its models for every token (a template per choice, made once from a placeholder text)."""
+            serialising its models for every token (a template per choice, made once from a placeholder text; the
+            text goes in as json.dumps(text, ensure_ascii=False) writes it, quotes included)."""
             template = templates.get(d.index)
             if template is None:
                 rendered = chunk(self.api.stream_choice(ChoiceDelta(d.index, TEXT_SLOT, d.num_tokens)), None)
-                before, _, after = rendered.partition(TEXT_SLOT.encode())
+                before, _, after = rendered.partition(b'"' + TEXT_SLOT.encode() + b'"')
                 template = templates[d.index] = (before, after)
-            return template[0] + json.dumps(d.text, ensure_ascii=False)[1:-1].encode() + template[1]
+            return template[0] + encode_basestring(d.text).encode() + template[1]
 
         async def events() -> AsyncIterator[bytes]:
             tokens = [0] * num_choices
