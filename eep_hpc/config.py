@@ -156,6 +156,8 @@ class StandinConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     steps_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50.0
     # A folder each rank writes its emit times to (rank-<id>.jsonl: one line per finished request); "" = none.
     emit_log: str = ""
+    # seconds a rank takes to enter its first epoch (a GPU rank loads, warms up and captures graphs meanwhile)
+    startup_s: SecondsOrOff = 0.0
 
 
 class AdaptConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -132,4 +132,5 @@ def build_standin(launch) -> StandinEngine:
     from eep_hpc.engine.rank_engine import max_model_len
     from eep_hpc.model.arch import load_arch
 
+    time.sleep(launch.config.standin.startup_s)  # deaf to the head meanwhile, as a loading GPU rank is
     return StandinEngine(launch.config, launch.rank_id, max_model_len(launch.config, load_arch(launch.model_dir)))

@@ -54,3 +54,20 @@ def test_ranks_stay_while_the_heads_event_loop_is_starved(tmp_path):
         assert [e for e in state["scale_events"] if e["kind"] == "recover"] == []
     finally:
         head.stop()
+
+
+def test_a_rank_whose_first_epoch_outlasts_the_head_timeout_stays(tmp_path):
+    """A GPU rank enters its first epoch deaf to the head (loading, warming up, capturing graphs: 26 s for two
+    ranks sharing an H100) while the head's pings queue up: those count as heard, and the rank serves."""
+    head = start_head(tmp_path, ranks=2, parallel={"rank_engine": "standin"},
+                      standin={"startup_s": 2 * HEAD_TIMEOUT_S},
+                      control={"head_timeout_s": HEAD_TIMEOUT_S, "heartbeat_s": 0.5})
+    try:
+        pids = rank_pids(head)
+        time.sleep(HEAD_TIMEOUT_S)  # a rank that took itself for orphaned would be gone by now
+        assert all(alive(p) for p in pids.values())
+        r = asyncio.run(reference_texts(head.url, head.model, 8))
+        assert len(r) > 1 and all(r), r
+        assert [x["state"] for x in head.state()["ranks"]] == ["READY", "READY"]
+    finally:
+        head.stop()
