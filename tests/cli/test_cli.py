@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from support import metric, pid_of, start_head, wait_for_event
+from support import metric, pid_of, start_head, wait_for_event, wait_until
 
 
 def eep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -63,6 +63,8 @@ def test_status_names_ranks_by_id_and_shows_recoveries_and_adapt(tmp_path, caplo
         event = asyncio.run(wait_for_event(head, "recover", 1))
         assert event["lost"] == [0] and event["left"] == [0] and event["joined"] == []
         assert eep("adapt", "--min", "1", "--max", "3", "--off", "--url", head.url).returncode == 0
+        # the survivor's figures arrive with its next heartbeat after the recovery (until then its KV reads "-")
+        wait_until(lambda: head.state()["ranks"][0]["kv_blocks_total"] > 0, 15, "the survivor's stats")
         r = eep("status", "--url", head.url)
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
