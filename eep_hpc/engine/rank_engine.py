@@ -24,6 +24,7 @@ from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
 from eep_hpc.parallel import step_plan
+from eep_hpc.parallel.expert_transfer import SlotTensors
 from eep_hpc.parallel.step_plan import GraphSizes, StepDemand, StepPlan
 from eep_hpc.protocol import AddRequest, Logprobs, RankStats, RequestOutput, SamplingParams
 
@@ -221,13 +222,11 @@ class RankEngine:
             raise ValueError("staged experts and the model's slots differ in having fp8 scales")
         rows = getattr(staged, "rows", None)
         for i, block in enumerate(blocks):
-            live = [block.w13.data, block.w2.data] + ([block.w13_scale, block.w2_scale] if block.w13_scale is not None
-                                                      else [])
             if rows is not None:
                 if rows[i]:
                     idx = torch.tensor(rows[i], device=block.w13.device)
-                    for t, new in zip(live, staged.kinds()):
-                        t.index_copy_(0, idx, new[i])
+                    for live, new in zip(SlotTensors.of_blocks([block]).kinds(), staged.kinds()):
+                        live[0].index_copy_(0, idx, new[i])
                 continue
             block.w13.data = staged.w13[i]
             block.w2.data = staged.w2[i]

@@ -268,8 +268,8 @@ class RankEpochs:
             old = mine if self.engine.ep else None
             shape = (arch.moe_intermediate_size, arch.hidden_size)
             # experts whose every holder died come from the checkpoint; the rest move between live ranks
-            joining = old is None and member and blocks[0].w13.shape[0] == end - start
-            in_place = old is not None and member and blocks[0].w13.shape[0] == end - start
+            same_count = member and blocks[0].w13.shape[0] == end - start
+            joining, in_place = same_count and old is None, same_count and old is not None
             staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
                                            blocks[0].w13.dtype, device, like=mine, into=mine if joining else None,
                                            in_place=in_place)
