@@ -134,8 +134,9 @@ class PrepareEpoch(_Msg):
     ("xfer/" in the epoch's prefix, collective only). Joining ranks get it twice: the first makes them build their
     skeleton and say RankStaged; the second (sent to every participant) says how experts are copied. Current
     members act only once all of them have it (agreed by a collective at a step boundary); then every participant
-    copies experts per `moves` into staging and the new members build the epoch's groups. Each answers
-    EpochPrepared or PrepareFailed.
+    copies experts per `moves` into staging and the new members build the epoch's groups; over NIXL, serving
+    members start their reads at once and keep serving, and only the group is built at the agreed boundary.
+    Each answers EpochPrepared or PrepareFailed.
     """
 
     target: Epoch
@@ -278,7 +279,9 @@ class EpochPrepared(_Msg):
     rank_id: int
     epoch: int
     bytes_received: int
-    seconds: float
+    seconds: float  # from the PrepareEpoch to prepared
+    served_steps: int = 0  # steps this rank served meanwhile (its experts arrived in the background)
+    pause_s: float = 0.0  # how long it stopped serving for the prepare (at the agreed step boundary)
 
 
 class PrepareFailed(_Msg):

@@ -63,7 +63,8 @@ def event_line(e: dict) -> str:
     line = f"scale {e.get('kind', '?')} {e.get('from_ranks', '?')} -> {e.get('to_ranks', '?')} ranks"
     line += f" (epoch {e.get('epoch', '?')}, {str(e.get('phase', '?')).lower()})"
     if "prepare_s" in e:
-        line += (f": prepare {e['prepare_s']:.3f} s, commit {e.get('commit_s', 0):.3f} s, "
+        line += (f": prepare {e['prepare_s']:.3f} s ({e.get('served_while_preparing', 0)} steps served meanwhile, "
+                 f"paused {e.get('prepare_pause_s', 0):.3f} s), commit {e.get('commit_s', 0):.3f} s, "
                  f"pause {e.get('commit_pause_ms', 0):.1f} ms, {e.get('bytes_moved', 0) / 2**20:.2f} MiB "
                  f"({e.get('experts_moved', 0)} experts) at {e.get('gbps', 0):.3f} GB/s, "
                  f"{e.get('requests_migrated', 0)} request(s) migrated")

@@ -173,6 +173,12 @@ class RankEngine:
         values = step_plan.encode(self.demand(), 0, 0)
         return step_plan.decide(values, self.graph_sizes(), self.chunk_tokens)
 
+    def skip_step(self) -> None:
+        """No rank scheduled anything (the agreement's plan has no tokens): run nothing, and let the next demand()
+        schedule afresh, since requests may have come meanwhile."""
+        if self._scheduled is not None and self._scheduled.is_empty:
+            self._scheduled = None
+
     def step(self, plan: StepPlan | None = None) -> list[RequestOutput]:
         """One forward over what demand() scheduled (possibly nothing), as `plan` says -> outputs of sequences that
         advanced."""

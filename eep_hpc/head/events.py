@@ -41,6 +41,8 @@ class ScaleEvent:
     commit_s: float = 0.0
     commit_pause_ms: float = 0.0  # longest inter-token gap any stream saw around the commit
     bytes_moved: int = 0
+    prepare_pause_s: float = 0.0  # the longest a serving member stopped serving for the prepare
+    served_while_preparing: int | None = None  # the fewest steps a serving member ran while its experts arrived
     experts_moved: int = 0
     requests_migrated: int = 0
     dense_source: str = ""  # where joiners got their non-expert weights: "nixl:<rank>" / "checkpoint"
@@ -76,7 +78,8 @@ class ScaleEvent:
             "from_ranks": len(self.old_members), "to_ranks": len(self.new_members),
             "joined": self.joining, "left": self.leaving,  # rank ids
             "prepare_s": round(self.prepare_s, 4), "commit_s": round(self.commit_s, 4),
-            "commit_pause_ms": round(self.commit_pause_ms, 2), "bytes_moved": self.bytes_moved,
+            "commit_pause_ms": round(self.commit_pause_ms, 2), "prepare_pause_s": round(self.prepare_pause_s, 4),
+            "served_while_preparing": self.served_while_preparing or 0, "bytes_moved": self.bytes_moved,
             "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),
             "requests_migrated": self.requests_migrated, "dense_source": self.dense_source,
             "dense_bytes": self.dense_bytes, "error": self.error,
@@ -106,6 +109,7 @@ def describe_event(e: dict) -> str:
         who.append(f"rank(s) {_rank_ids(left)} left")
     return (f"{e['kind']} {e['from_ranks']} -> {e['to_ranks']} ranks (epoch {e['epoch']}, {e['phase'].lower()}): "
             + "".join(w + ", " for w in who) +
-            f"prepare {e['prepare_s']:.3f} s, commit pause {e['commit_pause_ms']:.1f} ms, "
+            f"prepare {e['prepare_s']:.3f} s (serving paused {e.get('prepare_pause_s', 0):.3f} s), "
+            f"commit pause {e['commit_pause_ms']:.1f} ms, "
             f"{e['bytes_moved'] / 2**20:.2f} MiB moved at {e['gbps']:.3f} GB/s, "
             f"{e['requests_migrated']} request(s) migrated" + (f", error: {e['error']}" if e.get("error") else ""))

@@ -125,9 +125,11 @@ def publish_slots(agent, epoch: int, slots: SlotTensors, reg=None) -> None:
         agent.publish_experts(epoch, slots.w13 + slots.w13_scale, slots.w2 + slots.w2_scale, reg)
 
 
-def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: list[list[int]], new_start: int):
-    """Remote copies by NIXL READs into the staging tensors -> (bytes, their registration). The registration is
-    kept: after the commit the staging tensors are what this rank serves to peers."""
+def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: list[list[int]], new_start: int,
+                    gbps: float = 0.0):
+    """Start the remote copies as NIXL READs into the staging tensors -> (the reads under way, their registration).
+    Nothing waits: poll the reads' `done()` (a serving rank does so between steps); `gbps` caps their rate. The
+    registration is kept: after the commit the staging tensors are what this rank serves to peers."""
     every = [t for k in staged.kinds() for t in k if t.numel()]
     reg = agent.register(every) if every else None
     try:
@@ -137,7 +139,7 @@ def fetch_over_nixl(agent, source_epoch: int, staged: StagedExperts, remote: lis
         if staged.w13_scale is not None:
             reads += [(m[2], L + m[0], m[5], staged.w13_scale[layer][r], staged.w2_scale[layer][r])
                       for m, (layer, r) in zip(remote, at)]
-        return agent.fetch_experts(source_epoch, reads), reg
+        return agent.start_fetch_experts(source_epoch, reads, gbps=gbps), reg
     except BaseException:
         if reg is not None:
             agent.deregister(reg)

@@ -15,8 +15,10 @@ collective is left hanging.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
+from collections import deque
 
 import msgspec
 import torch
@@ -68,7 +70,23 @@ def _device_id(t: torch.Tensor) -> int:
     return (t.device.index or 0) if t.is_cuda else 0
 
 
-PROGRESS_DELAY_US = 2000
+PROGRESS_DELAY_US = int(os.environ.get("EEP_HPC_NIXL_PROGRESS_US", "2000"))  # an A/B switch for benchmarks
+READ_PIECE_S = 0.05  # with a rate cap, expert reads go in pieces of this many seconds at the cap
+
+
+def _pieces(sizes: list[int], piece: int | None) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of consecutive descriptors of about `piece` bytes (None: one range of all)."""
+    if not piece:
+        return [(0, len(sizes))] if sizes else []
+    out, lo, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= piece:
+            out.append((lo, i + 1))
+            lo, acc = i + 1, 0
+    if lo < len(sizes):
+        out.append((lo, len(sizes)))
+    return out
 
 
 def _idle_progress_thread() -> None:
@@ -161,30 +179,39 @@ class RankAgent:
         finally:
             self.agent.deregister_memory(reg)
 
-    def fetch_experts(self, epoch: int, reads: list[tuple[int, int, int, torch.Tensor, torch.Tensor]],
-                      timeout_s: float = 60.0) -> int:
-        """reads: (src rank id, layer, src local slot, dst w13 view [2I, D], dst w2 view [D, I]) -> bytes read.
-        Destination views must lie in tensors registered by the caller (see `staging`)."""
+    def start_fetch_experts(self, epoch: int, reads: list[tuple[int, int, int, torch.Tensor, torch.Tensor]],
+                            timeout_s: float = 60.0, gbps: float = 0.0) -> PendingReads:
+        """Start reading expert slots from peers -> the reads under way (poll `done()`, then `close()`).
+        reads: (src rank id, layer, src local slot, dst w13 view [2I, D], dst w2 view [D, I]); destination views
+        must lie in tensors registered by the caller (see `register`). One READ per source, or with a rate cap
+        (`gbps` > 0) pieces of about READ_PIECE_S at the cap."""
         by_src: dict[int, list] = {}
         for r in reads:
             by_src.setdefault(r[0], []).append(r)
-        total = 0
-        for src, rows in by_src.items():
-            key = experts_key(epoch, src)
-            if not self.store.check([key]):
-                raise RuntimeError(f"rank {src} published no experts for epoch {epoch}")
-            pub = msgspec.msgpack.decode(signing.unseal(key, self.store.get(key)), type=PublishedExperts)
-            remote, local = [], []
-            for _, layer, slot, w13, w2 in rows:
-                a13, n13, a2, n2, dev = pub.slots[layer][slot]
-                if n13 != w13.numel() * w13.element_size() or n2 != w2.numel() * w2.element_size():
-                    raise RuntimeError(f"rank {src}: expert slot sizes differ from this rank's")
-                remote += [(a13, n13, dev), (a2, n2, dev)]
-                local += [(w13.data_ptr(), n13, _device_id(w13)), (w2.data_ptr(), n2, _device_id(w2))]
-            self._read(pub.agent_metadata, self.agent.get_xfer_descs(local, _mem_type(rows[0][3])),
-                       self.agent.get_xfer_descs(remote, pub.mem_type), timeout_s, rows[0][3])
-            total += sum(n for _, n, _ in local)
-        return total
+        pending = PendingReads(self.agent, timeout_s, reads[0][3] if reads else None, gbps)
+        piece = int(gbps * 1e9 * READ_PIECE_S) if gbps else None
+        try:
+            for src, rows in by_src.items():
+                key = experts_key(epoch, src)
+                if not self.store.check([key]):
+                    raise RuntimeError(f"rank {src} published no experts for epoch {epoch}")
+                pub = msgspec.msgpack.decode(signing.unseal(key, self.store.get(key)), type=PublishedExperts)
+                remote, local = [], []
+                for _, layer, slot, w13, w2 in rows:
+                    a13, n13, a2, n2, dev = pub.slots[layer][slot]
+                    if n13 != w13.numel() * w13.element_size() or n2 != w2.numel() * w2.element_size():
+                        raise RuntimeError(f"rank {src}: expert slot sizes differ from this rank's")
+                    remote += [(a13, n13, dev), (a2, n2, dev)]
+                    local += [(w13.data_ptr(), n13, _device_id(w13)), (w2.data_ptr(), n2, _device_id(w2))]
+                local_mem = _mem_type(rows[0][3])
+                for lo, hi in _pieces([n for _, n, _ in local], piece):
+                    pending.add(pub.agent_metadata, self.agent.get_xfer_descs(local[lo:hi], local_mem),
+                                self.agent.get_xfer_descs(remote[lo:hi], pub.mem_type),
+                                sum(n for _, n, _ in local[lo:hi]))
+        except BaseException:
+            pending.close()
+            raise
+        return pending
 
     def register(self, tensors: list[torch.Tensor]):
         return self.agent.register_memory(tensors)
@@ -193,20 +220,77 @@ class RankAgent:
         self.agent.deregister_memory(reg)
 
     def _read(self, metadata: bytes, local, remote, timeout_s: float, like: torch.Tensor) -> None:
-        name = self.agent.add_remote_agent(metadata)
+        pending = PendingReads(self.agent, timeout_s, like)
         try:
-            handle = self.agent.initialize_xfer("READ", local, remote, name)
-            try:
-                state = self.agent.transfer(handle)
-                deadline = time.monotonic() + timeout_s
-                while state != "DONE":
-                    if state == "ERR" or time.monotonic() > deadline:
-                        raise RuntimeError(f"NIXL READ ended in state {state}")
-                    time.sleep(0.0002)
-                    state = self.agent.check_xfer_state(handle)
-            finally:
-                self.agent.release_xfer_handle(handle)
+            pending.add(metadata, local, remote, 0)
+            pending.wait()
         finally:
+            pending.close()
+
+
+class PendingReads:
+    """NIXL READs under way. The reader polls `done()` (between serving steps, or in `wait`): nothing blocks, so a
+    rank keeps serving while its next epoch's experts arrive. Pieces are posted at once, or, with a rate cap
+    (`gbps` > 0), one at a time and no faster than the cap, so background copies leave the link to the serving
+    traffic. `close()` releases the transfers (cancelling those not done) and forgets the peers."""
+
+    def __init__(self, agent, timeout_s: float, like: torch.Tensor | None, gbps: float = 0.0):
+        self.agent, self.like, self.gbps = agent, like, gbps
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.nbytes = 0
+        self._queue: deque = deque()  # (peer metadata, local descs, remote descs, bytes): not posted yet
+        self._inflight: list[list] = []  # [handle, last state]
+        self._peers: dict[bytes, str] = {}  # metadata -> remote agent name
+        self._next_at = 0.0
+
+    def add(self, metadata: bytes, local, remote, nbytes: int) -> None:
+        """Queue one READ (local and remote descriptor lists of the same sizes) and post what the cap allows."""
+        self._queue.append((metadata, local, remote, nbytes))
+        self.nbytes += nbytes
+        self._post()
+
+    def _post(self) -> None:
+        while self._queue and (not self.gbps or (not self._inflight and time.monotonic() >= self._next_at)):
+            metadata, local, remote, nbytes = self._queue.popleft()
+            if metadata not in self._peers:
+                self._peers[metadata] = self.agent.add_remote_agent(metadata)
+            handle = self.agent.initialize_xfer("READ", local, remote, self._peers[metadata])
+            self._inflight.append([handle, "PROC"])
+            self._inflight[-1][1] = self.agent.transfer(handle)
+            if self.gbps:
+                self._next_at = time.monotonic() + nbytes / (self.gbps * 1e9)
+
+    def done(self) -> bool:
+        """-> whether every READ finished; raises when one failed or the time ran out."""
+        for t in self._inflight:
+            if t[1] != "DONE":
+                t[1] = self.agent.check_xfer_state(t[0])
+                if t[1] == "ERR":
+                    raise RuntimeError("NIXL READ ended in state ERR")
+            if t[1] == "DONE":
+                self.agent.release_xfer_handle(t[0])
+        self._inflight = [t for t in self._inflight if t[1] != "DONE"]
+        self._post()
+        if not self._inflight and not self._queue:
+            if self.like is not None and self.like.is_cuda:
+                torch.cuda.synchronize(self.like.device)
+            return True
+        if time.monotonic() > self.deadline:
+            raise RuntimeError(f"NIXL READ not done in {self.timeout_s:.0f} s")
+        return False
+
+    def wait(self) -> None:
+        while not self.done():
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        inflight, self._inflight, self._queue = self._inflight, [], deque()
+        for handle, _ in inflight:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception as e:  # an abandoned READ nixl could not cancel: the rest is still released
+                log.warning("releasing a NIXL READ failed: %s", e)
+        peers, self._peers = self._peers, {}
+        for name in peers.values():
             self.agent.remove_remote_agent(name)
-        if like.is_cuda:
-            torch.cuda.synchronize(like.device)

@@ -2,7 +2,8 @@
 and the epoch change under way, with an explicit state.
 
 An epoch change, seen from a rank that serves (the head's side is head/scaling):
-    PrepareEpoch ─▶ STAGING ──(the step boundary every member agrees on)──▶ prepare: experts staged, the next
+    PrepareEpoch ─▶ [FETCHING: experts read over NIXL while the rank keeps serving] ─▶ STAGING ──(the step
+    boundary every member agrees on)──▶ prepare: experts staged (collective transfers: copied now), the next
     epoch's group built ─▶ PREPARED ──CommitEpoch──▶ COMMITTING ──(agreed boundary)──▶ commit: groups and expert
     tables swapped ─▶ (no change under way). AbortEpoch at any point drops what was staged.
 A joining rank (no engine yet) builds its skeleton at its first PrepareEpoch and prepares at its second, with no
@@ -15,7 +16,7 @@ import enum
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -34,12 +35,13 @@ from eep_hpc.parallel.expert_transfer import (
     SlotTensors, StagedExperts, exchange_over_group, fetch_over_nixl, publish_slots, stage_experts,
 )
 from eep_hpc.parallel.groups import EpochGroup, connect_store
-from eep_hpc.parallel.weight_transfer import RankAgent, dense_tensors
+from eep_hpc.parallel.weight_transfer import PendingReads, RankAgent, dense_tensors
 
 log = logging.getLogger("eep_hpc.rank")
 
 
 class ChangeState(enum.Enum):
+    FETCHING = "fetching"  # experts being read from peers over NIXL, in the background of serving
     STAGING = "staging"  # a PrepareEpoch held, waiting for the step boundary every member agrees on
     PREPARED = "prepared"  # experts staged and the next group built: waiting for CommitEpoch
     COMMITTING = "committing"  # a CommitEpoch held, waiting for the agreed step boundary
@@ -54,13 +56,18 @@ class EpochChange:
     group: EpochGroup | None = None  # the target epoch's group (None: this rank leaves)
     expert_map: ExpertMap | None = None
     reg: object = None  # NIXL registration of the staged expert tensors
+    reads: PendingReads | None = None  # the NIXL reads under way (FETCHING)
     commit: P.CommitEpoch | None = None
+    started: float = field(default_factory=time.monotonic)
+    steps_at_start: int | None = None  # a serving member's engine steps when the PrepareEpoch came
 
     @property
     def epoch(self) -> int:
         return self.msg.target.epoch
 
     def drop(self, agent) -> None:
+        if self.reads is not None:
+            self.reads.close()
         if self.group is not None:
             self.group.destroy()
         if self.reg is not None:
@@ -100,6 +107,11 @@ class RankEpochs:
         """The epoch this rank is ready to prepare at the next agreed boundary (0: none)."""
         c = self.change
         return c.epoch if c is not None and c.state is ChangeState.STAGING else 0
+
+    @property
+    def fetching(self) -> bool:
+        """Experts are arriving in the background: the wave goes on (the rank polls between steps)."""
+        return self.change is not None and self.change.state is ChangeState.FETCHING
 
     @property
     def commit_epoch(self) -> int:
@@ -144,7 +156,9 @@ class RankEpochs:
         elif self.group is None:  # joining, second message (how to copy decided): no step boundary
             self.prepare(EpochChange(msg))
         else:
-            self.change = EpochChange(msg)
+            self.change = EpochChange(msg, steps_at_start=self.engine.steps)
+            if msg.transfer == "nixl" and not self.standin:  # reads need no peer's step: start them now
+                self.stage(self.change, wait=False)
             return True
         return False
 
@@ -247,17 +261,39 @@ class RankEpochs:
     # ---- prepare (in the background of serving), commit (at a step boundary) ------------------------------
 
     def prepare(self, change: EpochChange | None = None) -> None:
-        """Stage the experts this rank will newly own and build the target epoch's group -> PREPARED."""
+        """Stage the experts this rank will newly own (unless fetched in the background already) and build the
+        target epoch's group -> PREPARED."""
         change = change or self.change
         self.change = change
-        msg = change.msg
-        target, t0 = msg.target, time.monotonic()
-        device = torch.device(self.launch.device)
-        timeout = self.launch.config.control.transfer_timeout_s
-        xfer = None
-        if self.standin:
-            self.prepare_group(change, t0)
+        target, t0 = change.msg.target, time.monotonic()
+        if not self.standin and change.staged is None and not self.stage(change, wait=True):
             return
+        try:
+            if self.id in target.rank_ids:
+                i = target.rank_ids.index(self.id)
+                device = torch.device(self.launch.device)
+                change.group = self.serving_group(target.epoch, i, len(target.rank_ids), device)
+                if not self.standin:
+                    change.expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i,
+                                                  self.engine.model.arch.num_experts, device)
+        except Exception as e:
+            self.fail(change, e)
+            return
+        change.state = ChangeState.PREPARED
+        now = time.monotonic()
+        self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch,
+                                  bytes_received=change.staged.bytes_received if change.staged else 0,
+                                  seconds=now - change.started, pause_s=now - t0,
+                                  served_steps=self.engine.steps - (change.steps_at_start or self.engine.steps)))
+
+    def stage(self, change: EpochChange, wait: bool) -> bool:
+        """Stage the experts of the target epoch: local copies now, remote ones over NIXL (`wait` False: the reads
+        go on in the background -> FETCHING, `poll` finishes them) or over a transfer group of all participants
+        (at an agreed boundary). -> False when it failed (PrepareFailed sent, the change dropped)."""
+        msg = change.msg
+        target = msg.target
+        device = torch.device(self.launch.device)
+        xfer = None
         try:
             arch = self.engine.model.arch
             member = self.id in target.rank_ids
@@ -276,38 +312,58 @@ class RankEpochs:
             self.load_from_checkpoint([m for m in remote if m[2] == CHECKPOINT], staged, start)
             remote = [m for m in remote if m[2] != CHECKPOINT]
             moves = [m for m in msg.moves if m[2] != CHECKPOINT]
-            if msg.transfer == "nixl":
-                staged.bytes_received, change.reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote,
-                                                                    start)
-            else:
-                xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
-                                  device, timeout_s=timeout, purpose="xfer/")
-                broadcast_bytes = 0
-                if msg.broadcast_dense:  # a joiner could not read them over NIXL: participant 0 sends them to all
-                    for t in dense_tensors(self.engine.model).values():
-                        xfer.broadcast(t, src=0)
-                        broadcast_bytes += t.numel() * t.element_size()
-                if self.engine.ep is not None:  # it had them already
-                    broadcast_bytes = 0
-                staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, moves,
-                                                                              old, staged, start, len(blocks), shape)
-                xfer.destroy()
-                xfer = None
             change.staged = staged
-            if member:
-                change.group = self.serving_group(target.epoch, i, len(target.rank_ids), device)
-                change.expert_map = ExpertMap(target.physical_to_logical, target.slot_offsets, i, arch.num_experts,
-                                              device)
-            change.state = ChangeState.PREPARED
-            self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=staged.bytes_received,
-                                      seconds=time.monotonic() - t0))
+            if msg.transfer == "nixl":
+                gbps = 0.0 if wait else self.launch.config.parallel.transfer_gbps  # no cap when nothing is served
+                change.reads, change.reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote, start, gbps)
+                change.state = ChangeState.FETCHING
+                return self.poll() if wait else True
+            xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
+                              device, timeout_s=self.launch.config.control.transfer_timeout_s, purpose="xfer/")
+            broadcast_bytes = 0
+            if msg.broadcast_dense:  # a joiner could not read them over NIXL: participant 0 sends them to all
+                for t in dense_tensors(self.engine.model).values():
+                    xfer.broadcast(t, src=0)
+                    broadcast_bytes += t.numel() * t.element_size()
+            if self.engine.ep is not None:  # it had them already
+                broadcast_bytes = 0
+            staged.bytes_received = broadcast_bytes + exchange_over_group(xfer, msg.participants, self.id, moves,
+                                                                          old, staged, start, len(blocks), shape)
+            return True
         except Exception as e:
-            log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
+            self.fail(change, e)
+            return False
+        finally:
             if xfer is not None:
                 xfer.destroy()
-            change.drop(self.agent)
+
+    def poll(self, wait: bool = True) -> bool:
+        """Check the background reads (FETCHING): once all are in, the change is STAGING and waits for the agreed
+        boundary. `wait`: until they are in. -> False when they failed (PrepareFailed sent, the change dropped)."""
+        change = self.change
+        if change is None or change.state is not ChangeState.FETCHING:
+            return True
+        try:
+            if wait:
+                change.reads.wait()
+            elif not change.reads.done():
+                return True
+            change.staged.bytes_received = change.reads.nbytes
+            change.reads.close()
+            change.reads = None
+            change.state = ChangeState.STAGING
+            return True
+        except Exception as e:
+            self.fail(change, e)
+            return False
+
+    def fail(self, change: EpochChange, e: Exception) -> None:
+        log.error("rank %d: prepare of epoch %d failed: %s: %s", self.id, change.epoch, type(e).__name__, e,
+                  exc_info=e)
+        change.drop(self.agent)
+        if self.change is change:
             self.change = None
-            self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
+        self.send(P.PrepareFailed(rank_id=self.id, epoch=change.epoch, error=f"{type(e).__name__}: {e}"))
 
     def serving_group(self, epoch: int, rank: int, size: int, device: torch.device) -> EpochGroup:
         """The group of a prepared epoch: its members meet once each has copied its experts (the slowest may take
@@ -316,22 +372,6 @@ class RankEpochs:
         group = EpochGroup(self.store, epoch, rank, size, device, timeout_s=ctl.load_timeout_s)
         group.set_timeout(ctl.rank_timeout_s)
         return group
-
-    def prepare_group(self, change: EpochChange, t0: float) -> None:
-        """A stand-in's prepare: no experts to move, only the target epoch's group to build (if a member)."""
-        target = change.msg.target
-        try:
-            if self.id in target.rank_ids:
-                change.group = self.serving_group(target.epoch, target.rank_ids.index(self.id),
-                                                  len(target.rank_ids), torch.device(self.launch.device))
-            change.state = ChangeState.PREPARED
-            self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch, bytes_received=0,
-                                      seconds=time.monotonic() - t0))
-        except Exception as e:
-            log.exception("rank %d: prepare of epoch %d failed", self.id, target.epoch)
-            change.drop(self.agent)
-            self.change = None
-            self.send(P.PrepareFailed(rank_id=self.id, epoch=target.epoch, error=f"{type(e).__name__}: {e}"))
 
     def load_from_checkpoint(self, moves: list[list[int]], staged: StagedExperts, start: int) -> None:
         """Experts no live rank holds (their holders died), read from the checkpoint into staging."""

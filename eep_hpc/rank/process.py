@@ -10,6 +10,7 @@ come on a socket of their own (`pings`, from the head's beacon thread, head/beac
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -31,6 +32,8 @@ from eep_hpc.rank.epochs import RankEpochs
 from eep_hpc.rank.step_trace import StepTrace
 
 log = logging.getLogger("eep_hpc.rank")
+
+IDLE_POLL_S = 0.001  # a wave with nothing to run (waiting for reads or a peer's message) polls at this pace
 
 
 class RankProcess:
@@ -183,7 +186,10 @@ class RankProcess:
         """One iteration of the wave: one agreement on what every member runs, then all run it."""
         epochs, engine = self.epochs, self.engine
         t0 = time.perf_counter()
+        epochs.poll(wait=False)  # experts read in the background: once in, the prepare waits for the boundary
         demand = engine.demand()
+        if epochs.fetching:  # the wave goes on until every member has its experts and prepares
+            demand = dataclasses.replace(demand, busy=True)
         plan = step_plan.agree(epochs.group, demand, engine.graph_sizes(), engine.chunk_tokens,
                                epochs.prepare_epoch, epochs.commit_epoch)
         if plan.prepare_epoch:
@@ -197,6 +203,10 @@ class RankProcess:
             if epochs.epoch_rank == 0:
                 self.send(P.WaveDone(rank_id=self.id, wave=self.wave))
             self.wave += 1
+            return
+        if not plan.max_tokens:  # busy (reads under way, a scaling message not yet everywhere) with nothing to run
+            engine.skip_step()
+            time.sleep(IDLE_POLL_S)
             return
         t1 = time.perf_counter()
         with self.trace.profiled(demand.tokens > 0):
