@@ -173,11 +173,16 @@ class RankEngine:
         values = step_plan.encode(self.demand(), 0, 0)
         return step_plan.decide(values, self.graph_sizes(), self.chunk_tokens)
 
-    def skip_step(self) -> None:
-        """No rank scheduled anything (the agreement's plan has no tokens): run nothing, and let the next demand()
-        schedule afresh, since requests may have come meanwhile."""
-        if self._scheduled is not None and self._scheduled.is_empty:
-            self._scheduled = None
+    def skip_step(self) -> list[RequestOutput]:
+        """No rank scheduled any token (the agreement's plan has none): run no forward, and let the next demand()
+        schedule afresh, since requests may have come meanwhile -> the outputs of requests the scheduler finished
+        without running them (a prompt that can never fit)."""
+        out, self._scheduled = self._scheduled, None
+        if out is None or out.is_empty:
+            return []
+        if out.scheduled:
+            raise RuntimeError(f"skip_step with scheduled sequences: {out}")
+        return self.scheduler.postprocess(out, [])
 
     def step(self, plan: StepPlan | None = None) -> list[RequestOutput]:
         """One forward over what demand() scheduled (possibly nothing), as `plan` says -> outputs of sequences that

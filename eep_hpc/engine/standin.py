@@ -90,8 +90,9 @@ class StandinEngine:
     def graph_sizes(self) -> GraphSizes:
         return GraphSizes()
 
-    def skip_step(self) -> None:
+    def skip_step(self) -> list[RequestOutput]:
         """Nothing scheduled anywhere: nothing to forget (a stand-in schedules inside `step`)."""
+        return []
 
     def step(self, plan: StepPlan | None = None) -> list[RequestOutput]:
         """Wait out the step's time, then one token for each request of the batch."""

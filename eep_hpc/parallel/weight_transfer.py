@@ -222,7 +222,7 @@ class RankAgent:
     def _read(self, metadata: bytes, local, remote, timeout_s: float, like: torch.Tensor) -> None:
         pending = PendingReads(self.agent, timeout_s, like)
         try:
-            pending.add(metadata, local, remote, 0)
+            pending.add(metadata, local, remote, nbytes=0)  # the caller counts the bytes
             pending.wait()
         finally:
             pending.close()
@@ -231,13 +231,14 @@ class RankAgent:
 class PendingReads:
     """NIXL READs under way. The reader polls `done()` (between serving steps, or in `wait`): nothing blocks, so a
     rank keeps serving while its next epoch's experts arrive. Pieces are posted at once, or, with a rate cap
-    (`gbps` > 0), one at a time and no faster than the cap, so background copies leave the link to the serving
-    traffic. `close()` releases the transfers (cancelling those not done) and forgets the peers."""
+    (`gbps` > 0), one at a time and no faster than the cap (a piece is posted at a poll, so the rate is at most
+    the cap), leaving the link to the serving traffic. The deadline is `timeout_s` plus the time the cap needs.
+    `close()` lets READs in flight end before it releases them: their destination may be freed right after."""
 
     def __init__(self, agent, timeout_s: float, like: torch.Tensor | None, gbps: float = 0.0):
         self.agent, self.like, self.gbps = agent, like, gbps
+        self.allowed_s = timeout_s  # grows by the time the cap needs for each piece
         self.deadline = time.monotonic() + timeout_s
-        self.timeout_s = timeout_s
         self.nbytes = 0
         self._queue: deque = deque()  # (peer metadata, local descs, remote descs, bytes): not posted yet
         self._inflight: list[list] = []  # [handle, last state]
@@ -248,6 +249,9 @@ class PendingReads:
         """Queue one READ (local and remote descriptor lists of the same sizes) and post what the cap allows."""
         self._queue.append((metadata, local, remote, nbytes))
         self.nbytes += nbytes
+        if self.gbps:
+            self.allowed_s += nbytes / (self.gbps * 1e9)
+            self.deadline += nbytes / (self.gbps * 1e9)
         self._post()
 
     def _post(self) -> None:
@@ -261,36 +265,61 @@ class PendingReads:
             if self.gbps:
                 self._next_at = time.monotonic() + nbytes / (self.gbps * 1e9)
 
+    def _check(self) -> None:
+        """Update the states of the READs in flight; release those done."""
+        for t in self._inflight:
+            if t[1] not in ("DONE", "ERR"):
+                t[1] = self.agent.check_xfer_state(t[0])
+        finished = [t for t in self._inflight if t[1] == "DONE"]
+        self._inflight = [t for t in self._inflight if t[1] != "DONE"]
+        for handle, _ in finished:
+            self.agent.release_xfer_handle(handle)
+
     def done(self) -> bool:
         """-> whether every READ finished; raises when one failed or the time ran out."""
-        for t in self._inflight:
-            if t[1] != "DONE":
-                t[1] = self.agent.check_xfer_state(t[0])
-                if t[1] == "ERR":
-                    raise RuntimeError("NIXL READ ended in state ERR")
-            if t[1] == "DONE":
-                self.agent.release_xfer_handle(t[0])
-        self._inflight = [t for t in self._inflight if t[1] != "DONE"]
+        self._check()
+        if any(t[1] == "ERR" for t in self._inflight):
+            raise RuntimeError("NIXL READ ended in state ERR")
         self._post()
         if not self._inflight and not self._queue:
             if self.like is not None and self.like.is_cuda:
                 torch.cuda.synchronize(self.like.device)
             return True
         if time.monotonic() > self.deadline:
-            raise RuntimeError(f"NIXL READ not done in {self.timeout_s:.0f} s")
+            raise RuntimeError(f"NIXL READ not done in {self.allowed_s:.0f} s")
         return False
 
     def wait(self) -> None:
         while not self.done():
             time.sleep(0.0002)
 
-    def close(self) -> None:
-        inflight, self._inflight, self._queue = self._inflight, [], deque()
-        for handle, _ in inflight:
+    def close(self, wait_s: float = 10.0) -> bool:
+        """Drop what is not posted, let the READs in flight end (done or failed, up to `wait_s`), release them and
+        forget the peers -> whether every READ is over. False: some may still write into their destination, which
+        the caller must then keep alive (and registered)."""
+        self._queue.clear()
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                self._check()
+            except Exception as e:
+                log.warning("checking a NIXL READ failed: %s", e)
+                break
+            if all(t[1] == "ERR" for t in self._inflight) or time.monotonic() > end:
+                break
+            time.sleep(0.001)
+        over = True
+        for handle, state in self._inflight:
             try:
                 self.agent.release_xfer_handle(handle)
-            except Exception as e:  # an abandoned READ nixl could not cancel: the rest is still released
-                log.warning("releasing a NIXL READ failed: %s", e)
+            except Exception as e:  # nixl could not cancel it: it may still be writing
+                over = False
+                log.warning("a NIXL READ in state %s could not be released: %s", state, e)
+        self._inflight = []
         peers, self._peers = self._peers, {}
         for name in peers.values():
-            self.agent.remove_remote_agent(name)
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as e:
+                log.warning("forgetting NIXL peer %s failed: %s", name, e)
+        return over

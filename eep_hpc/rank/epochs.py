@@ -60,18 +60,33 @@ class EpochChange:
     commit: P.CommitEpoch | None = None
     started: float = field(default_factory=time.monotonic)
     steps_at_start: int | None = None  # a serving member's engine steps when the PrepareEpoch came
+    paused_s: float = 0.0  # how long this rank stopped serving for the change so far (starting the reads)
 
     @property
     def epoch(self) -> int:
         return self.msg.target.epoch
 
     def drop(self, agent) -> None:
-        if self.reads is not None:
-            self.reads.close()
-        if self.group is not None:
-            self.group.destroy()
-        if self.reg is not None:
-            agent.deregister(self.reg)
+        try:
+            if self.reads is not None and not self.reads.close():
+                # a READ nixl could not stop may still write into the staging tensors: they stay allocated and
+                # registered for the life of the process rather than be reused under it
+                _UNRELEASED.append((self.reads, self.staged, self.reg))
+                self.reg = None
+        finally:
+            if self.group is not None:
+                self.group.destroy()
+            if self.reg is not None:
+                agent.deregister(self.reg)
+
+
+_UNRELEASED: list = []  # (reads, staging, registration) of abandoned changes whose READs could not be stopped
+
+
+def staged_key(epoch: int, rank_id: int) -> str:
+    """Set in the store by a participant once its experts for `epoch` are in: members prepare at the boundary only
+    when every participant has said so, so none of them waits there for a joiner's reads."""
+    return f"staged/{epoch}/{rank_id}"
 
 
 class RankEpochs:
@@ -152,15 +167,24 @@ class RankEpochs:
         elif msg.recovery:  # members died: whatever this group was doing is over, and the head re-sends
             self.lose_group(f"recovery to epoch {msg.target.epoch}")  # every open request after the commit
             self.engine.abort_all()  # (also those that reached this rank after its group broke)
-            self.prepare(EpochChange(msg))
+            self.prepare(self.begin(EpochChange(msg)))
         elif self.group is None:  # joining, second message (how to copy decided): no step boundary
-            self.prepare(EpochChange(msg))
+            self.prepare(self.begin(EpochChange(msg)))
         else:
-            self.change = EpochChange(msg, steps_at_start=self.engine.steps)
-            if msg.transfer == "nixl" and not self.standin:  # reads need no peer's step: start them now
-                self.stage(self.change, wait=False)
+            change = self.begin(EpochChange(msg, steps_at_start=self.engine.steps))
+            if msg.transfer == "nixl" and not self.standin:  # reads need no peer's step: start them, serve on
+                t0 = time.monotonic()
+                self.stage(change, wait=False)
+                change.paused_s += time.monotonic() - t0
             return True
         return False
+
+    def begin(self, change: EpochChange) -> EpochChange:
+        """`change` becomes the one under way; one still held (the head moved on from it) is dropped."""
+        if self.change is not None and self.change is not change:
+            self.change.drop(self.agent)
+        self.change = change
+        return change
 
     def on_commit(self, msg: P.CommitEpoch) -> bool:
         """-> True when the commit waits for a step boundary the members agree on (a rank with no group, joining
@@ -264,7 +288,6 @@ class RankEpochs:
         """Stage the experts this rank will newly own (unless fetched in the background already) and build the
         target epoch's group -> PREPARED."""
         change = change or self.change
-        self.change = change
         target, t0 = change.msg.target, time.monotonic()
         if not self.standin and change.staged is None and not self.stage(change, wait=True):
             return
@@ -281,10 +304,11 @@ class RankEpochs:
             return
         change.state = ChangeState.PREPARED
         now = time.monotonic()
+        served = self.engine.steps - change.steps_at_start if change.steps_at_start is not None else 0
         self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch,
                                   bytes_received=change.staged.bytes_received if change.staged else 0,
-                                  seconds=now - change.started, pause_s=now - t0,
-                                  served_steps=self.engine.steps - (change.steps_at_start or self.engine.steps)))
+                                  seconds=now - change.started, pause_s=change.paused_s + now - t0,
+                                  served_steps=served))
 
     def stage(self, change: EpochChange, wait: bool) -> bool:
         """Stage the experts of the target epoch: local copies now, remote ones over NIXL (`wait` False: the reads
@@ -314,10 +338,12 @@ class RankEpochs:
             moves = [m for m in msg.moves if m[2] != CHECKPOINT]
             change.staged = staged
             if msg.transfer == "nixl":
+                if device.type == "cuda":  # READs land outside stream order: the staging memory must be idle
+                    torch.cuda.current_stream(device).synchronize()
                 gbps = 0.0 if wait else self.launch.config.parallel.transfer_gbps  # no cap when nothing is served
                 change.reads, change.reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote, start, gbps)
                 change.state = ChangeState.FETCHING
-                return self.poll() if wait else True
+                return self.poll(change, wait=True) if wait else True
             xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
                               device, timeout_s=self.launch.config.control.transfer_timeout_s, purpose="xfer/")
             broadcast_bytes = 0
@@ -337,20 +363,26 @@ class RankEpochs:
             if xfer is not None:
                 xfer.destroy()
 
-    def poll(self, wait: bool = True) -> bool:
-        """Check the background reads (FETCHING): once all are in, the change is STAGING and waits for the agreed
-        boundary. `wait`: until they are in. -> False when they failed (PrepareFailed sent, the change dropped)."""
-        change = self.change
+    def poll(self, change: EpochChange | None = None, wait: bool = False) -> bool:
+        """Check the background reads (FETCHING). Once they are in, the rank says so in the store; a serving
+        member's change turns STAGING (ready for the agreed boundary) when every participant has said so. `wait`
+        (a rank that serves nothing meanwhile): until its reads are in. -> False when they failed (PrepareFailed
+        sent, the change dropped)."""
+        change = change or self.change
         if change is None or change.state is not ChangeState.FETCHING:
             return True
         try:
-            if wait:
-                change.reads.wait()
-            elif not change.reads.done():
+            if change.reads is not None:
+                if wait:
+                    change.reads.wait()
+                elif not change.reads.done():
+                    return True
+                change.staged.bytes_received = change.reads.nbytes
+                change.reads.close()
+                change.reads = None
+                self.store.set(staged_key(change.epoch, self.id), b"1")
+            if not wait and not self.store.check([staged_key(change.epoch, r) for r in change.msg.participants]):
                 return True
-            change.staged.bytes_received = change.reads.nbytes
-            change.reads.close()
-            change.reads = None
             change.state = ChangeState.STAGING
             return True
         except Exception as e:

@@ -33,7 +33,7 @@ from eep_hpc.rank.step_trace import StepTrace
 
 log = logging.getLogger("eep_hpc.rank")
 
-IDLE_POLL_S = 0.001  # a wave with nothing to run (waiting for reads or a peer's message) polls at this pace
+IDLE_POLL_S = 0.002  # a wave with nothing to run (waiting for reads or a peer's message) polls at this pace
 
 
 class RankProcess:
@@ -205,8 +205,11 @@ class RankProcess:
             self.wave += 1
             return
         if not plan.max_tokens:  # busy (reads under way, a scaling message not yet everywhere) with nothing to run
-            engine.skip_step()
-            time.sleep(IDLE_POLL_S)
+            outputs = engine.skip_step()
+            if outputs:  # requests refused without running
+                self.send_outputs(outputs)
+            else:
+                time.sleep(IDLE_POLL_S)
             return
         t1 = time.perf_counter()
         with self.trace.profiled(demand.tokens > 0):

@@ -202,3 +202,28 @@ def test_operators_see_steps_and_host_collectives(tmp_path):
         assert ranks[0]["host_collectives"] == ranks[1]["host_collectives"]
     finally:
         head.stop()
+
+
+def test_a_plan_with_no_tokens_runs_no_forward_yet_answers_refused_requests(tmp_path):
+    """Busy with nothing to run anywhere (here: the only request can never fit in the KV cache; in a scale event,
+    ranks waiting for their expert reads): the plan has no tokens, the rank skips the forward, and the refusal
+    still reaches the client, after which the rank is idle and schedules what comes next."""
+    model_dir = str(ensure_tiny_checkpoint(tmp_path / "tiny"))
+    arch = load_arch(model_dir)
+    launch = P.RankLaunch(rank_id=0, head_address="tcp://127.0.0.1:1", model_dir=model_dir, eos_token_ids=[],
+                          device="cpu", config=load_config(None, parallel={"device": "cpu"},
+                                                           engine={"num_kv_blocks": 2, "block_size": 16}))
+    engine = build_engine(launch, _epoch(1, 0, len(arch.moe_layers), arch.num_experts),
+                          EpochGroup(None, 1, 0, 1, torch.device("cpu")))
+    _add(engine, [list(range(1, 40))], "long-")  # 39 tokens against 32 in the cache
+    demand = engine.demand()
+    plan = decide(encode(demand, 0, 0), engine.graph_sizes(), engine.chunk_tokens)
+    assert demand.busy and plan.busy and plan.max_tokens == 0
+    steps = engine.steps
+    outputs = engine.skip_step()
+    assert engine.steps == steps
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("long-0", "error")]
+    assert "does not fit in the KV cache" in outputs[0].error
+    assert not engine.demand().busy
+    _add(engine, [[5, 6, 7]], "short-")  # scheduled afresh: not stuck behind the skipped step
+    assert engine.demand().tokens == 3
