@@ -5,6 +5,8 @@ What a rank says (`StepDemand`): how many tokens and sequences it scheduled, whe
 and which PrepareEpoch/CommitEpoch it holds. The plan (`StepPlan`), the same on every rank:
 - a scaling action every member holds (prepare or commit) runs instead of a step;
 - nobody busy: the wave ends;
+- busy, yet no rank scheduled a token (ranks waiting for their expert reads of a scale event, or a request refused
+  without running): no forward runs anywhere (`max_tokens` 0; the rank process skips the step and polls);
 - every rank decode-only (or idle) and a graph fits the largest batch: every rank replays the decode graph of one
   padded size, an idle rank with zero valid rows;
 - else, when a mixed graph holds the largest batch's tokens: every rank replays the mixed graph of one padded
