@@ -7,17 +7,16 @@ device). Writes a JSON report (default: results/<GPU name>/nixl-ep-all-to-all.js
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from eep_hpc.config import load_config
 from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.expert_map import ExpertMap
+from eep_hpc.bench.two_processes import spawn_two
 from eep_hpc.parallel.groups import EpochGroup, connect_store
 from eep_hpc.parallel import nixl_ep_all_to_all as nx
 from eep_hpc.parallel.nixl_ep_all_to_all import NixlEpAllToAll
@@ -111,9 +110,7 @@ def _bench_worker(i: int, port: int, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import importlib
 
-    import torch.multiprocessing as mp
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 256], help="tokens per rank")
@@ -126,9 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU (two ranks share it when there is only one)")
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
-    worker = importlib.import_module(__spec__.name)._bench_worker if __name__ == "__main__" else _bench_worker
-    mp.spawn(worker, args=(master.port, args), nprocs=2, join=True)
+    spawn_two(__spec__.name, "_bench_worker", args, timeout_s=120)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from eep_hpc import signing
+from eep_hpc.bench.two_processes import spawn_two
 from eep_hpc.parallel.groups import connect_store
 
 EPOCH = 1
@@ -106,10 +106,8 @@ def _worker(i: int, port: int, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import importlib
     import sys
 
-    import torch.multiprocessing as mp
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -127,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: use --device cpu")
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=600))
-    worker = importlib.import_module(__spec__.name)._worker if __name__ == "__main__" else _worker
-    mp.spawn(worker, args=(master.port, args), nprocs=2, join=True)
+    spawn_two(__spec__.name, "_worker", args, timeout_s=600)
 
 
 if __name__ == "__main__":
