@@ -17,6 +17,10 @@ class RankJob(Protocol):
 
     def kill(self) -> None: ...
 
+    def started_again(self) -> None:
+        """Its job came back (Slurm requeued it): forget what the scheduler said of it before."""
+        ...
+
 
 class Launcher(Protocol):
     def launch(self, launches: list[RankLaunch], pool: str = "") -> list[RankJob]:

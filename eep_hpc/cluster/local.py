@@ -30,6 +30,9 @@ class LocalRankJob:
         if self.alive():
             self.job.cancel()
 
+    def started_again(self) -> None:
+        """A local job is never requeued: nothing to forget."""
+
     def pids(self) -> list[int]:
         """The job's controller process and the rank process under it."""
         proc = self.job._process

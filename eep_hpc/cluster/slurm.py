@@ -135,6 +135,13 @@ class NodeJobHandle:
     def alive(self) -> bool:
         return self.state() in LIVE_STATES
 
+    def started_again(self) -> None:
+        """The job runs again (requeued). submitit stops asking sacct about a job once it saw a final state, which
+        a requeued job passes through (the first run's end): its cache is cleared, so the next state is asked
+        afresh (one sacct call over every job this head knows)."""
+        self.job.watcher.clear()
+        self.released.clear()
+
     def release(self, rank_id: int, kill: bool) -> None:
         self.released.add(rank_id)
         if self.released >= self.rank_ids and self.alive():
@@ -159,6 +166,9 @@ class SlurmRankJob:
     def cancel(self) -> None:
         """Give this rank back; the node job is cancelled (SIGTERM to its agent) once all its ranks are."""
         self.node_job.release(self.rank_id, kill=False)
+
+    def started_again(self) -> None:
+        self.node_job.started_again()
 
     def kill(self) -> None:
         """Like cancel, but the node job gets SIGKILL (no hand-off)."""

@@ -62,6 +62,7 @@ class Health:
             log.info("rank %d started again on %s (its node job came back): it joins through a grow", rec.rank_id,
                      msg.host)
             rec.state = RankState.LAUNCHED  # its hello, handled next, makes it CONNECTED
+            rec.job.started_again()  # else the scheduler's view of its first run's end would fail it at once
             self.kill_later.pop(rec.rank_id, None)
             self.fenced_ranks.discard(rec.rank_id)
             return False

@@ -166,6 +166,8 @@ class RankProcess:
             case P.PrepareEpoch():
                 if epochs.on_prepare(msg):
                     self.active = True
+                elif epochs.group is None:  # a recovery dropped the group: no wave until the commit
+                    self.active = False
             case P.CommitEpoch():
                 if epochs.on_commit(msg):
                     self.active = True
