@@ -74,8 +74,8 @@ class EpochExchange:
             event.bytes_moved += msg.bytes_received
             if msg.rank_id in event.old_members:  # a serving member: did it stop serving to prepare, how long
                 event.prepare_pause_s = max(event.prepare_pause_s, msg.pause_s)
-                event.served_while_preparing = min(msg.served_steps, event.served_while_preparing
-                                                   if event.served_while_preparing is not None else msg.served_steps)
+                fewest = event.served_while_preparing
+                event.served_while_preparing = msg.served_steps if fewest is None else min(fewest, msg.served_steps)
         elif isinstance(msg, P.RankStaged):
             self.membership.ranks[msg.rank_id].nixl = msg.nixl
             event.bytes_moved += msg.dense_bytes

@@ -22,5 +22,4 @@ def test_expert_reads_deliver_the_source_bytes_and_the_cap_paces_them(tmp_path):
     # pieces of READ_PIECE_S at the cap, the next posted only when the cap allows: all but the first piece wait
     piece = gbps * 1e9 * READ_PIECE_S
     assert capped["seconds"] >= (capped["bytes"] - 2 * piece) / (gbps * 1e9), capped
-    assert rows["batched"]["seconds"] < capped["seconds"]
 

@@ -56,7 +56,8 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
     """Each rank keeps its slot count, so commits stage only the moved experts and copy them into the live slots
     (on nixl_ep the CUDA graphs are kept too; torch's multi-rank epochs have a new communicator each). The moved
     experts are read over NIXL while the ranks keep serving: capped at 100 kB/s here, a rank's reads take a good
-    part of a second, and every member serves steps meanwhile."""
+    part of a second, and every member serves steps meanwhile (the length of the stop itself is a benchmark
+    figure: results/README.md)."""
     ranks = 3
     head = start_head(tmp_path, ranks=ranks, parallel={"redundant_experts": 1, "transfer_gbps": 0.0001})
     try:
@@ -86,8 +87,8 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
         assert all(e["phase"] in ("DONE", "UNCHANGED") for e in events), events
         read = [e for e in events if e["phase"] == "DONE" and e["bytes_moved"]]
         assert read, events
-        for e in read:  # serving went on while the experts arrived; the stop for the prepare itself was short
-            assert e["served_while_preparing"] > 0 and e["prepare_pause_s"] < e["prepare_s"] / 2, e
+        for e in read:  # serving went on while the experts arrived (every member stepped meanwhile)
+            assert e["served_while_preparing"] > 0, e
         after = head.state()
         assert after["epoch"] == sum(e["phase"] == "DONE" for e in events)
         # the skewed load of real traffic moved replicas: the hot experts now hold the redundant slot
