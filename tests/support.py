@@ -6,8 +6,8 @@
 - placement and scale-event helpers: `only_held_by`, `pid_of`, `rank_pids`, `wait_for_event`, `metric`
 - in-process engines on small checkpoints: `single_rank_engine`, `greedy`, `TOKEN_PROMPTS`, `NEW_TOKENS`
 - the fake model's sampling rule of the scheduler tests: `model_token`
-- the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`, and its
-  node network (one namespace per node, links a test can cut): `cluster_network`, `TestNode`
+- the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`,
+  `settle_test_cluster` (what every Slurm test starts from), `cluster_report`, and its node network (one namespace per node, links a test can cut): `cluster_network`, `TestNode`
 
 - streaming load over HTTP with reference texts: `run_load`, `reference_texts`, `stream_completion`, `PROMPTS`
 - random Hugging Face checkpoints and their transformers models: `save_random_hf_model`, `hf_model`
@@ -353,6 +353,41 @@ def wait_sacct(job_id: str, key: str, states: set[str], timeout_s: float = 60.0)
             return info
         if time.monotonic() > deadline:
             raise AssertionError(f"sacct {key}: {info.get(key)} not in {states} after {timeout_s:.0f} s: {info}")
+        time.sleep(0.5)
+
+
+def cluster_report() -> str:
+    """squeue and the nodes' states with Slurm's reasons: what a Slurm test's failure message should carry."""
+    out = []
+    for cmd in (["squeue", "-h", "-o", "%i %P %j %T %R"], ["sinfo", "-h", "-N", "-o", "%N %T %E"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        out.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+    return "\n".join(out)
+
+
+def settle_test_cluster(timeout_s: float = 90.0) -> None:
+    """Wait until no job of an earlier test is left and every node is idle, so each Slurm test starts from an empty
+    cluster. A node that Slurm set DOWN while an earlier test cut or throttled its link (its pings were lost) is
+    resumed: once DOWN, slurmctld takes minutes to try it again. Jobs still there after a grace period are
+    cancelled (the test cluster is the tests' own)."""
+    deadline = time.monotonic() + timeout_s
+    cancel_at = time.monotonic() + timeout_s / 3
+    while True:
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout.split()
+        nodes = [line.split() for line in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                                                         text=True, timeout=20).stdout.splitlines()]
+        unavailable = sorted({name for name, state in nodes if state.rstrip("*~#!%$@^-") in ("down", "drain", "drng")
+                              or state.endswith("*")})
+        if unavailable:
+            subprocess.run(["scontrol", "update", f"NodeName={','.join(unavailable)}", "State=RESUME"],
+                           capture_output=True, timeout=20)
+        if not jobs and all(state == "idle" for _, state in nodes):
+            return
+        if jobs and time.monotonic() > cancel_at:
+            subprocess.run(["scancel", "--full", "--signal=KILL", *jobs], capture_output=True, timeout=20)
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=20)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Slurm test cluster did not settle in {timeout_s:.0f} s:\n{cluster_report()}")
         time.sleep(0.5)
 
 

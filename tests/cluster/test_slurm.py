@@ -27,7 +27,7 @@ from eep_hpc import signing
 from eep_hpc.cluster.node_agent import agent_identity
 from eep_hpc.cluster.pools import Pool, PoolError, load_pools, name_pools, parse_pools
 from eep_hpc.config import Config, ControlConfig
-from support import TEST_CONFIG, cluster_network, sacct, wait_sacct, why_no_slurm
+from support import TEST_CONFIG, cluster_network, cluster_report, sacct, wait_sacct, why_no_slurm
 
 NO_SLURM = why_no_slurm()
 NIXL = importlib.util.find_spec("nixl") is not None
@@ -102,7 +102,8 @@ class FakeHead:
         deadline = time.monotonic() + timeout_s
         while not set(rank_ids) <= set(self.hellos):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no hello from ranks {sorted(set(rank_ids) - set(self.hellos))} in {timeout_s:.0f} s")
+                raise TimeoutError(f"no hello from ranks {sorted(set(rank_ids) - set(self.hellos))} in {timeout_s:.0f} s"
+                                   f"\n{cluster_report()}")
             if not self.sock.poll(2000):
                 if job is not None and job.node_job.job.done():
                     raise AssertionError(f"node job {job.job_id} ended before its ranks said hello:\n"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from support import reference_texts, run_load
-from support import ROOT, TEST_CONFIG, sacct, wait_sacct, why_no_slurm
+from support import ROOT, TEST_CONFIG, cluster_report, sacct, wait_sacct, why_no_slurm
 
 NO_SLURM = why_no_slurm()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(NO_SLURM), reason=NO_SLURM)]
@@ -27,7 +27,7 @@ EEP = [sys.executable, "-m", "eep_hpc.cli"]
 def cli(*args: str, run_dir: Path, timeout: float = 300) -> str:
     r = subprocess.run([*EEP, *args, "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=timeout,
                        cwd=ROOT)
-    assert r.returncode == 0, f"eep-hpc {' '.join(args)}: {r.stdout}{r.stderr}"
+    assert r.returncode == 0, f"eep-hpc {' '.join(args)}: {r.stdout}{r.stderr}\n{cluster_report()}"
     return r.stdout
 
 
