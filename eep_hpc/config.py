@@ -117,6 +117,9 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # HTTP processes on the one port (SO_REUSEPORT): the head's own and N - 1 more that stream tokens straight from
     # the ranks, while the head's coordinator alone decides (head/api_link.py); one per spare CPU core is the idea.
     api_servers: Positive = 1
+    # A folder each API process writes the send time of every streamed token to (api-<pid>.jsonl, one line per
+    # finished stream: serve/write_log.py); "" = none. For the head benchmark, with standin.emit_log.
+    write_log: str = ""
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -183,7 +183,8 @@ def summary_line(run: dict) -> str:
     return (f"bench-head: {run['ranks']} ranks x {run['steps_per_s']:g} steps/s, {run['streams']} streams{apis}: "
             f"{run['delivered_tok_s']:,.0f} tok/s delivered ({run['delivered_tok_s_middle']:,.0f} in the middle half) "
             f"of {run['offered_tok_s']:,.0f} offered, "
-            f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms, "
+            f"added delay p50 {run['added_delay_ms']['p50']:.2f} ms p99 {run['added_delay_ms']['p99']:.2f} ms "
+            f"(head's part p50 {run['head_added_delay_ms']['p50']:.2f} ms p99 {run['head_added_delay_ms']['p99']:.2f} ms), "
             f"head CPU {run['head_cpu_us_per_token']:.1f} us/token ({run['head_cpu_util']:.0%}), "
             + (f"API CPU {run['api_cpu_us_per_token']:.1f} us/token "
                f"({', '.join(f'{u:.0%}' for u in run['api_cpu_util'])}), per process "
@@ -276,6 +277,7 @@ class HeadUnderTest:
         max_batch = args.max_batch or -(-args.streams // args.standin_ranks)
         sets = [f"parallel.rank_engine=\"standin\"", f"parallel.ranks={args.standin_ranks}",
                 f"standin.steps_per_s={steps_per_s}", f"standin.emit_log=\"{emit_dir}\"",
+                f"serve.write_log=\"{emit_dir}\"",
                 f"engine.max_num_seqs={max_batch}", f"serve.api_servers={args.api_servers}", *args.set]
         self.cmd = [sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir)]
         for s in sets:
@@ -409,9 +411,11 @@ def middle_rate(results: list[StreamResult], start: float, duration: float) -> f
                ) / (duration / 2)
 
 
-def read_emit_times(emit_dir: Path) -> dict[str, list[float]]:
+def read_emit_times(emit_dir: Path, pattern: str = "rank-*.jsonl") -> dict[str, list[float]]:
+    """Per engine request id, the stand-in ranks' emit times (or, with "api-*.jsonl", the API processes' send
+    times: serve/write_log.py)."""
     out = {}
-    for path in emit_dir.glob("rank-*.jsonl"):
+    for path in emit_dir.glob(pattern):
         for line in path.read_text().splitlines():
             rid, times = json.loads(line)
             out[rid] = times
@@ -427,6 +431,13 @@ def added_delays(results: list[StreamResult], emitted: dict[str, list[float]]) -
         if times is None or len(times) != len(r.received_at):
             continue
         delays.append(np.asarray(r.received_at) - np.asarray(times))
+    return np.concatenate(delays) if delays else np.zeros(0)
+
+
+def head_delays(written: dict[str, list[float]], emitted: dict[str, list[float]]) -> np.ndarray:
+    """Sent by an API process minus emitted, per token: the delay the head adds, without what its clients add."""
+    delays = [np.asarray(times) - np.asarray(emitted[rid]) for rid, times in written.items()
+              if rid in emitted and len(emitted[rid]) == len(times)]
     return np.concatenate(delays) if delays else np.zeros(0)
 
 
@@ -625,6 +636,7 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
 
             results, duration, wall, cpu, client_cpu, owner, records, started = measured_load(args.timed_plan)
             emitted = read_emit_times(emit_dir)
+            written = read_emit_times(emit_dir, "api-*.jsonl")
             # what the coordinator did meanwhile: a rank it lost (silent past control.rank_timeout_s) shows here
             events = httpx.get(f"{url}/admin/state", timeout=30).json().get("scale_events", [])
             sampled = [head_pid, *api_pids][min(args.profile_api, len(api_pids))]
@@ -657,6 +669,9 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
         "delivered_tok_s_middle": middle_rate(results, wall, duration),
         "nice": args.nice,
         "added_delay_ms": percentiles_ms(added_delays(results, emitted)),
+        # the same from the API processes' own send times: the head's part of it (ZMQ, decoding, detokenizing,
+        # SSE, the write), without the clients' (reading 512 sockets on a shared core)
+        "head_added_delay_ms": percentiles_ms(head_delays(written, emitted)),
         "head_cpu_s": head_cpu, "head_cpu_util": head_cpu / duration,
         "head_cpu_us_per_token": head_cpu / max(tokens, 1) * 1e6,
         "api_servers": args.api_servers, "api_cpus": [args.head_cpu, *args.api_cpu_list],

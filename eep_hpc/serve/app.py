@@ -24,12 +24,13 @@ from eep_hpc.serve.errors import install_error_handlers, model_not_found, not_re
 from eep_hpc.serve.metrics import CONTENT_TYPE, ApiMetrics, HttpMetricsMiddleware
 from eep_hpc.serve.openai_protocol import ModelCard, ModelList
 from eep_hpc.serve.serving import Serving
+from eep_hpc.serve.write_log import WriteLog
 
 
 def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ApiMetrics(engine.model_name)
-    serving = Serving(engine, metrics)
+    serving = Serving(engine, metrics, WriteLog(cfg.write_log) if cfg.write_log else None)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
     started = int(time.time())
 

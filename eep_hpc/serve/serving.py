@@ -32,6 +32,7 @@ from eep_hpc.serve.metrics import ApiMetrics
 from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
 from eep_hpc.serve.prompts import Choice
 from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, event, unless_disconnected
+from eep_hpc.serve.write_log import WriteLog
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Endpoint(Protocol):
 class Serving:
     engine: EngineClient
     metrics: ApiMetrics
+    write_log: WriteLog | None = None  # serve.write_log: when each streamed token was sent (benchmarks)
 
     async def handle(self, request: Request, endpoint: type[Endpoint]) -> Response:
         req = await self.parse(request, endpoint.request_type)
@@ -87,7 +89,7 @@ class Serving:
         reply = Reply(random_id(endpoint.id_prefix), now(), self.engine.model_name, api)
         deltas = generate(self.engine, self.metrics, reply.id, api.choices, TextOptions.of(req))
         if req.stream:
-            return reply.stream(deltas, req)
+            return reply.stream(deltas, req, self.write_log)
         return await reply.collect(request, deltas)
 
     async def parse(self, request: Request, cls: type[R]) -> R:
@@ -121,7 +123,8 @@ class Reply:
         cls = self.api.body_type if whole else self.api.chunk_type
         return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
-    def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest) -> EventStreamResponse:
+    def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest,
+               write_log: WriteLog | None = None) -> EventStreamResponse:
         """SSE: the endpoint's first chunks, a chunk per delta, the usage chunk if asked for, then [DONE]. An engine
         error ends the stream with an error event; closing the stream closes the deltas (aborting the requests)."""
         include_usage, continuous = req.include_usage, req.continuous_usage
@@ -147,6 +150,7 @@ class Reply:
 
         async def events() -> AsyncIterator[bytes]:
             tokens = [0] * num_choices
+            writes = write_log.stream(self.id, num_choices) if write_log is not None else None
             try:
                 for c in self.api.first_choices():
                     yield chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None)
@@ -162,6 +166,10 @@ class Reply:
                     elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
                         yield chunk(self.api.stream_choice(d), usage)
+                    else:
+                        continue
+                    if writes is not None:  # resumed once the chunk went out
+                        writes.written(d.index, d.num_tokens)
                 else:
                     if include_usage:
                         yield chunk(None, UsageInfo.of(prompt_tokens, sum(tokens)))
@@ -170,6 +178,8 @@ class Reply:
                 yield event(error_body("Internal server error.", "InternalServerError", None, 500))
             finally:
                 await deltas.aclose()  # type: ignore[attr-defined]
+                if writes is not None:
+                    writes.close()
             yield DONE
 
         return EventStreamResponse(events())

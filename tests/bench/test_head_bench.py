@@ -75,6 +75,9 @@ def test_bench_head_command_reports_zero_failures(tmp_path):
     # stream i's first request has ceil((i + 1) * 12 / 24) tokens, the second 12
     assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
     assert run["added_delay_ms"]["count"] == run["tokens"]
+    # the API process's send times, per token: after the emit, before the client's receive
+    head, client = run["head_added_delay_ms"], run["added_delay_ms"]
+    assert head["count"] == run["tokens"] and 0 <= head["p50"] <= client["p50"] and head["max"] <= client["max"]
     assert run["head_cpu_s"] > 0 and run["delivered_tok_s"] > 0
 
 
@@ -92,6 +95,7 @@ def test_bench_head_with_two_api_processes(tmp_path):
     assert run["failed"] == 0 and run["requests"] == 48
     assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
     assert run["added_delay_ms"]["count"] == run["tokens"]
+    assert run["head_added_delay_ms"]["count"] == run["tokens"]  # send times from both processes
     assert run["api_servers"] == 2 and run["api_cpus"] == [0, 0]
     assert len(run["api_cpu_s"]) == 2 and all(c > 0 for c in run["api_cpu_s"])
     # every stream's connection was seen on the process that took it, and both took some
