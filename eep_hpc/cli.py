@@ -52,6 +52,7 @@ def _serve(args) -> int:
         overrides.setdefault(section, {})[key] = value
     cfg = load_config(args.config, **overrides)  # config mistakes end here, before the model code is even imported
 
+    from eep_hpc.gc_heap import freeze_startup_heap, warn_on_long_pauses
     from eep_hpc.head.main import Head, StartupError
 
     try:
@@ -62,6 +63,9 @@ def _serve(args) -> int:
     head.server.access_log = args.access_log
 
     def ready(h):
+        # the head is this process's whole life: its start-up heap leaves the collector's walks (gc_heap.py)
+        freeze_startup_heap("head")
+        warn_on_long_pauses("head")
         print(f"eep-hpc serving {h.coordinator.model_name} on {cfg.parallel.ranks} rank(s) at {h.url}  (Ctrl-C stops)",
               flush=True)
         if h.api_key_file:

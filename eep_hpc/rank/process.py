@@ -24,6 +24,7 @@ import zmq
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
+from eep_hpc.gc_heap import warn_on_long_pauses
 from eep_hpc.logs import setup_logging
 from eep_hpc.parallel import step_plan
 from eep_hpc.parallel.groups import GroupLost
@@ -163,6 +164,7 @@ class RankProcess:
                 self.send(P.Pong(rank_id=self.id, sent_at=t, stats=stats))
             case P.Epoch():
                 epochs.on_epoch(msg)
+                warn_on_long_pauses(f"rank {self.id}")
             case P.PrepareEpoch():
                 if epochs.on_prepare(msg):
                     self.active = True
@@ -261,6 +263,10 @@ class RankProcess:
             self.active = False
         else:
             self.wave, self.active = wave, True
+            # A long collection in one rank stalls every member's step: say so when one happens. The start-up heap
+            # is not frozen here as in the head (gc_heap.py): it holds the first epoch's communication state, which
+            # a later epoch replaces, and frozen objects in a reference cycle would never be freed.
+            warn_on_long_pauses(f"rank {self.id}")
 
     def lose_group(self, why: str) -> None:
         self.epochs.lose_group(why)

@@ -31,6 +31,7 @@ CLOSE_CONNECTIONS_S = 3.0
 
 async def serve(launch: P.ApiLaunch) -> None:
     from eep_hpc.model.tokenizer import Tokenizer
+    from eep_hpc.gc_heap import freeze_startup_heap, warn_on_long_pauses
     from eep_hpc.serve.api_proxy import ToHeadMiddleware
     from eep_hpc.serve.app import create_app
     from eep_hpc.serve.remote_engine import RemoteEngine
@@ -57,6 +58,8 @@ async def serve(launch: P.ApiLaunch) -> None:
                 receiving.result()  # raises what ended it
             await asyncio.sleep(0.02)
         await server.start()
+        freeze_startup_heap(f"API process {launch.api}")
+        warn_on_long_pauses(f"API process {launch.api}")
         log.info("API process %d serving on port %d", launch.api, launch.port)
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):

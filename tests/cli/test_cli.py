@@ -4,6 +4,7 @@ a refusal in one line, logs. Mistakes in its arguments: test_input_checks.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
-from support import metric, pid_of, start_head, wait_for_event, wait_until
+from support import ROOT, metric, pid_of, start_head, wait_for_event, wait_until
 
 
 def eep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -163,18 +166,30 @@ def test_log_level_debug_brings_back_the_http_lines(api):
     assert "HTTP Request: GET" in r.stderr and "/admin/state" in r.stderr, r.stderr
 
 
+@contextlib.contextmanager
+def serve_process(run_dir: Path, *flags: str):
+    """`eep-hpc serve` in a process of its own, yielded once it says it serves (.ready, .url); Ctrl-C on the way out,
+    then its stderr and exit code are in .err and .returncode."""
+    proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = SimpleNamespace(ready="", url="", err="", returncode=None)
+    try:
+        run.ready = proc.stdout.readline()
+        assert run.ready.startswith("eep-hpc serving"), (run.ready, proc.stderr.read())
+        run.url = run.ready.split(" at ")[1].split()[0]
+        yield run
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, run.err = proc.communicate(timeout=120)
+        run.returncode = proc.returncode
+
+
 def test_serve_log_level_warning_quiets_the_head_and_its_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    serve = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir),
-                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = serve.stdout.readline()
-        assert ready.startswith("eep-hpc serving eep-tiny-moe on 1 rank(s) at http://"), (ready, serve.stderr.read())
-    finally:
-        serve.send_signal(signal.SIGINT)
-        out, err = serve.communicate(timeout=120)
-    assert serve.returncode == 0, err
-    assert " INFO " not in err, err
+    with serve_process(run_dir, "--log-level", "warning") as run:
+        assert run.ready.startswith("eep-hpc serving eep-tiny-moe on 1 rank(s) at http://"), run.ready
+    assert run.returncode == 0, run.err
+    assert " INFO " not in run.err, run.err
     rank_logs = list((run_dir / "jobs").glob("*_log.err"))
     assert rank_logs
     for log in rank_logs:  # the rank inherited the level: not even its exit is logged at INFO
@@ -183,16 +198,34 @@ def test_serve_log_level_warning_quiets_the_head_and_its_ranks(tmp_path):
 
 def test_serve_access_log_is_off_by_default_and_on_when_asked(tmp_path):
     for flags in ([], ["--access-log"]):
-        serve = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir",
-                                  str(tmp_path / f"run{len(flags)}"), *flags],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            ready = serve.stdout.readline()
-            url = ready.split(" at ")[1].split()[0]
-            assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
-        finally:
-            serve.send_signal(signal.SIGINT)
-            _, err = serve.communicate(timeout=120)
-        access = [line for line in err.splitlines() if '"GET /v1/models HTTP/1.1" 200' in line]
-        assert len(access) == (1 if flags else 0), err
+        with serve_process(tmp_path / f"run{len(flags)}", *flags) as run:
+            assert httpx.get(f"{run.url}/v1/models", timeout=30).status_code == 200
+        access = [line for line in run.err.splitlines() if '"GET /v1/models HTTP/1.1" 200' in line]
+        assert len(access) == (1 if flags else 0), run.err
 
+
+def test_serve_freezes_the_start_up_heap_of_the_head_and_its_api_processes(tmp_path):
+    """Once up, the head and its other API processes move their start-up objects out of the garbage collector's
+    walks (eep_hpc/gc_heap.py) and say how many; a rank does not (its first epoch's objects must stay collectable)."""
+    run_dir = tmp_path / "run"
+    with serve_process(run_dir, "--set", "serve.api_servers=2") as run:
+        pass
+    for who in ("head", "API process 1"):
+        frozen = re.search(rf"{who}: (\d+) start-up objects frozen", run.err)
+        assert frozen and int(frozen.group(1)) > 10_000, f"{who}:\n{run.err[-3000:]}"
+    rank_log = "".join(p.read_text() for p in (run_dir / "jobs").glob("*_log.err"))
+    assert rank_log and "frozen" not in rank_log, rank_log
+
+
+def test_a_long_garbage_collection_is_logged_with_its_pause():
+    code = ("import gc, logging; logging.basicConfig(level='INFO')\n"
+            "from eep_hpc.gc_heap import freeze_startup_heap, warn_on_long_pauses\n"
+            "kept = [[] for _ in range(1000)]\n"
+            "freeze_startup_heap('probe'); assert not any(o is kept for o in gc.get_objects())\n"
+            "warn_on_long_pauses('probe', threshold_s=0.0); warn_on_long_pauses('probe', threshold_s=0.0)\n"
+            "assert len(gc.callbacks) == 1, gc.callbacks  # one watch however often it is asked for\n"
+            "gc.collect()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"probe: \d+ start-up objects frozen", r.stderr), r.stderr
+    assert re.search(r"probe: a garbage collection of generation 2 stopped this process for \d+ ms", r.stderr), r.stderr
