@@ -1,0 +1,166 @@
+"""The API process's own cost per streamed token, without sockets, ZMQ or clients: the real app (serve/app.py) over
+ASGI, driven in-process, with an engine that gives every open stream its next token in the same instant, as
+lockstep ranks do. It reports the process CPU per token and how long after its step each token's chunk reached
+`send` (the part of the head's added delay that is serve/'s Python). A micro-benchmark for A/B of serve/ changes:
+
+    python -m eep_hpc.bench.serve_path --streams 512 --tokens 64 --steps-per-s 50
+
+The engine is in-process, so the figures leave out what bench-head measures besides: the rank messages, uvicorn's
+write and the clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from eep_hpc import protocol as P
+from eep_hpc.config import ServeConfig
+from eep_hpc.gc_heap import freeze_startup_heap
+from eep_hpc.model.tiny import ensure_tiny_checkpoint
+from eep_hpc.model.tokenizer import Tokenizer
+from eep_hpc.serve.app import create_app
+from eep_hpc.serve.output_queue import OutputQueue
+from eep_hpc.serve.sse import DONE
+
+
+class LockstepEngine:
+    """EngineClient: every `step()` puts one token into each open request's queue."""
+
+    def __init__(self, tokenizer: Tokenizer, token_ids: list[int]) -> None:
+        self.tokenizer, self.model_name, self.max_model_len = tokenizer, "bench", 4096
+        self.vocab_size = tokenizer.backend.get_vocab_size()
+        self.token_ids = token_ids
+        self.open: dict[str, tuple[OutputQueue, int]] = {}  # request id -> (its queue, tokens left)
+
+    def ready(self) -> bool:
+        return True
+
+    def cluster_state(self) -> dict:
+        return {}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams):
+        queue = OutputQueue()
+        self.open[request_id] = (queue, sampling.max_tokens)
+        try:
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            self.open.pop(request_id, None)
+
+    def step(self, k: int) -> int:
+        for rid, (queue, left) in list(self.open.items()):
+            left -= 1
+            self.open[rid] = (queue, left)
+            queue.put_nowait(P.RequestOutput(request_id=rid, new_token_ids=[self.token_ids[k % len(self.token_ids)]],
+                                             finish_reason="length" if left == 0 else None))
+        return len(self.open)
+
+
+async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True) -> dict:
+    tokenizer = Tokenizer.from_dir(ensure_tiny_checkpoint())
+    ids = [i for i in range(3, 200) if tokenizer.decode([i]).strip()][:32]  # ids that decode to text alone
+    engine = LockstepEngine(tokenizer, ids)
+    app = create_app(engine, ServeConfig())
+    if freeze:  # as the head and its API processes do once they are up
+        freeze_startup_heap("serve_path")
+    body = json.dumps({"model": "bench", "prompt": [5, 6, 7], "max_tokens": tokens, "stream": True,
+                       "ignore_eos": True}).encode()
+    step_at = [0.0]
+    step = [0]
+    delays: list[float] = []
+    burst: dict[int, float] = {}  # step -> when its last chunk reached send, after the step
+    chunks = [0]
+    statuses: list[int] = []
+    ended = [0]  # responses that reached [DONE]
+    done = asyncio.Event()
+
+    async def one() -> None:
+        sent_body = False
+
+        async def receive():
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            elif message.get("body", b"").endswith(DONE):
+                ended[0] += 1
+            if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: {"):
+                d = time.perf_counter() - step_at[0]
+                delays.append(d)
+                burst[step[0]] = d
+                chunks[0] += 1
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+        await app(scope, receive, send)
+
+    clients = [asyncio.create_task(one()) for _ in range(streams)]
+    while len(engine.open) < streams:
+        await asyncio.sleep(0.001)
+    period = 1.0 / steps_per_s
+    warm = 4  # steps before the measured ones
+    cpu0 = wall0 = n0 = None
+    for k in range(tokens):
+        if k == warm:
+            cpu0, wall0, n0 = time.process_time(), time.perf_counter(), chunks[0]
+            delays.clear()
+        step[0] = k
+        step_at[0] = time.perf_counter()
+        engine.step(k)
+        await asyncio.sleep(max(0.0, period - (time.perf_counter() - step_at[0])))
+    await asyncio.gather(*clients)
+    done.set()
+    cpu, wall, n = time.process_time() - cpu0, time.perf_counter() - wall0, chunks[0] - n0
+    ms = np.asarray(delays) * 1e3
+    bursts = np.asarray([v for k, v in burst.items() if warm <= k < tokens - 1]) * 1e3  # steps that end nothing
+    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0], "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n,
+            "cpu_us_per_token": cpu / n * 1e6, "cpu_util": cpu / wall,
+            "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                                "max": float(ms.max())},
+            # how long after a step its last chunk reached send (lockstep: the whole burst's time), steps that end
+            # no request
+            "burst_ms": {"p50": float(np.percentile(bursts, 50)), "max": float(bursts.max()),
+                         "last_step": burst[tokens - 1] * 1e3}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream (one request each)")
+    ap.add_argument("--steps-per-s", type=float, default=50.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap in the collector's walks")
+    ap.add_argument("--out", type=Path, help="write the runs here as JSON")
+    args = ap.parse_args()
+    runs = []
+    for _ in range(args.repeats):
+        r = asyncio.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze))
+        print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
+              f"({r['cpu_util']:.0%} busy), step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
+              f"p99 {r['step_to_send_ms']['p99']:.2f} ms; a step's burst p50 {r['burst_ms']['p50']:.2f} ms max "
+              f"{r['burst_ms']['max']:.2f} ms, the last step's {r['burst_ms']['last_step']:.2f} ms", flush=True)
+        runs.append(r)
+    if args.out:
+        args.out.write_text(json.dumps({"command": "python -m eep_hpc.bench.serve_path", "args": vars(args) | {
+            "out": str(args.out)}, "runs": runs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
