@@ -26,6 +26,10 @@ class LocalRankJob:
     def alive(self) -> bool:
         return self.job.state == "RUNNING"
 
+    def signalled(self) -> bool:
+        """A local job's end is its process's: nothing outlives it."""
+        return False
+
     def cancel(self) -> None:
         if self.alive():
             self.job.cancel()

@@ -33,6 +33,9 @@ log = logging.getLogger("eep_hpc.slurm")
 # Slurm job states in which the job's processes may still run (or will: PENDING); every other state is final.
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "READY", "UNKNOWN"}
+# Ends Slurm reaches by signalling the job (SIGTERM, KillWait later SIGKILL): sacct may show them before the
+# processes are gone, while a node agent's notice of the same signal is still on its way to the head.
+SIGNALLED_STATES = {"PREEMPTED", "CANCELLED", "TIMEOUT", "DEADLINE"}
 NOT_STARTED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 # sbatch options that belong to the whole job: written in the first het component only.
 JOB_WIDE_FLAGS = {"job-name", "output", "error", "open-mode", "wckey", "comment", "mail-type", "mail-user",
@@ -158,6 +161,9 @@ class SlurmRankJob:
     def alive(self) -> bool:
         """True while the node job is pending or running (a pending rank is on its way, not dead)."""
         return self.node_job.alive()
+
+    def signalled(self) -> bool:
+        return self.node_job.state() in SIGNALLED_STATES
 
     def pending(self) -> bool:
         """True while the node job waits in the queue: the rank has not started and cannot say hello yet."""

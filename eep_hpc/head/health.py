@@ -92,10 +92,17 @@ class Health:
         """Ask the launcher about every live rank (alive() may ask the scheduler, so off the event loop): a dead
         process is FAILED."""
         live = self.membership.live()
-        alive = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.alive() for rec in live})
+        ended = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.signalled() for rec in live
+                                                 if not rec.job.alive()})
+        now = time.monotonic()
         for rec in live:
-            if not alive[rec.rank_id] and rec.state not in GONE:
-                self.fail(rec, "its process exited")
+            if rec.rank_id not in ended or rec.state in GONE:
+                continue
+            if ended[rec.rank_id] and now - rec.last_seen < 2 * self.heartbeat_s:
+                # Slurm says a signal ended its job (preemption, scancel), yet it spoke just now: its node agent's
+                # notice, and with it a drain, is on its way. Silence fails it (rank_timeout_s) if none comes.
+                continue
+            self.fail(rec, "its process exited")
 
     async def kill_silent(self) -> None:
         """The jobs of silent ranks not heard of since (not fenced, not exited): killed, to release their nodes."""
