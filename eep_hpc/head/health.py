@@ -40,6 +40,11 @@ from eep_hpc.head.streams import Streams
 log = logging.getLogger("eep_hpc.coordinator")
 
 
+# A rank still talking this long after Slurm ended its job by a signal is past any kill grace (KillWait is 30 s by
+# default): it is failed like one whose process exited.
+SIGNALLED_GRACE_S = 60.0
+
+
 class Health:
     def __init__(self, membership: Membership, link: RankLink, streams: Streams, heartbeat_s: float,
                  rank_timeout_s: float, head_timeout_s: float, on_member_lost: Callable[[], bool],
@@ -52,6 +57,7 @@ class Health:
         self.fenced = 0  # messages refused from ranks already declared FAILED or EXITED
         self.fenced_ranks: set[int] = set()
         self.kill_later: dict[int, float] = {}  # silent ranks -> when to kill their job if it is still there
+        self.signalled_at: dict[int, float] = {}  # ranks whose job a signal ended -> when the head first saw it
 
     def fence(self, rec: RankRecord, msg) -> bool:
         """-> True when `msg` comes from a rank that is no longer part of the run: refused, and the rank is told
@@ -95,13 +101,18 @@ class Health:
         ended = await asyncio.to_thread(lambda: {rec.rank_id: rec.job.signalled() for rec in live
                                                  if not rec.job.alive()})
         now = time.monotonic()
+        for rid in [r for r in self.signalled_at if r not in ended]:
+            del self.signalled_at[rid]  # came back (requeued) or gone
         for rec in live:
             if rec.rank_id not in ended or rec.state in GONE:
                 continue
-            if ended[rec.rank_id] and now - rec.last_seen < 2 * self.heartbeat_s:
-                # Slurm says a signal ended its job (preemption, scancel), yet it spoke just now: its node agent's
-                # notice, and with it a drain, is on its way. Silence fails it (rank_timeout_s) if none comes.
-                continue
+            if ended[rec.rank_id]:
+                since = self.signalled_at.setdefault(rec.rank_id, now)
+                if now - rec.last_seen < 2 * self.heartbeat_s and now - since < SIGNALLED_GRACE_S:
+                    # Slurm says a signal ended its job (preemption, scancel), yet it spoke just now: its node
+                    # agent's notice, and with it a drain, is on its way. Silence fails it (rank_timeout_s) if none
+                    # comes; so does talking on past any kill grace.
+                    continue
             self.fail(rec, "its process exited")
 
     async def kill_silent(self) -> None:
