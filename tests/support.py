@@ -373,15 +373,16 @@ def settle_test_cluster(timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     cancel_at = time.monotonic() + timeout_s / 3
     while True:
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout.split()
-        nodes = [line.split() for line in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
-                                                         text=True, timeout=20).stdout.splitlines()]
-        unavailable = sorted({name for name, state in nodes if state.rstrip("*~#!%$@^-") in ("down", "drain", "drng")
-                              or state.endswith("*")})
-        if unavailable:
-            subprocess.run(["scontrol", "update", f"NodeName={','.join(unavailable)}", "State=RESUME"],
+        jobs_out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20)
+        nodes_out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+        jobs = sorted({j.split("+")[0] for j in jobs_out.stdout.split()})  # a het job's components: its id
+        nodes = [line.split() for line in nodes_out.stdout.splitlines()]
+        down = sorted({name for name, state in nodes if state.rstrip("*~#!%$@^-") in RESUMABLE_STATES})
+        if down:
+            subprocess.run(["scontrol", "update", f"NodeName={','.join(down)}", "State=RESUME"],
                            capture_output=True, timeout=20)
-        if not jobs and all(state == "idle" for _, state in nodes):
+        answered = jobs_out.returncode == 0 and nodes_out.returncode == 0 and nodes
+        if answered and not jobs and all(state == "idle" for _, state in nodes):
             return
         if jobs and time.monotonic() > cancel_at:
             subprocess.run(["scancel", "--full", "--signal=KILL", *jobs], capture_output=True, timeout=20)
@@ -389,6 +390,9 @@ def settle_test_cluster(timeout_s: float = 90.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the Slurm test cluster did not settle in {timeout_s:.0f} s:\n{cluster_report()}")
         time.sleep(0.5)
+
+
+RESUMABLE_STATES = {"down", "drain", "drng", "fail", "failg"}  # what `scontrol update State=RESUME` brings back
 
 
 # ---- streaming load over HTTP ------------------------------------------------------------------------------------
