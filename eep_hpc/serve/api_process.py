@@ -57,9 +57,9 @@ async def serve(launch: P.ApiLaunch) -> None:
             if receiving.done():
                 receiving.result()  # raises what ended it
             await asyncio.sleep(0.02)
-        await server.start()
-        freeze_startup_heap(f"API process {launch.api}")
+        freeze_startup_heap(f"API process {launch.api}")  # before it takes requests: theirs stay collectable
         warn_on_long_pauses(f"API process {launch.api}")
+        await server.start()
         log.info("API process %d serving on port %d", launch.api, launch.port)
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):

@@ -177,9 +177,9 @@ class Reply:
                 logger.exception("stream failed")
                 yield event(error_body("Internal server error.", "InternalServerError", None, 500))
             finally:
-                await deltas.aclose()  # type: ignore[attr-defined]
                 if writes is not None:
                     writes.close()
+                await deltas.aclose()  # type: ignore[attr-defined]
             yield DONE
 
         return EventStreamResponse(events())

@@ -168,20 +168,23 @@ def test_log_level_debug_brings_back_the_http_lines(api):
 
 @contextlib.contextmanager
 def serve_process(run_dir: Path, *flags: str):
-    """`eep-hpc serve` in a process of its own, yielded once it says it serves (.ready, .url); Ctrl-C on the way out,
-    then its stderr and exit code are in .err and .returncode."""
-    proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir", str(run_dir),
-                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run = SimpleNamespace(ready="", url="", err="", returncode=None)
+    """`eep-hpc serve` in a process of its own, yielded once it says it serves (.ready, .url; its stderr so far in
+    the file .err_path); Ctrl-C on the way out, then its whole stderr and exit code are in .err and .returncode."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    err_path = run_dir / "serve.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "eep_hpc.cli", "serve", "--port", "0", "--run-dir",
+                                 str(run_dir), *flags], stdout=subprocess.PIPE, stderr=err, text=True)
+    run = SimpleNamespace(ready="", url="", err_path=err_path, err="", returncode=None)
     try:
         run.ready = proc.stdout.readline()
-        assert run.ready.startswith("eep-hpc serving"), (run.ready, proc.stderr.read())
+        assert run.ready.startswith("eep-hpc serving"), (run.ready, err_path.read_text())
         run.url = run.ready.split(" at ")[1].split()[0]
         yield run
     finally:
         proc.send_signal(signal.SIGINT)
-        _, run.err = proc.communicate(timeout=120)
-        run.returncode = proc.returncode
+        proc.communicate(timeout=120)
+        run.err, run.returncode = err_path.read_text(), proc.returncode
 
 
 def test_serve_log_level_warning_quiets_the_head_and_its_ranks(tmp_path):
@@ -208,8 +211,9 @@ def test_serve_freezes_the_start_up_heap_of_the_head_and_its_api_processes(tmp_p
     """Once up, the head and its other API processes move their start-up objects out of the garbage collector's
     walks (eep_hpc/gc_heap.py) and say how many; a rank does not (its first epoch's objects must stay collectable)."""
     run_dir = tmp_path / "run"
-    with serve_process(run_dir, "--set", "serve.api_servers=2") as run:
-        pass
+    with serve_process(run_dir, "--set", "serve.api_servers=2", "--log-level", "info") as run:
+        # the second API process freezes once the head says the service is ready, which may be after the head's line
+        wait_until(lambda: "API process 1: " in run.err_path.read_text(), 60, "the API process froze its heap")
     for who in ("head", "API process 1"):
         frozen = re.search(rf"{who}: (\d+) start-up objects frozen", run.err)
         assert frozen and int(frozen.group(1)) > 10_000, f"{who}:\n{run.err[-3000:]}"
