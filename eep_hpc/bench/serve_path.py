@@ -15,6 +15,8 @@ import argparse
 import asyncio
 import json
 import time
+from collections import deque
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,12 @@ from eep_hpc.serve.output_queue import OutputQueue
 from eep_hpc.serve.sse import DONE
 
 
+# The stream whose request the current task serves: the engine's generator (iterated inside the response's task)
+# hands it the steps of the tokens it yields, and that stream's `send` times them.
+STREAM: ContextVar[dict] = ContextVar("serve_path_stream")
+WARM_STEPS = 4  # steps before the measured ones
+
+
 class LockstepEngine:
     """EngineClient: every `step()` puts one token into each open request's queue."""
 
@@ -37,6 +45,8 @@ class LockstepEngine:
         self.vocab_size = tokenizer.backend.get_vocab_size()
         self.token_ids = token_ids
         self.open: dict[str, tuple[OutputQueue, int]] = {}  # request id -> (its queue, tokens left)
+        self.stamps: dict[str, deque] = {}  # request id -> (step, its time) of each token put and not yet taken
+        self.step_at = (0, 0.0)  # the step being put, and when
 
     def ready(self) -> bool:
         return True
@@ -47,17 +57,23 @@ class LockstepEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams):
         queue = OutputQueue()
         self.open[request_id] = (queue, sampling.max_tokens)
+        stamps = self.stamps[request_id] = deque()
+        stream = STREAM.get()
         try:
             while True:
-                out = await queue.get()
+                out = await queue.get()  # several tokens where the writer fell behind (merged)
+                stream["tokens"] = [stamps.popleft() for _ in out.new_token_ids]
                 yield out
                 if out.finish_reason is not None:
                     return
         finally:
             self.open.pop(request_id, None)
+            self.stamps.pop(request_id, None)
 
     def step(self, k: int) -> int:
+        self.step_at = (k, time.perf_counter())
         for rid, (queue, left) in list(self.open.items()):
+            self.stamps[rid].append(self.step_at)
             left -= 1
             self.open[rid] = (queue, left)
             queue.put_nowait(P.RequestOutput(request_id=rid, new_token_ids=[self.token_ids[k % len(self.token_ids)]],
@@ -66,6 +82,8 @@ class LockstepEngine:
 
 
 async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True) -> dict:
+    if tokens <= WARM_STEPS + 1:
+        raise ValueError("tokens must exceed the 4 warm-up steps and the last one")
     tokenizer = Tokenizer.from_dir(ensure_tiny_checkpoint())
     ids = [i for i in range(3, 200) if tokenizer.decode([i]).strip()][:32]  # ids that decode to text alone
     engine = LockstepEngine(tokenizer, ids)
@@ -74,10 +92,9 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
         freeze_startup_heap("serve_path")
     body = json.dumps({"model": "bench", "prompt": [5, 6, 7], "max_tokens": tokens, "stream": True,
                        "ignore_eos": True}).encode()
-    step_at = [0.0]
-    step = [0]
-    delays: list[float] = []
-    burst: dict[int, float] = {}  # step -> when its last chunk reached send, after the step
+    warm = WARM_STEPS
+    delays: list[float] = []  # per token of a measured step: its chunk's send minus its step's time
+    burst: dict[int, float] = {}  # step -> when its last token's chunk reached send, after the step
     chunks = [0]
     statuses: list[int] = []
     ended = [0]  # responses that reached [DONE]
@@ -85,6 +102,8 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
 
     async def one() -> None:
         sent_body = False
+        stream = {"tokens": []}
+        STREAM.set(stream)
 
         async def receive():
             nonlocal sent_body
@@ -100,9 +119,12 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
             elif message.get("body", b"").endswith(DONE):
                 ended[0] += 1
             if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: {"):
-                d = time.perf_counter() - step_at[0]
-                delays.append(d)
-                burst[step[0]] = d
+                now = time.perf_counter()
+                for k, at in stream["tokens"]:
+                    if k >= warm:
+                        delays.append(now - at)
+                        burst[k] = now - at
+                stream["tokens"] = []
                 chunks[0] += 1
 
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -115,23 +137,21 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     while len(engine.open) < streams:
         await asyncio.sleep(0.001)
     period = 1.0 / steps_per_s
-    warm = 4  # steps before the measured ones
     cpu0 = wall0 = n0 = None
     for k in range(tokens):
         if k == warm:
             cpu0, wall0, n0 = time.process_time(), time.perf_counter(), chunks[0]
-            delays.clear()
-        step[0] = k
-        step_at[0] = time.perf_counter()
         engine.step(k)
-        await asyncio.sleep(max(0.0, period - (time.perf_counter() - step_at[0])))
+        await asyncio.sleep(max(0.0, period - (time.perf_counter() - engine.step_at[1])))
     await asyncio.gather(*clients)
     done.set()
     cpu, wall, n = time.process_time() - cpu0, time.perf_counter() - wall0, chunks[0] - n0
+    measured = len(delays)  # tokens of the measured steps (all of them: every stream runs to its end)
     ms = np.asarray(delays) * 1e3
     bursts = np.asarray([v for k, v in burst.items() if warm <= k < tokens - 1]) * 1e3  # steps that end nothing
-    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0], "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n,
-            "cpu_us_per_token": cpu / n * 1e6, "cpu_util": cpu / wall,
+    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0], "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n, "tokens": measured,
+            # the process's CPU (the driver's little share included) per token of the measured steps
+            "cpu_us_per_token": cpu / measured * 1e6, "cpu_util": cpu / wall,
             "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                                 "max": float(ms.max())},
             # how long after a step its last chunk reached send (lockstep: the whole burst's time), steps that end

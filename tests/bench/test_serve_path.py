@@ -9,7 +9,8 @@ from eep_hpc.bench import serve_path
 def test_serve_path_streams_every_request_to_its_end():
     r = asyncio.run(serve_path.run(streams=16, tokens=12, steps_per_s=40, freeze=False))
     assert r["statuses"] == [200] and r["ended"] == 16
-    # 16 streams x the 8 steps after the 4 warm-up ones: one chunk each, fewer where a late writer merged tokens
-    assert 0 < r["chunks"] <= 16 * 8 and r["cpu_us_per_token"] > 0
+    # 16 streams x the 8 steps after the 4 warm-up ones: every token timed, in one chunk each or fewer (a late
+    # writer's tokens merged)
+    assert r["tokens"] == 16 * 8 and 0 < r["chunks"] <= 16 * 8 and r["cpu_us_per_token"] > 0
     assert 0 <= r["step_to_send_ms"]["p50"] <= r["step_to_send_ms"]["p99"] <= r["step_to_send_ms"]["max"]
     assert r["burst_ms"]["last_step"] > 0
