@@ -75,9 +75,11 @@ def test_bench_head_command_reports_zero_failures(tmp_path):
     # stream i's first request has ceil((i + 1) * 12 / 24) tokens, the second 12
     assert run["tokens"] == sum(-(-(i + 1) * 12 // 24) + 12 for i in range(24))
     assert run["added_delay_ms"]["count"] == run["tokens"]
-    # the API process's send times, per token: after the emit, before the client's receive
+    # the API process's send times, per token: after the emit, and before the client's receive (up to 1 ms: the
+    # clients date a token by when its text is complete, the head by the chunk that counted it)
     head, client = run["head_added_delay_ms"], run["added_delay_ms"]
-    assert head["count"] == run["tokens"] and 0 <= head["p50"] <= client["p50"] and head["max"] <= client["max"]
+    assert head["count"] == run["tokens"] and 0 <= head["p50"] <= client["p50"] + 1.0
+    assert head["max"] <= client["max"] + 1.0
     assert run["head_cpu_s"] > 0 and run["delivered_tok_s"] > 0
 
 
