@@ -7,9 +7,10 @@ later collections walk only what requests keep alive (vLLM's freeze_gc_heap and 
 It also lets the youngest generation grow to 10,000 objects before a collection (Python's default is 700): a burst
 of 512 streams' tokens allocates that many short-lived objects, most of them freed by their reference counts, and
 collecting every 700 promoted the rest early into the generations whose collections are long. Measured with
-`python -m eep_hpc.bench.serve_path` (512 streams, 2 shared cores): a token's chunk reached `send` within p99 12-25
-ms of its step frozen, 16-93 ms not. EEP_HPC_GC_FREEZE=0 leaves the collector as Python sets it (a benchmark's
-"before"). `warn_on_long_pauses` logs each collection that still stops the process longer than a threshold.
+`python -m eep_hpc.bench.serve_path` (512 streams, 2 shared cores): a token's chunk reached `send` within p99 12-13
+ms of its step frozen, 96-97 ms not (results/README.md). EEP_HPC_GC_FREEZE=0 leaves the collector as Python sets
+it (a benchmark's "before"). `warn_on_long_pauses` logs each collection that still stops the process longer than a
+threshold.
 """
 
 from __future__ import annotations
