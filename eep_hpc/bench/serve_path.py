@@ -149,7 +149,8 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     measured = len(delays)  # tokens of the measured steps (all of them: every stream runs to its end)
     ms = np.asarray(delays) * 1e3
     bursts = np.asarray([v for k, v in burst.items() if warm <= k < tokens - 1]) * 1e3  # steps that end nothing
-    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0], "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n, "tokens": measured,
+    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0],
+            "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n, "tokens": measured,
             # the process's CPU (the driver's little share included) per token of the measured steps
             "cpu_us_per_token": cpu / measured * 1e6, "cpu_util": cpu / wall,
             "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
