@@ -7,7 +7,8 @@
 - in-process engines on small checkpoints: `single_rank_engine`, `greedy`, `TOKEN_PROMPTS`, `NEW_TOKENS`
 - the fake model's sampling rule of the scheduler tests: `model_token`
 - the Slurm test cluster (.ci/slurm-up): `why_no_slurm`, `sacct`, `wait_sacct`, `ROOT`, `TEST_CONFIG`,
-  `settle_test_cluster` (what every Slurm test starts from), `cluster_report`, and its node network (one namespace per node, links a test can cut): `cluster_network`, `TestNode`
+  `settle_test_cluster` (what every Slurm test starts from), `cluster_report`, and its node network (one namespace
+  per node, links a test can cut): `cluster_network`, `TestNode`
 
 - streaming load over HTTP with reference texts: `run_load`, `reference_texts`, `stream_completion`, `PROMPTS`
 - random Hugging Face checkpoints and their transformers models: `save_random_hf_model`, `hf_model`
