@@ -1,17 +1,17 @@
 """Python's garbage collector in the head and its API processes, which pass on every streamed token.
 
 A collection of the oldest generation walks every tracked object: after start-up that is the imported modules,
-torch, the app and the tokenizer (with the tiny model: 221k objects in the head, 72k in a second API process),
-and such a collection stopped the API path for 60-90 ms (python -m eep_hpc.bench.serve_path, 512 streams) while
-every stream waited for its next token. Once a process is up, `freeze_startup_heap` moves what is alive into the
-permanent generation, so later collections walk only what requests keep alive (vLLM's freeze_gc_heap and SGLang's
-freeze_gc do the same). It also lets the youngest generation grow to 10,000 objects before a collection (Python's
-default is 700): a burst of 512 streams' tokens allocates that many short-lived objects, most of them freed by their reference counts, and
-collecting every 700 promoted the rest early into the generations whose collections are long. Measured with
-`python -m eep_hpc.bench.serve_path` (512 streams, 2 shared cores): a token's chunk reached `send` within p99 12-13
-ms of its step frozen, 96-97 ms not (results/README.md). EEP_HPC_GC_FREEZE=0 leaves the collector as Python sets
-it (a benchmark's "before"). `warn_on_long_pauses` logs each collection that still stops the process longer than a
-threshold.
+torch, the app and the tokenizer (with the tiny model: 221k objects in the head, 72k in a second API process), and
+such a collection stopped the API path for 60-90 ms (python -m eep_hpc.bench.serve_path, 512 streams) while every
+stream waited for its next token. Once a process is up, `freeze_startup_heap` moves what is alive into the permanent
+generation, so later collections walk only what requests keep alive (vLLM's freeze_gc_heap and SGLang's freeze_gc do
+the same). It also lets the youngest generation grow to 10,000 objects before a collection (Python's default is
+700): a burst of 512 streams' tokens allocates that many short-lived objects, most of them freed by their reference
+counts, and collecting every 700 promoted the rest early into the generations whose collections are long. Measured
+with `python -m eep_hpc.bench.serve_path` (512 streams, 2 shared cores): a token's chunk reached `send` within p99
+12-13 ms of its step frozen, 96-97 ms not (results/README.md). EEP_HPC_GC_FREEZE=0 leaves the collector as Python
+sets it (a benchmark's "before"). `warn_on_long_pauses` logs each collection that still stops the process longer
+than a threshold.
 """
 
 from __future__ import annotations
