@@ -5,7 +5,8 @@ through them), GET /v1/models[/{model}], GET /health, GET /metrics, GET /admin/s
 to the returned app; those under /v1/ and /admin/ get the same bearer-token checks. `app.state.engine`,
 `app.state.metrics` (whose registry takes more collectors) and `app.state.serving` are set.
 
-Middleware, outermost first: HTTP metrics -> catch-all 500 -> bearer auth -> FastAPI's exception handlers.
+Middleware, outermost first: HTTP metrics -> catch-all 500 -> bearer auth -> FastAPI's exception handlers. A streamed
+response's body chunks skip them (sse.py); none may rewrite a response body.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from eep_hpc.config import ServeConfig
 from eep_hpc.serve.auth import BearerAuthMiddleware
@@ -24,11 +26,20 @@ from eep_hpc.serve.errors import install_error_handlers, model_not_found, not_re
 from eep_hpc.serve.metrics import CONTENT_TYPE, ApiMetrics, HttpMetricsMiddleware
 from eep_hpc.serve.openai_protocol import ModelCard, ModelList
 from eep_hpc.serve.serving import Serving
+from eep_hpc.serve.sse import SERVER_SEND
 from eep_hpc.serve.write_log import WriteLog
 
 
+class App(FastAPI):
+    """FastAPI that keeps the server's own `send` in the scope, for the streamed chunks (sse.EventStreamResponse)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
-    app = FastAPI(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ApiMetrics(engine.model_name)
     serving = Serving(engine, metrics, WriteLog(cfg.write_log) if cfg.write_log else None)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
