@@ -31,7 +31,7 @@ from eep_hpc.serve.generation import ChoiceDelta, TextOptions, collect, generate
 from eep_hpc.serve.metrics import ApiMetrics
 from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
 from eep_hpc.serve.prompts import Choice
-from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, event, unless_disconnected
+from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, Write, event, unless_disconnected
 from eep_hpc.serve.write_log import WriteLog
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class Reply:
     def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest,
                write_log: WriteLog | None = None) -> EventStreamResponse:
         """SSE: the endpoint's first chunks, a chunk per delta, the usage chunk if asked for, then [DONE]. An engine
-        error ends the stream with an error event; closing the stream closes the deltas (aborting the requests)."""
+        error ends the stream with an error event; however the stream ends (cancelled too: the client left), the
+        deltas are closed (aborting the requests)."""
         include_usage, continuous = req.include_usage, req.continuous_usage
         prompt_tokens, num_choices = self.api.prompt_tokens, len(self.api.choices)
 
@@ -148,41 +149,41 @@ class Reply:
                 template = templates[d.index] = (before, after)
             return template[0] + encode_basestring(d.text).encode() + template[1]
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events(write: Write) -> None:
             tokens = [0] * num_choices
             writes = write_log.stream(self.id, num_choices) if write_log is not None else None
             try:
                 for c in self.api.first_choices():
-                    yield chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None)
+                    await write(chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
                 async for d in deltas:
                     tokens[d.index] = d.num_tokens
                     failed = ended_with_error(d.finish_reason, d.error)
                     if failed is not None:  # an engine failure, or the server shutting down
-                        yield event(failed.body())
+                        await write(event(failed.body()))
                         break
                     if (d.text and d.finish_reason is None and not d.logprobs and not d.prompt_logprobs
                             and not continuous and self.api.plain_text(d.index)):
-                        yield text_chunk(d)
+                        await write(text_chunk(d))
                     elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
-                        yield chunk(self.api.stream_choice(d), usage)
+                        await write(chunk(self.api.stream_choice(d), usage))
                     else:
                         continue
-                    if writes is not None:  # resumed once the chunk went out
+                    if writes is not None:  # the chunk has been handed to the socket
                         writes.written(d.index, d.num_tokens)
                 else:
                     if include_usage:
-                        yield chunk(None, UsageInfo.of(prompt_tokens, sum(tokens)))
-            except Exception:
+                        await write(chunk(None, UsageInfo.of(prompt_tokens, sum(tokens))))
+            except Exception:  # a bug here, or (not from uvicorn, which drops writes to a gone client) a failed write
                 logger.exception("stream failed")
-                yield event(error_body("Internal server error.", "InternalServerError", None, 500))
+                await write(event(error_body("Internal server error.", "InternalServerError", None, 500)))
             finally:
                 if writes is not None:
                     writes.close()
                 await deltas.aclose()  # type: ignore[attr-defined]
-            yield DONE
+            await write(DONE)
 
-        return EventStreamResponse(events())
+        return EventStreamResponse(events)
 
     async def collect(self, request: Request, deltas: AsyncIterator[ChoiceDelta]) -> Response:
         """The whole texts in one body; 499 when the client left first, 500 on an engine error."""

@@ -34,7 +34,13 @@ def stream_bytes(reply: Reply, req, items: list[ChoiceDelta]) -> bytes:
             yield d
 
     async def read():
-        return b"".join([b async for b in reply.stream(source(), req)._events])
+        chunks: list[bytes] = []
+
+        async def write(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await reply.stream(source(), req).events(write)
+        return b"".join(chunks)
 
     return asyncio.run(read())
 
