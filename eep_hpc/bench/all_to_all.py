@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import sys
 import time
 
 import torch
@@ -73,14 +75,21 @@ def _bench_worker(i: int, port: int, args) -> None:
         for name, fn in runs:
             for _ in range(args.warmup):
                 fn()
-            torch.cuda.synchronize()
-            group.all_reduce_max([0])
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            torch.cuda.synchronize()
-            results.append({"tokens": T, "backend": name, "us": (time.perf_counter() - t0) / args.iters * 1e6,
-                            "rel_err_vs_reference": rel})
+        # the variants take turns, round by round (a shared GPU drifts), each round timed on both ranks together
+        per_round = max(1, args.iters // args.rounds)
+        times: dict[str, list[float]] = {name: [] for name, _ in runs}
+        for r in range(args.rounds):
+            for name, fn in (runs if r % 2 == 0 else runs[::-1]):
+                torch.cuda.synchronize()
+                group.all_reduce_max([0])
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    fn()
+                torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) / per_round * 1e6)
+        for name, _ in runs:
+            results.append({"tokens": T, "backend": name, "us": statistics.median(times[name]),
+                            "us_rounds": [round(t, 2) for t in times[name]], "rel_err_vs_reference": rel})
     store.set(f"bench/{i}", json.dumps(results))
     if i == 0:
         other = json.loads(store.get("bench/1"))
@@ -90,11 +99,12 @@ def _bench_worker(i: int, port: int, args) -> None:
             nixl_version = version("nixl-cu13")
         except Exception:
             nixl_version = "?"
-        report = {"what": "MoE dispatch + combine per layer (identity expert), 2 ranks, wall time per iteration",
+        report = {"what": "MoE dispatch + combine per layer (identity expert), 2 ranks, wall time per iteration (median round)",
                   "ranks_share_one_gpu": shared, "reference": "raw nixl_ep" if shared else "torch/NCCL backend",
                   "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "nixl": nixl_version,
                   "hidden": D, "experts": E, "top_k": k, "max_tokens": nixl.max_tokens,
-                  "iters": args.iters, "results": rows}
+                  "iters": args.iters, "rounds": args.rounds,
+                  "command": args.command, "results": rows}
         out = args.out or f"results/{torch.cuda.get_device_name(dev).replace(' ', '-')}/nixl-ep-all-to-all.json"
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
@@ -118,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=10, help="the variants alternate this many times; the median "
+                    "round is reported")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--out", default="", help="default: results/<GPU name>/nixl-ep-all-to-all.json")
     args = ap.parse_args(argv)
+    args.command = "python -m eep_hpc.bench.all_to_all " + " ".join(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU (two ranks share it when there is only one)")
     spawn_two(__spec__.name, "_bench_worker", args, timeout_s=120)
