@@ -142,7 +142,8 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # experts, a rank waits this long for the slowest peer (then the group gets rank_timeout_s).
     load_timeout_s: Seconds = 120.0
     # The head waits this long for ranks' answers in a scaling event (joining ranks: 4x to start and to stage the
-    # model, 2x to prepare), and open requests for a recovery 4x this long.
+    # model; 2x to prepare, counted from the latest progress of the expert reads), and open requests for a recovery
+    # 4x this long.
     event_timeout_s: Seconds = 30.0
     # A peer that does not show up for the expert transfer of a scaling event fails it (and it rolls back) after
     # this long; serving pauses at most this long in that case.

@@ -17,7 +17,7 @@ import msgspec
 
 from eep_hpc.config import Config
 
-PROTOCOL_VERSION = 2  # 2: messages are msgspec arrays (array_like), RankStats counts host collectives
+PROTOCOL_VERSION = 3  # 2: messages are msgspec arrays (array_like), RankStats counts host collectives; 3: PrepareProgress
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -284,6 +284,16 @@ class EpochPrepared(_Msg):
     pause_s: float = 0.0  # how long it stopped serving for the prepare (at the agreed step boundary)
 
 
+class PrepareProgress(_Msg):
+    """A participant's expert reads go on: sent about every heartbeat while pieces keep arriving. The head's wait
+    for EpochPrepared runs from the latest one, so a large move over a slow link is not taken for a hung one."""
+
+    rank_id: int
+    epoch: int
+    bytes_received: int
+    bytes_total: int
+
+
 class PrepareFailed(_Msg):
     rank_id: int
     epoch: int
@@ -356,8 +366,8 @@ class ApiReady(_Msg):
 
 HeadToRank = Union[AddRequest, AbortRequests, Wake, Ping, Epoch, PrepareEpoch, CommitEpoch, AbortEpoch, Shutdown]
 RankToHead = Union[
-    RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareFailed, EpochLeft,
-    NodeLeaving, GroupLost, RankFailed, RankAlive,
+    RankHello, RankReady, StepOutputs, Pong, WaveDone, EpochJoined, RankStaged, EpochPrepared, PrepareProgress,
+    PrepareFailed, EpochLeft, NodeLeaving, GroupLost, RankFailed, RankAlive,
 ]
 ApiToHead = Union[ApiHello, AddRequest, AbortRequests]
 HeadToApi = Union[ApiResend, ApiEnd, ApiReady]

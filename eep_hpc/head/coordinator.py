@@ -168,7 +168,7 @@ class Coordinator:
             case P.Pong(stats=stats):
                 rec.stats = stats
                 self.expert_load.add(stats.expert_load)
-            case P.RankStaged() | P.EpochPrepared() | P.EpochLeft():
+            case P.RankStaged() | P.EpochPrepared() | P.PrepareProgress() | P.EpochLeft():
                 self.exchange.take(msg)
             case P.PrepareFailed(epoch=e, error=err):
                 log.error("rank %d could not prepare epoch %d: %s", msg.rank_id, e, err)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from eep_hpc import protocol as P
 from eep_hpc.head.events import ScaleBusy, ScaleEvent, ScaleFailed, ScalePhase, describe_event
@@ -28,7 +29,7 @@ from eep_hpc.parallel.eplb import CHECKPOINT, Placement, plan_moves
 
 log = logging.getLogger("eep_hpc.coordinator")
 
-Ack = P.RankStaged | P.EpochPrepared | P.EpochLeft | P.EpochJoined | P.PrepareFailed
+Ack = P.RankStaged | P.EpochPrepared | P.PrepareProgress | P.EpochLeft | P.EpochJoined | P.PrepareFailed
 
 
 class EpochExchange:
@@ -70,7 +71,9 @@ class EpochExchange:
         event = self.event
         if event is None or event.epoch != msg.epoch:
             return
-        if isinstance(msg, P.EpochPrepared):
+        if isinstance(msg, P.PrepareProgress):
+            event.progressed = time.monotonic()
+        elif isinstance(msg, P.EpochPrepared):
             event.bytes_moved += msg.bytes_received
             if msg.rank_id in event.old_members:  # a serving member: did it stop serving to prepare, how long
                 event.prepare_pause_s = max(event.prepare_pause_s, msg.pause_s)
@@ -106,7 +109,10 @@ class EpochExchange:
                 prepare.transfer, prepare.broadcast_dense = "collective", True
             for rid in event.participants:
                 send(rid, prepare)
-            await self._acked("EpochPrepared", event.epoch, event.participants, timeout_s * 2)
+            # counted from the latest progress of any participant's reads: a large move over a slow link is no
+            # hung one (each rank fails its own reads when no piece arrives for a while)
+            await self._acked("EpochPrepared", event.epoch, event.participants, timeout_s * 2,
+                              since=lambda: event.progressed)
             event.prepare_s = time.monotonic() - event.started
             event.phase = ScalePhase.COMMITTING
             t_commit = time.monotonic()
@@ -176,8 +182,10 @@ class EpochExchange:
         for key in [k for k in self.acks if k[1] <= event.epoch]:
             del self.acks[key]
 
-    async def _acked(self, kind: str, epoch: int, ranks: list[int], timeout_s: float) -> None:
-        """Wait until every rank in `ranks` sent `kind` for `epoch`; raise ScaleFailed on a failure or timeout."""
+    async def _acked(self, kind: str, epoch: int, ranks: list[int], timeout_s: float,
+                     since: Callable[[], float] | None = None) -> None:
+        """Wait until every rank in `ranks` sent `kind` for `epoch`; raise ScaleFailed on a failure, or after
+        `timeout_s` (from the later of now and `since()`, when given)."""
         def done():
             failed = self.acks.get(("PrepareFailed", epoch), set())
             dead = [r for r in ranks if self.membership.ranks[r].state in GONE]
@@ -185,4 +193,5 @@ class EpochExchange:
                 raise ScaleFailed(f"rank(s) {sorted(failed | set(dead))} failed during {kind} of epoch {epoch}")
             return set(ranks) <= self.acks.get((kind, epoch), set())
 
-        await self.membership.wait_for(done, timeout_s, f"{kind} from ranks {ranks}", raise_on_failed=False)
+        await self.membership.wait_for(done, timeout_s, f"{kind} from ranks {ranks}", raise_on_failed=False,
+                                       since=since)

@@ -50,6 +50,7 @@ class ScaleEvent:
     error: str = ""
     lost: list[int] = field(default_factory=list)  # recover: members that died (not participants)
     detect_s: float = 0.0  # recover: from the lost ranks' last message to the start of the event
+    progressed: float = 0.0  # when a participant last said its expert reads go on (PrepareProgress)
 
     @property
     def joining(self) -> list[int]:

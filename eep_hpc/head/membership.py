@@ -102,17 +102,20 @@ class Membership:
         self._changed.set()
 
     async def wait_for(self, cond, timeout_s: float, what: str, watch: list[int] | None = None,
-                       raise_on_failed: bool = True) -> None:
-        """Until cond() holds; StartupError when a watched rank (all by default) failed, or on timeout."""
-        deadline = time.monotonic() + timeout_s
+                       raise_on_failed: bool = True, since=None) -> None:
+        """Until cond() holds; StartupError when a watched rank (all by default) failed, or on timeout: timeout_s
+        from now, or from `since()` (a monotonic time, e.g. of the latest progress) when that is later."""
+        start = time.monotonic()
         while not cond():
+            deadline = max(start, since() if since is not None else 0.0) + timeout_s
             watched = self.ranks.values() if watch is None else [self.ranks[r] for r in watch]
             failed = [r.rank_id for r in watched if r.state == RankState.FAILED]
             if failed and raise_on_failed:
                 raise StartupError(f"rank(s) {failed} failed while waiting for {what}; see {self._jobs_dir}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StartupError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+                quiet = " with no progress" if since is not None and deadline > start + timeout_s else ""
+                raise StartupError(f"timed out after {timeout_s:.0f} s{quiet} waiting for {what}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(left, 1.0))

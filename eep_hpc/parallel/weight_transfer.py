@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections import deque
+from typing import Callable
 
 import msgspec
 import torch
@@ -72,6 +73,10 @@ def _device_id(t: torch.Tensor) -> int:
 
 PROGRESS_DELAY_US = int(os.environ.get("EEP_HPC_NIXL_PROGRESS_US", "2000"))  # an A/B switch for benchmarks
 READ_PIECE_S = 0.05  # with a rate cap, expert reads go in pieces of this many seconds at the cap
+# Without a cap they go in pieces of at most this many bytes, READS_IN_FLIGHT at a time: each piece that ends is
+# progress the reader can report (a large move on a slow link is not a hung one) and stop at.
+READ_PIECE_BYTES = 256 * 2**20
+READS_IN_FLIGHT = 4
 
 
 def _pieces(sizes: list[int], piece: int | None) -> list[tuple[int, int]]:
@@ -183,13 +188,13 @@ class RankAgent:
                             timeout_s: float = 60.0, gbps: float = 0.0) -> PendingReads:
         """Start reading expert slots from peers -> the reads under way (poll `done()`, then `close()`).
         reads: (src rank id, layer, src local slot, dst w13 view [2I, D], dst w2 view [D, I]); destination views
-        must lie in tensors registered by the caller (see `register`). One READ per source, or with a rate cap
-        (`gbps` > 0) pieces of about READ_PIECE_S at the cap."""
+        must lie in tensors registered by the caller (see `register`). READs of up to READ_PIECE_BYTES per
+        source, or with a rate cap (`gbps` > 0) pieces of about READ_PIECE_S at the cap."""
         by_src: dict[int, list] = {}
         for r in reads:
             by_src.setdefault(r[0], []).append(r)
         pending = PendingReads(self.agent, timeout_s, reads[0][3] if reads else None, gbps)
-        piece = int(gbps * 1e9 * READ_PIECE_S) if gbps else None
+        piece = int(gbps * 1e9 * READ_PIECE_S) if gbps else READ_PIECE_BYTES
         try:
             for src, rows in by_src.items():
                 key = experts_key(epoch, src)
@@ -230,36 +235,39 @@ class RankAgent:
 
 class PendingReads:
     """NIXL READs under way. The reader polls `done()` (between serving steps, or in `wait`): nothing blocks, so a
-    rank keeps serving while its next epoch's experts arrive. Pieces are posted at once, or, with a rate cap
-    (`gbps` > 0), one at a time and no faster than the cap (a piece is posted at a poll, so the rate is at most
-    the cap), leaving the link to the serving traffic. The deadline is `timeout_s` plus the time the cap needs.
-    `close()` lets READs in flight end before it releases them: their destination may be freed right after."""
+    rank keeps serving while its next epoch's experts arrive. Pieces are posted READS_IN_FLIGHT at a time, or, with
+    a rate cap (`gbps` > 0), one at a time and no faster than the cap (a piece is posted at a poll, so the rate is
+    at most the cap), leaving the link to the serving traffic. `bytes_done` counts the pieces that ended; the reads
+    fail when none ended for `timeout_s` (so a large move on a slow link takes as long as it needs). `close()` lets
+    READs in flight end before it releases them: their destination may be freed right after; `settled()` asks
+    the same without waiting."""
 
     def __init__(self, agent, timeout_s: float, like: torch.Tensor | None, gbps: float = 0.0):
         self.agent, self.like, self.gbps = agent, like, gbps
-        self.started = time.monotonic()
-        self.allowed_s = timeout_s  # grows by the time the cap needs for each piece
-        self.nbytes = 0
+        self.started = self.progressed = time.monotonic()
+        self.timeout_s = timeout_s
+        self.nbytes = 0  # all the reads will bring
+        self.bytes_done = 0  # brought by the pieces that ended
         self._queue: deque = deque()  # (peer metadata, local descs, remote descs, bytes): not posted yet
-        self._inflight: list[list] = []  # [handle, last state]
+        self._inflight: list[list] = []  # [handle, last state, bytes]
         self._peers: dict[bytes, str] = {}  # metadata -> remote agent name
         self._next_at = 0.0
+        self.unknown = False  # checking the states failed: whether READs are in flight is not known
 
     def add(self, metadata: bytes, local, remote, nbytes: int) -> None:
-        """Queue one READ (local and remote descriptor lists of the same sizes) and post what the cap allows."""
+        """Queue one READ (local and remote descriptor lists of the same sizes) and post what the window allows."""
         self._queue.append((metadata, local, remote, nbytes))
         self.nbytes += nbytes
-        if self.gbps:
-            self.allowed_s += nbytes / (self.gbps * 1e9)
         self._post()
 
     def _post(self) -> None:
-        while self._queue and (not self.gbps or (not self._inflight and time.monotonic() >= self._next_at)):
+        window = 1 if self.gbps else READS_IN_FLIGHT
+        while self._queue and len(self._inflight) < window and (not self.gbps or time.monotonic() >= self._next_at):
             metadata, local, remote, nbytes = self._queue.popleft()
             if metadata not in self._peers:
                 self._peers[metadata] = self.agent.add_remote_agent(metadata)
             handle = self.agent.initialize_xfer("READ", local, remote, self._peers[metadata])
-            self._inflight.append([handle, "PROC"])
+            self._inflight.append([handle, "PROC", nbytes])
             self._inflight[-1][1] = self.agent.transfer(handle)
             if self.gbps:
                 self._next_at = time.monotonic() + nbytes / (self.gbps * 1e9)
@@ -271,11 +279,13 @@ class PendingReads:
                 t[1] = self.agent.check_xfer_state(t[0])
         finished = [t for t in self._inflight if t[1] == "DONE"]
         self._inflight = [t for t in self._inflight if t[1] != "DONE"]
-        for handle, _ in finished:
+        for handle, _, nbytes in finished:
             self.agent.release_xfer_handle(handle)
+            self.bytes_done += nbytes
+            self.progressed = time.monotonic()
 
     def done(self) -> bool:
-        """-> whether every READ finished; raises when one failed or the time ran out."""
+        """-> whether every READ finished; raises when one failed or none ended for `timeout_s`."""
         self._check()
         if any(t[1] == "ERR" for t in self._inflight):
             raise RuntimeError("NIXL READ ended in state ERR")
@@ -284,31 +294,39 @@ class PendingReads:
             if self.like is not None and self.like.is_cuda:
                 torch.cuda.synchronize(self.like.device)
             return True
-        if time.monotonic() - self.started > self.allowed_s:
-            raise RuntimeError(f"NIXL READ not done in {self.allowed_s:.0f} s")
+        stalled = time.monotonic() - max(self.progressed, self._next_at if self.gbps else 0.0)
+        if stalled > self.timeout_s:
+            raise RuntimeError(f"NIXL READ: no piece ended in {self.timeout_s:g} s "
+                               f"({self.bytes_done} of {self.nbytes} bytes in)")
         return False
 
-    def wait(self) -> None:
+    def wait(self, on_progress: Callable[[int], None] | None = None) -> None:
+        """Until every READ finished; `on_progress(bytes_done)` after each poll."""
         while not self.done():
+            if on_progress is not None:
+                on_progress(self.bytes_done)
             time.sleep(0.0002)
+
+    def settled(self) -> bool:
+        """Post nothing more; -> whether no READ is still in flight (each ended, done or failed). Never waits."""
+        self._queue.clear()
+        try:
+            self._check()
+        except Exception as e:
+            log.warning("checking a NIXL READ failed: %s", e)
+            self.unknown = True
+            return False
+        return all(t[1] == "ERR" for t in self._inflight)
 
     def close(self, wait_s: float = 10.0) -> bool:
         """Drop what is not posted, let the READs in flight end (done or failed, up to `wait_s`), release them and
         forget the peers -> whether every READ is over. False: some may still write into their destination, which
         the caller must then keep alive (and registered)."""
-        self._queue.clear()
         end = time.monotonic() + wait_s
-        while True:
-            try:
-                self._check()
-            except Exception as e:
-                log.warning("checking a NIXL READ failed: %s", e)
-                break
-            if all(t[1] == "ERR" for t in self._inflight) or time.monotonic() > end:
-                break
+        while not self.settled() and not self.unknown and time.monotonic() < end:
             time.sleep(0.001)
         over = True
-        for handle, state in self._inflight:
+        for handle, state, _ in self._inflight:
             try:
                 self.agent.release_xfer_handle(handle)
             except Exception as e:  # nixl could not cancel it: it may still be writing

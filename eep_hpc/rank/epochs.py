@@ -61,23 +61,39 @@ class EpochChange:
     started: float = field(default_factory=time.monotonic)
     steps_at_start: int | None = None  # a serving member's engine steps when the PrepareEpoch came
     paused_s: float = 0.0  # how long this rank stopped serving for the change so far (starting the reads)
+    reported: tuple[float, int] = (0.0, 0)  # when this rank last told the head how far its reads were, and the bytes
 
     @property
     def epoch(self) -> int:
         return self.msg.target.epoch
 
-    def drop(self, agent) -> None:
-        try:
-            if self.reads is not None and not self.reads.close():
-                # a READ nixl could not stop may still write into the staging tensors: they stay allocated and
-                # registered for the life of the process rather than be reused under it
+    def drop(self, agent) -> bool:
+        """Let go of the change: its group now; its staging and registration once no READ it started still writes
+        into them (never waits: the rank goes on serving) -> False while some do (then `settle` until True)."""
+        if self.group is not None:
+            self.group.destroy()
+            self.group = None
+        return self.settle(agent)
+
+    def settle(self, agent) -> bool:
+        """-> True once the READs of a dropped change ended and its staging and registration were let go."""
+        if self.reads is not None:
+            if not self.reads.settled():
+                if not self.reads.unknown:
+                    return False
+                # nixl cannot say: the staging stays allocated and registered for the life of the process rather
+                # than be reused under a READ that may still write into it
+                _UNRELEASED.append((self.reads, self.staged, self.reg))
+                self.reads = self.reg = None
+            elif not self.reads.close(wait_s=0):  # a READ nixl could not release: the same
                 _UNRELEASED.append((self.reads, self.staged, self.reg))
                 self.reg = None
-        finally:
-            if self.group is not None:
-                self.group.destroy()
-            if self.reg is not None:
-                agent.deregister(self.reg)
+            self.reads = None
+        if self.reg is not None:
+            agent.deregister(self.reg)
+            self.reg = None
+        self.staged = None
+        return True
 
 
 _UNRELEASED: list = []  # (reads, staging, registration) of abandoned changes whose READs could not be stopped
@@ -105,11 +121,21 @@ class RankEpochs:
         self._retired_collectives = 0  # host collectives of this rank's groups already destroyed
         self.left = False  # a joining rank whose join was called off: the process ends
         self.standin = launch.config.parallel.rank_engine == "standin"  # no model: epochs move groups only
+        self._dropped: list[EpochChange] = []  # changes let go of whose READs have not ended yet
 
     @property
     def host_collectives(self) -> int:
         """Control collectives this rank has run since it started (one per step of a multi-rank epoch)."""
         return self._retired_collectives + (self.group.host_collectives if self.group is not None else 0)
+
+    def _drop(self, change: EpochChange) -> None:
+        if not change.drop(self.agent):
+            self._dropped.append(change)
+
+    def settle_dropped(self) -> None:
+        """Release the staging of dropped changes whose READs ended since (called every loop of the process)."""
+        if self._dropped:
+            self._dropped = [c for c in self._dropped if not c.settle(self.agent)]
 
     def _retire(self, group: EpochGroup) -> None:
         self._retired_collectives += group.host_collectives
@@ -182,7 +208,7 @@ class RankEpochs:
     def begin(self, change: EpochChange) -> EpochChange:
         """`change` becomes the one under way; one still held (the head moved on from it) is dropped."""
         if self.change is not None and self.change is not change:
-            self.change.drop(self.agent)
+            self._drop(self.change)
         self.change = change
         return change
 
@@ -199,7 +225,7 @@ class RankEpochs:
     def on_abort(self, epoch: int) -> None:
         c = self.change
         if c is not None and c.epoch == epoch:
-            c.drop(self.agent)
+            self._drop(c)
             self.change = None
         if self.group is None and not self.served:  # a joining rank whose join was called off
             self.left = True
@@ -215,7 +241,7 @@ class RankEpochs:
         self._retire(self.group)
         self.group = None
         if self.change is not None:
-            self.change.drop(self.agent)
+            self._drop(self.change)
             self.change = None
         self.send(P.GroupLost(rank_id=self.id, epoch=epoch, error=why))
 
@@ -374,8 +400,9 @@ class RankEpochs:
         try:
             if change.reads is not None:
                 if wait:
-                    change.reads.wait()
+                    change.reads.wait(on_progress=lambda n: self._report_progress(change, n))
                 elif not change.reads.done():
+                    self._report_progress(change, change.reads.bytes_done)
                     return True
                 change.staged.bytes_received = change.reads.nbytes
                 change.reads.close()
@@ -389,10 +416,19 @@ class RankEpochs:
             self.fail(change, e)
             return False
 
+    def _report_progress(self, change: EpochChange, bytes_done: int) -> None:
+        """Tell the head the reads go on (about every heartbeat, when more bytes came in since the last time)."""
+        at, reported = change.reported
+        now = time.monotonic()
+        if bytes_done > reported and now - at >= self.launch.config.control.heartbeat_s:
+            change.reported = (now, bytes_done)
+            self.send(P.PrepareProgress(rank_id=self.id, epoch=change.epoch, bytes_received=bytes_done,
+                                        bytes_total=change.reads.nbytes))
+
     def fail(self, change: EpochChange, e: Exception) -> None:
         log.error("rank %d: prepare of epoch %d failed: %s: %s", self.id, change.epoch, type(e).__name__, e,
                   exc_info=e)
-        change.drop(self.agent)
+        self._drop(change)
         if self.change is change:
             self.change = None
         self.send(P.PrepareFailed(rank_id=self.id, epoch=change.epoch, error=f"{type(e).__name__}: {e}"))

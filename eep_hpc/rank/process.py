@@ -88,6 +88,7 @@ class RankProcess:
         try:
             while not self.stopping:
                 self.drain(timeout_ms=0 if self.active else int(ctl.heartbeat_s * 1000))
+                self.epochs.settle_dropped()
                 # judged right after draining: a long prepare must not count the pings queued meanwhile as missing;
                 # nor a long message handled in that drain (the first Epoch: model load, warm-up, graph capture)
                 if time.monotonic() - self.last_heard > ctl.head_timeout_s:

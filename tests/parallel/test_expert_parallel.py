@@ -122,3 +122,36 @@ def test_ranks_of_different_shapes_get_expert_slots_by_capacity(tmp_path):
         assert bad.status_code == 400 and "unknown pool" in bad.json()["error"]["message"]
     finally:
         head.stop()
+
+
+def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_progress(tmp_path):
+    """The survivor of a shrink reads every expert of the leaving rank in the background of serving; capped here
+    so that this takes several times the head's prepare timeout (2 x control.event_timeout_s). The reads report
+    their progress, the head waits as long as it comes, and the shrink commits with no request failed. (Before:
+    the head gave up after 2 x event_timeout_s and rolled back; and the rank's abort then waited for its READs in
+    flight while its peer timed out in the step agreement: the group broke, the H200 lab's shrink of 2026-12-06.)"""
+    head = start_head(tmp_path, ranks=2, parallel={"transfer_gbps": 0.000025}, control={"event_timeout_s": 1.5})
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=6))
+            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient(timeout=300) as client:
+                r = await client.post(f"{head.url}/admin/scale/shrink", json={"n": 1})
+            await asyncio.sleep(0.5)
+            stop.set()
+            return await load, r
+
+        result, r = asyncio.run(scenario())
+        assert r.status_code == 200, r.text
+        event = r.json()
+        assert event["phase"] == "DONE", event
+        assert event["prepare_s"] > 2 * 1.5, event  # the reads outlasted the old deadline
+        assert result.failures == []
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts), f"prompt {k} changed across the shrink"
+        assert head.state()["epoch"] == 1
+    finally:
+        head.stop()
