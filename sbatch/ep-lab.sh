@@ -2,7 +2,8 @@
 # The one-GPU lab for multi-rank work: EP=1 and EP=2 on the same GPU (two rank processes share it), nixl_ep, the
 # same load on each; then EP=2 while the group scales 2 -> 1 -> 2. Results: bench JSON (with per-rank step
 # counters and scale events) under DEST.
-#   bash sbatch/ep-lab.sh                         (one GPU; MPS=1 runs the two ranks under an MPS daemon)
+#   bash sbatch/ep-lab.sh                         (one GPU; MPS=1 runs the two ranks under an MPS daemon, each
+#                                                  limited to MPS_PERCENT (50) % of the SMs when two share it)
 # Env: CONFIG (configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS_LIST ("1 2"), PROMPTS (256), IN_LEN/OUT_LEN (128/128),
 # CONCURRENCY (64), KV_BLOCKS (4096 per rank: fixed, since two ranks on one GPU cannot size by free memory),
 # GRAPH_MAX (64: largest decode graph), STAGES ("steady scaling"), PLAN (1,2; `rebalance` steps too), DEST
@@ -30,6 +31,9 @@ bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN
   --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
 for RANKS in ${RANKS_LIST:-1 2}; do
   RUN_DIR=$(mktemp -d)
+  # under MPS a rank spinning in nixl_ep's combine may hold the SMs its peer's expert kernels need (results/README.md)
+  if [[ ${MPS:-0} == 1 && $RANKS == 2 ]]; then export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PERCENT:-50}
+  else unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; fi
   T0=$(date +%s)
   start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend=nixl_ep \
     --set engine.num_kv_blocks="${KV_BLOCKS:-4096}" --set engine.cuda_graph_max_batch="${GRAPH_MAX:-64}" \
