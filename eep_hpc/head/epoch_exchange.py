@@ -73,6 +73,7 @@ class EpochExchange:
             return
         if isinstance(msg, P.PrepareProgress):
             event.progressed = time.monotonic()
+            event.reads[msg.rank_id] = (msg.bytes_received, msg.bytes_total)
         elif isinstance(msg, P.EpochPrepared):
             event.bytes_moved += msg.bytes_received
             if msg.rank_id in event.old_members:  # a serving member: did it stop serving to prepare, how long

@@ -51,6 +51,7 @@ class ScaleEvent:
     lost: list[int] = field(default_factory=list)  # recover: members that died (not participants)
     detect_s: float = 0.0  # recover: from the lost ranks' last message to the start of the event
     progressed: float = 0.0  # when a participant last said its expert reads go on (PrepareProgress)
+    reads: dict[int, tuple[int, int]] = field(default_factory=dict)  # rank id -> its reads' (bytes in, bytes in all)
 
     @property
     def joining(self) -> list[int]:
@@ -84,6 +85,9 @@ class ScaleEvent:
             "experts_moved": self.experts_moved, "gbps": round(self.gbps, 4),
             "requests_migrated": self.requests_migrated, "dense_source": self.dense_source,
             "dense_bytes": self.dense_bytes, "error": self.error,
+            **({"reads_received": sum(n for n, _ in self.reads.values()),
+                "reads_total": sum(t for _, t in self.reads.values())}
+               if self.reads and self.phase is ScalePhase.PREPARING else {}),
             **({"lost": self.lost, "detect_s": round(self.detect_s, 3),
                 "recovery_s": round(self.detect_s + self.prepare_s + self.commit_s, 3)} if self.kind == "recover" else {}),
         }

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import re
 
 import httpx
 import pytest
 
 from support import reference_texts, run_load
 from support import start_head, wait_until
+
+from eep_hpc import cli
 
 MAX_TOKENS = 24
 
@@ -139,16 +144,34 @@ def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_pr
             load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=6))
             await asyncio.sleep(0.5)
             async with httpx.AsyncClient(timeout=300) as client:
-                r = await client.post(f"{head.url}/admin/scale/shrink", json={"n": 1})
+                shrink = asyncio.create_task(client.post(f"{head.url}/admin/scale/shrink", json={"n": 1}))
+                seen = []  # what `eep-hpc status` shows of the event meanwhile
+                while not shrink.done():
+                    scaling = (await client.get(f"{head.url}/admin/state")).json()["scaling"]
+                    if scaling and "reads_total" in scaling:
+                        seen.append((scaling["reads_received"], scaling["reads_total"]))
+                        if len(seen) == 1:  # about 1 s into reads of about 8 s: `eep-hpc status` says how far
+                            out = io.StringIO()
+                            with contextlib.redirect_stdout(out):
+                                assert cli.main(["status", "--url", head.url]) == 0
+                            status = out.getvalue()
+                    await asyncio.sleep(0.2)
+                r = await shrink
             await asyncio.sleep(0.5)
             stop.set()
-            return await load, r
+            return await load, r, seen, status
 
-        result, r = asyncio.run(scenario())
+        result, r, seen, status = asyncio.run(scenario())
         assert r.status_code == 200, r.text
         event = r.json()
         assert event["phase"] == "DONE", event
         assert event["prepare_s"] > 2 * 1.5, event  # the reads outlasted the old deadline
+        # the survivor's progress, as the head's state showed it while the reads went on
+        assert seen and all(0 < got <= total == event["bytes_moved"] for got, total in seen), (seen, event)
+        assert len({got for got, _ in seen}) > 1, seen
+        total = f"{event['bytes_moved'] / 2**20:.2f}"
+        assert re.search(rf"scaling now: shrink to epoch 1 \(preparing, expert reads 0\.\d\d of {total} MiB \(\d+%\)\)",
+                         status), status
         assert result.failures == []
         for k, texts in result.texts.items():
             assert all(t == reference[k] for t in texts), f"prompt {k} changed across the shrink"
