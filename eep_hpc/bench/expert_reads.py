@@ -4,7 +4,8 @@
 
 Two processes: on two GPUs, or sharing one GPU (the one-GPU lab), or on the CPU (`--device cpu`, DRAM). Each
 variant reads the same experts into fresh staging tensors and checks every byte against the source:
-- `batched`: what a rank does (`RankAgent.start_fetch_experts`): one READ per source of every expert's tensors;
+- `batched`: what a rank does (`RankAgent.start_fetch_experts`): READs of up to READ_PIECE_BYTES of expert tensors
+  per source, READS_IN_FLIGHT at a time (before 7740d45: one READ per source);
 - `per_expert`: one READ per expert, one after the other (what the batching saves);
 - `capped`: batched with `--gbps` as the rate cap (`parallel.transfer_gbps`), in pieces.
 Writes a JSON report (default: results/<device>/expert-reads.json)."""
