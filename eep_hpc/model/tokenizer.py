@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+try:  # tokenizers' incremental decoder, in versions whose DecodeStream takes `ids` (the prompt context)
+    from tokenizers.decoders import DecodeStream
+
+    DecodeStream(ids=[], skip_special_tokens=True)
+except (ImportError, TypeError):
+    DecodeStream = None
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -97,6 +105,27 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def decodes_as_a_stream(self) -> bool:
+        """Whether `IncrementalDetokenizer` may use tokenizers' DecodeStream: it exists here, and the decoder only
+        appends text for further ids (decoding ids P+Q gives the text of P followed by more), where DecodeStream
+        returns what the window algorithm returns. ByteLevel, Metaspace, ByteFallback, Fuse and Strip do; Replace
+        does until tokens are fused (after, it may rewrite across a boundary); others (WordPiece's cleanup, CTC's
+        merging of repeats) are left to the window algorithm."""
+        if DecodeStream is None or not isinstance(self.backend, tokenizers.Tokenizer):
+            return False
+        if (decoder := self.backend.decoder) is None:  # tokens joined with spaces
+            return True
+        spec = json.loads(decoder.__getstate__())
+        steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+        fused = False
+        for step in steps:
+            kind = step.get("type")
+            if kind not in _APPENDING_DECODERS or (kind == "Replace" and fused):
+                return False
+            fused |= kind in ("Fuse", "ByteLevel", "ByteFallback")
+        return True
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
     ) -> str:
@@ -125,6 +154,9 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
 
+_APPENDING_DECODERS = {"ByteLevel", "Metaspace", "ByteFallback", "Fuse", "Strip", "Replace"}
+
+
 class IncrementalDetokenizer:
     """Text deltas of one request's output ids, for streaming.
 
@@ -135,22 +167,51 @@ class IncrementalDetokenizer:
     Joined, the deltas equal `tokenizer.decode(output_ids)`, except that a character still incomplete when the
     output ends is only returned by `flush()` (as U+FFFD), and that with prompt context a SentencePiece-style
     tokenizer keeps the first token's leading space, as the text continues the prompt.
+
+    Where the tokenizer allows it (`Tokenizer.decodes_as_a_stream`), the same algorithm runs inside tokenizers'
+    DecodeStream: one Rust call per `add`, which decodes the window once (twice when it returns text), where the
+    Python version decodes the prefix and the window on every call. The window is still kept here, for `flush()`
+    and for the cases DecodeStream declines: a prompt context whose text ends in an incomplete character
+    (DecodeStream would return the prompt's text with the first delta) and a window whose text does not start with
+    the prefix's (DecodeStream raises; this algorithm goes on).
     """
 
     PROMPT_CONTEXT = 5  # prompt ids kept as the first prefix, so the first output token decodes in context
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_token_ids: list[int] | None = None, skip_special_tokens: bool = True
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+        decode_stream: bool = True,
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         # Window of ids: [0, read_offset) is the prefix, [read_offset, end) is not yet returned.
         self._window: list[int] = list(prompt_token_ids or [])[-self.PROMPT_CONTEXT :]
         self._read_offset = len(self._window)
+        self._stream = None  # the DecodeStream, while it is used
+        if (
+            decode_stream
+            and isinstance(tokenizer, Tokenizer)
+            and type(tokenizer).decode is Tokenizer.decode  # DecodeStream decodes with the backend itself
+            and "decode" not in vars(tokenizer)
+            and tokenizer.decodes_as_a_stream
+            and not (self._window and self._decode(self._window).endswith("\ufffd"))
+        ):
+            self._backend = tokenizer.backend
+            self._stream = DecodeStream(ids=self._window, skip_special_tokens=skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
         """Text that the new ids complete; "" while a character is still incomplete."""
         self._window.extend(new_ids)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self._backend, new_ids[0] if len(new_ids) == 1 else list(new_ids))
+            except Exception:  # the window's text does not continue the prefix's: the Python version goes on
+                self._stream = None
+            else:
+                return "" if delta is None else self._advance(delta)
         prefix_text = self._decode(self._window[: self._read_offset])
         text = self._decode(self._window)
         if text.endswith("\ufffd") or len(text) <= len(prefix_text):
@@ -159,6 +220,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The text still held back, incomplete characters as U+FFFD; call once the output has ended."""
+        self._stream = None
         prefix_text = self._decode(self._window[: self._read_offset])
         text = self._decode(self._window)
         return self._advance(text[len(prefix_text) :]) if len(text) > len(prefix_text) else ""

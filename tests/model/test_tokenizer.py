@@ -3,7 +3,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tokenizers
 
+from eep_hpc.model import tokenizer as tokenizer_module
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -210,3 +212,176 @@ def test_incremental_detokenizer_decodes_a_bounded_window(tokenizer, monkeypatch
     monkeypatch.undo()
     assert "".join(pieces) == tokenizer.decode(ids)
     assert len(ids) > 200 and max(decoded_lengths) <= 10
+
+
+# Both ways IncrementalDetokenizer works: tokenizers' DecodeStream and the Python window algorithm, on tokenizers of
+# the kinds models ship, built offline: the tiny model's byte-level BPE, a SentencePiece-style BPE with byte
+# fallback (Llama 2's decoder) whose CJK and emoji are byte tokens, and the placeholder word-level vocabulary.
+
+
+def sentencepiece_tokenizer() -> Tokenizer:
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from eep_hpc.model.tiny import CORPUS
+
+    backend = tokenizers.Tokenizer(models.BPE(byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # SentencePiece's <0xNN> tokens, for what the vocabulary lacks
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    return Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>"}, [2], None)
+
+
+def placeholder_tokenizer(tiny_dir: Path, tmp_path: Path) -> Tokenizer:
+    from eep_hpc.model.placeholder_vocab import write_placeholder_tokenizer
+
+    return Tokenizer.from_dir(write_placeholder_tokenizer(tiny_dir, tmp_path))
+
+
+needs_decode_stream = pytest.mark.skipif(
+    tokenizer_module.DecodeStream is None, reason="tokenizers without DecodeStream(ids=...)"
+)
+
+
+@pytest.fixture(scope="module")
+def detok_tokenizers(tiny_dir, tmp_path_factory) -> dict[str, Tokenizer]:
+    return {
+        "byte-level": Tokenizer.from_dir(tiny_dir),
+        "sentencepiece": sentencepiece_tokenizer(),
+        "placeholder": placeholder_tokenizer(tiny_dir, tmp_path_factory.mktemp("placeholder")),
+    }
+
+
+def texts_of(kind: str) -> list[str]:
+    if kind == "placeholder":
+        return ["<t5> <t6> <t7>", "<t300>", "", "<t1> <t2> <t3> <t4> <t5> <t6> <t7> <t8>"]
+    return [*TEXTS, "", "a", "<s>Hello</s> world <|im_end|>", "日本語のテキスト 🤖🤖 end", "x😀", " 😀"]
+
+
+def both_ways(tokenizer, ids, chunk, prompt=None, skip=True) -> tuple[list[str], list[str]]:
+    fast = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    assert fast._stream is not None  # the DecodeStream path is the one under test
+    slow = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip, decode_stream=False)
+    assert slow._stream is None
+    return stream(fast, ids, chunk), stream(slow, ids, chunk)
+
+
+@needs_decode_stream
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "placeholder"])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_decode_stream_and_window_give_the_same_deltas(detok_tokenizers, kind, chunk):
+    tokenizer = detok_tokenizers[kind]
+    assert tokenizer.decodes_as_a_stream
+    prompts = [None, tokenizer.encode("prompt: 你", add_special_tokens=False)] if kind != "placeholder" else [
+        None, tokenizer.encode("<t9> <t10>")]
+    for text in texts_of(kind):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for skip in (True, False):
+            for prompt in prompts:
+                fast, slow = both_ways(tokenizer, ids, chunk, prompt, skip)
+                assert fast == slow, (text, skip, prompt)
+                assert not any("\ufffd" in piece for piece in fast)  # never half a character
+                # Joined, the deltas are what the output adds to the prompt context's text (without a prompt:
+                # decode(output ids); a SentencePiece tokenizer strips a leading space only there).
+                context = (prompt or [])[-IncrementalDetokenizer.PROMPT_CONTEXT :]
+                context_text = tokenizer.decode(context, skip_special_tokens=skip)
+                want = tokenizer.decode(context + ids, skip_special_tokens=skip)
+                assert want.startswith(context_text)
+                assert "".join(fast) == want[len(context_text) :], (text, skip, prompt)
+                if prompt is None:
+                    assert "".join(fast) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+@needs_decode_stream
+def test_sentencepiece_test_tokenizer_splits_characters_and_has_special_tokens(detok_tokenizers):
+    # What the comparison above relies on the SentencePiece-style tokenizer to exercise.
+    tokenizer = detok_tokenizers["sentencepiece"]
+    ids = tokenizer.encode("日本 😀", add_special_tokens=False)
+    assert len(ids) > 8 and tokenizer.decode(ids) == "日本 😀"
+    ids = tokenizer.encode("<s>Hello</s>", add_special_tokens=False)
+    assert tokenizer.decode(ids) == "Hello" and tokenizer.decode(ids, skip_special_tokens=False) == "<s> Hello</s>"
+
+
+@needs_decode_stream
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("decode_stream", [True, False])
+def test_both_ways_hold_back_and_flush_partial_characters(detok_tokenizers, kind, decode_stream):
+    tokenizer = detok_tokenizers[kind]
+    ids = tokenizer.encode("ab😀", add_special_tokens=False)
+    emoji = tokenizer.encode("😀", add_special_tokens=False)
+    assert len(emoji) >= 4 and tokenizer.decode(emoji[-1:]) == "\ufffd"  # its last four are one byte each
+    detokenizer = IncrementalDetokenizer(tokenizer, decode_stream=decode_stream)
+    assert (detokenizer._stream is not None) == decode_stream
+    pieces = [detokenizer.add([i]) for i in ids[:-1]]
+    assert pieces[-3:] == ["", "", ""]
+    pieces.append(detokenizer.flush())
+    assert "".join(pieces) == tokenizer.decode(ids[:-1])
+    assert pieces[-1] in ("\ufffd", "\ufffd" * 3)  # byte-level BPE: one for the three bytes; byte fallback: each
+
+
+@needs_decode_stream
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_empty_and_one_token_outputs(detok_tokenizers, kind):
+    tokenizer = detok_tokenizers[kind]
+    prompt = tokenizer.encode("Hello", add_special_tokens=False)
+    for ids in ([], tokenizer.encode("world", add_special_tokens=False)[:1]):
+        for prompt_ids in (None, prompt):
+            fast, slow = both_ways(tokenizer, ids, 1, prompt_ids)
+            assert fast == slow
+            assert len(fast) == len(ids) + 1
+    assert both_ways(tokenizer, [], 1)[0] == [""]
+    one = tokenizer.encode("a", add_special_tokens=False)
+    assert both_ways(tokenizer, one, 1)[0] == ["a", ""]
+
+
+@needs_decode_stream
+def test_prompt_context_ending_mid_character_uses_the_window(detok_tokenizers):
+    # DecodeStream would return the context's own text with the first delta; the window algorithm does not.
+    tokenizer = detok_tokenizers["byte-level"]
+    prompt = tokenizer.encode("ab😀")[:-1]
+    ids = tokenizer.encode("😀 x")
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    assert detokenizer._stream is None
+    slow = IncrementalDetokenizer(tokenizer, prompt, decode_stream=False)
+    assert stream(detokenizer, ids, 1) == stream(slow, ids, 1) == ["", "", "", "😀", " ", "x", ""]
+
+
+@needs_decode_stream
+def test_a_decoder_that_rewrites_earlier_text_falls_back_to_the_window():
+    # Fuse then Replace("ab" -> "X"): "a" then "ab c" -> "X c" no longer starts with "a". Such decoders are not
+    # streamed; forced, DecodeStream raises and the window algorithm takes over with the same window.
+    from tokenizers import decoders, models
+
+    backend = tokenizers.Tokenizer(models.WordLevel({"a": 0, "b": 1, "c": 2}, unk_token="a"))
+    backend.decoder = decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")])
+    tokenizer = Tokenizer(backend, {}, [], None)
+    assert not tokenizer.decodes_as_a_stream
+    assert IncrementalDetokenizer(tokenizer)._stream is None
+    tokenizer.__dict__["decodes_as_a_stream"] = True  # force the DecodeStream path
+    ids = [0, 1, 2, 0, 2]
+    forced = IncrementalDetokenizer(tokenizer)
+    pieces = [forced.add([ids[0]]), forced.add([ids[1]])]
+    assert forced._stream is not None
+    pieces += [forced.add([i]) for i in ids[2:]] + [forced.flush()]
+    assert forced._stream is None
+    assert pieces == stream(IncrementalDetokenizer(tokenizer, decode_stream=False), ids, 1)
+
+
+def test_decoders_that_are_not_streamed():
+    from tokenizers import decoders, models
+
+    backend = tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    tokenizer = Tokenizer(backend, {}, [], None)
+    replace_after_bytes = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("a", "b")])
+    for decoder in (decoders.WordPiece(), decoders.CTC(), replace_after_bytes):
+        backend.decoder = decoder
+        tokenizer.__dict__.pop("decodes_as_a_stream", None)
+        assert not tokenizer.decodes_as_a_stream
+        assert IncrementalDetokenizer(tokenizer)._stream is None
