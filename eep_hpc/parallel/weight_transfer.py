@@ -244,7 +244,7 @@ class PendingReads:
 
     def __init__(self, agent, timeout_s: float, like: torch.Tensor | None, gbps: float = 0.0):
         self.agent, self.like, self.gbps = agent, like, gbps
-        self.started = self.progressed = time.monotonic()
+        self.progressed = time.monotonic()  # when a piece last ended (or the reads began)
         self.timeout_s = timeout_s
         self.nbytes = 0  # all the reads will bring
         self.bytes_done = 0  # brought by the pieces that ended

@@ -78,14 +78,12 @@ class EpochChange:
     def settle(self, agent) -> bool:
         """-> True once the READs of a dropped change ended and its staging and registration were let go."""
         if self.reads is not None:
-            if not self.reads.settled():
-                if not self.reads.unknown:
-                    return False
-                # nixl cannot say: the staging stays allocated and registered for the life of the process rather
-                # than be reused under a READ that may still write into it
-                _UNRELEASED.append((self.reads, self.staged, self.reg))
-                self.reads = self.reg = None
-            elif not self.reads.close(wait_s=0):  # a READ nixl could not release: the same
+            settled = self.reads.settled()
+            if not settled and not self.reads.unknown:
+                return False
+            if not settled or not self.reads.close(wait_s=0):
+                # nixl cannot say whether a READ still writes into the staging tensors, or could not release one:
+                # they stay allocated and registered for the life of the process rather than be reused under it
                 _UNRELEASED.append((self.reads, self.staged, self.reg))
                 self.reg = None
             self.reads = None

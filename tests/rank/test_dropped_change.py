@@ -58,6 +58,7 @@ def _change_with_reads(agent) -> EpochChange:
 def test_dropping_a_change_never_waits_for_its_reads_and_releases_them_once_they_end():
     agent = SlowAgent()
     change = _change_with_reads(agent)
+    reads = change.reads
     # READs in flight: it returns, not released yet (the old drop waited for them up to 10 s in the step loop,
     # and the peers' step agreement timed out meanwhile)
     assert change.drop(agent) is False
@@ -68,7 +69,7 @@ def test_dropping_a_change_never_waits_for_its_reads_and_releases_them_once_they
     assert agent.deregistered == ["registration"] and change.staged is None
     assert len(agent.released) == 4  # the READs posted (the window); the queued ones were never posted
     assert agent.removed == ["peer"]
-    assert not any(entry[0] is change.reads for entry in _UNRELEASED)
+    assert change.reads is None and not any(entry[0] is reads for entry in _UNRELEASED)
 
 
 def test_reads_report_bytes_of_the_pieces_that_ended():
@@ -95,3 +96,16 @@ def test_reads_with_no_piece_ending_fail_after_the_timeout_whatever_their_size()
         assert "no piece ended in 0.2 s (0 of 100 bytes in)" in str(e)
     else:
         raise AssertionError("a READ that never ends must fail")
+
+
+def test_a_change_whose_reads_nixl_cannot_check_keeps_its_staging_registered_for_good():
+    class BrokenAgent(SlowAgent):
+        def check_xfer_state(self, handle):
+            raise RuntimeError("agent gone")
+
+    agent = BrokenAgent()
+    change = _change_with_reads(agent)
+    reads = change.reads
+    assert change.drop(agent) is True  # nothing more to wait for: it cannot be known
+    assert agent.deregistered == []  # never handed back while a READ may still write into it
+    assert any(entry[0] is reads and entry[1] == "staging" and entry[2] == "registration" for entry in _UNRELEASED)
