@@ -38,10 +38,16 @@ for RANKS in ${RANKS_LIST:-1 2}; do
   start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend=nixl_ep \
     --set engine.num_kv_blocks="${KV_BLOCKS:-4096}" --set engine.cuda_graph_max_batch="${GRAPH_MAX:-64}" \
     --set adapt.max_ranks=2 ${SERVE_ARGS:-}
-  echo "ep$RANKS: serving after $(( $(date +%s) - T0 )) s"
+  echo "ep$RANKS: serving after $(( $(date +%s) - T0 )) s (run dir $RUN_DIR)"
   [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-steady.json"
-  [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]] && bench --num-prompts $((PROMPTS * 2)) \
-    --scale-plan "${PLAN:-1,2}" --scale-interval 8 --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-scaling.json"
+  if [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]]; then
+    # what `eep-hpc status` says of each event while it runs (its expert reads, as the ranks report them)
+    ( while kill -0 $HEAD 2>/dev/null; do
+        $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep --line-buffered "scaling now" | sed -u "s/^/$(date +%T) /"; sleep 3
+      done ) > "$DEST/ep$RANKS${TAG:-}-scaling-status.txt" 2>&1 &
+    bench --num-prompts $((PROMPTS * 2)) --scale-plan "${PLAN:-1,2}" --scale-interval 8 \
+      --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-scaling.json"
+  fi
   $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep -v "^layer" || true
   kill -INT $HEAD; wait $HEAD || true
   grep -E "ERROR|Traceback" "$RUN_DIR/head.log" | head -20 || true

@@ -328,6 +328,7 @@ class RankEpochs:
             return
         change.state = ChangeState.PREPARED
         now = time.monotonic()
+        log.info("rank %d: epoch %d prepared after %.2f s", self.id, target.epoch, now - change.started)
         served = self.engine.steps - change.steps_at_start if change.steps_at_start is not None else 0
         self.send(P.EpochPrepared(rank_id=self.id, epoch=target.epoch,
                                   bytes_received=change.staged.bytes_received if change.staged else 0,
@@ -367,6 +368,10 @@ class RankEpochs:
                 gbps = 0.0 if wait else self.launch.config.parallel.transfer_gbps  # no cap when nothing is served
                 change.reads, change.reg = fetch_over_nixl(self.agent, msg.source_epoch, staged, remote, start, gbps)
                 change.state = ChangeState.FETCHING
+                log.info("rank %d: epoch %d: reading %.1f MiB of %d expert slot(s) from rank(s) %s over NIXL%s "
+                         "(staged after %.2f s)", self.id, target.epoch, change.reads.nbytes / 2**20, len(remote),
+                         sorted({m[2] for m in remote}), f" at <= {gbps:g} GB/s" if gbps else "",
+                         time.monotonic() - change.started)
                 return self.poll(change, wait=True) if wait else True
             xfer = EpochGroup(self.store, target.epoch, msg.participants.index(self.id), len(msg.participants),
                               device, timeout_s=self.launch.config.control.transfer_timeout_s, purpose="xfer/")
@@ -403,6 +408,8 @@ class RankEpochs:
                     self._report_progress(change, change.reads.bytes_done)
                     return True
                 change.staged.bytes_received = change.reads.nbytes
+                log.info("rank %d: epoch %d: expert reads in: %.1f MiB after %.2f s", self.id, change.epoch,
+                         change.reads.nbytes / 2**20, time.monotonic() - change.started)
                 change.reads.close()
                 change.reads = None
                 self.store.set(staged_key(change.epoch, self.id), b"1")
@@ -420,6 +427,8 @@ class RankEpochs:
         now = time.monotonic()
         if bytes_done > reported and now - at >= self.launch.config.control.heartbeat_s:
             change.reported = (now, bytes_done)
+            log.debug("rank %d: epoch %d: expert reads %d of %d bytes in", self.id, change.epoch, bytes_done,
+                      change.reads.nbytes)
             self.send(P.PrepareProgress(rank_id=self.id, epoch=change.epoch, bytes_received=bytes_done,
                                         bytes_total=change.reads.nbytes))
 
