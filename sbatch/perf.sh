@@ -4,7 +4,8 @@
 #   sbatch --gpus=1 sbatch/perf.sh        (or `bash sbatch/perf.sh` on a GPU machine)
 # Env: CONFIG (default configs/qwen3-30b-a3b-dummy.toml), SERVE_ARGS (more `eep-hpc serve` options, e.g.
 # "--set engine.max_num_seqs=512"), TAG (result file prefix, default the config's name), DEST (default
-# results/<gpu name>), STAGES (default "seed batch1 subset profile peer roofline"; also "burst", "prefill"), PEER_BATCHES (default "1 64").
+# results/<gpu name>), STAGES (default "seed batch1 subset profile peer roofline"; also "burst", "prefill"), PEER_BATCHES (default "1 64"),
+# BURST_CLIENTS (the bench's --http-client for the bursts; default lean).
 #SBATCH --job-name=eep-perf
 #SBATCH --nodes=1
 #SBATCH --time=60
@@ -28,9 +29,12 @@ if has seed || has batch1 || has subset || has burst || has prefill; then
   bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" "$@"; }
   # bursts first, on the fresh head: 64 prompts of 128 / 128 sent at once, five times back to back, each with
   # prompts of its own (--seed: no prefix-cache hits from the one before)
-  if has burst; then for k in 1 2 3 4 5; do
-    bench --num-prompts 64 --random-input-len 128 --random-output-len 128 --max-concurrency 64 --seed $k --result-file "$DEST/$TAG-burst-$k.json"
-  done; fi
+  # (BURST_CLIENTS="lean httpx": five with each of the bench's HTTP clients, taking turns)
+  if has burst; then for k in 1 2 3 4 5; do for client in ${BURST_CLIENTS:-lean}; do
+    name=$TAG-burst-$k; [[ -n ${BURST_CLIENTS:-} ]] && name=$TAG-burst-$client-$k
+    bench --num-prompts 64 --random-input-len 128 --random-output-len 128 --max-concurrency 64 --seed $k \
+      --http-client $client --result-file "$DEST/$name.json"
+  done; done; fi
   # the seed: 512 prompts, random 128 in / 512 out, all sent at once
   has seed && bench --num-prompts 512 --random-input-len 128 --random-output-len 512 --result-file "$DEST/$TAG-seed-512x128x512.json"
   # batch-1 decode: one request at a time

@@ -68,6 +68,7 @@ class _Response(asyncio.Protocol):
         self.chars = 0  # characters of text received and not yet counted as tokens
         self.raw = bytearray()
         self.headers_done, self.chunked = False, False
+        self.length = -1  # a response that is not chunked (an error's JSON): its Content-Length
         self.body = bytearray()  # de-chunked bytes not yet split into events
         self.texts: list[str] = []
         self.done = asyncio.get_running_loop().create_future()
@@ -89,7 +90,16 @@ class _Response(asyncio.Protocol):
             self.chunked = "transfer-encoding: chunked" in head
             if self.result.status != 200 or not self.chunked:
                 self.result.error = f"HTTP {self.result.status}" + ("" if self.chunked else " (not chunked)")
-        self._dechunk(now)
+            if not self.chunked:
+                found = [line for line in head.split("\r\n") if line.startswith("content-length:")]
+                self.length = int(found[0].split(":", 1)[1]) if found else 0
+        if self.chunked:
+            self._dechunk(now)
+        elif len(self.raw) >= self.length:  # the whole body: the error says what it was
+            body = bytes(self.raw[: self.length]).decode(errors="replace")
+            del self.raw[: self.length]
+            self.result.error += f": {body}" if body else ""
+            self.done.set_result(self.result)
 
     def _dechunk(self, now: float) -> None:
         raw = self.raw

@@ -90,10 +90,11 @@ def test_load_keeps_going_until_the_plan_is_done():
     asyncio.run(main())
 
 
-def test_bench_concurrency_limited_run_writes_result(api, tmp_path, capsys):
+@pytest.mark.parametrize("client", ["lean", "httpx"])
+def test_bench_concurrency_limited_run_writes_result(api, tmp_path, capsys, client):
     code, result = run(tmp_path, api.url, "--num-prompts", "12", "--random-input-len", "16",
-                       "--random-output-len", "8", "--max-concurrency", "4")
-    assert code == 0
+                       "--random-output-len", "8", "--max-concurrency", "4", "--http-client", client)
+    assert code == 0 and result["http_client"] == client
     assert [k for k in RESULT_KEYS if k not in result] == []
     assert result["completed"] == 12 and result["failed"] == 0 and result["failed_requests"] == []
     assert result["total_input_tokens"] == 12 * 16 and result["total_output_tokens"] == 12 * 8
@@ -125,6 +126,15 @@ def test_bench_request_rate_mode_and_default_result_path(api, tmp_path, monkeypa
     result = json.loads(path.read_text())
     assert result["completed"] == 6 and result["failed"] == 0 and result["request_rate"] == 20.0
     assert result["dtype"] == "fp32" and result["max_concurrency"] is None
+
+
+@pytest.mark.parametrize("client", ["lean", "httpx"])
+def test_a_failed_request_reports_the_servers_error(api, tmp_path, capsys, client):
+    args = parse("--url", api.url, "--model", "no-such-model", "--num-prompts", "2", "--random-input-len", "8",
+                 "--random-output-len", "4", "--http-client", client, "--result-file", str(tmp_path / "r.json"))
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "the first test request failed: HTTP 404" in err and "no-such-model" in err, err
 
 
 def test_bench_refuses_lengths_beyond_the_context(api, tmp_path):

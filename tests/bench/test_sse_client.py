@@ -35,3 +35,19 @@ def test_tokens_of_merged_events_are_counted_by_their_text():
         result = asyncio.run(read(keep_text))
         assert result.error == "" and result.finish_reason == "length" and result.completion_tokens == 6
         assert len(result.received_at) == 6 and result.text_events == 4, keep_text
+
+
+def test_an_error_answer_that_is_not_streamed_carries_its_body():
+    body = b'{"error":{"message":"The model `x` does not exist.","type":"NotFoundError","code":404}}'
+    head = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+
+    async def read():
+        proto = _Response()
+        done = proto.expect(keep_text=False)
+        proto.data_received(head + body[:10])  # the body arrives in two parts
+        assert not done.done()
+        proto.data_received(body[10:])
+        return await done
+
+    result = asyncio.run(read())
+    assert result.status == 404 and result.error == "HTTP 404 (not chunked): " + body.decode()
