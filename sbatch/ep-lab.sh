@@ -43,7 +43,7 @@ for RANKS in ${RANKS_LIST:-1 2}; do
   if [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]]; then
     # what `eep-hpc status` says of each event while it runs (its expert reads, as the ranks report them)
     ( while kill -0 $HEAD 2>/dev/null; do
-        $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep --line-buffered "scaling now" | sed -u "s/^/$(date +%T) /"; sleep 3
+        echo "--- $(date +%T)"; $PY -m eep_hpc.cli status --run-dir "$RUN_DIR" 2>&1 | grep -v "^layer"; sleep 3
       done ) > "$DEST/ep$RANKS${TAG:-}-scaling-status.txt" 2>&1 &
     bench --num-prompts $((PROMPTS * 2)) --scale-plan "${PLAN:-1,2}" --scale-interval 8 \
       --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-scaling.json"
