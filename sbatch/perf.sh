@@ -29,10 +29,11 @@ if has seed || has batch1 || has subset || has burst || has prefill; then
   bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" "$@"; }
   # bursts first, on the fresh head: 64 prompts of 128 / 128 sent at once, five times back to back, each with
   # prompts of its own (--seed: no prefix-cache hits from the one before)
-  # (BURST_CLIENTS="lean httpx": five with each of the bench's HTTP clients, taking turns)
-  if has burst; then for k in 1 2 3 4 5; do for client in ${BURST_CLIENTS:-lean}; do
-    name=$TAG-burst-$k; [[ -n ${BURST_CLIENTS:-} ]] && name=$TAG-burst-$client-$k
-    bench --num-prompts 64 --random-input-len 128 --random-output-len 128 --max-concurrency 64 --seed $k \
+  # (BURST_CLIENTS="lean httpx": five with each of the bench's HTTP clients, taking turns, each burst with prompts
+  # of its own)
+  if has burst; then seed=0; for k in 1 2 3 4 5; do for client in ${BURST_CLIENTS:-lean}; do
+    seed=$((seed + 1)); name=$TAG-burst-$k; [[ -n ${BURST_CLIENTS:-} ]] && name=$TAG-burst-$client-$k
+    bench --num-prompts 64 --random-input-len 128 --random-output-len 128 --max-concurrency 64 --seed $seed \
       --http-client $client --result-file "$DEST/$name.json"
   done; done; fi
   # the seed: 512 prompts, random 128 in / 512 out, all sent at once
