@@ -12,6 +12,10 @@ an exchange, top_k on one rank, where a token's k pairs read its row in place of
    the activation happens in registers, so [M, 2I] never reaches memory. h is [EM, I] in padded order.
 3. `_w2_kernel`: grouped GEMM out[r] = h[p] @ w2[s].T, stored straight to the row's original place.
 
+One token (a batch-1 decode step on one rank): its k pairs have k distinct slots, so step 1 is skipped and pair m is
+row block m of its own (PAIR_BLOCKS); the sort cost a single-program launch per layer (4.4 us of ~75 us per layer
+at batch 1 on the H100). `EEP_HPC_MOE_PAIR_BLOCKS=0` sorts always (the before of a before/after).
+
 FP8 experts (HAS_SCALES): w13/w2 are float8_e4m3fn with block scales (see `fp8.py`), activations stay in x's
 dtype (weight-only W8A16). Each fp8 weight tile is widened to x's dtype in registers (exact: e4m3 fits in bf16),
 its dot is taken in fp32 and multiplied by the tile's per-column scales before it joins the accumulator. A K tile
@@ -23,6 +27,7 @@ so buffers and grids depend on shapes only; CUDA graphs can capture a fixed M).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,16 @@ import triton
 import triton.language as tl
 
 from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
+
+
+# the most pairs of one token that go through the experts unsorted (PAIR_BLOCKS): top-k of Qwen3/DeepSeek-style
+# routers is 8; a larger k with few experts would hold duplicate slots only across tokens, never within one
+PAIR_BLOCKS_MAX_PAIRS = 16
+
+
+def pair_blocks_enabled() -> bool:
+    """Read at each call, so a benchmark can compare in one process (`EEP_HPC_MOE_PAIR_BLOCKS=0`: always sort)."""
+    return os.environ.get("EEP_HPC_MOE_PAIR_BLOCKS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -161,24 +176,41 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _block_rows(pid_m, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, M, S, BLOCK_M: tl.constexpr,
+                PAIR_BLOCKS: tl.constexpr):
+    """Row block pid_m -> (its slot, -1: nothing to do; its BLOCK_M row ids, M: none). Sorted: as
+    align_rows_by_slot laid them out. PAIR_BLOCKS: block m is pair m alone (block_slot_ptr: the pairs' slots),
+    for a few pairs of distinct slots (one token's top-k), where sorting them costs more than the rows it saves."""
+    offs = tl.arange(0, BLOCK_M)
+    if PAIR_BLOCKS:
+        s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+        s = tl.where((s >= 0) & (s < S), s, -1)  # padding pairs (slot -1) and slots of other ranks: skipped
+        rows = tl.where(offs == 0, pid_m, M)
+    else:
+        s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+        s = tl.where(pid_m * BLOCK_M < tl.load(num_padded_ptr), s, -1)
+        rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + offs)
+    return s, rows
+
+
 @triton.jit(do_not_specialize=["M", "EM"])
 def _w13_silu_kernel(
     x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, scale_ptr,
-    M, D, I, EM,
+    M, D, I, EM, S,
     stride_xm, stride_we, stride_wn, stride_hm, stride_se, stride_sn, stride_sk, up_scale_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
-    FANOUT: tl.constexpr,
+    FANOUT: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    s, rows = _block_rows(pid_m, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, M, S, BLOCK_M, PAIR_BLOCKS)
+    if s < 0:
         return
-    s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_rows_ptr + offs_p)
     row_ok = rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
@@ -217,20 +249,20 @@ def _w13_silu_kernel(
 @triton.jit(do_not_specialize=["M", "EM"])
 def _w2_kernel(
     h_ptr, w2_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, scale_ptr,
-    M, D, I, EM,
+    M, D, I, EM, S,
     stride_hm, stride_we, stride_wn, stride_om, stride_se, stride_sn, stride_sk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
     num_n = tl.cdiv(D, BLOCK_N)
     pid_m, pid_n = _tile_ids(pid, num_m, num_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    s, rows = _block_rows(pid_m, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, M, S, BLOCK_M, PAIR_BLOCKS)
+    if s < 0:
         return
-    s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_rows_ptr + offs_p)
     row_ok = rows < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
@@ -301,7 +333,12 @@ def swiglu_experts_triton(
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or pick_config(M, S, D, I, x.dtype, fp8=scales is not None)
-    sorted_rows, block_slot, num_padded = align_rows_by_slot(slot.to(x.device), S, cfg.BLOCK_M)
+    slot = slot.to(x.device)
+    if R == 1 and M <= PAIR_BLOCKS_MAX_PAIRS and pair_blocks_enabled():
+        # one token: its k pairs have distinct slots, so each pair is a row block of its own, no sort
+        _launch(x, w13, w2, out, slot, slot, slot, M, fanout, cfg, scales, pair_blocks=True)
+        return out
+    sorted_rows, block_slot, num_padded = align_rows_by_slot(slot, S, cfg.BLOCK_M)
     _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M, fanout, cfg, scales)
     return out
 
@@ -347,8 +384,9 @@ def swiglu_experts_batched_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
 
 
 def _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M: int, fanout: int, cfg: MoEConfig,
-            scales: BlockScales | None) -> None:
-    """The two grouped GEMMs over rows sorted by slot (sorted_rows/block_slot/num_padded as align_rows_by_slot)."""
+            scales: BlockScales | None, pair_blocks: bool = False) -> None:
+    """The two grouped GEMMs over rows sorted by slot (sorted_rows/block_slot/num_padded as align_rows_by_slot),
+    or, pair_blocks, over the M pairs as they come, one row block each (block_slot: their slots)."""
     D = x.shape[1]
     S, two_i, _ = w13.shape
     I = two_i // 2
@@ -358,27 +396,27 @@ def _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M: int, fanout
         bk13 = bk13 if scales.block[1] >= D else min(bk13, scales.block[1])
         bk2 = bk2 if scales.block[1] >= I else min(bk2, scales.block[1])
     s13, s2, scale_n, scale_k13, scale_k2, up_row = _scale_args(scales, w13, w2, S, I, D, bk13, bk2)
-    EM = sorted_rows.shape[0]
+    EM = M * cfg.BLOCK_M if pair_blocks else sorted_rows.shape[0]
     h = torch.empty(EM, I, dtype=x.dtype, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     num_m = EM // cfg.BLOCK_M
     has_scales = scales is not None
     _w13_silu_kernel[(num_m * triton.cdiv(I, cfg.BLOCK_N),)](
         x, w13, h, sorted_rows, block_slot, num_padded, s13,
-        M, D, I, EM,
+        M, D, I, EM, S,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         s13.stride(0) if has_scales else 0, s13.stride(1) if has_scales else 0, s13.stride(2) if has_scales else 0,
         up_row,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk13, GROUP_M=cfg.GROUP_M, PRECISION=precision,
-        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13, FANOUT=fanout,
+        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13, FANOUT=fanout, PAIR_BLOCKS=pair_blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](
         h, w2, out, sorted_rows, block_slot, num_padded, s2,
-        M, D, I, EM,
+        M, D, I, EM, S,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         s2.stride(0) if has_scales else 0, s2.stride(1) if has_scales else 0, s2.stride(2) if has_scales else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk2, GROUP_M=cfg.GROUP_M, PRECISION=precision,
-        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k2,
+        HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k2, PAIR_BLOCKS=pair_blocks,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -143,6 +143,37 @@ def test_align_rows_by_slot(M, S, block_m):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_token_runs_its_pairs_unsorted(dtype, monkeypatch):
+    """A batch-1 step's k pairs go through the experts as row blocks of their own (no sort): the same outputs as
+    the sorted path, padding pairs (slot -1, or a slot this rank does not hold) skipped and left unwritten."""
+    from eep_hpc.kernels import triton_moe
+
+    torch.manual_seed(5)
+    k, S, D, I = 8, 16, 64, 32
+    x, _, w13, w2 = _moe_inputs(1, S, D, I, dtype)
+    slot = torch.randperm(S, device=DEVICE)[:k]
+    slot[2], slot[6] = -1, S  # padding, and a slot past this rank's
+    keep = (slot >= 0) & (slot < S)
+    ref = swiglu_experts_reference(x.double().expand(int(keep.sum()), D), slot[keep], w13.double(), w2.double())
+
+    def run():
+        out = torch.full((k, D), float("nan"), dtype=dtype, device=DEVICE)
+        triton_moe.swiglu_experts_triton(x, slot, w13, w2, out=out)
+        assert rel_err(out[keep], ref) <= TOL[dtype] and out[~keep].isnan().all()
+        return out
+
+    sort = triton_moe.align_rows_by_slot
+    with monkeypatch.context() as m:
+        m.setattr(triton_moe, "align_rows_by_slot", lambda *a: pytest.fail("one token's pairs were sorted"))
+        unsorted = run()
+    monkeypatch.setenv("EEP_HPC_MOE_PAIR_BLOCKS", "0")  # the sorted path, for comparison
+    sorted_calls = []
+    monkeypatch.setattr(triton_moe, "align_rows_by_slot", lambda *a: sorted_calls.append(1) or sort(*a))
+    assert torch.equal(unsorted[keep], run()[keep]) and sorted_calls == [1]
+
+
+@needs_kernels
 def test_swiglu_experts_triton_skips_padding_rows():
     from eep_hpc.kernels.triton_moe import swiglu_experts_triton
 
