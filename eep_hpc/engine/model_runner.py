@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from eep_hpc.engine.cuda_graphs import StepGraphs
+from eep_hpc.engine.device_lists import device_tensor
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
@@ -114,8 +115,10 @@ class ModelRunner:
         else:
             ep.plan(chunks=plan.chunks, chunk_tokens=plan.chunk_tokens)
             hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)
-        idx = torch.tensor(last_rows + prompt_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])  # [N + prompt rows, V]
+        if not prompt_rows and len(last_rows) == hidden.shape[0]:  # every row samples (a decode step): no gather
+            logits = self.model.compute_logits(hidden)  # [N, V]
+        else:  # [N + prompt rows, V]
+            logits = self.model.compute_logits(hidden[device_tensor(last_rows + prompt_rows, torch.long, self.device)])
         prompt, offset = [], len(last_rows)
         for i, start, rows in prompt_chunks:
             prompt.append((i, start, logits[offset : offset + rows]))

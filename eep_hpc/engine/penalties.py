@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from eep_hpc.engine.device_lists import device_tensor, to_device
 from eep_hpc.engine.sequence import Sequence
 from eep_hpc.protocol import SamplingParams
 
@@ -39,14 +40,14 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.sampling for s in picked]
 
     def column(values: list[float]) -> torch.Tensor:  # [R, 1]
-        return torch.tensor(values, dtype=logits.dtype, device=device).unsqueeze(1)
+        return device_tensor(values, logits.dtype, device).unsqueeze(1)
 
     rep, freq, pres = (column([p.repetition_penalty for p in params]), column([p.frequency_penalty for p in params]),
                        column([p.presence_penalty for p in params]))
     seen = padded_ids([s.prompt_token_ids + s.output_token_ids for s in picked], V, device)  # [R, P + O]
     output = padded_ids([s.output_token_ids for s in picked], V, device)  # [R, O]
 
-    index = torch.tensor(rows, dtype=torch.long, device=device)
+    index = device_tensor(rows, torch.long, device)
     work = torch.cat([logits.index_select(0, index), logits.new_zeros(len(rows), 1)], dim=1)  # [R, V + 1]
     x = work.gather(1, seen)
     work.scatter_(1, seen, torch.where(x > 0, x / rep, x * rep))
@@ -62,4 +63,4 @@ def padded_ids(token_ids: list[list[int]], pad: int, device: torch.device) -> to
     for r, ids in enumerate(token_ids):
         if ids:
             padded[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return padded.to(device)
+    return to_device(padded, device)

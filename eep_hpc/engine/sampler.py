@@ -19,6 +19,7 @@ from collections.abc import Collection
 
 import torch
 
+from eep_hpc.engine.device_lists import device_tensor
 from eep_hpc.engine.penalties import apply_penalties
 from eep_hpc.engine.sequence import Sequence
 from eep_hpc.protocol import Logprobs
@@ -49,15 +50,17 @@ def sample(
     temps = [s.sampling.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t < _GREEDY_BELOW]
     random = [i for i, t in enumerate(temps) if t >= _GREEDY_BELOW]
+    if len(greedy) == len(seqs):
+        return logits.argmax(dim=-1).tolist()
     if greedy:
-        rows = torch.tensor(greedy, device=logits.device)
+        rows = device_tensor(greedy, torch.long, logits.device)
         tokens[rows] = logits[rows].argmax(dim=-1)
     if random:
-        rows = torch.tensor(random, device=logits.device)
+        rows = device_tensor(random, torch.long, logits.device)
         probs = _probs(logits[rows], [seqs[i].sampling for i in random])  # [R, V]
         unseeded = [j for j, i in enumerate(random) if seqs[i].sampling.seed is None]
         if unseeded:
-            sel = torch.tensor(unseeded, device=logits.device)
+            sel = device_tensor(unseeded, torch.long, logits.device)
             tokens[rows[sel]] = torch.multinomial(probs[sel], 1, generator=default_generator).squeeze(1)
         for j, i in enumerate(random):
             seq = seqs[i]
@@ -71,7 +74,7 @@ def sample(
 def _probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """[R, V] logits → [R, V] probabilities after temperature, top-k and top-p."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)  # [R]
+    temperature = device_tensor([p.temperature for p in params], logits.dtype, device)  # [R]
     logits = logits / temperature.unsqueeze(1)
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
@@ -84,10 +87,10 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     V = logits.shape[1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1)  # [R, V] ascending
-    k = torch.tensor([k if 0 < k < V else V for k in top_k], device=device)  # [R]
+    k = device_tensor([k if 0 < k < V else V for k in top_k], torch.long, device)  # [R]
     rank_from_top = torch.arange(V - 1, -1, -1, device=device)  # [V]: V-1 for the smallest
     sorted_logits = sorted_logits.masked_fill(rank_from_top.unsqueeze(0) >= k.unsqueeze(1), float("-inf"))
-    p = torch.tensor(top_p, dtype=logits.dtype, device=device)  # [R]
+    p = device_tensor(top_p, logits.dtype, device)  # [R]
     tail_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [R, V]: mass of this token and all smaller ones
     drop = tail_mass <= (1 - p).unsqueeze(1)  # the mass above already reaches p
     drop[:, -1] = False  # keep the most likely token
