@@ -31,7 +31,8 @@ bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN
   --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
 for RANKS in ${RANKS_LIST:-1 2}; do
   RUN_DIR=$(mktemp -d)
-  # under MPS a rank spinning in nixl_ep's combine may hold the SMs its peer's expert kernels need (results/README.md)
+  # under MPS the ranks' nixl_ep combines time out: the cooperative low-latency kernels need SMs a percentage does
+  # not reserve (results/README.md, "MPS in the lab, found"); kept for a machine with MPS static partitioning
   if [[ ${MPS:-0} == 1 && $RANKS == 2 ]]; then export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PERCENT:-50}
   else unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; fi
   T0=$(date +%s)
