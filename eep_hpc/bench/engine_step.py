@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import warnings
@@ -21,6 +20,7 @@ import warnings
 import torch
 
 from eep_hpc import protocol as P
+from eep_hpc.bench.step_profile import env_set
 from eep_hpc.config import load_config
 from eep_hpc.engine.rank_engine import build_engine
 from eep_hpc.model.arch import load_arch
@@ -52,9 +52,10 @@ def decode_steps(engine, batch: int, prompt_len: int, steps: int, temperature: f
     finally:
         torch.cuda.set_sync_debug_mode("default")
     engine.abort_all()
+    ordered = sorted(times)
     return {"batch": batch, "context": prompt_len, "temperature": temperature, "steps": steps,
-            "step_ms_median": statistics.median(times), "step_ms_p10": sorted(times)[len(times) // 10],
-            "step_ms_p90": sorted(times)[len(times) * 9 // 10], "host_syncs_per_step": statistics.median(syncs)}
+            "step_ms_median": statistics.median(times), "step_ms_p10": ordered[len(times) // 10],
+            "step_ms_p90": ordered[len(times) * 9 // 10], "host_syncs_per_step": statistics.median(syncs)}
 
 
 def main(argv=None) -> None:
@@ -91,11 +92,8 @@ def main(argv=None) -> None:
     rows = []
     if args.baseline_env:
         pairs = dict(kv.split("=", 1) for kv in args.baseline_env)
-        saved = {k: os.environ.get(k) for k in pairs}
-        os.environ.update(pairs)
-        rows += measure(f"baseline {pairs}")
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        with env_set(pairs):
+            rows += measure(f"baseline {pairs}")
     rows += measure("now")
     if args.out:
         with open(args.out, "w") as f:

@@ -13,6 +13,7 @@ segment run and merged).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -32,6 +33,21 @@ from eep_hpc.parallel.all_to_all import TorchAllToAll
 from eep_hpc.parallel.eplb import initial_placement
 from eep_hpc.parallel.expert_map import ExpertMap
 from eep_hpc.parallel.groups import EpochGroup
+
+
+@contextlib.contextmanager
+def env_set(pairs: dict[str, str]):
+    """The variables set while the block runs (kernel switches read at each call), as they were after it."""
+    saved = {k: os.environ.get(k) for k in pairs}
+    os.environ.update(pairs)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cuda_ms(fn, repeats: int) -> float:
@@ -195,17 +211,9 @@ def main(argv=None) -> None:
     baseline = None
     if args.baseline_env:
         pairs = dict(kv.split("=", 1) for kv in args.baseline_env)
-        saved = {k: os.environ.get(k) for k in pairs}
-        os.environ.update(pairs)
         print(f"baseline: {pairs}", flush=True)
-        try:
+        with env_set(pairs):
             base_rows, base_profiles = measure()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         baseline = {"env": pairs, "rows": base_rows, "eager_kernels": base_profiles}
         print("now: without the baseline's variables", flush=True)
     rows, profiles = measure()

@@ -46,12 +46,12 @@ def sample(
     assert logits.dim() == 2 and logits.shape[0] == len(seqs), f"logits {tuple(logits.shape)} for {len(seqs)} seqs"
     logits = _mask_stop_tokens_before_min(logits, seqs, eos_token_ids)
     logits = apply_penalties(logits, seqs)
-    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # [B]
     temps = [s.sampling.temperature for s in seqs]
     greedy = [i for i, t in enumerate(temps) if t < _GREEDY_BELOW]
     random = [i for i, t in enumerate(temps) if t >= _GREEDY_BELOW]
-    if len(greedy) == len(seqs):
+    if not random:
         return logits.argmax(dim=-1).tolist()
+    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)  # [B]
     if greedy:
         rows = device_tensor(greedy, torch.long, logits.device)
         tokens[rows] = logits[rows].argmax(dim=-1)

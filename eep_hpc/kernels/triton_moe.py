@@ -183,12 +183,11 @@ def _block_rows(pid_m, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, M, S, BL
     align_rows_by_slot laid them out. PAIR_BLOCKS: block m is pair m alone (block_slot_ptr: the pairs' slots),
     for a few pairs of distinct slots (one token's top-k), where sorting them costs more than the rows it saves."""
     offs = tl.arange(0, BLOCK_M)
+    s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     if PAIR_BLOCKS:
-        s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
         s = tl.where((s >= 0) & (s < S), s, -1)  # padding pairs (slot -1) and slots of other ranks: skipped
         rows = tl.where(offs == 0, pid_m, M)
     else:
-        s = tl.load(block_slot_ptr + pid_m).to(tl.int64)
         s = tl.where(pid_m * BLOCK_M < tl.load(num_padded_ptr), s, -1)
         rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + offs)
     return s, rows
