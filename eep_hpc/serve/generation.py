@@ -97,6 +97,13 @@ async def generate_choice(
             async for out in outputs:
                 new_ids = out.new_token_ids
                 tracker.tokens(len(new_ids))
+                if (len(new_ids) == 1 and out.finish_reason is None and out.logprobs is None and not stops.stop
+                        and not want_prompt_logprobs):  # the usual output: one token, text only
+                    n += 1
+                    text = detok.add(new_ids)
+                    if text:
+                        yield ChoiceDelta(index, text, n)
+                    continue
                 logprobs = token_logprobs(new_ids, out.logprobs) if out.logprobs is not None else []
                 prompt_logprobs = None
                 if want_prompt_logprobs and new_ids:  # they come with the first token
@@ -104,19 +111,14 @@ async def generate_choice(
                     prompt = choice.prompt_token_ids
                     prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
                     prompt_logprobs += token_logprobs(prompt[1:], out.prompt_logprobs)
-                if not stops.stop and len(new_ids) == 1:  # the usual output: one token, no stop string to look for
+                pieces = []
+                for k, token_id in enumerate(new_ids):
                     n += 1
-                    pieces = [detok.add(new_ids)]  # what stops.feed would pass through as it is
-                else:
-                    pieces = []
-                    for k, token_id in enumerate(new_ids):
-                        n += 1
-                        pieces.append(stops.feed(detok.add([token_id]), check=n > min_tokens))
-                        if stops.matched is not None:
-                            reason = "stop"
-                            yield ChoiceDelta(index, "".join(pieces), n, "stop", "", logprobs[: k + 1],
-                                              prompt_logprobs)
-                            return
+                    pieces.append(stops.feed(detok.add([token_id]), check=n > min_tokens))
+                    if stops.matched is not None:
+                        reason = "stop"
+                        yield ChoiceDelta(index, "".join(pieces), n, "stop", "", logprobs[: k + 1], prompt_logprobs)
+                        return
                 if out.finish_reason is not None:
                     # A character the last ids left incomplete comes out now (as U+FFFD).
                     pieces.append(stops.feed(detok.flush(), check=n > min_tokens))
@@ -126,7 +128,7 @@ async def generate_choice(
                     reason = "stop" if matched else out.finish_reason
                     yield ChoiceDelta(index, "".join(pieces), n, reason, out.error, logprobs, prompt_logprobs)
                     return
-                text = pieces[0] if len(pieces) == 1 else "".join(pieces)
+                text = "".join(pieces)
                 if text or logprobs or prompt_logprobs:
                     yield ChoiceDelta(index, text, n, None, "", logprobs, prompt_logprobs)
             error = "the engine ended the request without a finish reason"

@@ -73,7 +73,8 @@ class Endpoint(Protocol):
 
     def plain_text(self, index: int) -> bool:
         """Whether a chunk of this choice that carries only text (no logprobs, not finishing) reads the same at
-        every token but for the text, and making it has no side effect (then it is framed from a template)."""
+        every token but for the text, and making it has no side effect (then it is framed from a template). Once
+        True for a choice, it stays True (completions: false until the echo went out with the first chunk)."""
         ...
 
 
@@ -136,18 +137,20 @@ class Reply:
             # OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no key else.
             return event(body.model_dump_json(exclude=None if include_usage or continuous else {"usage"}))
 
-        templates: dict[int, tuple[bytes, bytes]] = {}  # choice index -> the chunk of a plain delta, around its text
+        # Per choice, once its chunks read the same at every token but for the text (Endpoint.plain_text): the
+        # chunk of a delta that only carries text, before and after its text. Such a chunk is framed from these: the
+        # same bytes `chunk` makes, without building and serialising its models for every token (the text goes in
+        # as json.dumps(text, ensure_ascii=False) writes it, quotes included).
+        templates: list[tuple[bytes, bytes] | None] = [None] * num_choices
 
-        def text_chunk(d: ChoiceDelta) -> bytes:
-            """The chunk of a delta that only carries text: the same bytes `chunk` makes, without building and
-            serialising its models for every token (a template per choice, made once from a placeholder text; the
-            text goes in as json.dumps(text, ensure_ascii=False) writes it, quotes included)."""
-            template = templates.get(d.index)
-            if template is None:
-                rendered = chunk(self.api.stream_choice(ChoiceDelta(d.index, TEXT_SLOT, d.num_tokens)), None)
-                before, _, after = rendered.partition(b'"' + TEXT_SLOT.encode() + b'"')
-                template = templates[d.index] = (before, after)
-            return template[0] + encode_basestring(d.text).encode() + template[1]
+        def text_template(index: int) -> tuple[bytes, bytes] | None:
+            """The choice's template, made from a placeholder text the first time its chunks are plain."""
+            if continuous or not self.api.plain_text(index):
+                return None
+            rendered = chunk(self.api.stream_choice(ChoiceDelta(index, TEXT_SLOT, 0)), None)
+            before, _, after = rendered.partition(b'"' + TEXT_SLOT.encode() + b'"')
+            templates[index] = (before, after)
+            return before, after
 
         async def events(write: Write) -> None:
             tokens = [0] * num_choices
@@ -157,13 +160,13 @@ class Reply:
                     await write(chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
                 async for d in deltas:
                     tokens[d.index] = d.num_tokens
-                    failed = ended_with_error(d.finish_reason, d.error)
-                    if failed is not None:  # an engine failure, or the server shutting down
-                        await write(event(failed.body()))
+                    if (d.finish_reason is None and d.text and not d.logprobs and not d.prompt_logprobs
+                            and (template := templates[d.index] or text_template(d.index)) is not None):
+                        await write(template[0] + encode_basestring(d.text).encode() + template[1])
+                    elif (d.finish_reason is not None
+                          and (failed := ended_with_error(d.finish_reason, d.error)) is not None):
+                        await write(event(failed.body()))  # an engine failure, or the server shutting down
                         break
-                    if (d.text and d.finish_reason is None and not d.logprobs and not d.prompt_logprobs
-                            and not continuous and self.api.plain_text(d.index)):
-                        await write(text_chunk(d))
                     elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
                         await write(chunk(self.api.stream_choice(d), usage))

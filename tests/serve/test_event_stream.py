@@ -137,6 +137,23 @@ def test_streamed_completion_bytes(tokenizer, token_ids):
     assert b'eep_hpc:http_requests_total{method="POST",route="/v1/completions",status="200"} 1.0' in exposed
 
 
+def test_streamed_completion_with_echo_bytes(tokenizer, token_ids):
+    """The echo goes out with the first token's text; the chunks after it carry the text alone."""
+    engine = FakeEngine(tokenizer, token_ids)
+    app = create_app(engine, ServeConfig())
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": len(token_ids), "stream": True, "ignore_eos": True,
+            "echo": True}
+    sent = asyncio.run(call(app, "/v1/completions", body))
+
+    detok = IncrementalDetokenizer(tokenizer, PROMPT)
+    pieces = [detok.add([t]) for t in token_ids]
+    pieces[-1] += detok.flush()
+    pieces[0] = tokenizer.decode(PROMPT, skip_special_tokens=False) + pieces[0]
+    want = [completion_event(p, None) for p in pieces[:-1]] + [completion_event(pieces[-1], "length"),
+                                                                 b"data: [DONE]\n\n", b""]
+    assert [m["body"] for m in sent[1:]] == want
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_client_leaving_mid_stream_aborts_the_engine_request(tokenizer, token_ids, path):
     engine = FakeEngine(tokenizer, token_ids, endless=True)
