@@ -11,6 +11,7 @@ response's body chunks skip them (sse.py); none may rewrite a response body.
 
 from __future__ import annotations
 
+import inspect
 import time
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,13 @@ from eep_hpc.serve.sse import SERVER_SEND
 from eep_hpc.serve.write_log import WriteLog
 
 
+# FastAPI's native OpenTelemetry (0.16x on) looks up the global tracer, meter and logger providers on every request,
+# each a read of the environment: about a tenth of a streamed request's start. eep-hpc configures none (its metrics
+# are Prometheus', metrics.py), so it is off.
+_NO_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+                 if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 class App(FastAPI):
     """FastAPI that keeps the server's own `send` in the scope, for the streamed chunks (sse.EventStreamResponse)."""
 
@@ -39,7 +47,7 @@ class App(FastAPI):
 
 
 def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
-    app = App(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None)
+    app = App(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None, **_NO_TELEMETRY)
     metrics = ApiMetrics(engine.model_name)
     serving = Serving(engine, metrics, WriteLog(cfg.write_log) if cfg.write_log else None)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
