@@ -16,6 +16,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from eep_hpc.config import ServeConfig
@@ -46,6 +47,19 @@ class App(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+class RequestRoute(Route):
+    """A route to an endpoint that takes the Request and reads it itself. FastAPI's own route would solve the
+    endpoint's dependencies and open two exit stacks for it on every request, about a third of a streamed request's
+    start; errors raised in it reach the app's exception handlers all the same. Like FastAPI's, it names itself in
+    the scope, where the HTTP metrics find the route's path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
     app = App(title="eep-hpc", docs_url=None, redoc_url=None, openapi_url=None, **_NO_TELEMETRY)
     metrics = ApiMetrics(engine.model_name)
@@ -53,13 +67,14 @@ def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
     started = int(time.time())
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await serving.handle(request, Completion)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await serving.handle(request, ChatCompletion)
+
+    app.router.routes.append(RequestRoute("/v1/completions", completions, methods=["POST"]))
+    app.router.routes.append(RequestRoute("/v1/chat/completions", chat_completions, methods=["POST"]))
 
     def model_card() -> ModelCard:
         name = engine.model_name
