@@ -133,9 +133,11 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
                  "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
         await app(scope, receive, send)
 
+    start_cpu = time.process_time()
     clients = [asyncio.create_task(one()) for _ in range(streams)]
     while len(engine.open) < streams:
         await asyncio.sleep(0.001)
+    start_cpu = time.process_time() - start_cpu
     period = 1.0 / steps_per_s
     cpu0 = wall0 = n0 = None
     for k in range(tokens):
@@ -153,6 +155,8 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
             "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n, "tokens": measured,
             # the process's CPU (the driver's little share included) per token of the measured steps
             "cpu_us_per_token": cpu / measured * 1e6, "cpu_util": cpu / wall,
+            # the CPU from the first request sent to every engine request open (HTTP, validation, prompt), per request
+            "start_cpu_us_per_request": start_cpu / streams * 1e6,
             "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                                 "max": float(ms.max())},
             # how long after a step its last chunk reached send (lockstep: the whole burst's time), steps that end
@@ -174,7 +178,7 @@ def main() -> None:
     for _ in range(args.repeats):
         r = asyncio.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze))
         print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
-              f"({r['cpu_util']:.0%} busy), step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
+              f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
               f"p99 {r['step_to_send_ms']['p99']:.2f} ms; a step's burst p50 {r['burst_ms']['p50']:.2f} ms max "
               f"{r['burst_ms']['max']:.2f} ms, the last step's {r['burst_ms']['last_step']:.2f} ms", flush=True)
         runs.append(r)
