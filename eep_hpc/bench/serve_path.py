@@ -165,6 +165,14 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
                          "last_step": burst[tokens - 1] * 1e3}}
 
 
+def _loop_factory(name: str):
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=512)
@@ -172,11 +180,15 @@ def main() -> None:
     ap.add_argument("--steps-per-s", type=float, default=50.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap in the collector's walks")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                    help="the event loop (the head and its API processes run uvloop where it is installed)")
     ap.add_argument("--out", type=Path, help="write the runs here as JSON")
     args = ap.parse_args()
     runs = []
     for _ in range(args.repeats):
-        r = asyncio.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            r = runner.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze))
+        r["loop"] = args.loop
         print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
               f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
               f"p99 {r['step_to_send_ms']['p99']:.2f} ms; a step's burst p50 {r['burst_ms']['p50']:.2f} ms max "
