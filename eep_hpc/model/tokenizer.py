@@ -8,9 +8,10 @@ template, which is rendered the way transformers renders it (same sandbox, globa
 
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,34 @@ class Tokenizer:
             fused |= kind in ("Fuse", "ByteLevel", "ByteFallback")
         return True
 
+    def token_bytes(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """Per token id, the bytes its text adds, where the decoder is byte-level BPE's alone (GPT-2's; Qwen, Llama 3
+        and DeepSeek ship it): that decoder maps each token to bytes of its own, joins them and reads them as UTF-8,
+        U+FFFD for what is not (tokenizers' ByteLevel.decode_chain), so the text of any ids is their bytes joined
+        and read so. None for other decoders. Made once per flag, from one decode of every id."""
+        tables = self.__dict__.setdefault("_token_bytes", {})
+        if skip_special_tokens not in tables:
+            tables[skip_special_tokens] = self._read_token_bytes(skip_special_tokens)
+        return tables[skip_special_tokens]
+
+    def _read_token_bytes(self, skip_special_tokens: bool) -> list[bytes] | None:
+        decoder = self.backend.decoder if isinstance(self.backend, tokenizers.Tokenizer) else None
+        if decoder is None or json.loads(decoder.__getstate__()).get("type") != "ByteLevel":
+            return None
+        size = max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        texts = self.backend.decode_batch([[i] for i in range(size)], skip_special_tokens=skip_special_tokens)
+        table = []
+        for token_id, text in enumerate(texts):
+            if "\ufffd" not in text:
+                table.append(text.encode())
+                continue
+            # Not UTF-8 on its own (part of a character): the bytes are those its vocabulary entry stands for.
+            raw = byte_level_bytes(self.backend.id_to_token(token_id))
+            if raw.decode("utf-8", "replace") != text:  # not the decoder this reading assumes
+                return None
+            table.append(raw)
+        return table
+
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs
     ) -> str:
@@ -157,6 +186,31 @@ class Tokenizer:
 _APPENDING_DECODERS = {"ByteLevel", "Metaspace", "ByteFallback", "Fuse", "Strip", "Replace"}
 
 
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character each byte is written as -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def byte_level_bytes(token: str | None) -> bytes:
+    """The bytes the ByteLevel decoder makes of one vocabulary entry: its characters through the byte-level
+    alphabet, or (an added token with other characters) its own UTF-8."""
+    if token is None:
+        return b""
+    alphabet = byte_level_alphabet()
+    if all(c in alphabet for c in token):
+        return bytes(alphabet[c] for c in token)
+    return token.encode()
+
+
 class IncrementalDetokenizer:
     """Text deltas of one request's output ids, for streaming.
 
@@ -174,6 +228,12 @@ class IncrementalDetokenizer:
     and for the cases DecodeStream declines: a prompt context whose text ends in an incomplete character
     (DecodeStream would return the prompt's text with the first delta) and a window whose text does not start with
     the prefix's (DecodeStream raises; this algorithm goes on).
+
+    With a byte-level BPE tokenizer (`Tokenizer.token_bytes`) no tokenizer call is needed per token: the window's
+    text is its ids' bytes read as UTF-8, which Python's UTF-8 decoder does as bytes arrive (the start of a
+    character it cannot decode yet is what makes the window's text end with U+FFFD), and the text decoded since the
+    last delta is returned unless it ends with U+FFFD, as the window algorithm does. The same deltas, for a list
+    lookup and a C call per token (tests/model/test_tokenizer.py compares the three ways).
     """
 
     PROMPT_CONTEXT = 5  # prompt ids kept as the first prefix, so the first output token decodes in context
@@ -183,7 +243,7 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         prompt_token_ids: list[int] | None = None,
         skip_special_tokens: bool = True,
-        decode_stream: bool = True,
+        decode_stream: bool = True,  # False: the Python window algorithm alone (tests compare the ways)
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
@@ -191,19 +251,27 @@ class IncrementalDetokenizer:
         self._window: list[int] = list(prompt_token_ids or [])[-self.PROMPT_CONTEXT :]
         self._read_offset = len(self._window)
         self._stream = None  # the DecodeStream, while it is used
-        if (
+        self._bytes: list[bytes] | None = None  # per id its bytes (Tokenizer.token_bytes), where they are used
+        if not (
             decode_stream
             and isinstance(tokenizer, Tokenizer)
-            and type(tokenizer).decode is Tokenizer.decode  # DecodeStream decodes with the backend itself
+            and type(tokenizer).decode is Tokenizer.decode  # the faster ways decode as the backend itself does
             and "decode" not in vars(tokenizer)
-            and tokenizer.decodes_as_a_stream
             and not (self._window and self._decode(self._window).endswith("\ufffd"))
         ):
+            return
+        self._bytes = tokenizer.token_bytes(skip_special_tokens)
+        if self._bytes is not None:
+            self._partial = b""  # the start of a character, not decoded yet
+            self._held = ""  # text decoded since the last delta, which ended with U+FFFD
+        elif tokenizer.decodes_as_a_stream:
             self._backend = tokenizer.backend
             self._stream = DecodeStream(ids=self._window, skip_special_tokens=skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
         """Text that the new ids complete; "" while a character is still incomplete."""
+        if self._bytes is not None:
+            return self._add_bytes(new_ids)
         self._window.extend(new_ids)
         if self._stream is not None:
             try:
@@ -218,8 +286,30 @@ class IncrementalDetokenizer:
             return ""
         return self._advance(text[len(prefix_text) :])
 
+    def _add_bytes(self, new_ids: list[int]) -> str:
+        table = self._bytes
+        try:
+            data = table[new_ids[0]] if len(new_ids) == 1 else b"".join([table[i] for i in new_ids])
+        except IndexError:  # an id past the vocabulary decodes to nothing
+            data = b"".join([table[i] if i < len(table) else b"" for i in new_ids])
+        if self._partial:
+            data = self._partial + data
+        text, used = codecs.utf_8_decode(data, "replace", False)  # what an incremental UTF-8 decoder does, in C
+        self._partial = data[used:]
+        if self._held:
+            text = self._held + text
+        if self._partial or text.endswith("\ufffd"):  # the window's text would end with U+FFFD
+            self._held = text
+            return ""
+        self._held = ""
+        return text
+
     def flush(self) -> str:
         """The text still held back, incomplete characters as U+FFFD; call once the output has ended."""
+        if self._bytes is not None:
+            text = self._held + codecs.utf_8_decode(self._partial, "replace", True)[0]
+            self._held, self._partial = "", b""
+            return text
         self._stream = None
         prefix_text = self._decode(self._window[: self._read_offset])
         text = self._decode(self._window)

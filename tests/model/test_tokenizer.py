@@ -1,4 +1,6 @@
+import itertools
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -265,11 +267,37 @@ def texts_of(kind: str) -> list[str]:
     return [*TEXTS, "", "a", "<s>Hello</s> world <|im_end|>", "日本語のテキスト 🤖🤖 end", "x😀", " 😀"]
 
 
-def both_ways(tokenizer, ids, chunk, prompt=None, skip=True) -> tuple[list[str], list[str]]:
-    fast = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
-    assert fast._stream is not None  # the DecodeStream path is the one under test
-    slow = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip, decode_stream=False)
-    assert slow._stream is None
+def detokenizer(tokenizer, prompt=None, skip=True, way="bytes") -> IncrementalDetokenizer:
+    """An IncrementalDetokenizer that works one way: "bytes" (Tokenizer.token_bytes, byte-level BPE), "stream"
+    (tokenizers' DecodeStream) or "window" (the Python window algorithm)."""
+    if way == "window":
+        d = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip, decode_stream=False)
+        assert d._stream is None and d._bytes is None
+        return d
+    if way == "stream":  # as for a decoder other than ByteLevel alone
+        saved = tokenizer.__dict__.pop("_token_bytes", None)
+        tokenizer.__dict__["_token_bytes"] = {True: None, False: None}
+        try:
+            d = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+        finally:
+            del tokenizer.__dict__["_token_bytes"]
+            if saved is not None:
+                tokenizer.__dict__["_token_bytes"] = saved
+        assert d._stream is not None and d._bytes is None
+        return d
+    d = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+    assert d._bytes is not None and d._stream is None
+    return d
+
+
+def fast_ways(tokenizer) -> list[str]:
+    return (["bytes"] if tokenizer.token_bytes() is not None else []) + ["stream"]
+
+
+def both_ways(tokenizer, ids, chunk, prompt=None, skip=True, way="stream") -> tuple[list[str], list[str]]:
+    """The deltas of `way` and of the window algorithm."""
+    fast = detokenizer(tokenizer, prompt, skip, way)
+    slow = detokenizer(tokenizer, prompt, skip, "window")
     return stream(fast, ids, chunk), stream(slow, ids, chunk)
 
 
@@ -281,12 +309,12 @@ def test_decode_stream_and_window_give_the_same_deltas(detok_tokenizers, kind, c
     assert tokenizer.decodes_as_a_stream
     prompts = [None, tokenizer.encode("prompt: 你", add_special_tokens=False)] if kind != "placeholder" else [
         None, tokenizer.encode("<t9> <t10>")]
-    for text in texts_of(kind):
+    for text, way in itertools.product(texts_of(kind), fast_ways(tokenizer)):
         ids = tokenizer.encode(text, add_special_tokens=False)
         for skip in (True, False):
             for prompt in prompts:
-                fast, slow = both_ways(tokenizer, ids, chunk, prompt, skip)
-                assert fast == slow, (text, skip, prompt)
+                fast, slow = both_ways(tokenizer, ids, chunk, prompt, skip, way)
+                assert fast == slow, (text, skip, prompt, way)
                 assert not any("\ufffd" in piece for piece in fast)  # never half a character
                 # Joined, the deltas are what the output adds to the prompt context's text (without a prompt:
                 # decode(output ids); a SentencePiece tokenizer strips a leading space only there).
@@ -310,18 +338,17 @@ def test_sentencepiece_test_tokenizer_splits_characters_and_has_special_tokens(d
 
 
 @needs_decode_stream
-@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
-@pytest.mark.parametrize("decode_stream", [True, False])
-def test_both_ways_hold_back_and_flush_partial_characters(detok_tokenizers, kind, decode_stream):
+@pytest.mark.parametrize("kind, way", [("byte-level", "bytes"), ("byte-level", "stream"), ("byte-level", "window"),
+                                       ("sentencepiece", "stream"), ("sentencepiece", "window")])
+def test_every_way_holds_back_and_flushes_partial_characters(detok_tokenizers, kind, way):
     tokenizer = detok_tokenizers[kind]
     ids = tokenizer.encode("ab😀", add_special_tokens=False)
     emoji = tokenizer.encode("😀", add_special_tokens=False)
     assert len(emoji) >= 4 and tokenizer.decode(emoji[-1:]) == "\ufffd"  # its last four are one byte each
-    detokenizer = IncrementalDetokenizer(tokenizer, decode_stream=decode_stream)
-    assert (detokenizer._stream is not None) == decode_stream
-    pieces = [detokenizer.add([i]) for i in ids[:-1]]
+    d = detokenizer(tokenizer, way=way)
+    pieces = [d.add([i]) for i in ids[:-1]]
     assert pieces[-3:] == ["", "", ""]
-    pieces.append(detokenizer.flush())
+    pieces.append(d.flush())
     assert "".join(pieces) == tokenizer.decode(ids[:-1])
     assert pieces[-1] in ("\ufffd", "\ufffd" * 3)  # byte-level BPE: one for the three bytes; byte fallback: each
 
@@ -331,14 +358,15 @@ def test_both_ways_hold_back_and_flush_partial_characters(detok_tokenizers, kind
 def test_empty_and_one_token_outputs(detok_tokenizers, kind):
     tokenizer = detok_tokenizers[kind]
     prompt = tokenizer.encode("Hello", add_special_tokens=False)
-    for ids in ([], tokenizer.encode("world", add_special_tokens=False)[:1]):
-        for prompt_ids in (None, prompt):
-            fast, slow = both_ways(tokenizer, ids, 1, prompt_ids)
-            assert fast == slow
-            assert len(fast) == len(ids) + 1
-    assert both_ways(tokenizer, [], 1)[0] == [""]
-    one = tokenizer.encode("a", add_special_tokens=False)
-    assert both_ways(tokenizer, one, 1)[0] == ["a", ""]
+    for way in fast_ways(tokenizer):
+        for ids in ([], tokenizer.encode("world", add_special_tokens=False)[:1]):
+            for prompt_ids in (None, prompt):
+                fast, slow = both_ways(tokenizer, ids, 1, prompt_ids, way=way)
+                assert fast == slow
+                assert len(fast) == len(ids) + 1
+        assert both_ways(tokenizer, [], 1, way=way)[0] == [""]
+        one = tokenizer.encode("a", add_special_tokens=False)
+        assert both_ways(tokenizer, one, 1, way=way)[0] == ["a", ""]
 
 
 @needs_decode_stream
@@ -347,10 +375,44 @@ def test_prompt_context_ending_mid_character_uses_the_window(detok_tokenizers):
     tokenizer = detok_tokenizers["byte-level"]
     prompt = tokenizer.encode("ab😀")[:-1]
     ids = tokenizer.encode("😀 x")
-    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
-    assert detokenizer._stream is None
+    d = IncrementalDetokenizer(tokenizer, prompt)
+    assert d._stream is None and d._bytes is None
     slow = IncrementalDetokenizer(tokenizer, prompt, decode_stream=False)
-    assert stream(detokenizer, ids, 1) == stream(slow, ids, 1) == ["", "", "", "😀", " ", "x", ""]
+    assert stream(d, ids, 1) == stream(slow, ids, 1) == ["", "", "", "😀", " ", "x", ""]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_token_bytes_and_window_give_the_same_deltas_for_any_ids(detok_tokenizers, chunk):
+    # Random ids of the whole vocabulary (byte tokens that make invalid UTF-8, special tokens), some past it, and
+    # random prompts: the byte-level way returns what the window algorithm returns, delta by delta.
+    tokenizer = detok_tokenizers["byte-level"]
+    size = len(tokenizer.token_bytes())
+    special = [tokenizer.backend.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert None not in special
+    rng = random.Random(chunk)
+    compared = 0
+    for _ in range(300):
+        ids = [rng.choice(special) if rng.random() < 0.05 else rng.randrange(size + 2) for _ in range(rng.randrange(40))]
+        prompt = [rng.randrange(size) for _ in range(rng.randrange(8))] or None
+        for skip in (True, False):
+            if IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)._bytes is None:
+                continue  # a prompt context that ends mid-character goes to the window algorithm
+            fast, slow = both_ways(tokenizer, ids, chunk, prompt, skip, "bytes")
+            assert fast == slow, (ids, prompt, skip)
+            compared += 1
+    assert compared > 300
+
+
+def test_token_bytes_only_for_byte_level_decoders(detok_tokenizers):
+    tokenizer = detok_tokenizers["byte-level"]
+    table = tokenizer.token_bytes()
+    ids = tokenizer.encode("日本語 😀 <|im_end|> end", add_special_tokens=False)
+    for skip in (True, False):
+        text = b"".join(tokenizer.token_bytes(skip)[i] for i in ids).decode("utf-8", "replace")
+        assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert tokenizer.token_bytes() is table  # made once
+    assert detok_tokenizers["sentencepiece"].token_bytes() is None
+    assert detok_tokenizers["placeholder"].token_bytes() is None
 
 
 @needs_decode_stream
