@@ -66,6 +66,11 @@ def create_app(engine: EngineClient, cfg: ServeConfig) -> FastAPI:
     serving = Serving(engine, metrics, WriteLog(cfg.write_log) if cfg.write_log else None)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
     started = int(time.time())
+    # The detokenizer's bytes per token (byte-level BPE: Tokenizer.token_bytes) are made now rather than by the first
+    # streamed request: one decode of every id in the vocabulary.
+    token_bytes = getattr(engine.tokenizer, "token_bytes", None)
+    if token_bytes is not None:
+        token_bytes()
 
     async def completions(request: Request) -> Response:
         return await serving.handle(request, Completion)

@@ -8,6 +8,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from eep_hpc.model.tokenizer import byte_level_alphabet
 from eep_hpc.protocol import Logprobs
 
 
@@ -35,20 +36,6 @@ def clamp_logprob(lp: float) -> float:
     return max(lp, -9999.0)
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level BPE: the printable character each byte is written as -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
 @functools.lru_cache(maxsize=65536)
 def token_piece(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
     """A token's text on its own (special tokens included) and its UTF-8 bytes. A token holding part of a
@@ -59,7 +46,7 @@ def token_piece(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
     raw = tokenizer.backend.id_to_token(token_id) or ""
     if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
         return text, (int(raw[3:5], 16),)
-    table = _byte_decoder()
+    table = byte_level_alphabet()
     if raw and all(c in table for c in raw):
         return text, tuple(table[c] for c in raw)
     return text, tuple(text.encode())
