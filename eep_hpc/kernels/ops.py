@@ -56,6 +56,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def row_norm_fusion_enabled() -> bool:
+    """`EEP_HPC_FUSED_NORM=0` keeps the norm kernel apart from the projection after it (read at each call)."""
+    return os.environ.get("EEP_HPC_FUSED_NORM", "1") != "0"
+
+
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, keep_normed: bool = False):
+    """The norm before a projection, and the projection: (y, normed, summed) with summed = x + residual (x when
+    residual is None), normed = rms_norm(summed), y = normed @ weight.T; normed is None unless keep_normed. One
+    kernel for one row on the GPU (batch-1 decode), the norm then `linear` otherwise."""
+    if (use_triton(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype == norm_weight.dtype
+            and weight.dim() == 2 and weight.stride(-1) == 1 and skinny_gemm_enabled() and row_norm_fusion_enabled()
+            and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous()))):
+        from eep_hpc.kernels.triton_linear import ROW_NORM_MAX_K, rms_norm_linear_triton
+
+        if x.shape[1] <= ROW_NORM_MAX_K:
+            return rms_norm_linear_triton(x, residual, norm_weight, eps, weight, keep_normed)
+    if residual is None:
+        normed, summed = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, summed = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight), (normed if keep_normed else None), summed
+
+
 def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """pairs [T, k, D], weights [T, k] (pairs' dtype) -> [T, D]: each token's k expert outputs, weighted and summed
     with fp32 accumulation in pair order."""

@@ -75,12 +75,43 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     return LinearConfig(16, block_n, block_k, split, 4, 3 if esize == 2 else 2)
 
 
+@triton.jit
+def _row_rstd(x_ptr, r_ptr, K, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    """1 / rms of the one row x (+ r, rounded to x's dtype as torch's x + r), over all K: every program needs it."""
+    cols = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(r_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(x.dtype)
+    x32 = x.to(tl.float32)
+    return tl.rsqrt(tl.sum(x32 * x32, 0) / K + eps)
+
+
+@triton.jit
+def _normed_chunk(x, r_ptr, nw_ptr, sum_ptr, normed_ptr, k, k_ok, write_ok, rstd,
+                  HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr):
+    """x [1, BLOCK_K] (columns k of the row) -> its RMSNorm, rounded as `triton_norm` rounds (normalised value to
+    x's dtype, then times the weight); the programs of the first column block also store the sum with
+    the residual and, WRITE_NORMED, the normalised row, for the layers after this projection (write_ok: the
+    columns k this program stores)."""
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + k[None, :], mask=k_ok[None, :], other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + k[None, :], x, mask=write_ok[None, :])
+    nw = tl.load(nw_ptr + k[None, :], mask=k_ok[None, :], other=0.0)
+    y = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * nw.to(tl.float32)).to(x.dtype)
+    if WRITE_NORMED:
+        tl.store(normed_ptr + k[None, :], y, mask=write_ok[None, :])
+    return y
+
+
 @triton.jit(do_not_specialize=["M"])  # the row count: one compile for 2-16 rows, not one per divisibility class
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_SPLIT,
     stride_xm, stride_wn, stride_om,
+    r_ptr, nw_ptr, sum_ptr, normed_ptr, eps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -95,16 +126,22 @@ def _skinny_linear_kernel(
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     if BLOCK_M == 1:
+        if NORM:
+            rstd = _row_rstd(x_ptr, r_ptr, K, eps, HAS_RESIDUAL, BLOCK_D)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k = k0 + offs_k
             if EVEN_K:
+                k_ok = k < K  # all true: folded away
                 w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
                 x = tl.load(x_rows + k[None, :])
             else:
                 k_ok = k < k_end
                 w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 x = tl.load(x_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+            if NORM:
+                x = _normed_chunk(x, r_ptr, nw_ptr, sum_ptr, normed_ptr, k, k_ok, k_ok & (k * 0 + pid_n == 0), rstd,
+                                  HAS_RESIDUAL, WRITE_NORMED)
             acc2 += w.to(tl.float32) * x.to(tl.float32)
         acc = tl.reshape(tl.sum(acc2, 1), (1, BLOCK_N))
     else:
@@ -146,10 +183,23 @@ def _split_k_reduce(
     tl.store(out_ptr + m.to(tl.int64) * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@dataclass(frozen=True)
+class RowNorm:
+    """The RMSNorm a one-row projection applies to its input first (`rms_norm_linear_triton`): the row x is first
+    summed with `residual` (when given), then normalised with `weight`; `summed` and `normed` receive the sum and
+    the normalised row (normed: None when nobody reads it)."""
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None
+    summed: torch.Tensor
+    normed: torch.Tensor | None
+
+
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                         config: LinearConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         config: LinearConfig | None = None, out: torch.Tensor | None = None,
+                         norm: RowNorm | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, for at most MAX_M rows (BLOCK_M 16) or
-    one row (BLOCK_M 1)."""
+    one row (BLOCK_M 1). norm (one row only): the projection of the row's RMSNorm (see RowNorm)."""
     K = x.shape[-1]
     N = weight.shape[0]
     assert weight.shape == (N, K) and weight.stride(-1) == 1 and weight.dtype == x.dtype, (x.shape, weight.shape)
@@ -166,17 +216,27 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return out2.view(*x.shape[:-1], N)
     cfg = config or pick_config(M, N, K, x.dtype, x.device)
     assert M <= MAX_M and (cfg.BLOCK_M >= 16 or M == 1), (M, cfg)
+    if norm is not None:
+        assert M == 1 and cfg.BLOCK_M == 1 and norm.weight.shape == (K,) and norm.weight.dtype == x.dtype, (M, cfg)
+        for t in (norm.residual, norm.summed, norm.normed):
+            assert t is None or (t.numel() == K and t.dtype == x.dtype and t.is_contiguous())
     split = cfg.SPLIT_K
     k_split = triton.cdiv(triton.cdiv(K, split), cfg.BLOCK_K) * cfg.BLOCK_K  # whole K tiles per split
     split = triton.cdiv(K, k_split)  # splits that own any K
     even_k = K % cfg.BLOCK_K == 0  # then every split's range is whole tiles too
     part = (torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2)
     grid = (triton.cdiv(N, cfg.BLOCK_N), split, triton.cdiv(M, cfg.BLOCK_M))
+    unused = weight  # stands in for pointers a variant never reads
     _skinny_linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, out2, part, M, N, K, k_split,
+        x2, weight, bias if bias is not None else unused, out2, part, M, N, K, k_split,
         x2.stride(0), weight.stride(0), out2.stride(0),
+        *((norm.residual if norm.residual is not None else unused, norm.weight, norm.summed,
+           norm.normed if norm.normed is not None else unused, norm.eps) if norm else (unused,) * 4 + (0.0,)),
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         SPLIT_K=split, EVEN_K=even_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        WRITE_NORMED=norm is not None and norm.normed is not None,
+        BLOCK_D=triton.next_power_of_2(K) if norm else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
@@ -186,3 +246,22 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4,
         )
     return out2.view(*x.shape[:-1], N)
+
+
+# the widest row whose norm one program recomputes in registers (the hidden sizes of the models served: 2-7k)
+ROW_NORM_MAX_K = 8192
+
+
+def rms_norm_linear_triton(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                           weight: torch.Tensor, keep_normed: bool = False, config: LinearConfig | None = None):
+    """One row x [1, K] (+ residual [1, K]) -> (y [1, N], normed [1, K] or None, summed [1, K]): summed = x +
+    residual (x itself without one), normed = RMSNorm(summed), y = normed @ weight.T, in one launch (the norm
+    kernel's launch before a batch-1 projection was ~2 us of a ~75 us layer). Every program recomputes the row's
+    norm (K elements from L2); the first column block's programs write summed and normed."""
+    assert x.shape[0] == 1 and x.dim() == 2 and x.shape[1] <= ROW_NORM_MAX_K, x.shape
+    summed = torch.empty_like(x) if residual is not None else x
+    normed = torch.empty_like(x) if keep_normed else None
+    norm = RowNorm(norm_weight, eps, residual, summed, normed)
+    return skinny_linear_triton(x, weight, config=config, norm=norm), normed, summed
+
+

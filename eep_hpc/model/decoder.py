@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.arch import MoEArch
 from eep_hpc.model.layers import Attention, DenseMLP, Linear, RMSNorm, RotaryEmbedding
@@ -28,14 +29,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, kv_cache, meta, ep: ExpertParallel):
         """(x, residual) -> (this layer's MLP output, the residual stream before it): each residual add happens
-        inside the next norm (the first layer's residual is None: x is the embedding)."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(h, positions, kv_cache, meta)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return (self.mlp(h, ep) if isinstance(self.mlp, SparseMoE) else self.mlp(h)), residual
+        inside the next norm (the first layer's residual is None: x is the embedding), and each norm inside the
+        projection after it where that is one kernel (ops.rms_norm_linear: one row on the GPU)."""
+        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv, _, residual = ops.rms_norm_linear(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight)
+        h = attn.attend(qkv, positions, kv_cache, meta)
+        if isinstance(mlp, SparseMoE):  # the router's projection reads the norm; so do the experts
+            logits, h, residual = ops.rms_norm_linear(h, residual, norm2.weight, norm2.eps, mlp.gate.weight,
+                                                      keep_normed=True)
+            return mlp.forward_routed(h, logits, ep), residual
+        h, residual = norm2.add_forward(h, residual)
+        return mlp(h), residual
 
 
 class MoEForCausalLM(nn.Module):

@@ -66,10 +66,14 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
-        T = x.shape[0]
+        return self.attend(self.qkv_proj(x), positions, kv_cache, meta)
+
+    def attend(self, qkv, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """The rest after `qkv_proj` (which the decoder may have run fused with the norm before it)."""
+        T = qkv.shape[0]
         k_cache, v_cache = kv_cache
         q = qk_norm_rope_write_kv(
-            self.qkv_proj(x), positions, self.rope.cos, self.rope.sin, self.heads, self.kv_heads, self.head_dim,
+            qkv, positions, self.rope.cos, self.rope.sin, self.heads, self.kv_heads, self.head_dim,
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             self.eps, k_cache, v_cache, meta.slot_mapping,

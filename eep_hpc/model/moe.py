@@ -128,6 +128,10 @@ class SparseMoE(nn.Module):
         return None if self.fp8_block is None else BlockScales(self.w13_scale, self.w2_scale, self.fp8_block)
 
     def forward(self, x: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-        """Softmax over all experts in fp32, top-k, optional renormalisation (kernels/routing.py), experts."""
-        return ep.forward_softmax_topk(self.moe_index, x, self.gate(x), self.top_k, self.renormalize, self.w13,
+        return self.forward_routed(x, self.gate(x), ep)
+
+    def forward_routed(self, x: torch.Tensor, gate_logits: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+        """After the router's projection: softmax over all experts in fp32, top-k, optional renormalisation
+        (kernels/routing.py), experts."""
+        return ep.forward_softmax_topk(self.moe_index, x, gate_logits, self.top_k, self.renormalize, self.w13,
                                        self.w2, self.scales())

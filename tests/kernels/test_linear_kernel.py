@@ -140,3 +140,56 @@ def test_configs_at_qwen3_shapes(monkeypatch):
             assert cfg.BLOCK_N * cfg.BLOCK_K * 2 <= 32 * 1024, (M, name, cfg)  # registers / shared memory per step
     assert pick_config(1, 5120, 2048, torch.bfloat16, cuda) == triton_linear.LinearConfig(1, 16, 512, 1, 4, 1)
     assert pick_config(1, 128, 2048, torch.bfloat16, cuda).SPLIT_K == 1  # 128 one-row programs, one K step each
+
+
+# (N, K, residual, keep_normed): the first layer's norm (no residual), a later one, ragged K, split K
+NORM_LINEAR_CASES = [
+    pytest.param(48, 64, False, False, None, id="embedding-row"),
+    pytest.param(40, 96, True, True, None, id="residual-keep-normed"),
+    pytest.param(37, 100, True, False, "ragged", id="ragged"),
+    pytest.param(24, 256, True, True, "split", id="split-k"),
+    pytest.param(5120, 2048, True, False, None, id="qwen3-qkv", marks=big),
+    pytest.param(128, 2048, True, True, None, id="qwen3-gate", marks=big),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,K,has_residual,keep_normed,cfg_name", NORM_LINEAR_CASES)
+def test_rms_norm_linear_one_row(N, K, has_residual, keep_normed, cfg_name, dtype):
+    """One kernel for a batch-1 layer's norm and the projection after it: the projection of the norm within the
+    tolerance, the sum with the residual and the normalised row bit for bit what the norm kernel writes, the
+    inputs untouched."""
+    from eep_hpc.kernels.triton_linear import LinearConfig, rms_norm_linear_triton
+    from eep_hpc.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+
+    cfg = {None: None, "ragged": LinearConfig(1, 4, 32, 1, 4, 1), "split": LinearConfig(1, 8, 32, 4, 4, 1)}[cfg_name]
+    torch.manual_seed(N + K)
+    x = torch.randn(1, K, device=DEVICE).to(dtype)
+    residual = torch.randn(1, K, device=DEVICE).to(dtype) if has_residual else None
+    nw = (1 + 0.1 * torch.randn(K, device=DEVICE)).to(dtype)
+    w = (torch.randn(N, K, device=DEVICE) * K**-0.5).to(dtype)
+    x0, r0 = x.clone(), None if residual is None else residual.clone()
+    y, normed, summed = rms_norm_linear_triton(x, residual, nw, 1e-6, w, keep_normed=keep_normed, config=cfg)
+    if residual is None:
+        want_normed, want_summed = rms_norm_triton(x, nw, 1e-6), x
+    else:
+        want_normed, want_summed = add_rms_norm_triton(x, residual, nw, 1e-6)
+    assert torch.equal(summed, want_summed)
+    assert (normed is None) == (not keep_normed)
+    if keep_normed:
+        assert torch.allclose(normed.float(), want_normed.float(), rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel_err(y, F.linear(want_normed.double(), w.double())) <= TOL[dtype]
+    assert torch.equal(x, x0) and (residual is None or torch.equal(residual, r0))
+
+
+def test_rms_norm_linear_is_the_norm_then_the_projection_on_the_cpu():
+    """The CPU path (and any shape the fused kernel does not take) runs the norm, then `linear`: the same bits as
+    the decoder's layers before the fusion."""
+    x, r, nw, w = torch.randn(3, 16), torch.randn(3, 16), torch.rand(16), torch.randn(8, 16)
+    y, normed, summed = ops.rms_norm_linear(x, r, nw, 1e-6, w, keep_normed=True)
+    want_normed, want_summed = ops.add_rms_norm(x, r, nw, 1e-6)
+    assert torch.equal(summed, want_summed) and torch.equal(normed, want_normed)
+    assert torch.equal(y, F.linear(want_normed, w))
+    y, normed, summed = ops.rms_norm_linear(x, None, nw, 1e-6, w)
+    assert normed is None and summed is x and torch.equal(y, F.linear(ops.rms_norm(x, nw, 1e-6), w))
