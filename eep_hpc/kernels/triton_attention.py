@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from eep_hpc.kernels.attention import AttentionMetadata
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ def _paged_attention_kernel(
     NUM_Q_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, MIN_SEG_TILES: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -194,7 +197,9 @@ def _reduce_segments(
     out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, seg_live_ptr, stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
     ALL_LIVE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if ALL_LIVE:
@@ -266,13 +271,13 @@ def paged_attention_triton(
         NUM_Q_HEADS=Hq, Q_PER_KV=q_per_kv, BLOCK_Q=block_q, BLOCK_M=cfg.BLOCK_M,
         HEAD_D=D, HEAD_D_PAD=d_pad, PAGE=page, TILE_N=cfg.TILE_N, NUM_SEGMENTS=nseg,
         MIN_SEG_TILES=cfg.MIN_SEG_TILES, DECODE=decode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q),
     )
     if nseg > 1:
         _reduce_segments[(T, Hq)](
             out, seg_acc, seg_max, seg_sum, seg_live, out.stride(0), out.stride(1),
             NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, NUM_SEGMENTS=nseg, ALL_LIVE=cfg.MIN_SEG_TILES == 0,
-            num_warps=4,
+            num_warps=4, **pdl_args(out),
         )
     return out
 
@@ -282,7 +287,9 @@ def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch, stride_dcs, stride_dch,
     NUM_KV_HEADS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:  # padding token (e.g. a CUDA-graph batch larger than the real one)
@@ -310,5 +317,5 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=Hkv, HEAD_D=D, BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D),
-        num_warps=4,
+        num_warps=4, **pdl_args(k),
     )

@@ -12,9 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
+
 
 @triton.jit(do_not_specialize=["M"])
-def _silu_mul_kernel(x_ptr, out_ptr, M, I, stride_x, stride_o, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, M, I, stride_x, stride_o, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok = (rows[:, None] < M) & (cols[None, :] < I)
@@ -33,13 +36,15 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if M:
         BLOCK_M, BLOCK_I = 16, min(256, triton.next_power_of_2(I))
         _silu_mul_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(I, BLOCK_I))](
-            gate_up, out, M, I, gate_up.stride(0), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_I=BLOCK_I, num_warps=4)
+            gate_up, out, M, I, gate_up.stride(0), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_I=BLOCK_I, num_warps=4,
+            **pdl_args(out))
     return out
 
 
 @triton.jit(do_not_specialize=["T"])
 def _weighted_sum_kernel(p_ptr, w_ptr, out_ptr, T, D, stride_pt, stride_pk, stride_wt, stride_o,
-                         K: tl.constexpr, BLOCK_D: tl.constexpr):
+                         K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -59,5 +64,5 @@ def weighted_sum_triton(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Ten
         BLOCK_D = min(1024, triton.next_power_of_2(D))
         _weighted_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
             pairs, weights, out, T, D, pairs.stride(0), pairs.stride(1), weights.stride(0), out.stride(0),
-            K=K, BLOCK_D=BLOCK_D, num_warps=4)
+            K=K, BLOCK_D=BLOCK_D, num_warps=4, **pdl_args(out))
     return out

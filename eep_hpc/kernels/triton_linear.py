@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
+
 MAX_M = 16  # rows the skinny path serves (ops.linear sends larger M to cuBLAS)
 
 
@@ -112,7 +114,9 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -171,7 +175,9 @@ def _skinny_linear_kernel(
 def _split_k_reduce(
     part_ptr, b_ptr, out_ptr, M, N, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     m = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -237,13 +243,13 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
         WRITE_NORMED=norm is not None and norm.normed is not None,
         BLOCK_D=triton.next_power_of_2(K) if norm else 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2),
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _split_k_reduce[(triton.cdiv(N, block), M)](
             part, bias if bias is not None else weight, out2, M, N, out2.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4,
+            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4, **pdl_args(out2),
         )
     return out2.view(*x.shape[:-1], N)
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from eep_hpc.kernels.fp8 import FP8, BlockScales, expert_scale_shapes
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
 
 
 # the most pairs of one token that go through the experts unsorted (PAIR_BLOCKS): top-k of Qwen3/DeepSeek-style
@@ -114,9 +115,11 @@ def align_rows_by_slot_torch(slot: torch.Tensor, S: int, block_m: int):
 def _align_kernel(
     slot_ptr, sorted_rows_ptr, block_slot_ptr, num_padded_ptr, cursor_ptr, M, S, EM, NUM_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: count rows per slot, pad to BLOCK_M, write each block's slot, then scatter row ids to
     their padded positions (atomic cursors: the order within a slot is arbitrary, which changes no result)."""
+    pdl_start(USE_PDL)
     offs_s = tl.arange(0, BLOCK_S)
     counts = tl.zeros([BLOCK_S], dtype=tl.int32)
     for c0 in range(0, M, CHUNK):
@@ -160,6 +163,7 @@ def align_rows_by_slot(slot: torch.Tensor, S: int, block_m: int):
     _align_kernel[(1,)](
         slot, sorted_rows, block_slot, scratch, scratch[1:], M, S, em, em // block_m,
         BLOCK_M=block_m, BLOCK_S=block_s, CHUNK=max(16, min(256, 16384 // block_s)), num_warps=8,
+        **pdl_args(slot),
     )
     return sorted_rows, block_slot, scratch[:1]
 
@@ -201,7 +205,9 @@ def _w13_silu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
     FANOUT: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
     num_n = tl.cdiv(I, BLOCK_N)
@@ -253,7 +259,9 @@ def _w2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
     PAIR_BLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(EM, BLOCK_M)
     num_n = tl.cdiv(D, BLOCK_N)
@@ -408,7 +416,7 @@ def _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M: int, fanout
         up_row,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk13, GROUP_M=cfg.GROUP_M, PRECISION=precision,
         HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k13, FANOUT=fanout, PAIR_BLOCKS=pair_blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x),
     )
     _w2_kernel[(num_m * triton.cdiv(D, cfg.BLOCK_N),)](
         h, w2, out, sorted_rows, block_slot, num_padded, s2,
@@ -417,5 +425,5 @@ def _launch(x, w13, w2, out, sorted_rows, block_slot, num_padded, M: int, fanout
         s2.stride(0) if has_scales else 0, s2.stride(1) if has_scales else 0, s2.stride(2) if has_scales else 0,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=bk2, GROUP_M=cfg.GROUP_M, PRECISION=precision,
         HAS_SCALES=has_scales, SCALE_N=scale_n, SCALE_K=scale_k2, PAIR_BLOCKS=pair_blocks,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x),
     )

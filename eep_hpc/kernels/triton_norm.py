@@ -11,13 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
+
 
 @triton.jit(do_not_specialize=["R"])
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, R, D, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)
@@ -51,7 +55,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             x2, r2, weight, out, r_out, R, D, eps,
             x2.stride(0), r2.stride(0), out.stride(0), r_out.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=8 if block_d * block_r >= 4096 else 4,
+            num_warps=8 if block_d * block_r >= 4096 else 4, **pdl_args(out),
         )
     return out.view(*x.shape[:-1], D), r_out.view(*x.shape[:-1], D)
 

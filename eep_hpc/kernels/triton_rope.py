@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
+
 
 @triton.jit
 def _qk_norm_rope_write_kv_kernel(
@@ -49,7 +51,9 @@ def _qk_norm_rope_write_kv_kernel(
     HAS_NORM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)
     HALF: tl.constexpr = HEAD_D // 2
     K_END: tl.constexpr = NUM_HEADS + NUM_KV_HEADS
     ALL_HEADS: tl.constexpr = NUM_HEADS + 2 * NUM_KV_HEADS
@@ -198,5 +202,6 @@ def qk_norm_rope_write_kv_triton(
         BLOCK_HALF=block_half,
         num_warps=4,
         enable_fp_fusion=False,
+        **pdl_args(qkv),
     )
     return q

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eep_hpc.kernels.pdl import pdl_args, pdl_start
+
 _TAKEN = tl.constexpr(-(2**63))  # the key of a taken (or masked) expert
 
 
@@ -41,7 +43,9 @@ def _route_topk_kernel(
     stride_lt, stride_le, stride_load, stride_count, stride_pe, stride_pr,
     TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_VALID: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_start(USE_PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
@@ -138,6 +142,6 @@ def route_topk_triton(
         l2p.stride(0), l2p.stride(1),
         TOP_K=top_k, RENORMALIZE=bool(renormalize), HAS_VALID=num_valid is not None,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_args(logits),
     )  # fmt: skip
     return slots, weights
