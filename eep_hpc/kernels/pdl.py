@@ -10,8 +10,8 @@ comes first thing in every program, before any early return, so a kernel complet
 did: "complete" stays transitive down the chain, and a kernel may read what any earlier kernel wrote. Kernels launched without PDL (torch's, and
 ours where it is off) wait for their predecessor as always.
 
-`EEP_HPC_PDL=0` launches without it (read at each launch: a benchmark compares both in one process; a captured
-CUDA graph keeps what it captured).
+Off until measured on a GPU: `EEP_HPC_PDL=1` launches with it, `0` without (read at each launch: a benchmark
+compares both in one process; a captured CUDA graph keeps what it captured).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+PDL_DEFAULT = "0"  # not yet run on a GPU: opt in with EEP_HPC_PDL=1
 
 
 @functools.cache
@@ -41,7 +44,7 @@ def _triton_supports_pdl() -> bool:
 
 def use_pdl(t: torch.Tensor) -> bool:
     """Launch the kernels that compute on t with PDL: a Hopper-or-later GPU, a Triton that has it, not switched off."""
-    if not t.is_cuda or os.environ.get("EEP_HPC_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not t.is_cuda or os.environ.get("EEP_HPC_PDL", PDL_DEFAULT) == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return _device_supports_pdl(index) and _triton_supports_pdl()

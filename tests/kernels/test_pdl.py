@@ -16,6 +16,7 @@ from eep_hpc.protocol import AddRequest, SamplingParams
 
 
 def test_pdl_is_off_on_the_cpu_and_when_switched_off(monkeypatch):
+    monkeypatch.setenv("EEP_HPC_PDL", "1")
     assert not pdl.use_pdl(torch.zeros(1)) and pdl.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
     if torch.cuda.is_available():
         monkeypatch.setenv("EEP_HPC_PDL", "0")
