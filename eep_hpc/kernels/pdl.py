@@ -7,8 +7,8 @@ with `launch_pdl`, first waits for the kernel before it to complete and flush it
 the next kernel launch (`gdc_launch_dependents`: it fires once every program of this kernel has passed it, so the
 next kernel is launched and its programs placed while this one computes, one kernel ahead, never more). The wait
 comes first thing in every program, before any early return, so a kernel completes only after the one before it
-did: "complete" stays transitive down the chain, and a kernel may read what any earlier kernel wrote. Kernels launched without PDL (torch's, and
-ours where it is off) wait for their predecessor as always.
+did: "complete" stays transitive down the chain, and a kernel may read what any earlier kernel wrote. Kernels
+launched without PDL (torch's, and ours where it is off) wait for their predecessor as always.
 
 Off until measured on a GPU: `EEP_HPC_PDL=1` launches with it, `0` without (read at each launch: a benchmark
 compares both in one process; a captured CUDA graph keeps what it captured).

@@ -158,8 +158,8 @@ NORM_LINEAR_CASES = [
 @pytest.mark.parametrize("N,K,has_residual,keep_normed,cfg_name", NORM_LINEAR_CASES)
 def test_rms_norm_linear_one_row(N, K, has_residual, keep_normed, cfg_name, dtype):
     """One kernel for a batch-1 layer's norm and the projection after it: the projection of the norm within the
-    tolerance, the sum with the residual and the normalised row bit for bit what the norm kernel writes, the
-    inputs untouched."""
+    tolerance, the sum with the residual bit for bit what the norm kernel writes, the normalised row within one
+    rounding of it (its 1/rms is summed in another order), the inputs untouched."""
     from eep_hpc.kernels.triton_linear import LinearConfig, rms_norm_linear_triton
     from eep_hpc.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
 
