@@ -146,6 +146,31 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
     return swiglu_experts_reference(x, slot, w13, w2, scales)
 
 
+ONE_TOKEN_MOE_DEFAULT = "0"  # not yet run on a GPU: opt in with EEP_HPC_MOE_ONE_TOKEN=1
+
+
+def one_token_moe_enabled() -> bool:
+    """`EEP_HPC_MOE_ONE_TOKEN=1` runs one token's experts and their sum as two weight-streaming kernels, `0` on the
+    grouped GEMMs and the weighted-sum kernel (read at each call: a benchmark compares both in one process)."""
+    return os.environ.get("EEP_HPC_MOE_ONE_TOKEN", ONE_TOKEN_MOE_DEFAULT) != "0"
+
+
+def swiglu_experts_combined(x: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                            w2: torch.Tensor, scales: BlockScales | None = None) -> torch.Tensor:
+    """x [T, D], slot [T * k] (pair m: token m // k, all slots local), weights [T, k] (x's dtype) -> [T, D]: each
+    token's k expert outputs weighted and summed, `weighted_sum(swiglu_experts(...))`. One bf16/fp16 token on the
+    GPU (batch-1 decode on one rank): two weight-streaming kernels, the sum inside the second
+    (triton_moe_one_token.py)."""
+    T, k = weights.shape
+    if (use_triton(x) and T == 1 and slot.numel() == k and x.dtype == w13.dtype and scales is None
+            and x.dtype != torch.float32 and one_token_moe_enabled()):
+        from eep_hpc.kernels.triton_moe_one_token import MAX_PAIRS, one_token_experts_triton
+
+        if k <= MAX_PAIRS:
+            return one_token_experts_triton(x, slot, weights, w13, w2)
+    return weighted_sum(swiglu_experts(x, slot, w13, w2, scales).view(T, k, x.shape[1]), weights)
+
+
 # rows per slot from which torch's grouped GEMM takes bf16 experts from the Triton kernels (eager steps only: it sorts
 # on the device); EEP_HPC_MOE_GROUPED=0 keeps Triton everywhere
 GROUPED_MIN_ROWS_PER_SLOT = 64

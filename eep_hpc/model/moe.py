@@ -105,7 +105,7 @@ class ExpertParallel:
     def _experts(self, x, slots, weights, w13, w2, scales, capacity: int):
         a2a = self.all_to_all
         rows, local_slot, handle = a2a.dispatch(x, slots, self.map.slot_owner, self.map.local_start, capacity)
-        return a2a.combine(a2a.run_experts(rows, local_slot, w13, w2, scales, handle), weights, handle)
+        return a2a.experts_combined(rows, local_slot, weights, w13, w2, scales, handle)
 
 
 class SparseMoE(nn.Module):

@@ -51,6 +51,10 @@ class AllToAll(Protocol):
         """y [M, D] expert outputs of the received rows, weights [T, k] -> [T, D]."""
         ...
 
+    def experts_combined(self, rows, local_slot, weights, w13, w2, scales, handle) -> torch.Tensor:
+        """`combine(run_experts(...), weights, handle)`, in fewer passes where the backend can fuse them."""
+        ...
+
 
 class TorchAllToAll:
     """all_to_all_single over the epoch's device group (gloo on CPU, NCCL on CUDA), in buffers of a fixed size: every
@@ -112,6 +116,11 @@ class TorchAllToAll:
             self.group.all_to_all(back[: R * C], y, [C] * R, [C] * R)
             pairs = back.index_select(0, handle.dest).view(T, k, D)
         return weighted_sum(pairs, weights)
+
+    def experts_combined(self, rows, local_slot, weights, w13, w2, scales, handle):
+        if handle.dest is None:  # one rank: the experts and the weighted sum with nothing between them
+            return ops.swiglu_experts_combined(rows, local_slot, weights.to(rows.dtype), w13, w2, scales)
+        return self.combine(self.run_experts(rows, local_slot, w13, w2, scales, handle), weights, handle)
 
 
 def weighted_sum(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

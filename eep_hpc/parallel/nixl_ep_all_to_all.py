@@ -382,6 +382,11 @@ class NixlEpAllToAll:
         out, _, _ = self.buffer.low_latency_combine(y, handle.topk, w.float().contiguous(), handle.nixl)
         return out[: handle.num_tokens]
 
+    def experts_combined(self, rows, local_slot, weights, w13, w2, scales, handle):
+        if self.local is not None:
+            return self.local.experts_combined(rows, local_slot, weights, w13, w2, scales, handle)
+        return self.combine(self.run_experts(rows, local_slot, w13, w2, scales, handle), weights, handle)
+
     # ---- failure handling ----------------------------------------------------------------------------------
 
     def failed_ranks(self) -> list[int]:
