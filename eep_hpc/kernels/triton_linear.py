@@ -20,6 +20,7 @@ The config depends on (M, N, K, dtype) only and nothing syncs with the host: CUD
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,8 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -129,11 +129,25 @@ def _skinny_linear_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
+    if PREFETCH:  # the first weight tile does not depend on the kernel before: load it while that one finishes
+        k = k_begin + offs_k
+        w_first = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < k_end)[None, :], other=0.0)
+    pdl_start(USE_PDL)
     if BLOCK_M == 1:
         if NORM:
             rstd = _row_rstd(x_ptr, r_ptr, K, eps, HAS_RESIDUAL, BLOCK_D)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        k_first = k_begin
+        if PREFETCH:
+            k = k_begin + offs_k
+            k_ok = k < k_end
+            x = tl.load(x_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+            if NORM:
+                x = _normed_chunk(x, r_ptr, nw_ptr, sum_ptr, normed_ptr, k, k_ok, k_ok & (k * 0 + pid_n == 0), rstd,
+                                  HAS_RESIDUAL, WRITE_NORMED)
+            acc2 += w_first.to(tl.float32) * x.to(tl.float32)
+            k_first = k_begin + BLOCK_K
+        for k0 in range(k_first, k_end, BLOCK_K):
             k = k0 + offs_k
             if EVEN_K:
                 k_ok = k < K  # all true: folded away
@@ -201,11 +215,19 @@ class RowNorm:
     normed: torch.Tensor | None
 
 
+def weight_prefetch_enabled() -> bool:
+    """With PDL, a one-row program loads its first weight tile before it waits for the kernel before it (weights
+    never depend on it), so the projection's weight streaming starts while the attention or the MoE before it
+    ends. `EEP_HPC_PDL_PREFETCH=0` waits first (read at each launch)."""
+    return os.environ.get("EEP_HPC_PDL_PREFETCH", "1") != "0"
+
+
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          config: LinearConfig | None = None, out: torch.Tensor | None = None,
-                         norm: RowNorm | None = None) -> torch.Tensor:
+                         norm: RowNorm | None = None, prefetch: bool = False) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype, for at most MAX_M rows (BLOCK_M 16) or
-    one row (BLOCK_M 1). norm (one row only): the projection of the row's RMSNorm (see RowNorm)."""
+    one row (BLOCK_M 1). norm (one row only): the projection of the row's RMSNorm (see RowNorm). prefetch: the
+    one-row path's first weight tile loaded before the PDL wait even without PDL (tests: the same result)."""
     K = x.shape[-1]
     N = weight.shape[0]
     assert weight.shape == (N, K) and weight.stride(-1) == 1 and weight.dtype == x.dtype, (x.shape, weight.shape)
@@ -233,6 +255,7 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     part = (torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out2)
     grid = (triton.cdiv(N, cfg.BLOCK_N), split, triton.cdiv(M, cfg.BLOCK_M))
     unused = weight  # stands in for pointers a variant never reads
+    launch = pdl_args(x2)
     _skinny_linear_kernel[grid](
         x2, weight, bias if bias is not None else unused, out2, part, M, N, K, k_split,
         x2.stride(0), weight.stride(0), out2.stride(0),
@@ -243,7 +266,8 @@ def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         NORM=norm is not None, HAS_RESIDUAL=norm is not None and norm.residual is not None,
         WRITE_NORMED=norm is not None and norm.normed is not None,
         BLOCK_D=triton.next_power_of_2(K) if norm else 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        PREFETCH=cfg.BLOCK_M == 1 and (launch["USE_PDL"] or prefetch) and weight_prefetch_enabled(),
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))

@@ -193,3 +193,24 @@ def test_rms_norm_linear_is_the_norm_then_the_projection_on_the_cpu():
     assert torch.equal(y, F.linear(want_normed, w))
     y, normed, summed = ops.rms_norm_linear(x, None, nw, 1e-6, w)
     assert normed is None and summed is x and torch.equal(y, F.linear(ops.rms_norm(x, nw, 1e-6), w))
+
+
+@needs_kernels
+@pytest.mark.parametrize("cfg_name", ["picked", "ragged", "split"])
+def test_weight_prefetch_gives_the_same_bits(cfg_name):
+    """The one-row path with its first weight tile loaded before the PDL wait (what PDL launches run) sums in the
+    same order as without: the same bits, with and without the fused norm."""
+    from eep_hpc.kernels.triton_linear import LinearConfig, RowNorm, skinny_linear_triton
+
+    cfg = {"picked": None, "ragged": LinearConfig(1, 4, 32, 1, 4, 1), "split": LinearConfig(1, 8, 32, 4, 4, 1)}[cfg_name]
+    torch.manual_seed(1)
+    K, N = 100 if cfg_name == "ragged" else 256, 40
+    x, r = torch.randn(1, K, device=DEVICE), torch.randn(1, K, device=DEVICE)
+    w, nw = torch.randn(N, K, device=DEVICE) * K**-0.5, 1 + 0.1 * torch.randn(K, device=DEVICE)
+    for norm_of in (lambda: None, lambda: RowNorm(nw, 1e-6, r, torch.empty_like(x), torch.empty_like(x))):
+        norms = [norm_of(), norm_of()]
+        apart = skinny_linear_triton(x, w, config=cfg, norm=norms[0])
+        prefetched = skinny_linear_triton(x, w, config=cfg, norm=norms[1], prefetch=True)
+        assert torch.equal(apart, prefetched)
+        if norms[0] is not None:
+            assert torch.equal(norms[0].summed, norms[1].summed) and torch.equal(norms[0].normed, norms[1].normed)
