@@ -40,6 +40,7 @@ from eep_hpc.head.scaling import Scaling
 from eep_hpc.head.state import cluster_state
 from eep_hpc.head.streams import Streams
 from eep_hpc.parallel.eplb import initial_placement
+from eep_hpc.serve.output_queue import Sink
 
 log = logging.getLogger("eep_hpc.coordinator")
 
@@ -121,9 +122,11 @@ class Coordinator:
     def ready(self) -> bool:
         return not self._stopping and bool(self.membership.ready())
 
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
-        return self.streams.generate(request_id, prompt_token_ids, sampling)
+    takes_sink = True  # generate(..., sink=): serve.engine_client.EngineClient
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams,
+                 sink: Sink | None = None) -> AsyncIterator[P.RequestOutput]:
+        return self.streams.generate(request_id, prompt_token_ids, sampling, sink)
 
     async def abort(self, request_id: str) -> None:
         await self.streams.abort(request_id)

@@ -22,7 +22,7 @@ from eep_hpc import protocol as P
 from eep_hpc.head.events import ScaleEvent, ScalePhase
 from eep_hpc.head.link import RankLink
 from eep_hpc.head.membership import Membership, RankRecord, RankState
-from eep_hpc.serve.output_queue import OutputQueue
+from eep_hpc.serve.output_queue import OutputQueue, Sink
 
 
 @dataclass
@@ -68,14 +68,14 @@ class Streams:
 
         return min(ready, key=load)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams,
+                       sink: Sink | None = None) -> AsyncIterator[P.RequestOutput]:
         m = self.membership
         if m.recovering:  # members were lost: the survivors are re-forming, then take it
             await m.wait_for(lambda: not m.recovering, self.recovery_wait_s, "the serving group to recover",
                              raise_on_failed=False)
         rec = self.route()
-        stream = Stream(OutputQueue(), rec.rank_id, prompt_token_ids, sampling)
+        stream = Stream(OutputQueue(sink), rec.rank_id, prompt_token_ids, sampling)
         self.open[request_id] = stream
         rec.in_flight.add(request_id)
         self.link.send(rec.rank_id, P.AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,

@@ -27,6 +27,9 @@ class EngineClient(Protocol):
         """
         ...
 
+    # Engines that take generate(..., sink=) set `takes_sink = True`: the request's outputs are offered to the sink
+    # where they arrive while its consumer waits (serve/output_queue.py), the rest come from the iterator as usual.
+
     def ready(self) -> bool:
         """True while requests can be served (at least one epoch is committed)."""
         ...

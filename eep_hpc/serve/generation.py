@@ -3,6 +3,12 @@ of `ChoiceDelta`s; `generate` interleaves the choices of one API request, `colle
 
 Closing a stream (the consumer stops early, a stop string matched, the client left) closes the engine generator,
 which aborts that engine request. An engine failure ends its choice with finish_reason "error".
+
+The direct lane (a `Lane`, serving.py's and sse.py's: one streamed choice, no logprobs): where the engine takes a sink
+(EngineClient.takes_sink), each output of one token, not finishing, is detokenized, checked for stop strings and its
+text handed to `lane.emit` where the engine dispatches it, while the choice's consumer sleeps; the same steps as the
+loop below, on the same state. Whatever the lane cannot take (`lane.ready()` false, a finish, logprobs, several
+tokens) comes through the loop as before; a stop string the lane finds ends the choice there.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from eep_hpc.model.tokenizer import IncrementalDetokenizer
 from eep_hpc.serve.engine_client import EngineClient
@@ -39,6 +45,18 @@ class TextOptions:
         )
 
 
+class Lane(Protocol):
+    opened: bool  # it has a way to the client (else the engine gets no sink)
+
+    def ready(self) -> bool:
+        """Whether `emit` may be called now (asked before the output is taken: nothing is consumed if not)."""
+        ...
+
+    def emit(self, text: str, num_tokens: int) -> None:
+        """Send a delta of text alone (the choice's `num_tokens` completion tokens so far) to the client."""
+        ...
+
+
 @dataclass(slots=True)
 class ChoiceDelta:
     """New text of one choice (or, from `collect`, its whole text)."""
@@ -60,11 +78,15 @@ def generate(
     request_id: str,
     choices: list[Choice],
     options: TextOptions,
+    lane: Lane | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
-    """The deltas of every choice as they come; engine request ids are `{request_id}-{choice index}`."""
+    """The deltas of every choice as they come; engine request ids are `{request_id}-{choice index}`. `lane`: the
+    direct lane of a single choice (see the module's docstring)."""
     arrival = time.monotonic()
-    streams = [generate_choice(engine, metrics, arrival, f"{request_id}-{c.index}", c, options) for c in choices]
-    return streams[0] if len(streams) == 1 else merge(streams)  # one choice: no generator layer per token
+    if len(choices) == 1:  # one choice: no generator layer per token
+        return generate_choice(engine, metrics, arrival, f"{request_id}-{choices[0].index}", choices[0], options,
+                               lane)
+    return merge([generate_choice(engine, metrics, arrival, f"{request_id}-{c.index}", c, options) for c in choices])
 
 
 async def _closing(gen: Any) -> None:
@@ -80,6 +102,7 @@ async def generate_choice(
     request_id: str,
     choice: Choice,
     options: TextOptions,
+    lane: Lane | None = None,
 ) -> AsyncIterator[ChoiceDelta]:
     """Text of one choice; the last delta has finish_reason set ("error" with .error for engine failures)."""
     detok = IncrementalDetokenizer(
@@ -91,10 +114,38 @@ async def generate_choice(
     index, n, reason = choice.index, 0, "abort"  # closed before finishing = aborted
     want_prompt_logprobs = choice.sampling.prompt_logprobs is not None
     outputs = None
+    stopped: str | None = None  # the text before (with) a stop string the lane found, which ends the choice
+
+    def sink(out) -> bool:  # the loop's steps for an output of one token, text only, where the engine has it
+        nonlocal n, stopped
+        new_ids = out.new_token_ids
+        if len(new_ids) != 1 or out.finish_reason is not None or out.logprobs is not None or not lane.ready():
+            return False
+        tracker.tokens(1)
+        n += 1
+        text = detok.add(new_ids)
+        if stops.stop:
+            text = stops.feed(text, check=n > min_tokens)
+            if stops.matched is not None:  # the loop ends the choice with it (this output is the next it gets)
+                stopped = text
+                return False
+        if text:
+            lane.emit(text, n)
+        return True
+
+    direct = (lane is not None and lane.opened and getattr(engine, "takes_sink", False) and not want_prompt_logprobs
+              and choice.sampling.logprobs is None)
     try:
         try:
-            outputs = engine.generate(request_id, choice.prompt_token_ids, choice.sampling)
+            if direct:
+                outputs = engine.generate(request_id, choice.prompt_token_ids, choice.sampling, sink=sink)
+            else:
+                outputs = engine.generate(request_id, choice.prompt_token_ids, choice.sampling)
             async for out in outputs:
+                if stopped is not None:
+                    reason = "stop"
+                    yield ChoiceDelta(index, stopped, n, "stop")
+                    return
                 new_ids = out.new_token_ids
                 tracker.tokens(len(new_ids))
                 if (len(new_ids) == 1 and out.finish_reason is None and out.logprobs is None and not stops.stop

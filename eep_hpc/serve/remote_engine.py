@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from eep_hpc import protocol as P
 from eep_hpc import signing
-from eep_hpc.serve.output_queue import OutputQueue
+from eep_hpc.serve.output_queue import OutputQueue, Sink
 
 log = logging.getLogger("eep_hpc.api")
 
@@ -28,10 +28,10 @@ _from_head = msgspec.msgpack.Decoder(P.HeadToApi)
 class _Stream:
     __slots__ = ("request_id", "wire_id", "attempt", "queue", "prompt", "sampling", "tokens", "ended_by_head")
 
-    def __init__(self, request_id: str, prompt: list[int], sampling: P.SamplingParams):
+    def __init__(self, request_id: str, prompt: list[int], sampling: P.SamplingParams, sink: Sink | None = None):
         self.request_id = self.wire_id = request_id  # wire_id: the id ranks know it by now
         self.attempt = 0
-        self.queue = OutputQueue()
+        self.queue = OutputQueue(sink)
         self.prompt, self.sampling = prompt, sampling
         self.tokens: list[int] = []
         self.ended_by_head = False
@@ -131,9 +131,11 @@ class RemoteEngine:
     def cluster_state(self) -> dict:
         return {}  # /admin/* is passed on to the head (api_proxy.py)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling: P.SamplingParams) -> AsyncIterator[P.RequestOutput]:
-        stream = _Stream(request_id, prompt_token_ids, sampling)
+    takes_sink = True  # generate(..., sink=): serve.engine_client.EngineClient
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams,
+                       sink: Sink | None = None) -> AsyncIterator[P.RequestOutput]:
+        stream = _Stream(request_id, prompt_token_ids, sampling, sink)
         self.open[request_id] = stream
         self._send(P.AddRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
                                 reply_to=self.api))

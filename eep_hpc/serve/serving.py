@@ -31,7 +31,8 @@ from eep_hpc.serve.generation import ChoiceDelta, TextOptions, collect, generate
 from eep_hpc.serve.metrics import ApiMetrics
 from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
 from eep_hpc.serve.prompts import Choice
-from eep_hpc.serve.sse import DONE, ClientDisconnected, EventStreamResponse, Write, event, unless_disconnected
+from eep_hpc.serve.sse import (DONE, ClientDisconnected, DirectLane, EventStreamResponse, Write, event,
+                               unless_disconnected)
 from eep_hpc.serve.write_log import WriteLog
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,12 @@ class Serving:
         req = await self.parse(request, endpoint.request_type)
         api = await endpoint.prepare(req, self.engine)
         reply = Reply(random_id(endpoint.id_prefix), now(), self.engine.model_name, api)
-        deltas = generate(self.engine, self.metrics, reply.id, api.choices, TextOptions.of(req))
+        # A stream of one choice without per-chunk usage may have its text-only chunks written where its tokens
+        # arrive (sse.DirectLane; generation.py says which outputs).
+        lane = DirectLane() if req.stream and len(api.choices) == 1 and not req.continuous_usage else None
+        deltas = generate(self.engine, self.metrics, reply.id, api.choices, TextOptions.of(req), lane)
         if req.stream:
-            return reply.stream(deltas, req, self.write_log)
+            return reply.stream(deltas, req, self.write_log, lane)
         return await reply.collect(request, deltas)
 
     async def parse(self, request: Request, cls: type[R]) -> R:
@@ -125,10 +129,11 @@ class Reply:
         return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest,
-               write_log: WriteLog | None = None) -> EventStreamResponse:
+               write_log: WriteLog | None = None, lane: DirectLane | None = None) -> EventStreamResponse:
         """SSE: the endpoint's first chunks, a chunk per delta, the usage chunk if asked for, then [DONE]. An engine
         error ends the stream with an error event; however the stream ends (cancelled too: the client left), the
-        deltas are closed (aborting the requests)."""
+        deltas are closed (aborting the requests). `lane` (one choice, no continuous usage): given the text
+        template of choice 0 once there is one, it writes the chunks of text-only deltas itself, the same bytes."""
         include_usage, continuous = req.include_usage, req.continuous_usage
         prompt_tokens, num_choices = self.api.prompt_tokens, len(self.api.choices)
 
@@ -155,9 +160,13 @@ class Reply:
         async def events(write: Write) -> None:
             tokens = [0] * num_choices
             writes = write_log.stream(self.id, num_choices) if write_log is not None else None
+            if lane is not None and writes is not None:
+                lane.written = writes.written
             try:
                 for c in self.api.first_choices():
                     await write(chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
+                if lane is not None:  # completions with echo: plain once the echo went out (below)
+                    lane.template = text_template(0)
                 async for d in deltas:
                     tokens[d.index] = d.num_tokens
                     if (d.finish_reason is None and d.text and not d.logprobs and not d.prompt_logprobs
@@ -174,6 +183,8 @@ class Reply:
                         continue
                     if writes is not None:  # the chunk has been handed to the socket
                         writes.written(d.index, d.num_tokens)
+                    if lane is not None and lane.template is None:
+                        lane.template = text_template(0)
                 else:
                     if include_usage:
                         await write(chunk(None, UsageInfo.of(prompt_tokens, sum(tokens))))
@@ -186,7 +197,7 @@ class Reply:
                 await deltas.aclose()  # type: ignore[attr-defined]
             await write(DONE)
 
-        return EventStreamResponse(events)
+        return EventStreamResponse(events, lane)
 
     async def collect(self, request: Request, deltas: AsyncIterator[ChoiceDelta]) -> Response:
         """The whole texts in one body; 499 when the client left first, 500 on an engine error."""

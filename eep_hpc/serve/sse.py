@@ -12,18 +12,35 @@ generator iterated by a loop that sends. As in Starlette's StreamingResponse, th
 while the request's task waits for the client's disconnect and then cancels that task: the cancellation is raised
 where the coroutine waits (for its next delta, or in a write), so its `finally` closes what it iterates, and the
 response waits for that (shielded from a cancellation of its own).
+
+The direct lane (`DirectLane`, for a stream of one choice of plain text: serving.py) goes further: once the start has
+gone out the usual way, the chunks of its text-only deltas are written straight to uvicorn's transport (httptools'
+request cycle, the server's default where httptools is installed) from where the engine dispatches its tokens
+(generation.py), framed as that cycle frames a body chunk (`<size hex>\\r\\n<chunk>\\r\\n`), with no task woken
+per token. It takes a chunk only while the cycle's own `send` would write it at once: the transport not paused
+(else the chunk waits in the stream's queue and goes through `send`, which waits for the client to read: nothing
+is lost, nothing buffers without bound), the client still there, the response not complete. Everything else (the
+first chunks, a finish, usage, [DONE], errors) goes through `send` from the stream's task as before, after the
+chunks written directly (one event loop, one transport, in order). A client leaving is seen as before (the watcher
+below), and cancels the task where it sleeps. Another server (h11, or an ASGI test harness) gets no lane.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from json.encoder import encode_basestring  # json.dumps(text, ensure_ascii=False) without a JSONEncoder per call
 from typing import Any, Awaitable, Callable, TypeVar
 
 import anyio
 from fastapi import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+try:
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _HttptoolsCycle
+except ImportError:  # no httptools: uvicorn serves with h11, whose framing is h11's, and there is no lane
+    _HttptoolsCycle = None
 
 T = TypeVar("T")
 
@@ -44,23 +61,62 @@ SERVER_SEND = "eep_hpc.server_send"  # scope key: the send the server gave the a
 Write = Callable[[bytes], Awaitable[None]]  # sends one chunk of the body
 
 
+class DirectLane:
+    """A stream's way around its task for the chunks of text-only deltas (generation.Lane; module docstring).
+    serving.py sets `template` (the chunk before and after its JSON-quoted text) and `written` (the write log's);
+    EventStreamResponse opens it on the server's request cycle once the response has started."""
+
+    __slots__ = ("_cycle", "_flow", "_write", "opened", "template", "written")
+
+    def __init__(self) -> None:
+        self._cycle = self._flow = self._write = None
+        self.opened = False
+        self.template: tuple[bytes, bytes] | None = None
+        self.written: Callable[[int, int], None] | None = None  # (choice index, its tokens so far), after a write
+
+    def open(self, server_send: Any) -> bool:
+        """Take the transport of the server's cycle, if it is httptools' and its response a started chunked one."""
+        cycle = getattr(server_send, "__self__", None)
+        if (_HttptoolsCycle is None or type(cycle) is not _HttptoolsCycle or not cycle.response_started
+                or cycle.chunked_encoding is not True or cycle.scope.get("method") == "HEAD"):
+            return False
+        self._cycle, self._flow, self._write = cycle, cycle.flow, cycle.transport.write
+        self.opened = True
+        return True
+
+    def ready(self) -> bool:
+        cycle = self._cycle
+        return (cycle is not None and self.template is not None and not self._flow.write_paused
+                and not cycle.disconnected and not cycle.response_complete)
+
+    def emit(self, text: str, num_tokens: int) -> None:
+        before, after = self.template
+        chunk = before + encode_basestring(text).encode() + after
+        self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))  # as the cycle's send frames a body chunk
+        if self.written is not None:
+            self.written(0, num_tokens)
+
+
 class EventStreamResponse(Response):
     """text/event-stream from `events(write)`, a coroutine that writes each event as it is ready (one `send` each);
-    see the module's docstring."""
+    see the module's docstring. `lane`: opened on the server's cycle once the start is out."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: Callable[[Write], Awaitable[None]]) -> None:
+    def __init__(self, events: Callable[[Write], Awaitable[None]], lane: DirectLane | None = None) -> None:
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events = events
+        self.events, self.lane = events, lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        server_send = scope.get(SERVER_SEND, send)
+        if self.lane is not None:
+            self.lane.open(server_send)
         # The chunks go out from a task of their own: a waiting stream is resumed through its await chain at every
         # token, which is short there and the whole middleware stack here.
-        writer = asyncio.ensure_future(_write(self.events, scope.get(SERVER_SEND, send)))
+        writer = asyncio.ensure_future(_write(self.events, server_send))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)

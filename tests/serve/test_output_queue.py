@@ -69,3 +69,47 @@ def test_error_and_abort_ends_prompt_logprobs_and_misaligned_logprobs_stay_apart
     assert [o.new_token_ids for o in got] == [[1], [2, 3]]
     got = drain([out([1]), out([2], lp=False), out([3], "length", lp=False)])
     assert [o.new_token_ids for o in got] == [[1], [2, 3]]
+
+
+def test_a_sink_takes_outputs_only_while_the_writer_waits_with_none_queued():
+    """Taken outputs never reach `get`; a declined one wakes the writer, and the sink sees nothing until the writer
+    waits again with nothing queued (the outputs keep their order)."""
+    async def run():
+        seen, got = [], []
+
+        def sink(o):
+            seen.append(o.new_token_ids[0])
+            return o.new_token_ids[0] % 2 == 1  # takes odd tokens
+
+        q = OutputQueue(sink)
+        q.put_nowait(out([1], lp=False))  # no writer waiting yet: queued
+        task = asyncio.create_task(q.get())
+        await asyncio.sleep(0)
+        got.append(task.result())
+        waiting = asyncio.create_task(q.get())
+        await asyncio.sleep(0)
+        for t in (3, 5, 6, 7):  # 3, 5 taken; 6 declined wakes it; 7 queued behind it, not offered
+            q.put_nowait(out([t], lp=False))
+        got.append(await waiting)
+        return seen, [o.new_token_ids for o in got]
+
+    seen, got = asyncio.run(run())
+    assert seen == [3, 5, 6]
+    assert got == [[1], [6, 7]]
+
+
+def test_a_sink_that_raises_fails_the_writer_not_the_dispatcher():
+    async def run():
+        def sink(o):
+            raise ValueError("boom")
+
+        q = OutputQueue(sink)
+        waiting = asyncio.create_task(q.get())
+        await asyncio.sleep(0)
+        q.put_nowait(out([1], lp=False))  # does not raise here
+        try:
+            await waiting
+        except ValueError as e:
+            return str(e), q.sink
+
+    assert asyncio.run(run()) == ("boom", None)
