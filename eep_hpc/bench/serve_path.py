@@ -5,8 +5,11 @@ lockstep ranks do. It reports the process CPU per token and how long after its s
 
     python -m eep_hpc.bench.serve_path --streams 512 --tokens 64 --steps-per-s 50
 
-The engine is in-process, so the figures leave out what bench-head measures besides: the rank messages, uvicorn's
-write and the clients.
+The engine is in-process, so the figures leave out what bench-head measures besides: the rank messages, the socket
+writes and the clients. `--server uvicorn` drives each request through uvicorn's own request cycle (httptools'; its
+`send` frames the chunks) over a transport that takes the bytes and writes nothing, so the chunked framing and the
+direct lane (serve/sse.py) are in; `--server asgi` (the default, as before) calls the app with a bare ASGI `send`.
+A chunk is timed when it reaches `send` (asgi) or the transport (uvicorn).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from eep_hpc import protocol as P
 from eep_hpc.config import ServeConfig
@@ -31,14 +36,17 @@ from eep_hpc.serve.output_queue import OutputQueue
 from eep_hpc.serve.sse import DONE
 
 
-# The stream whose request the current task serves: the engine's generator (iterated inside the response's task)
-# hands it the steps of the tokens it yields, and that stream's `send` times them.
+# The stream whose request the current task serves: the engine's generator (started inside the response's task)
+# hands it the (step, time) of each token put for it, and that stream's `send` (or transport) times them.
 STREAM: ContextVar[dict] = ContextVar("serve_path_stream")
 WARM_STEPS = 4  # steps before the measured ones
 
 
 class LockstepEngine:
-    """EngineClient: every `step()` puts one token into each open request's queue."""
+    """EngineClient: every `step()` puts one token into each open request's queue (offered to its sink first, as the
+    head's dispatch does, where the app passes one)."""
+
+    takes_sink = True
 
     def __init__(self, tokenizer: Tokenizer, token_ids: list[int]) -> None:
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, "bench", 4096
@@ -54,15 +62,14 @@ class LockstepEngine:
     def cluster_state(self) -> dict:
         return {}
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams):
-        queue = OutputQueue()
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: P.SamplingParams, sink=None):
+        queue = OutputQueue(sink) if sink is not None else OutputQueue()  # (an export of older serve/ too)
         self.open[request_id] = (queue, sampling.max_tokens)
         stamps = self.stamps[request_id] = deque()
-        stream = STREAM.get()
+        STREAM.get()["tokens"] = stamps  # each chunk sent carries the tokens put so far
         try:
             while True:
                 out = await queue.get()  # several tokens where the writer fell behind (merged)
-                stream["tokens"] = [stamps.popleft() for _ in out.new_token_ids]
                 yield out
                 if out.finish_reason is not None:
                     return
@@ -81,7 +88,29 @@ class LockstepEngine:
         return len(self.open)
 
 
-async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True) -> dict:
+class NullTransport:
+    """What uvicorn's cycle writes to: takes the bytes, times the chunks of text (the stream's `chunk`)."""
+
+    def __init__(self, chunk) -> None:
+        self.chunk = chunk
+
+    def write(self, data: bytes) -> None:
+        self.chunk(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True, server: str = "asgi") -> dict:
     if tokens <= WARM_STEPS + 1:
         raise ValueError("tokens must exceed the 4 warm-up steps and the last one")
     tokenizer = Tokenizer.from_dir(ensure_tiny_checkpoint())
@@ -100,9 +129,42 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     ended = [0]  # responses that reached [DONE]
     done = asyncio.Event()
 
+    def chunk(stream: dict, data: bytes) -> None:  # a body chunk reached send (asgi) or the transport (uvicorn)
+        if b"data: {" in data:
+            now = time.perf_counter()
+            stamps = stream["tokens"]
+            for k, at in stamps:
+                if k >= warm:
+                    delays.append(now - at)
+                    burst[k] = now - at
+            stamps.clear()
+            chunks[0] += 1
+        if data.endswith(DONE) or data.endswith(DONE + b"\r\n"):
+            ended[0] += 1
+
+    scope_of = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+
+    async def one_uvicorn() -> None:
+        stream = {"tokens": deque()}
+        STREAM.set(stream)
+        transport = NullTransport(lambda data: chunk(stream, data))
+        event = asyncio.Event()
+        cycle = RequestResponseCycle(dict(scope_of, headers=list(scope_of["headers"])), transport,
+                                     FlowControl(transport), None, None, False, [], event, False, True,
+                                     lambda: None)
+        cycle.body, cycle.more_body = bytearray(body), False
+        event.set()
+        await app(cycle.scope, cycle.receive, cycle.send)
+        statuses.append(200 if cycle.response_complete else 0)
+
     async def one() -> None:
+        if server == "uvicorn":
+            return await one_uvicorn()
         sent_body = False
-        stream = {"tokens": []}
+        stream = {"tokens": deque()}
         STREAM.set(stream)
 
         async def receive():
@@ -116,22 +178,10 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
         async def send(message):
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
-            elif message.get("body", b"").endswith(DONE):
-                ended[0] += 1
-            if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: {"):
-                now = time.perf_counter()
-                for k, at in stream["tokens"]:
-                    if k >= warm:
-                        delays.append(now - at)
-                        burst[k] = now - at
-                stream["tokens"] = []
-                chunks[0] += 1
+            elif message["type"] == "http.response.body":
+                chunk(stream, message.get("body", b""))
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
-        await app(scope, receive, send)
+        await app(dict(scope_of), receive, send)
 
     start_cpu = time.process_time()
     clients = [asyncio.create_task(one()) for _ in range(streams)]
@@ -151,7 +201,8 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     measured = len(delays)  # tokens of the measured steps (all of them: every stream runs to its end)
     ms = np.asarray(delays) * 1e3
     bursts = np.asarray([v for k, v in burst.items() if warm <= k < tokens - 1]) * 1e3  # steps that end nothing
-    return {"streams": streams, "gc_frozen": freeze, "statuses": sorted(set(statuses)), "ended": ended[0],
+    return {"streams": streams, "server": server, "gc_frozen": freeze, "statuses": sorted(set(statuses)),
+            "ended": ended[0],
             "tokens_per_stream": tokens, "steps_per_s": steps_per_s, "chunks": n, "tokens": measured,
             # the process's CPU (the driver's little share included) per token of the measured steps
             "cpu_us_per_token": cpu / measured * 1e6, "cpu_util": cpu / wall,
@@ -182,12 +233,15 @@ def main() -> None:
     ap.add_argument("--no-freeze", action="store_true", help="leave the start-up heap in the collector's walks")
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                     help="the event loop (the head and its API processes run uvloop where it is installed)")
+    ap.add_argument("--server", choices=["asgi", "uvicorn"], default="asgi",
+                    help="a bare ASGI send, or uvicorn's request cycle (its framing, the direct lane) over a null "
+                         "transport")
     ap.add_argument("--out", type=Path, help="write the runs here as JSON")
     args = ap.parse_args()
     runs = []
     for _ in range(args.repeats):
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            r = runner.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze))
+            r = runner.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze, args.server))
         r["loop"] = args.loop
         print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
               f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
