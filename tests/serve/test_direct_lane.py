@@ -148,14 +148,26 @@ async def whole_body(port: int, path: str, body: dict) -> bytes:
     return raw
 
 
-def run_once(tokenizer, script, path, body, lane: bool, endless=False) -> tuple[bytes, PushEngine]:
+COUNTED = (b"eep_hpc:num_requests_running", b"eep_hpc:prompt_tokens_total", b"eep_hpc:generation_tokens_total",
+           b"eep_hpc:request_success_total", b"eep_hpc:time_to_first_token_seconds_count",
+           b"eep_hpc:inter_token_latency_seconds_count", b"eep_hpc:e2e_request_latency_seconds_count",
+           b"eep_hpc:http_requests_total")
+
+
+def counted_metrics(app) -> list[bytes]:
+    """The request's counters (not its timings) as /metrics shows them."""
+    return [line for line in app.state.metrics.render().splitlines() if line.startswith(COUNTED)]
+
+
+def run_once(tokenizer, script, path, body, lane: bool, endless=False):
+    """-> (the raw chunked body, the engine, the request's counters)."""
     async def run():
         engine = PushEngine(tokenizer, script, endless)
         if not lane:
             engine.takes_sink = False  # the general path: every output through the stream's task
         app, server, stepper = await serving_app(engine)
         try:
-            return await whole_body(server.port, path, body), engine
+            return await whole_body(server.port, path, body), engine, counted_metrics(app)
         finally:
             stepper.cancel()
             await server.stop()
@@ -186,10 +198,11 @@ def test_direct_lane_sends_the_general_paths_bytes(tokenizer, fixed_id, case):
     path, extra = CASES[case]
     body = {"model": "m", "stream": True, "ignore_eos": True, **extra}
     script = tokenizer.encode(TEXT)
-    want, general = run_once(tokenizer, script, path, body, lane=False)
-    got, direct = run_once(tokenizer, script, path, body, lane=True)
+    want, general, want_metrics = run_once(tokenizer, script, path, body, lane=False)
+    got, direct, got_metrics = run_once(tokenizer, script, path, body, lane=True)
     assert general.direct == 0 and direct.direct > 10  # the lane took most tokens; the general path none
     assert got == want  # the whole chunked body, byte for byte
+    assert got_metrics == want_metrics and len(want_metrics) >= len(COUNTED)  # tokens, gaps, finish reason
     events = unchunk(got)
     assert events[-2:] == [b"data: [DONE]\n\n", b""]
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
