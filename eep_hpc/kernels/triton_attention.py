@@ -8,8 +8,7 @@ through the block table, and keeps an online softmax (log2 domain). Keys are mas
 
 Split-KV (flash-decoding) when the grid would leave the GPU idle (small decode batches): the KV range of each
 program is cut into at most NUM_SEGMENTS parts of at least MIN_SEG_TILES tiles each, written as unnormalised
-partials (acc, max, sum) that `_reduce_segments` merges (MERGE_LAST: the last live part of a query block to finish
-merges them itself, counted by an atomic per block; no second launch). NUM_SEGMENTS comes from the shapes (a graph stays valid),
+partials (acc, max, sum) that `_reduce_segments` merges. NUM_SEGMENTS comes from the shapes (a graph stays valid),
 the parts that own keys ("live") from the sequence length at run time: the other segment programs exit at once,
 segment 0 records the live count per (token, head), a single live part writes the final output itself and the
 reduce merges live parts only (a 320-token context with 32 segments: 1-3 parts, not 32). A sequence with seq_len 0 attends to nothing and gets zeros (padding sequences of a CUDA-graph batch:
@@ -39,7 +38,6 @@ class AttentionConfig:
     num_warps: int
     num_stages: int
     MIN_SEG_TILES: int = 1  # a KV part holds at least this many TILE_N tiles (short contexts: fewer live parts)
-    MERGE_LAST: bool = False  # the last live part to finish merges the parts (no reduce launch); live parts only
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -63,9 +61,7 @@ def pick_config(max_query_len: int, num_seqs: int, num_kv_heads: int, q_per_kv: 
         programs = max(num_seqs * num_kv_heads, 1)
         sms = _num_sms(device)
         segments = 1 if programs >= sms else min(32, triton.next_power_of_2(triton.cdiv(2 * sms, programs)))
-        min_tiles = _min_seg_tiles()
-        return AttentionConfig(block_m, 32 if wide else 128, segments, 4, 2, min_tiles,
-                               MERGE_LAST=min_tiles > 0 and merge_last_enabled())
+        return AttentionConfig(block_m, 32 if wide else 128, segments, 4, 2, _min_seg_tiles())
     block_m = max(32 if wide else 64, triton.next_power_of_2(q_per_kv))
     return AttentionConfig(block_m, 32 if wide else 64, 1, 4, 2, _min_seg_tiles())
 
@@ -74,15 +70,6 @@ def live_segments_enabled() -> bool:
     """`EEP_HPC_ATTN_LIVE_SEGMENTS=0`: the split-KV as before (every segment program runs and writes a partial,
     the reduce merges all NUM_SEGMENTS of them, decode programs search their sequence): for before/after timings."""
     return os.environ.get("EEP_HPC_ATTN_LIVE_SEGMENTS", "1") != "0"
-
-
-MERGE_LAST_DEFAULT = "0"  # not yet run on a GPU: opt in with EEP_HPC_ATTN_MERGE_LAST=1
-
-
-def merge_last_enabled() -> bool:
-    """`EEP_HPC_ATTN_MERGE_LAST=1`: the split-KV parts are merged by whichever live part finishes last (an arrival
-    counter per query block), not by a reduce kernel after the attention kernel (a launch of ~2 us at batch 1)."""
-    return os.environ.get("EEP_HPC_ATTN_MERGE_LAST", MERGE_LAST_DEFAULT) != "0"
 
 
 def _min_seg_tiles() -> int:
@@ -94,15 +81,15 @@ def _min_seg_tiles() -> int:
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # batch-dependent ints: no recompiles
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, seg_live_ptr, arrivals_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, seg_live_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2, num_seqs,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt,
     NUM_Q_HEADS: tl.constexpr, Q_PER_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_D_PAD: tl.constexpr, PAGE: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr, MIN_SEG_TILES: tl.constexpr, MERGE_LAST: tl.constexpr, DECODE: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, MIN_SEG_TILES: tl.constexpr, DECODE: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pdl_start(USE_PDL)
     qb = tl.program_id(0)
@@ -188,49 +175,15 @@ def _paged_attention_kernel(
         _store_output(out_ptrs, acc, l_i, row_ok[:, None] & d_ok[None, :])
     else:
         if MIN_SEG_TILES > 0:
-            if not MERGE_LAST:
-                if seg == 0:  # the live count, for the reduce
-                    tl.store(seg_live_ptr + token * NUM_Q_HEADS + head, live, mask=row_ok)
+            if seg == 0:  # the live count, for the reduce
+                tl.store(seg_live_ptr + token * NUM_Q_HEADS + head, live, mask=row_ok)
         if live <= 1:  # the whole range in this program: the final output, the reduce skips this row
             _store_output(out_ptrs, acc, l_i, row_ok[:, None] & d_ok[None, :])
         else:
-            rows = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS  # partials [T, Hq, NUM_SEGMENTS, (D)]
-            idx = rows + seg
+            idx = (token * NUM_Q_HEADS + head) * NUM_SEGMENTS + seg  # partials [T, Hq, NUM_SEGMENTS, (D)]
             tl.store(seg_max_ptr + idx, m_i, mask=row_ok)
             tl.store(seg_sum_ptr + idx, l_i, mask=row_ok)
             tl.store(seg_acc_ptr + idx[:, None] * HEAD_D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-            if MERGE_LAST:
-                # every thread's partial stored before the count goes up (the atomic releases them to the gpu)
-                tl.debug_barrier()
-                counter = arrivals_ptr + qb * tl.num_programs(1) + kvh
-                if tl.atomic_add(counter, 1, sem="acq_rel") == live - 1:  # the last live part of this block
-                    tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this one)
-                    _merge_parts(out_ptrs, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, rows, live, row_ok, offs_d, d_ok,
-                                 HEAD_D_PAD, BLOCK_M)
-
-
-@triton.jit
-def _merge_parts(out_ptrs, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, rows, live, row_ok, offs_d, d_ok,
-                 HEAD_D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Merge the live parts 0..live-1 of these rows, in that order whichever program runs it (the same sums on
-    every run); loads bypass L1 (other SMs wrote the parts)."""
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
-    for part in range(0, live):
-        idx = rows + part
-        m_p = tl.load(seg_max_ptr + idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l_p = tl.load(seg_sum_ptr + idx, mask=row_ok, other=0.0, cache_modifier=".cg")
-        acc_p = tl.load(seg_acc_ptr + idx[:, None] * HEAD_D_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0,
-                        cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_p)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_run - m_safe)
-        beta = tl.math.exp2(m_p - m_safe)
-        l_run = l_run * alpha + l_p * beta
-        acc = acc * alpha[:, None] + acc_p * beta[:, None]
-        m_run = m_new
-    _store_output(out_ptrs, acc, l_run, row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -271,22 +224,6 @@ def _reduce_segments(
              mask=offs_d < HEAD_D)
 
 
-_ARRIVALS: dict[int, torch.Tensor] = {}
-_ARRIVALS_EVER: list[torch.Tensor] = []  # CUDA graphs captured with an older, smaller buffer still use it
-
-
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n int32 zeros that stay allocated (a captured graph keeps their address); every launch leaves them at zero
-    (the last arrival resets its counter). One set per device: kernels on one stream run one after another."""
-    key = device.index if device.index is not None else -1
-    buf = _ARRIVALS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = buf
-        _ARRIVALS_EVER.append(buf)
-    return buf
-
-
 def _segment_buffers(T: int, Hq: int, nseg: int, d_pad: int, device: torch.device):
     """Partials (acc [T, Hq, nseg, d_pad], max, sum [T, Hq, nseg]) and the live count [T, Hq] (tests poison them)."""
     seg_max = torch.empty(T, Hq, nseg, dtype=torch.float32, device=device)
@@ -315,7 +252,6 @@ def paged_attention_triton(
     d_pad = max(16, triton.next_power_of_2(D))
     nseg = cfg.NUM_SEGMENTS
     assert nseg & (nseg - 1) == 0, "NUM_SEGMENTS must be a power of two"
-    merge_last = nseg > 1 and cfg.MERGE_LAST and cfg.MIN_SEG_TILES > 0
     if nseg > 1:
         seg_acc, seg_max, seg_sum, seg_live = _segment_buffers(T, Hq, nseg, d_pad, q.device)
     else:
@@ -325,9 +261,8 @@ def paged_attention_triton(
     # kept on the search with EEP_HPC_ATTN_LIVE_SEGMENTS=0 (the before of a before/after)
     decode = meta.max_query_len <= 1 and T == B and cfg.MIN_SEG_TILES > 0
     grid = (B if decode else T // block_q + B, Hkv, nseg)
-    arrivals = _arrival_counters(grid[0] * Hkv, q.device) if merge_last else seg_live
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, seg_acc, seg_max, seg_sum, seg_live, arrivals,
+        q, k_cache, v_cache, out, seg_acc, seg_max, seg_sum, seg_live,
         tables, meta.seq_lens_device, meta.query_start_loc_device,
         scale * 1.4426950408889634, B,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -335,10 +270,10 @@ def paged_attention_triton(
         out.stride(0), out.stride(1), tables.stride(0),
         NUM_Q_HEADS=Hq, Q_PER_KV=q_per_kv, BLOCK_Q=block_q, BLOCK_M=cfg.BLOCK_M,
         HEAD_D=D, HEAD_D_PAD=d_pad, PAGE=page, TILE_N=cfg.TILE_N, NUM_SEGMENTS=nseg,
-        MIN_SEG_TILES=cfg.MIN_SEG_TILES, MERGE_LAST=merge_last, DECODE=decode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        MIN_SEG_TILES=cfg.MIN_SEG_TILES, DECODE=decode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q),
     )
-    if nseg > 1 and not merge_last:
+    if nseg > 1:
         _reduce_segments[(T, Hq)](
             out, seg_acc, seg_max, seg_sum, seg_live, out.stride(0), out.stride(1),
             NUM_Q_HEADS=Hq, HEAD_D=D, HEAD_D_PAD=d_pad, NUM_SEGMENTS=nseg, ALL_LIVE=cfg.MIN_SEG_TILES == 0,

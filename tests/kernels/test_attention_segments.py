@@ -34,9 +34,8 @@ def poisoned(monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("merge_last", [False, True], ids=["reduce", "merge-last"])
 @pytest.mark.parametrize("min_tiles", [0, 1, 2, 4])
-def test_decode_live_segments(poisoned, min_tiles, merge_last, dtype):
+def test_decode_live_segments(poisoned, min_tiles, dtype):
     """A decode batch (T == B: program b is sequence b) over contexts from 0 to many parts, every segment count."""
     from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
 
@@ -46,7 +45,7 @@ def test_decode_live_segments(poisoned, min_tiles, merge_last, dtype):
     meta, q, _, _, k_cache, v_cache = _attention_case(qlens, ctxs, 4, 2, 16, 4, dtype)
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, 0.25)
     for nseg in (2, 4, 32):
-        cfg = AttentionConfig(16, 16, nseg, 4, 2, min_tiles, MERGE_LAST=merge_last)
+        cfg = AttentionConfig(16, 16, nseg, 4, 2, min_tiles)
         out = torch.full_like(q, float("nan"))
         paged_attention_triton(q, k_cache, v_cache, meta, 0.25, config=cfg, out=out)
         assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
@@ -65,8 +64,7 @@ def test_mixed_batch_live_segments(poisoned, dtype):
     meta, q, _, _, k_cache, v_cache = _attention_case(qlens, ctxs, 4, 2, 16, 4, dtype)
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, 0.25)
     for cfg in (AttentionConfig(32, 16, 4, 4, 2, 1), AttentionConfig(16, 16, 8, 4, 2, 2),
-                AttentionConfig(32, 32, 4, 4, 2, 0), AttentionConfig(32, 16, 4, 4, 2, 1, MERGE_LAST=True),
-                AttentionConfig(16, 16, 8, 4, 2, 2, MERGE_LAST=True)):
+                AttentionConfig(32, 32, 4, 4, 2, 0)):
         out = torch.full_like(q, float("nan"))
         paged_attention_triton(q, k_cache, v_cache, meta, 0.25, config=cfg, out=out)
         assert rel_err(out, ref) <= TOL[dtype], (cfg, rel_err(out, ref))
@@ -86,8 +84,7 @@ def test_decode_padding_sequences_get_zeros_with_live_segments(poisoned):
                                      page, DEVICE)
     k_cache, v_cache = torch.randn(2, 12, page, Hkv, D, device=DEVICE)
     q = torch.randn(4, Hq, D, device=DEVICE)
-    for cfg in (AttentionConfig(16, 16, 4, 4, 2, 1), AttentionConfig(16, 16, 32, 4, 2, 2),
-                AttentionConfig(16, 16, 4, 4, 2, 1, MERGE_LAST=True)):
+    for cfg in (AttentionConfig(16, 16, 4, 4, 2, 1), AttentionConfig(16, 16, 32, 4, 2, 2)):
         want = paged_attention_reference(q[:2].double(), k_cache.double(), v_cache.double(), real, 0.25)
         out = torch.full_like(q, float("nan"))
         paged_attention_triton(q, k_cache, v_cache, padded, 0.25, config=cfg, out=out)
@@ -121,36 +118,3 @@ def test_legacy_split_still_matches(monkeypatch):
     paged_attention_triton(q, k_cache, v_cache, meta, 0.25, out=out)
     ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, 0.25)
     assert rel_err(out, ref) <= 1e-5
-
-
-@needs_kernels
-def test_merge_last_leaves_the_counters_at_zero_and_launches_no_reduce(poisoned, monkeypatch):
-    """MERGE_LAST: whichever live part finishes last merges the parts, so no reduce kernel runs; every counter is
-    back at zero after the launch (a CUDA graph replays it), and the result is the same on every run."""
-    from eep_hpc.kernels import triton_attention
-    from eep_hpc.kernels.triton_attention import AttentionConfig, paged_attention_triton
-
-    random.seed(6)
-    torch.manual_seed(6)
-    meta, q, _, _, k_cache, v_cache = _attention_case([1, 1, 1], [100, 3, 257], 4, 2, 16, 4, torch.float32)
-    monkeypatch.setattr(triton_attention, "_reduce_segments", None)  # launching it would fail
-    cfg = AttentionConfig(16, 16, 8, 4, 2, 1, MERGE_LAST=True)
-    runs = []
-    for _ in range(3):
-        out = torch.full_like(q, float("nan"))
-        paged_attention_triton(q, k_cache, v_cache, meta, 0.25, config=cfg, out=out)
-        runs.append(out)
-        assert not triton_attention._arrival_counters(1, q.device).any()
-    ref = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), meta, 0.25)
-    assert rel_err(runs[0], ref) <= 1e-5 and all(torch.equal(runs[0], r) for r in runs[1:])
-
-
-def test_merge_last_is_picked_only_with_live_segments(monkeypatch):
-    from eep_hpc.kernels import triton_attention
-    from eep_hpc.kernels.triton_attention import pick_config
-
-    monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 132)
-    monkeypatch.setenv("EEP_HPC_ATTN_MERGE_LAST", "1")
-    assert pick_config(1, 1, 4, 8, 128, torch.bfloat16, torch.device("cuda")).MERGE_LAST
-    monkeypatch.setenv("EEP_HPC_ATTN_LIVE_SEGMENTS", "0")  # every part runs: the reduce merges them
-    assert not pick_config(1, 1, 4, 8, 128, torch.bfloat16, torch.device("cuda")).MERGE_LAST
