@@ -146,13 +146,10 @@ def swiglu_experts(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor, w2: t
     return swiglu_experts_reference(x, slot, w13, w2, scales)
 
 
-ONE_TOKEN_MOE_DEFAULT = "0"  # not yet run on a GPU: opt in with EEP_HPC_MOE_ONE_TOKEN=1
-
-
 def one_token_moe_enabled() -> bool:
-    """`EEP_HPC_MOE_ONE_TOKEN=1` runs one token's experts and their sum as two weight-streaming kernels, `0` on the
-    grouped GEMMs and the weighted-sum kernel (read at each call: a benchmark compares both in one process)."""
-    return os.environ.get("EEP_HPC_MOE_ONE_TOKEN", ONE_TOKEN_MOE_DEFAULT) != "0"
+    """`EEP_HPC_MOE_ONE_TOKEN=0` keeps one token's experts on the grouped GEMMs and the weighted-sum kernel (read at
+    each call: a benchmark compares both in one process)."""
+    return os.environ.get("EEP_HPC_MOE_ONE_TOKEN", "1") != "0"
 
 
 def swiglu_experts_combined(x: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,

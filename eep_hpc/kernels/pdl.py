@@ -10,8 +10,9 @@ comes first thing in every program, before any early return, so a kernel complet
 did: "complete" stays transitive down the chain, and a kernel may read what any earlier kernel wrote. Kernels
 launched without PDL (torch's, and ours where it is off) wait for their predecessor as always.
 
-Off until measured on a GPU: `EEP_HPC_PDL=1` launches with it, `0` without (read at each launch: a benchmark
-compares both in one process; a captured CUDA graph keeps what it captured).
+On by default (H100, batch-1 decode step 3.42 -> 3.26 ms, the same greedy tokens with and without: tests/kernels/
+test_pdl.py); `EEP_HPC_PDL=0` launches without it (read at each launch: a benchmark compares both in one process; a
+captured CUDA graph keeps what it captured).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 
-PDL_DEFAULT = "0"  # not yet run on a GPU: opt in with EEP_HPC_PDL=1
+PDL_DEFAULT = "1"
 
 
 @functools.cache

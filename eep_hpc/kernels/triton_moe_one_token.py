@@ -15,8 +15,9 @@ combine's weighted sum is a third launch. Here:
 Pairs whose slot is outside [0, S) (padding of a graph batch, an idle rank's zero rows) add nothing. The loops over K
 and over the pairs are unrolled (trip counts from the shapes), so the loads of later steps can be issued before the
 arithmetic of earlier ones: a program keeps several weight tiles in flight, which one row of arithmetic cannot hide.
-`ops.swiglu_experts_combined` picks this path with `EEP_HPC_MOE_ONE_TOKEN=1` (off by default until timed on a GPU;
-`0` keeps the grouped GEMMs and the weighted-sum kernel: before/after in one process).
+`ops.swiglu_experts_combined` picks this path; `EEP_HPC_MOE_ONE_TOKEN=0` keeps the grouped GEMMs and the weighted-sum
+kernel (before/after in one process). H100, batch-1 step: w2 and the sum 668 -> 574 us, w13 as fast as the grouped
+GEMM (969 -> 974 us): the step 3.42 -> 3.23 ms.
 """
 
 from __future__ import annotations

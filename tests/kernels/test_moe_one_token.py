@@ -39,12 +39,15 @@ SHAPES = [
     pytest.param(1, 3, 48, 16, id="k1"),
     pytest.param(8, 128, 2048, 768, id="qwen3", marks=big),
 ]
+# the model takes this path in bf16/fp16 only: at Qwen3's shapes fp32 tiles (twice the registers) took ptxas minutes
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,S,D,I", SHAPES)
 def test_one_token_experts_match_the_reference(k, S, D, I, dtype):
+    if dtype == torch.float32 and D > 256:
+        pytest.skip("fp32 at full size: not a path the model takes")
     from eep_hpc.kernels.triton_moe_one_token import OneTokenConfig, one_token_experts_triton
 
     x, slot, weights, w13, w2 = _case(k, S, D, I, dtype, seed=k * 100 + D)
@@ -106,7 +109,6 @@ def test_ops_take_the_one_token_kernels_on_the_gpu(monkeypatch):
     sums = []
     real = triton_combine.weighted_sum_triton
     monkeypatch.setattr(triton_combine, "weighted_sum_triton", lambda *a: sums.append(1) or real(*a))
-    monkeypatch.setenv("EEP_HPC_MOE_ONE_TOKEN", "1")
     fused = ops.swiglu_experts_combined(x, slot, weights, w13, w2)
     assert sums == []
     monkeypatch.setenv("EEP_HPC_MOE_ONE_TOKEN", "0")
