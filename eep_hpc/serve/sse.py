@@ -77,10 +77,15 @@ class DirectLane:
     def open(self, server_send: Any) -> bool:
         """Take the transport of the server's cycle, if it is httptools' and its response a started chunked one."""
         cycle = getattr(server_send, "__self__", None)
-        if (_HttptoolsCycle is None or type(cycle) is not _HttptoolsCycle or not cycle.response_started
-                or cycle.chunked_encoding is not True or cycle.scope.get("method") == "HEAD"):
+        try:  # uvicorn's cycle internals (uvicorn is not pinned): a version without them gets no lane, not an error
+            if (_HttptoolsCycle is None or type(cycle) is not _HttptoolsCycle or not cycle.response_started
+                    or cycle.chunked_encoding is not True or cycle.scope.get("method") == "HEAD"):
+                return False
+            self._cycle, self._flow, self._write = cycle, cycle.flow, cycle.transport.write
+            cycle.disconnected, cycle.response_complete, self._flow.write_paused  # noqa: B018 (read by ready())
+        except AttributeError:
+            self._cycle = self._flow = self._write = None
             return False
-        self._cycle, self._flow, self._write = cycle, cycle.flow, cycle.transport.write
         self.opened = True
         return True
 
