@@ -152,9 +152,10 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
         STREAM.set(stream)
         transport = NullTransport(lambda data: chunk(stream, data))
         event = asyncio.Event()
-        cycle = RequestResponseCycle(dict(scope_of, headers=list(scope_of["headers"])), transport,
-                                     FlowControl(transport), None, None, False, [], event, False, True,
-                                     lambda: None)
+        cycle = RequestResponseCycle(  # by keyword: uvicorn is not pinned
+            scope=dict(scope_of, headers=list(scope_of["headers"])), transport=transport,
+            flow=FlowControl(transport), logger=None, access_logger=None, access_log=False, default_headers=[],
+            message_event=event, expect_100_continue=False, keep_alive=True, on_response=lambda: None)
         cycle.body, cycle.more_body = bytearray(body), False
         event.set()
         await app(cycle.scope, cycle.receive, cycle.send)
