@@ -191,12 +191,16 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     start_cpu = time.process_time() - start_cpu
     period = 1.0 / steps_per_s
     cpu0 = wall0 = n0 = None
+    end_cpu = 0.0
     for k in range(tokens):
         if k == warm:
             cpu0, wall0, n0 = time.process_time(), time.perf_counter(), chunks[0]
+        if k == tokens - 1:
+            end_cpu = time.process_time()
         engine.step(k)
         await asyncio.sleep(max(0.0, period - (time.perf_counter() - engine.step_at[1])))
     await asyncio.gather(*clients)
+    end_cpu = time.process_time() - end_cpu
     done.set()
     cpu, wall, n = time.process_time() - cpu0, time.perf_counter() - wall0, chunks[0] - n0
     measured = len(delays)  # tokens of the measured steps (all of them: every stream runs to its end)
@@ -209,6 +213,9 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
             "cpu_us_per_token": cpu / measured * 1e6, "cpu_util": cpu / wall,
             # the CPU from the first request sent to every engine request open (HTTP, validation, prompt), per request
             "start_cpu_us_per_request": start_cpu / streams * 1e6,
+            # the CPU from the last step (every request's last token, with its finish) to every response complete,
+            # per request: the last chunk, the usage and [DONE] if any, the engine request and the response closed
+            "end_cpu_us_per_request": end_cpu / streams * 1e6,
             "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                                 "max": float(ms.max())},
             # how long after a step its last chunk reached send (lockstep: the whole burst's time), steps that end
@@ -245,7 +252,8 @@ def main() -> None:
             r = runner.run(run(args.streams, args.tokens, args.steps_per_s, not args.no_freeze, args.server))
         r["loop"] = args.loop
         print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
-              f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
+              f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, "
+              f"{r['end_cpu_us_per_request']:.0f} us to end it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
               f"p99 {r['step_to_send_ms']['p99']:.2f} ms; a step's burst p50 {r['burst_ms']['p50']:.2f} ms max "
               f"{r['burst_ms']['max']:.2f} ms, the last step's {r['burst_ms']['last_step']:.2f} ms", flush=True)
         runs.append(r)

@@ -18,3 +18,4 @@ def test_serve_path_streams_every_request_to_its_end(server):
     assert r["tokens"] == 16 * 8 and 0 < r["chunks"] <= 16 * 8 and r["cpu_us_per_token"] > 0
     assert 0 <= r["step_to_send_ms"]["p50"] <= r["step_to_send_ms"]["p99"] <= r["step_to_send_ms"]["max"]
     assert r["burst_ms"]["last_step"] > 0
+    assert r["start_cpu_us_per_request"] > 0 and r["end_cpu_us_per_request"] > 0
