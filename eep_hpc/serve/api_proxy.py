@@ -22,6 +22,11 @@ class ToHeadMiddleware:
         self.app = app
         self.client = httpx.AsyncClient(base_url=head_url, timeout=None)  # a grow waits for its event
 
+    @staticmethod
+    def passes_through(path: str) -> bool:
+        """Requests of this path go on to the app as they came (app.hot_routes asks)."""
+        return not passed_on(path)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not passed_on(scope.get("path", "")):
             await self.app(scope, receive, send)

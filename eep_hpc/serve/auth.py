@@ -11,7 +11,7 @@ import hmac
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from eep_hpc.serve.errors import unauthorized
+from eep_hpc.serve.errors import ApiError, unauthorized
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -26,18 +26,23 @@ class BearerAuthMiddleware:
         rules = (("/v1/", api_key, "API key"), ("/admin/", admin_token, "admin token"))  # (prefix, secret, what)
         self.rules = [rule for rule in rules if rule[1]]
 
+    def refusal(self, scope: Scope) -> ApiError | None:
+        """The 401 for this request, if its path needs a token it lacks (app.App's hot routes ask it too)."""
+        path = scope.get("path", "")
+        for prefix, secret, what in self.rules:
+            if path.startswith(prefix) or path == prefix.rstrip("/"):
+                token = _bearer(scope)
+                if token is None:
+                    return unauthorized(f"Missing {what}: send the header 'Authorization: Bearer <{what}>'.")
+                if not hmac.compare_digest(token.encode(), secret.encode()):
+                    return unauthorized(f"Incorrect {what} provided.")
+                return None
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = scope.get("path", "")
-            for prefix, secret, what in self.rules:
-                if path.startswith(prefix) or path == prefix.rstrip("/"):
-                    token = _bearer(scope)
-                    if token is None:
-                        error = unauthorized(f"Missing {what}: send the header 'Authorization: Bearer <{what}>'.")
-                    elif not hmac.compare_digest(token.encode(), secret.encode()):
-                        error = unauthorized(f"Incorrect {what} provided.")
-                    else:
-                        break
-                    await error.response()(scope, receive, send)
-                    return
+            error = self.refusal(scope)
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
         await self.app(scope, receive, send)

@@ -184,15 +184,20 @@ class CatchAllMiddleware:
         try:
             await self.app(scope, receive, send_tracking)
         except Exception:
-            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                return  # the body cannot be replaced any more; the server closes the connection
-            body = json.dumps(internal_error().body()).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await self.failed(scope, send, started)
+
+    @staticmethod
+    async def failed(scope: Scope, send: Send, started: bool) -> None:
+        """What an exception no handler took becomes (called in its `except`; app.App's hot routes call it too)."""
+        logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+        if started:
+            return  # the body cannot be replaced any more; the server closes the connection
+        body = json.dumps(internal_error().body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -197,6 +197,10 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.http_requests_in_progress.dec()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.child(self.metrics.http_requests, route, scope.get("method", ""), str(status)).inc()
+            self.done(scope, status)
+
+    def done(self, scope: Scope, status: int) -> None:
+        """A request's end (app.App's hot routes call it too; `http_requests_in_progress.inc()` at its start)."""
+        self.metrics.http_requests_in_progress.dec()
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.metrics.child(self.metrics.http_requests, route, scope.get("method", ""), str(status)).inc()

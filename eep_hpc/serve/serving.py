@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # json.dumps(text, ensure_ascii=False) without a JSONEncoder per call
-from typing import AsyncIterator, ClassVar, Protocol, TypeVar
+from typing import AsyncIterator, Callable, ClassVar, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -41,6 +41,16 @@ R = TypeVar("R", bound=BaseModel)
 E = TypeVar("E", bound="Endpoint")
 
 TEXT_SLOT = "eep-hpc:text-slot"  # a placeholder text, found once in a rendered chunk
+FINISH_SLOT = "eep-hpc:finish-slot"  # a placeholder finish reason
+ID_SLOT = "eep-hpc:id-slot"  # a placeholder response id
+CREATED_SLOT = 4_102_444_799_987  # a placeholder creation time (no real one: the year 131,970)
+_SLOTS = (b'"' + ID_SLOT.encode() + b'"', str(CREATED_SLOT).encode())
+MAX_CACHED_INDEX = 128  # chunk shapes of choices 0..127 are kept (per endpoint, model, kind), others made per request
+
+# A streamed chunk's shape (Reply.cut): the chunk rendered once with placeholders for the response's id, creation
+# time, text and finish reason, cut at them, by (endpoint, model, usage key shown, kind, choice index). None: the
+# placeholders were not each found once in order, and such chunks are made by pydantic every time.
+_shapes: dict[tuple, list[bytes] | None] = {}
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
 
 
@@ -73,9 +83,11 @@ class Endpoint(Protocol):
         ...
 
     def plain_text(self, index: int) -> bool:
-        """Whether a chunk of this choice that carries only text (no logprobs, not finishing) reads the same at
-        every token but for the text, and making it has no side effect (then it is framed from a template). Once
-        True for a choice, it stays True (completions: false until the echo went out with the first chunk)."""
+        """Whether a chunk of this choice that carries only text (no logprobs), or text and a finish reason, reads
+        the same at every token but for the text and finish reason, and making it has no side effect; and reads the
+        same in every request of the endpoint but for the response's id, creation time and model (then it is framed
+        from a template: Reply.cut). Once True for a choice, it stays True (completions: false until the echo went
+        out with the first chunk)."""
         ...
 
 
@@ -115,6 +127,21 @@ class Serving:
         return req
 
 
+_TEXT, _FINISH = b'"' + TEXT_SLOT.encode() + b'"', b'"' + FINISH_SLOT.encode() + b'"'
+
+
+def _cut(rendered: bytes, slots: tuple[bytes, ...]) -> list[bytes] | None:
+    """`rendered` cut at each slot in turn, or None unless each is found exactly once, after the one before."""
+    pieces = [rendered]
+    for slot in slots:
+        rest = pieces.pop()
+        if rendered.count(slot) != 1 or rest.count(slot) != 1:
+            return None
+        before, _, after = rest.partition(slot)
+        pieces += [before, after]
+    return pieces
+
+
 @dataclass
 class Reply:
     """The response to one request: its id, creation time and model, and the endpoint's choice layout."""
@@ -123,10 +150,32 @@ class Reply:
     created: int
     model: str
     api: Endpoint
+    _head: tuple[bytes, bytes] | None = None  # the id (JSON) and creation time, as they read in a chunk
 
     def body(self, choices: list[BaseModel], usage: UsageInfo | None, whole: bool = False) -> BaseModel:
         cls = self.api.body_type if whole else self.api.chunk_type
         return cls(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def cut(self, key: tuple, index: int, choice: Callable[[], BaseModel], exclude: set[str] | None,
+            slots: tuple[bytes, ...]) -> list[bytes] | None:
+        """The chunk (SSE event) of `choice()` and no usage, cut at `slots` (its placeholders, in order), with this
+        response's id and creation time in its first piece: `pieces[0] + slot 0's value + pieces[1] + ...` is the
+        chunk pydantic makes. The shape is made once per endpoint, model, `exclude` and `key` (and choice index, for
+        the first MAX_CACHED_INDEX choices), so a request's chunks are made without pydantic. None: not cuttable."""
+        shape_key = (type(self.api), self.model, exclude is None, key, index)
+        shape = _shapes.get(shape_key, False) if index < MAX_CACHED_INDEX else False
+        if shape is False:
+            body = self.api.chunk_type(id=ID_SLOT, created=CREATED_SLOT, model=self.model, choices=[choice()],
+                                       usage=None)
+            shape = _cut(event(body.model_dump_json(exclude=exclude)), _SLOTS + slots)
+            if index < MAX_CACHED_INDEX:
+                _shapes[shape_key] = shape
+        if shape is None:
+            return None
+        head = self._head
+        if head is None:
+            head = self._head = (encode_basestring(self.id).encode(), str(self.created).encode())
+        return [shape[0] + head[0] + shape[1] + head[1] + shape[2], *shape[3:]]
 
     def stream(self, deltas: AsyncIterator[ChoiceDelta], req: SamplingRequest,
                write_log: WriteLog | None = None, lane: DirectLane | None = None) -> EventStreamResponse:
@@ -136,11 +185,12 @@ class Reply:
         template of choice 0 once there is one, it writes the chunks of text-only deltas itself, the same bytes."""
         include_usage, continuous = req.include_usage, req.continuous_usage
         prompt_tokens, num_choices = self.api.prompt_tokens, len(self.api.choices)
+        # OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no key else.
+        exclude = None if include_usage or continuous else {"usage"}
 
         def chunk(choice: BaseModel | None, usage: UsageInfo | None) -> bytes:
             body = self.body([choice] if choice is not None else [], usage)
-            # OpenAI's chunks carry "usage": null until the last one when usage was asked for, and no key else.
-            return event(body.model_dump_json(exclude=None if include_usage or continuous else {"usage"}))
+            return event(body.model_dump_json(exclude=exclude))
 
         # Per choice, once its chunks read the same at every token but for the text (Endpoint.plain_text): the
         # chunk of a delta that only carries text, before and after its text. Such a chunk is framed from these: the
@@ -152,10 +202,31 @@ class Reply:
             """The choice's template, made from a placeholder text the first time its chunks are plain."""
             if continuous or not self.api.plain_text(index):
                 return None
-            rendered = chunk(self.api.stream_choice(ChoiceDelta(index, TEXT_SLOT, 0)), None)
-            before, _, after = rendered.partition(b'"' + TEXT_SLOT.encode() + b'"')
-            templates[index] = (before, after)
-            return before, after
+            pieces = self.cut(("text",), index, lambda: self.api.stream_choice(ChoiceDelta(index, TEXT_SLOT, 0)),
+                              exclude, (_TEXT,))
+            if pieces is None:
+                return None
+            templates[index] = before_after = (pieces[0], pieces[1])
+            return before_after
+
+        def finish_chunk(d: ChoiceDelta) -> bytes | None:
+            """The chunk of a plain choice's last delta (text, if any, and a finish reason), from its shape."""
+            if continuous or not self.api.plain_text(d.index):
+                return None
+            if d.text:
+                pieces = self.cut(("finish", True), d.index,
+                                  lambda: self.api.stream_choice(ChoiceDelta(d.index, TEXT_SLOT, 0, FINISH_SLOT)),
+                                  exclude, (_TEXT, _FINISH))
+                if pieces is None:
+                    return None
+                return (pieces[0] + encode_basestring(d.text).encode() + pieces[1]
+                        + encode_basestring(d.finish_reason).encode() + pieces[2])
+            pieces = self.cut(("finish", False), d.index,
+                              lambda: self.api.stream_choice(ChoiceDelta(d.index, "", 0, FINISH_SLOT)),
+                              exclude, (_FINISH,))
+            if pieces is None:
+                return None
+            return pieces[0] + encode_basestring(d.finish_reason).encode() + pieces[1]
 
         async def events(write: Write) -> None:
             tokens = [0] * num_choices
@@ -164,7 +235,9 @@ class Reply:
                 lane.written = writes.written
             try:
                 for c in self.api.first_choices():
-                    await write(chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
+                    first = None if continuous else self.cut(("first",), c.index, lambda: c, exclude, ())
+                    await write(first[0] if first is not None
+                                else chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
                 if lane is not None:  # completions with echo: plain once the echo went out (below)
                     lane.template = text_template(0)
                 async for d in deltas:
@@ -176,6 +249,9 @@ class Reply:
                           and (failed := ended_with_error(d.finish_reason, d.error)) is not None):
                         await write(event(failed.body()))  # an engine failure, or the server shutting down
                         break
+                    elif (d.finish_reason is not None and not d.logprobs and not d.prompt_logprobs
+                          and (last := finish_chunk(d)) is not None):
+                        await write(last)
                     elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
                         usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
                         await write(chunk(self.api.stream_choice(d), usage))
