@@ -108,10 +108,18 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
+    _raw_headers: list[tuple[bytes, bytes]] | None = None  # what init_headers makes of HEADERS, made once
+
+    HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
     def __init__(self, events: Callable[[Write], Awaitable[None]], lane: DirectLane | None = None) -> None:
         self.status_code = 200
         self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        cls = type(self)
+        if cls._raw_headers is None:
+            self.init_headers(self.HEADERS)
+            cls._raw_headers = list(self.raw_headers)
+        self.raw_headers = list(cls._raw_headers)  # a list of its own, as init_headers makes
         self.events, self.lane = events, lane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
