@@ -129,10 +129,11 @@ class EventStreamResponse(Response):
             self.lane.open(server_send)
         # The chunks go out from a task of their own: a waiting stream is resumed through its await chain at every
         # token, which is short there and the whole middleware stack here.
-        writer = asyncio.ensure_future(_write(self.events, server_send))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(_write(self.events, server_send))
+        watcher = loop.create_task(_wait_disconnect(receive))
         try:
-            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await _first_done(loop, writer, watcher)
         finally:
             watcher.cancel()
             if not writer.done():  # the client went away (or the server is stopping): stop streaming
@@ -146,6 +147,26 @@ class EventStreamResponse(Response):
 async def _write(events: Callable[[Write], Awaitable[None]], send: Send) -> None:
     await events(lambda chunk: send({"type": "http.response.body", "body": chunk, "more_body": True}))
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _first_done(loop: asyncio.AbstractEventLoop, a: asyncio.Task, b: asyncio.Task) -> None:
+    """asyncio.wait((a, b), return_when=FIRST_COMPLETED) without its sets and counter: a request's start and end
+    each paid for them."""
+    if a.done() or b.done():
+        return
+    first = loop.create_future()
+
+    def wake(_: asyncio.Task) -> None:
+        if not first.done():
+            first.set_result(None)
+
+    a.add_done_callback(wake)
+    b.add_done_callback(wake)
+    try:
+        await first
+    finally:
+        a.remove_done_callback(wake)
+        b.remove_done_callback(wake)
 
 
 class ClientDisconnected(Exception):

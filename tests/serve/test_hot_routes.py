@@ -231,3 +231,24 @@ def test_hot_routes_only_under_the_stack_create_app_builds(tokenizer):
     app.router.routes.insert(0, Route("/v1/completions", lambda request: None, methods=["POST"]))
     app.middleware_stack = app.build_middleware_stack()
     assert hot_routes(app) is None
+
+
+def test_response_ids_read_as_uuid4_and_a_forked_child_draws_its_own():
+    import os
+    import uuid
+
+    from eep_hpc.serve.openai_protocol import random_id
+
+    ids = [random_id("cmpl") for _ in range(3000)]  # several refills of the buffer
+    assert len(set(ids)) == len(ids)
+    for i in ids:
+        prefix, _, hex_ = i.partition("-")
+        u = uuid.UUID(hex_)
+        assert prefix == "cmpl" and u.hex == hex_ and u.version == 4 and u.variant == uuid.RFC_4122
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, random_id("x").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 100).decode() != random_id("x")
