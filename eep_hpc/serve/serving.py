@@ -111,7 +111,7 @@ class Serving:
 
     async def parse(self, request: Request, cls: type[R]) -> R:
         try:
-            body = await request.body()
+            body = await read_body(request)
         except ClientDisconnect:  # nobody is left to read the answer; not a server error
             message = "The client closed the connection before the request body was complete."
             raise ApiError(CLIENT_CLOSED, message) from None
@@ -125,6 +125,24 @@ class Serving:
         if not self.engine.ready():
             raise not_ready()
         return req
+
+
+async def read_body(request: Request) -> bytes:
+    """request.body(), without the async generator it reads through (each one's first step is registered with the
+    event loop, and closed through `aclosing`): the body's messages read here, the result kept where body() keeps it."""
+    if hasattr(request, "_body"):
+        return request._body
+    receive, chunks = request.receive, []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+    body = request._body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return body
 
 
 _TEXT, _FINISH = b'"' + TEXT_SLOT.encode() + b'"', b'"' + FINISH_SLOT.encode() + b'"'

@@ -252,3 +252,30 @@ def test_response_ids_read_as_uuid4_and_a_forked_child_draws_its_own():
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 100).decode() != random_id("x")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"type": "http.request", "body": b'{"a": 1}'}],
+    [{"type": "http.request", "body": b'{"a"', "more_body": True}, {"type": "http.request", "body": b"",
+                                                                      "more_body": True},
+     {"type": "http.request", "body": b': 1}', "more_body": False}],
+    [{"type": "http.request"}],
+    [{"type": "http.request", "body": b'{"a"', "more_body": True}, {"type": "http.disconnect"}],
+])
+def test_read_body_reads_what_request_body_reads(messages):
+    from starlette.requests import ClientDisconnect, Request
+
+    async def outcome(read) -> object:
+        queue = list(messages)
+
+        async def receive():
+            return queue.pop(0)
+
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        try:
+            body = await read(request)
+        except ClientDisconnect:
+            return "disconnect"
+        return body, await request.body(), queue  # read again: the same bytes, nothing more received
+
+    assert asyncio.run(outcome(serving.read_body)) == asyncio.run(outcome(lambda r: r.body()))
