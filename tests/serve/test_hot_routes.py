@@ -279,3 +279,15 @@ def test_read_body_reads_what_request_body_reads(messages):
         return body, await request.body(), queue  # read again: the same bytes, nothing more received
 
     assert asyncio.run(outcome(serving.read_body)) == asyncio.run(outcome(lambda r: r.body()))
+
+
+def test_the_heads_own_app_takes_its_hot_routes(api):
+    """The head's app (admin routes added after create_app, the coordinator as engine) answers its POSTs past the
+    stack, and what a client reads is what the stack would send (test_hot_routes_answer_as_the_stack_does)."""
+    with httpx.Client(base_url=api.url, timeout=120) as client:
+        r = client.post("/v1/completions", json={"model": api.model, "prompt": "Hello", "max_tokens": 3,
+                                                 "stream": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        assert client.post("/v1/completions", json={"prompt": "Hello", "n": 0}).status_code == 400
+    app = api.head.app
+    assert app._hot is not None and set(app._hot) == {"/v1/completions", "/v1/chat/completions"}
