@@ -165,7 +165,7 @@ def hot_routes(app: App) -> dict[str, "RequestRoute"] | None:
     if telemetry is not None and any(getattr(telemetry, "config", {}).get(k, True) for k in ("tracing", "metrics",
                                                                                               "logs")):
         return None
-    if getattr(app.router, "form_limits", None):
+    if getattr(app.router, "form_limits", None) or app.root_path:  # (FastAPI would put its root_path in the scope)
         return None
     transparent = {ServerErrorMiddleware, AsyncExitStackMiddleware}
     if _ExceptionTelemetryMiddleware is not None:

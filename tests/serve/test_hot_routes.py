@@ -223,6 +223,11 @@ def test_hot_routes_only_under_the_stack_create_app_builds(tokenizer):
     app.middleware_stack = app.build_middleware_stack()
     assert hot_routes(app) is not None
 
+    app, _ = make_app(tokenizer, hot=True)  # an app-wide root path
+    app.root_path = "/api"
+    app.middleware_stack = app.build_middleware_stack()
+    assert hot_routes(app) is None
+
     app, _ = make_app(tokenizer, hot=False)  # a middleware it does not know
     app.middleware_stack = app.build_middleware_stack()
     assert hot_routes(app) is None
