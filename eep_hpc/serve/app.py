@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import Match, Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eep_hpc.config import ServeConfig
 from eep_hpc.serve.auth import BearerAuthMiddleware
@@ -73,13 +73,18 @@ class App(FastAPI):
         if scope["type"] == "http" and scope["method"] == "POST":
             if self.middleware_stack is None:
                 self.middleware_stack = self.build_middleware_stack()
-                self._hot = hot_routes(self)
             hot = self._hot
             if hot is not None and (route := hot.get(scope["path"])) is not None and not scope.get("root_path") \
                     and _BODY_LIMIT_KEY not in scope:
                 await self._serve_hot(route, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """FastAPI's stack; whichever request comes first builds it (a GET too), and its hot routes are found then."""
+        stack = super().build_middleware_stack()
+        self._hot = hot_routes(self, stack)
+        return stack
 
     async def _serve_hot(self, route: "RequestRoute", scope: Scope, receive: Receive, send: Send) -> None:
         """Starlette.__call__, HttpMetricsMiddleware, CatchAllMiddleware, BearerAuthMiddleware, ExceptionMiddleware,
@@ -152,7 +157,7 @@ class _Layers:
         return None
 
 
-def hot_routes(app: App) -> dict[str, "RequestRoute"] | None:
+def hot_routes(app: App, stack: ASGIApp | None = None) -> dict[str, "RequestRoute"] | None:
     """The routes App serves past the stack, by path, or None (then every request takes the stack). Only where the
     stack, outermost first, is: layers that leave such a request alone (Starlette's ServerErrorMiddleware and
     FastAPI's ExceptionTelemetryMiddleware, which only see exceptions, and CatchAllMiddleware below them takes every
@@ -170,7 +175,7 @@ def hot_routes(app: App) -> dict[str, "RequestRoute"] | None:
     transparent = {ServerErrorMiddleware, AsyncExitStackMiddleware}
     if _ExceptionTelemetryMiddleware is not None:
         transparent.add(_ExceptionTelemetryMiddleware)
-    kinds, layer = [], app.middleware_stack
+    kinds, layer = [], stack if stack is not None else app.middleware_stack
     while layer is not app.router:
         if type(layer) is _AppBodyLimitMiddleware and not isinstance(layer.app, _RequestBodyLimitMiddleware):
             pass  # no limit: it passes the request on as it came

@@ -213,6 +213,21 @@ def test_chunk_shapes_are_the_pydantic_chunks_of_each_request(tokenizer, fixed_i
     serving._shapes.clear()
 
 
+def test_hot_routes_found_whichever_request_builds_the_stack(tokenizer):
+    """A GET first (the head's readiness checks) builds the stack: the POSTs after it still take the hot routes."""
+    app, engine = make_app(tokenizer, hot=True)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            assert app._hot is not None
+            r = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True})
+            assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+
+    asyncio.run(go())
+
+
 def test_hot_routes_only_under_the_stack_create_app_builds(tokenizer):
     app, _ = make_app(tokenizer, hot=True)
     app.middleware_stack = app.build_middleware_stack()
