@@ -54,6 +54,15 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
+def one_row_columns(N: int, sms: int, programs_per_column_block: int = 1) -> int:
+    """Output columns per one-row program: the widest power of two <= 16 that still gives about two programs per SM
+    (kernels/triton_moe_one_token.py too, whose column blocks each have a program per expert pair)."""
+    block_n = 16
+    while block_n > 1 and programs_per_column_block * triton.cdiv(N, block_n) < 2 * sms:
+        block_n //= 2
+    return block_n
+
+
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
     """From shapes only. Aim: at least ~2 programs per SM (bytes in flight), weight tiles of 8-16 KB per K step,
     split-K only when the weight rows alone cannot give one program per SM.
@@ -61,9 +70,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     sms = _num_sms(device)
     esize = dtype.itemsize
     if M == 1:
-        block_n = 16
-        while block_n > 1 and triton.cdiv(N, block_n) < 2 * sms:
-            block_n //= 2
+        block_n = one_row_columns(N, sms)
         # ~16 KB of weights per program and K step (fewer columns: longer rows), at most 4096 elements
         block_k = min(triton.next_power_of_2(K), max(16384 // esize // block_n, 128), 4096)
         split = 1

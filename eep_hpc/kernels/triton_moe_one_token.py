@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from eep_hpc.kernels.pdl import pdl_args, pdl_start
+from eep_hpc.kernels.triton_linear import _num_sms, one_row_columns
 
 MAX_PAIRS = 16  # one token's top-k (Qwen3/DeepSeek-style routers: 8)
 
@@ -42,27 +43,13 @@ class OneTokenConfig:
     num_warps: int = 4
 
 
-def _num_sms(device: torch.device) -> int:
-    from eep_hpc.kernels.triton_linear import _num_sms as sms
-
-    return sms(device)
-
-
-def _columns_per_program(programs_per_column_block: int, N: int, sms: int) -> int:
-    """The widest power-of-two column block (<= 16) that still gives about two programs per SM."""
-    block_n = 16
-    while block_n > 1 and programs_per_column_block * triton.cdiv(N, block_n) < 2 * sms:
-        block_n //= 2
-    return block_n
-
-
 def pick_config(pairs: int, D: int, I: int, dtype: torch.dtype, device: torch.device) -> OneTokenConfig:
     """From shapes only (a captured graph stays valid). About 16 KB of weights per program and K step (w13 reads
     a gate and an up tile per step), as the one-row skinny GEMM."""
     sms, esize = _num_sms(device), dtype.itemsize
-    bn13 = _columns_per_program(pairs, I, sms)
+    bn13 = one_row_columns(I, sms, programs_per_column_block=pairs)
     bk13 = min(triton.next_power_of_2(D), max(8192 // esize // bn13, 64), 2048)
-    bn2 = _columns_per_program(1, D, sms)
+    bn2 = one_row_columns(D, sms)
     bk2 = min(triton.next_power_of_2(I), max(16384 // esize // bn2, 64), 4096)
     return OneTokenConfig(bn13, bk13, bn2, bk2)
 

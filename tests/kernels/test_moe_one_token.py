@@ -116,3 +116,14 @@ def test_ops_take_the_one_token_kernels_on_the_gpu(monkeypatch):
     assert sums == [1]
     ref = _reference(x, slot, weights, w13, w2)
     assert rel_err(fused, ref) <= TOL[torch.bfloat16] and rel_err(apart, ref) <= TOL[torch.bfloat16]
+
+
+def test_configs_at_qwen3_shapes(monkeypatch):
+    """The config timed on the H100 (results/README.md, fifth round): 16 columns of I per (pair) program and 256 of D
+    per step for w13 (384 programs), 4 columns of D per w2 program (512 programs) with all of I = 768 in one step."""
+    from eep_hpc.kernels import triton_linear
+    from eep_hpc.kernels.triton_moe_one_token import OneTokenConfig, pick_config
+
+    monkeypatch.setattr(triton_linear, "_NUM_SMS", {0: 132})
+    cfg = pick_config(8, 2048, 768, torch.bfloat16, torch.device("cuda", 0))
+    assert cfg == OneTokenConfig(16, 256, 4, 1024)
