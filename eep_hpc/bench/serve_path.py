@@ -89,12 +89,16 @@ class LockstepEngine:
 
 
 class NullTransport:
-    """What uvicorn's cycle writes to: takes the bytes, times the chunks of text (the stream's `chunk`)."""
+    """What uvicorn's cycle writes to: takes the bytes, times the chunks of text (the stream's `chunk`), counts the
+    writes (each a `send` syscall on a real socket) in `writes`."""
+
+    writes = 0
 
     def __init__(self, chunk) -> None:
         self.chunk = chunk
 
     def write(self, data: bytes) -> None:
+        NullTransport.writes += 1
         self.chunk(data)
 
     def is_closing(self) -> bool:
@@ -139,7 +143,7 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
                     burst[k] = now - at
             stamps.clear()
             chunks[0] += 1
-        if data.endswith(DONE) or data.endswith(DONE + b"\r\n"):
+        if data.endswith((DONE, DONE + b"\r\n", DONE + b"\r\n0\r\n\r\n")):  # alone, or with the body's end
             ended[0] += 1
 
     scope_of = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
@@ -184,6 +188,7 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
 
         await app(dict(scope_of), receive, send)
 
+    NullTransport.writes = 0
     start_cpu = time.process_time()
     clients = [asyncio.create_task(one()) for _ in range(streams)]
     while len(engine.open) < streams:
@@ -191,16 +196,17 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
     start_cpu = time.process_time() - start_cpu
     period = 1.0 / steps_per_s
     cpu0 = wall0 = n0 = None
-    end_cpu = 0.0
+    end_cpu, end_writes = 0.0, 0
     for k in range(tokens):
         if k == warm:
             cpu0, wall0, n0 = time.process_time(), time.perf_counter(), chunks[0]
         if k == tokens - 1:
-            end_cpu = time.process_time()
+            end_cpu, end_writes = time.process_time(), NullTransport.writes
         engine.step(k)
         await asyncio.sleep(max(0.0, period - (time.perf_counter() - engine.step_at[1])))
     await asyncio.gather(*clients)
     end_cpu = time.process_time() - end_cpu
+    end_writes = NullTransport.writes - end_writes
     done.set()
     cpu, wall, n = time.process_time() - cpu0, time.perf_counter() - wall0, chunks[0] - n0
     measured = len(delays)  # tokens of the measured steps (all of them: every stream runs to its end)
@@ -216,6 +222,8 @@ async def run(streams: int, tokens: int, steps_per_s: float, freeze: bool = True
             # the CPU from the last step (every request's last token, with its finish) to every response complete,
             # per request: the last chunk, the usage and [DONE] if any, the engine request and the response closed
             "end_cpu_us_per_request": end_cpu / streams * 1e6,
+            # uvicorn: the transport writes from the last step on, per request (its last token comes with its finish)
+            "end_writes_per_request": end_writes / streams if server == "uvicorn" else None,
             "step_to_send_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                                 "max": float(ms.max())},
             # how long after a step its last chunk reached send (lockstep: the whole burst's time), steps that end
@@ -253,7 +261,9 @@ def main() -> None:
         r["loop"] = args.loop
         print(f"serve_path: {r['streams']} streams: {r['cpu_us_per_token']:.2f} us CPU per token "
               f"({r['cpu_util']:.0%} busy), {r['start_cpu_us_per_request']:.0f} us per request to start it, "
-              f"{r['end_cpu_us_per_request']:.0f} us to end it, step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
+              f"{r['end_cpu_us_per_request']:.0f} us to end it"
+              f"{'' if r['end_writes_per_request'] is None else ' in %.1f writes' % r['end_writes_per_request']}, "
+              f"step to send p50 {r['step_to_send_ms']['p50']:.2f} ms "
               f"p99 {r['step_to_send_ms']['p99']:.2f} ms; a step's burst p50 {r['burst_ms']['p50']:.2f} ms max "
               f"{r['burst_ms']['max']:.2f} ms, the last step's {r['burst_ms']['last_step']:.2f} ms", flush=True)
         runs.append(r)
