@@ -31,7 +31,7 @@ from eep_hpc.serve.generation import ChoiceDelta, TextOptions, collect, generate
 from eep_hpc.serve.metrics import ApiMetrics
 from eep_hpc.serve.openai_protocol import SamplingRequest, UsageInfo, now, random_id
 from eep_hpc.serve.prompts import Choice
-from eep_hpc.serve.sse import (DONE, ClientDisconnected, DirectLane, EventStreamResponse, Write, event,
+from eep_hpc.serve.sse import (DONE, ClientDisconnected, DirectLane, End, EventStreamResponse, Write, event,
                                unless_disconnected)
 from eep_hpc.serve.write_log import WriteLog
 
@@ -246,50 +246,67 @@ class Reply:
                 return None
             return pieces[0] + encode_basestring(d.finish_reason).encode() + pieces[1]
 
-        async def events(write: Write) -> None:
+        async def events(write: Write, end: End) -> None:
             tokens = [0] * num_choices
+            unfinished = num_choices
+            # The stream's last events (the finish of the last choice to finish, usage, an error; then [DONE]): they
+            # come with no wait between them and go out together with the body's end (sse.EventStreamResponse).
+            group: list[bytes] = []
+            held: tuple[int, int] | None = None  # (choice, its tokens) of the finish chunk in `group`
             writes = write_log.stream(self.id, num_choices) if write_log is not None else None
             if lane is not None and writes is not None:
                 lane.written = writes.written
             try:
-                for c in self.api.first_choices():
-                    first = None if continuous else self.cut(("first",), c.index, lambda: c, exclude, ())
-                    await write(first[0] if first is not None
-                                else chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
-                if lane is not None:  # completions with echo: plain once the echo went out (below)
-                    lane.template = text_template(0)
-                async for d in deltas:
-                    tokens[d.index] = d.num_tokens
-                    if (d.finish_reason is None and d.text and not d.logprobs and not d.prompt_logprobs
-                            and (template := templates[d.index] or text_template(d.index)) is not None):
-                        await write(template[0] + encode_basestring(d.text).encode() + template[1])
-                    elif (d.finish_reason is not None
-                          and (failed := ended_with_error(d.finish_reason, d.error)) is not None):
-                        await write(event(failed.body()))  # an engine failure, or the server shutting down
-                        break
-                    elif (d.finish_reason is not None and not d.logprobs and not d.prompt_logprobs
-                          and (last := finish_chunk(d)) is not None):
-                        await write(last)
-                    elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
-                        usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
-                        await write(chunk(self.api.stream_choice(d), usage))
-                    else:
-                        continue
-                    if writes is not None:  # the chunk has been handed to the socket
-                        writes.written(d.index, d.num_tokens)
-                    if lane is not None and lane.template is None:
+                try:
+                    for c in self.api.first_choices():
+                        first = None if continuous else self.cut(("first",), c.index, lambda: c, exclude, ())
+                        await write(first[0] if first is not None
+                                    else chunk(c, UsageInfo.of(prompt_tokens, 0) if continuous else None))
+                    if lane is not None:  # completions with echo: plain once the echo went out (below)
                         lane.template = text_template(0)
-                else:
-                    if include_usage:
-                        await write(chunk(None, UsageInfo.of(prompt_tokens, sum(tokens))))
-            except Exception:  # a bug here, or (not from uvicorn, which drops writes to a gone client) a failed write
-                logger.exception("stream failed")
-                await write(event(error_body("Internal server error.", "InternalServerError", None, 500)))
+                    async for d in deltas:
+                        tokens[d.index] = d.num_tokens
+                        if (d.finish_reason is None and d.text and not d.logprobs and not d.prompt_logprobs
+                                and (template := templates[d.index] or text_template(d.index)) is not None):
+                            body = template[0] + encode_basestring(d.text).encode() + template[1]
+                        elif (d.finish_reason is not None
+                              and (failed := ended_with_error(d.finish_reason, d.error)) is not None):
+                            group.append(event(failed.body()))  # an engine failure, or the server shutting down
+                            break
+                        elif (d.finish_reason is not None and not d.logprobs and not d.prompt_logprobs
+                              and (last := finish_chunk(d)) is not None):
+                            body = last
+                        elif d.text or d.logprobs or d.prompt_logprobs or d.finish_reason is not None:
+                            usage = UsageInfo.of(prompt_tokens, sum(tokens)) if continuous else None
+                            body = chunk(self.api.stream_choice(d), usage)
+                        else:
+                            continue
+                        if d.finish_reason is not None:
+                            unfinished -= 1
+                            if not unfinished:  # the stream's last chunk (the usage, if any, comes at once)
+                                group.append(body)
+                                held = (d.index, d.num_tokens)
+                                continue
+                        await write(body)
+                        if writes is not None:  # the chunk has been handed to the socket
+                            writes.written(d.index, d.num_tokens)
+                        if lane is not None and lane.template is None:
+                            lane.template = text_template(0)
+                    else:
+                        if include_usage:
+                            group.append(chunk(None, UsageInfo.of(prompt_tokens, sum(tokens))))
+                except Exception:  # a bug here, or (not from uvicorn: it drops writes to a gone client) a failed write
+                    logger.exception("stream failed")
+                    group.append(event(error_body("Internal server error.", "InternalServerError", None, 500)))
+                finally:
+                    await deltas.aclose()  # type: ignore[attr-defined]
+                group.append(DONE)
+                await end(group)
+                if writes is not None and held is not None:
+                    writes.written(*held)
             finally:
                 if writes is not None:
                     writes.close()
-                await deltas.aclose()  # type: ignore[attr-defined]
-            await write(DONE)
 
         return EventStreamResponse(events, lane)
 

@@ -8,10 +8,13 @@ each chunk with the server's own `send` (set in the scope by `app.App`, the oute
 send wrappers of the middleware stack, which only look at the start message (status, "response started"); the start
 goes through them as usual. So no middleware that rewrites response bodies (e.g. GZip) may be added to the app. The
 events come from a coroutine that writes each one (`await write(chunk)`), one layer less per token than an async
-generator iterated by a loop that sends. As in Starlette's StreamingResponse, they go out from a task of their own
-while the request's task waits for the client's disconnect and then cancels that task: the cancellation is raised
-where the coroutine waits (for its next delta, or in a write), so its `finally` closes what it iterates, and the
-response waits for that (shielded from a cancellation of its own).
+generator iterated by a loop that sends. A stream's last events (its finish, usage or error, and [DONE]) come
+together, with no wait between them, and go out with the body's end (`await end(group)`): one `send` with
+`more_body: False` in place of a send each and one more for the end (below for uvicorn). As in Starlette's
+StreamingResponse, they go out from a task of their own while the request's task waits for the client's disconnect
+and then cancels that task: the cancellation is raised where the coroutine waits (for its next delta, or in a
+write), so its `finally` closes what it iterates, and the response waits for that (shielded from a cancellation of
+its own).
 
 The direct lane (`DirectLane`, for a stream of one choice of plain text: serving.py) goes further: once the start has
 gone out the usual way, the chunks of its text-only deltas are written straight to uvicorn's transport (httptools'
@@ -20,9 +23,18 @@ request cycle, the server's default where httptools is installed) from where the
 per token. It takes a chunk only while the cycle's own `send` would write it at once: the transport not paused
 (else the chunk waits in the stream's queue and goes through `send`, which waits for the client to read: nothing
 is lost, nothing buffers without bound), the client still there, the response not complete. Everything else (the
-first chunks, a finish, usage, [DONE], errors) goes through `send` from the stream's task as before, after the
-chunks written directly (one event loop, one transport, in order). A client leaving is seen as before (the watcher
+first chunks, a finish, usage, [DONE], errors) goes from the stream's task (through `send`, or the end below), after
+the chunks written directly (one event loop, one transport, in order). A client leaving is seen as before (the watcher
 below), and cancels the task where it sleeps. Another server (h11, or an ASGI test harness) gets no lane.
+
+On that same cycle (lane or not), a stream's last events and the chunked body's end go to the transport in one
+write (`_end_on_cycle`): each event framed as its own chunk, as the cycle's `send` would frame it, then the
+terminating chunk; so the bytes on the wire are those of a send per event and one for the end, in one `send`
+syscall instead of one per event and one more. The response is then completed as the cycle's `send` completes
+it. One send of the events joined would make them one chunk (other bytes on the wire), and the cycle's send writes
+a body and the terminator in one write but cannot frame two events. Where the cycle's send would not write at once
+(transport paused, client gone), the group goes through `send`, a send per event and one for the end, as before.
+Elsewhere (h11, a harness) the group is one `send` of the events joined (the same body; on h11, one chunk).
 """
 
 from __future__ import annotations
@@ -58,7 +70,42 @@ def event(payload: str | bytes | dict[str, Any]) -> bytes:
 SERVER_SEND = "eep_hpc.server_send"  # scope key: the send the server gave the app, before any middleware
 
 
-Write = Callable[[bytes], Awaitable[None]]  # sends one chunk of the body
+Write = Callable[[bytes], Awaitable[None]]  # sends one event (a chunk of the body)
+End = Callable[[list[bytes]], Awaitable[None]]  # sends a stream's last events and ends the body, at once (see above)
+
+
+def _httptools_cycle(server_send: Any) -> Any | None:
+    """The server's request cycle behind `server_send` if it is httptools' and its response a started chunked one
+    (not HEAD) with every attribute the lane and the end read; else None. uvicorn is not pinned: a version without
+    them streams through `send`, as h11 does."""
+    cycle = getattr(server_send, "__self__", None)
+    if _HttptoolsCycle is None or type(cycle) is not _HttptoolsCycle:
+        return None
+    try:
+        if (not cycle.response_started or cycle.chunked_encoding is not True
+                or cycle.scope.get("method") == "HEAD"):
+            return None
+        (cycle.flow.write_paused, cycle.transport.write, cycle.disconnected, cycle.response_complete,  # noqa: B018
+         cycle.keep_alive, cycle.message_event.set, cycle.on_response)
+    except AttributeError:
+        return None
+    return cycle
+
+
+def _end_on_cycle(cycle: Any, group: list[bytes]) -> bool:
+    """Write `group` (a stream's last events) and the chunked body's end to the cycle's transport in one write, each
+    event framed as the cycle's send frames a body chunk, and complete the response as its send does for
+    `more_body: False` (the same lines in uvicorn 0.29 and 0.55). False, with nothing done, where that send would not
+    write at once."""
+    if cycle.flow.write_paused or cycle.disconnected or cycle.response_complete:
+        return False
+    cycle.transport.write(b"".join([b"%x\r\n%b\r\n" % (len(e), e) for e in group if e]) + b"0\r\n\r\n")
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
 
 
 class DirectLane:
@@ -74,20 +121,10 @@ class DirectLane:
         self.template: tuple[bytes, bytes] | None = None
         self.written: Callable[[int, int], None] | None = None  # (choice index, its tokens so far), after a write
 
-    def open(self, server_send: Any) -> bool:
-        """Take the transport of the server's cycle, if it is httptools' and its response a started chunked one."""
-        cycle = getattr(server_send, "__self__", None)
-        try:  # uvicorn's cycle internals (uvicorn is not pinned): a version without them gets no lane, not an error
-            if (_HttptoolsCycle is None or type(cycle) is not _HttptoolsCycle or not cycle.response_started
-                    or cycle.chunked_encoding is not True or cycle.scope.get("method") == "HEAD"):
-                return False
-            self._cycle, self._flow, self._write = cycle, cycle.flow, cycle.transport.write
-            cycle.disconnected, cycle.response_complete, self._flow.write_paused  # noqa: B018 (read by ready())
-        except AttributeError:
-            self._cycle = self._flow = self._write = None
-            return False
+    def open(self, cycle: Any) -> None:
+        """Take the transport of the server's cycle (one `_httptools_cycle` found)."""
+        self._cycle, self._flow, self._write = cycle, cycle.flow, cycle.transport.write
         self.opened = True
-        return True
 
     def ready(self) -> bool:
         cycle = self._cycle
@@ -103,8 +140,9 @@ class DirectLane:
 
 
 class EventStreamResponse(Response):
-    """text/event-stream from `events(write)`, a coroutine that writes each event as it is ready (one `send` each);
-    see the module's docstring. `lane`: opened on the server's cycle once the start is out."""
+    """text/event-stream from `events(write, end)`, a coroutine that writes each event as it is ready (one `send`
+    each) and ends with `end(group)`, its last events (one `send`, or one write on uvicorn's httptools cycle); see the
+    module's docstring. `lane`: opened on the server's cycle once the start is out."""
 
     media_type = "text/event-stream"
 
@@ -112,7 +150,7 @@ class EventStreamResponse(Response):
 
     HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-    def __init__(self, events: Callable[[Write], Awaitable[None]], lane: DirectLane | None = None) -> None:
+    def __init__(self, events: Callable[[Write, End], Awaitable[None]], lane: DirectLane | None = None) -> None:
         self.status_code = 200
         self.background = None
         cls = type(self)
@@ -125,12 +163,13 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         server_send = scope.get(SERVER_SEND, send)
-        if self.lane is not None:
-            self.lane.open(server_send)
+        cycle = _httptools_cycle(server_send)
+        if self.lane is not None and cycle is not None:
+            self.lane.open(cycle)
         # The chunks go out from a task of their own: a waiting stream is resumed through its await chain at every
         # token, which is short there and the whole middleware stack here.
         loop = asyncio.get_running_loop()
-        writer = loop.create_task(_write(self.events, server_send))
+        writer = loop.create_task(_write(self.events, server_send, cycle))
         watcher = loop.create_task(_wait_disconnect(receive))
         try:
             await _first_done(loop, writer, watcher)
@@ -144,9 +183,23 @@ class EventStreamResponse(Response):
             writer.result()  # an error of the stream goes on to the middleware, as it did from Starlette's
 
 
-async def _write(events: Callable[[Write], Awaitable[None]], send: Send) -> None:
-    await events(lambda chunk: send({"type": "http.response.body", "body": chunk, "more_body": True}))
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+async def _write(events: Callable[[Write, End], Awaitable[None]], send: Send, cycle: Any | None) -> None:
+    ended = False
+
+    async def end(group: list[bytes]) -> None:
+        nonlocal ended
+        ended = True
+        if cycle is not None:
+            if _end_on_cycle(cycle, group):
+                return
+            for e in group:  # the cycle's send waits (a paused transport) or drops (a gone client): as before
+                await send({"type": "http.response.body", "body": e, "more_body": True})
+            group = []
+        await send({"type": "http.response.body", "body": b"".join(group), "more_body": False})
+
+    await events(lambda chunk: send({"type": "http.response.body", "body": chunk, "more_body": True}), end)
+    if not ended:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _first_done(loop: asyncio.AbstractEventLoop, a: asyncio.Task, b: asyncio.Task) -> None:

@@ -39,7 +39,10 @@ def stream_bytes(reply: Reply, req, items: list[ChoiceDelta]) -> bytes:
         async def write(chunk: bytes) -> None:
             chunks.append(chunk)
 
-        await reply.stream(source(), req).events(write)
+        async def end(group: list[bytes]) -> None:
+            chunks.extend(group)
+
+        await reply.stream(source(), req).events(write, end)
         return b"".join(chunks)
 
     return asyncio.run(read())
