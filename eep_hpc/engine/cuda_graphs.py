@@ -16,11 +16,12 @@ padding sequence takes one token while there are tokens left (the last takes the
 router gives padding rows no expert (`num_valid`), so they are never dispatched nor counted as load.
 
 A graph bakes in the tensors it saw: the expert weights and the `ExpertParallel` of its epoch. A commit that
-changes their shapes or the communication (a new member, another buffer) drops the graphs, and each size is
-re-captured on first use; one that does not (a rebalance, a recovery onto the same shapes) writes the new experts
-and tables into the captured tensors and keeps every graph (`keep_for`). Every rank of an
-epoch captures the same sizes in the same order (at startup all of them; after a commit each size at the step
-that first agrees on it), since a capture's warm-up runs the epoch's collectives. Only an epoch whose all-to-all
+changes their shapes or the communication (another buffer, a one-rank epoch) drops this rank's graphs, and each
+size is re-captured on first use; one that does not (a rebalance, a recovery, a grow or shrink whose slots fit the
+rank's slot tensors and whose nixl_ep layout stays) writes the new experts and tables into the captured tensors
+and keeps every graph (`keep_for`). Ranks capture in step (at startup all sizes, in the same order; later each
+size at the step that first agrees on it), since a capture's warm-up runs the epoch's collectives: a rank that
+joined captures while those that kept theirs replay with no rows (a capture round, parallel/step_plan.py). Only an epoch whose all-to-all
 is graph-safe (no host sync, no host collective: one rank, or nixl_ep) runs graphs; others run eagerly.
 """
 
@@ -79,6 +80,9 @@ class StepGraphs:
         self.pool = None
         self.ep: ExpertParallel | None = None
         self.replays = 0
+        self.partner_replays = 0  # replays with no rows that matched another rank's capture (capture rounds)
+        self.resets = 0
+        self._missing: tuple = (None, ())
 
     def _region(self, buf, i: int):
         return buf[self.offsets[i] : self.offsets[i + 1]]
@@ -181,26 +185,47 @@ class StepGraphs:
         Their pool goes with them; a handle whose graphs are all gone must not be captured into again."""
         self.graphs.clear()
         self.pool, self.ep = None, None
+        self.resets += 1
+
+    def missing(self, sizes: GraphSizes) -> tuple[int, ...]:
+        """Per size of `sizes` (decode, then mixed): 1 where this rank has no graph (what it tells the step's
+        agreement; computed again only after a capture or a reset)."""
+        key = (sizes, len(self.graphs), self.resets)
+        if self._missing[0] != key:
+            have = self.graphs
+            self._missing = (key, tuple(int((s, False) not in have) for s in sizes.decode)
+                             + tuple(int((s, True) not in have) for s in sizes.mixed))
+        return self._missing[1]
 
     def run(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, ep: ExpertParallel,
-            size: int, mixed: bool = False) -> torch.Tensor:
+            size: int, mixed: bool = False, capture_round: bool = False) -> torch.Tensor:
         """A batch of t <= size tokens (t = 0 on an idle rank) through the decode graph of `size` sequences (every
         query_len 1) or the mixed graph of `size` tokens -> hidden [t, D] (a view into the graph's output: read it
-        before the next step)."""
+        before the next step). capture_round: some rank of the epoch lacks this graph and captures it now
+        (parallel/step_plan.py); a rank that has it replays it once with no rows first, the partner of the
+        capture's warm-up forward."""
         self._use(ep)
         t = len(input_ids)
         assert t <= size and size in (self.sizes.mixed if mixed else self.sizes.decode), (t, size, mixed)
-        if (size, mixed) not in self.graphs:  # after a commit that dropped the graphs (a pause for every rank)
+        if (size, mixed) not in self.graphs:  # first use since this rank joined, or since a commit dropped them
             t0 = time.monotonic()
             self._capture(size, mixed, ep)
             log.info("captured the %s graph of %d on first use in %.2f s", "mixed" if mixed else "decode", size,
                      time.monotonic() - t0)
+        elif capture_round:
+            self._replay([], [], [], [], [], [], size, mixed)
+            self.partner_replays += 1
+        out = self._replay(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size, mixed)
+        self.replays += 1
+        return out[:t]
+
+    def _replay(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size: int,
+                mixed: bool) -> torch.Tensor:
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host, non_blocking=True)
         graph, out = self.graphs[(size, mixed)]
         graph.replay()
-        self.replays += 1
-        return out[:t]
+        return out
 
     def forward_eager(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables,
                       ep: ExpertParallel, size: int, mixed: bool = False) -> torch.Tensor:

@@ -75,6 +75,10 @@ class ModelRunner:
     def graph_sizes(self, ep: ExpertParallel, max_tokens: int = 0) -> GraphSizes:
         return self.graphs.sizes_for(ep, max_tokens) if self.graphs is not None else GraphSizes()
 
+    def missing_graphs(self, ep: ExpertParallel, max_tokens: int = 0) -> tuple[int, ...]:
+        """Per graph of `graph_sizes` (decode, then mixed): 1 where this rank has not captured it."""
+        return self.graphs.missing(self.graph_sizes(ep, max_tokens)) if self.graphs is not None else ()
+
     def graphable(self, batch, ep: ExpertParallel) -> bool:
         """Can this batch of (seq, num_new_tokens) run as a decode graph: one new token each, no prompt logprobs
         rows, not more sequences than the largest graph (an empty batch can: an idle rank replays)."""
@@ -111,7 +115,7 @@ class ModelRunner:
                     prompt_chunks.append((i, start, rows))
         if plan.is_graph:
             hidden = self.graphs.run(input_ids, positions, slots, qlens, seq_lens, tables, ep, plan.graph_size,
-                                     plan.mixed)
+                                     plan.mixed, capture_round=plan.capture)
         else:
             ep.plan(chunks=plan.chunks, chunk_tokens=plan.chunk_tokens)
             hidden = self.forward(input_ids, positions, slots, qlens, seq_lens, tables, ep)

@@ -158,11 +158,12 @@ class RankEngine:
         if self._scheduled is None and self.scheduler.has_work():
             self._scheduled = self.scheduler.schedule()
         out = self._scheduled
+        missing = self.runner.missing_graphs(self.ep, self.chunk_tokens) if self.ep is not None else ()
         if out is None:
-            return StepDemand(graphable=True)
+            return StepDemand(graphable=True, missing=missing)
         batch = [(s.seq, s.num_new_tokens) for s in out.scheduled]
         return StepDemand(tokens=out.num_batched_tokens, seqs=len(batch),
-                          graphable=self.runner.graphable(batch, self.ep), busy=True)
+                          graphable=self.runner.graphable(batch, self.ep), busy=True, missing=missing)
 
     def graph_sizes(self) -> GraphSizes:
         """The graphs this epoch replays: mixed ones only up to what one dispatch carries."""

@@ -57,13 +57,15 @@ def is_pending(job) -> bool:
 
 
 def slots_per_rank(num_experts: int, redundant: int, capacities: list[float]) -> list[int]:
-    """Expert slots of each rank: at least num_experts + redundant in all, shared in proportion to capacity
-    (equal capacities: the same count each, rounded up)."""
+    """Expert slots of each rank: num_experts + redundant in all, whatever the number of ranks, shared in proportion
+    to capacity (largest remainders; equal capacities differ by one slot at most). A fixed total keeps the expert
+    tables' shapes across grows and shrinks, so CUDA graphs that read them can be kept (model/moe.py
+    `ExpertParallel.can_replace`). Every rank gets one slot at least (more ranks than slots exceed the total)."""
     total = num_experts + redundant
-    scale = total / sum(capacities)
-    slots = [max(1, -(-int(round(c * scale * 1000)) // 1000)) for c in capacities]  # ceil, robust to float dust
-    while sum(slots) < total:  # rounding left some short: the rank furthest under its share gets one more
-        i = max(range(len(slots)), key=lambda j: capacities[j] * scale - slots[j])
+    shares = [c * total / sum(capacities) for c in capacities]
+    slots = [max(1, int(s + 1e-9)) for s in shares]  # floors, robust to float dust
+    while sum(slots) < total:  # the rank furthest under its share gets one more
+        i = max(range(len(slots)), key=lambda j: (shares[j] - slots[j], -j))
         slots[i] += 1
     return slots
 

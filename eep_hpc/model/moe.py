@@ -41,12 +41,12 @@ class ExpertParallel:
 
     def can_replace(self, old: ExpertParallel) -> bool:
         """Can this epoch's steps run through `old`'s CUDA graphs once `adopt_tensors(old)` gave it old's device
-        tensors: the same communication memory and kernels (the backend's `graph_key`), the same local slots,
-        tables of the same shapes."""
+        tensors: the same communication memory and kernels (the backend's `graph_key`) and tables of the same
+        shapes. The slots a rank owns may differ (a grow or a shrink moves its range; its slot tensors stay, see
+        rank/epochs.py): what a graph reads of them is in the tables."""
         key = getattr(self.all_to_all, "graph_key", None)
         m, o = self.map, old.map
         return (key is not None and key == getattr(old.all_to_all, "graph_key", None)
-                and (m.local_start, m.num_local_slots) == (o.local_start, o.num_local_slots)
                 and all(getattr(m, n).shape == getattr(o, n).shape for n in ("replica_count", "logical_to_physical",
                                                                              "slot_owner"))
                 and self.route_table.shape == old.route_table.shape and self.route_table.dtype == old.route_table.dtype)
@@ -59,6 +59,9 @@ class ExpertParallel:
             setattr(self.map, name, mine)
         self.route_table = old.route_table.copy_(self.route_table)
         self.load = old.load
+        adopt = getattr(self.all_to_all, "adopt_tensors", None)
+        if adopt is not None:
+            adopt(old.all_to_all)
 
     def plan(self, chunks: int = 1, chunk_tokens: int = 0, num_valid: torch.Tensor | None = None) -> None:
         self.chunks, self.chunk_tokens, self.num_valid = chunks, chunk_tokens, num_valid

@@ -80,13 +80,13 @@ def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, n
     The kinds staged (and their per-slot shapes) are those of `like` (this rank's model's slots), else of `old`,
     else w13/w2 of `shape` (I, D) and `dtype`. `into`: fill these tensors instead of allocating new ones (a
     joining rank's still empty slots: staging them twice would double its expert memory). `in_place` (the rank
-    keeps as many slots as `old` has): stage only the slots that moves fill (`StagedExperts.rows`)."""
+    keeps its slot tensors, at least as many rows as it now owns): stage only the slots that moves fill (`StagedExperts.rows`)."""
     specs = _slot_specs(like, old, shape, dtype)
     if old is not None and len(old.kinds()) != len(specs):
         raise ValueError("the old expert slots lack the scales of fp8 experts: use SlotTensors.of_blocks(blocks)")
     n_new = new_end - new_start
-    if in_place and (old is None or into is not None or old.w13[0].shape[0] != n_new):
-        raise ValueError(f"in-place staging needs the old slots, as many as the new ({n_new})")
+    if in_place and (old is None or into is not None or old.w13[0].shape[0] < n_new):
+        raise ValueError(f"in-place staging needs the old slots, at least as many as the new ({n_new})")
     kinds: list[list[torch.Tensor]] = [[] for _ in specs]
     rows: list[list[int]] = []
     remote = []

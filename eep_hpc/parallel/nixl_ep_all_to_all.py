@@ -23,7 +23,7 @@ Entering an epoch (at startup and at every commit, all members together; `NixlEp
     peers are freed for later joiners.
 
 Data path, with no host sync and no host collective (CUDA-graph capturable): `low_latency_dispatch` delivers
-recv_x [E, R*Tmax, D] (R = highest member seat + 1, Tmax the buffer's tokens per dispatch) with the rows of local
+recv_x [E, R*Tmax, D] (R = the geometry's seats, Tmax the buffer's tokens per dispatch) with the rows of local
 expert e packed at the front, recv_count[e] of them, on the device. The experts run on that layout as it is
 (`ops.swiglu_experts_batched`: blocks of rows per expert, the counts read on the GPU), writing their outputs in
 the same layout, which `low_latency_combine` reads to return the weighted sum over k (fp32, k = 0, 1, ...).
@@ -316,7 +316,10 @@ class NixlEpAllToAll:
         if self.local is None:
             g = runtime.geometry
             self.buffer, self.max_tokens = runtime.buffer, g.max_tokens
-            self.num_experts = g.experts_per_seat * (max(seats) + 1)  # R = highest member seat + 1
+            # the layout covers every seat of the geometry, members or not (absent seats are masked): kernels,
+            # buffers and shapes stay the same when ranks join or leave, so graphs are kept (nixl 1.4.1 honours
+            # an explicit num_experts for this); a one-rank-short layout would change with every grow
+            self.num_experts = g.experts_per_seat * g.seats
             self.expert_of_slot = slot_to_nixl_expert(expert_map.slot_offsets, seats, g.experts_per_seat).to(
                 expert_map.slot_owner.device)
             self.topk_dtype = getattr(runtime.nixl, "topk_idx_t", torch.int64)
@@ -341,6 +344,11 @@ class NixlEpAllToAll:
         if self.local is not None:
             return ("one rank",)
         return ("nixl_ep", self.runtime.incarnation, self.num_experts, self.max_tokens)
+
+    def adopt_tensors(self, old: NixlEpAllToAll) -> None:
+        """Write this epoch's slot numbering into `old`'s device tensor and use that (CUDA graphs captured it)."""
+        if self.local is None and old.local is None and old.expert_of_slot.shape == self.expert_of_slot.shape:
+            self.expert_of_slot = old.expert_of_slot.copy_(self.expert_of_slot)
 
     @property
     def weights_dtype(self) -> torch.dtype | None:

@@ -14,6 +14,12 @@ and which PrepareEpoch/CommitEpoch it holds. The plan (`StepPlan`), the same on 
 - else an eager step whose MoE runs in `chunks` pieces of at most `chunk_tokens` tokens per rank, the same count
   on every rank (a rank with fewer tokens sends empty pieces), so no collective inside the layer loop needs to
   ask anyone how much is coming.
+
+Graphs are captured in step with the others, since a capture's warm-up forward runs the epoch's exchanges. Each
+rank also says which of the epoch's graphs it lacks (one that joined, or one whose commit dropped its graphs,
+while the others kept theirs); when the plan's graph is among them, the step is a capture round
+(`StepPlan.capture`): whoever lacks it captures it, whoever has it replays it once with no rows first (the
+warm-up's partner), then all replay the step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class StepDemand:
     seqs: int = 0
     graphable: bool = True  # a decode batch (one new token per sequence, no prompt logprobs), or nothing
     busy: bool = False  # has requests (they may have scheduled nothing this step)
+    # per graph of the epoch (GraphSizes.decode, then .mixed): 1 where this rank has not captured it
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class StepPlan:
     busy: bool = False
     graph_size: int = 0  # > 0: every rank replays the graph of this size (sequences; tokens if `mixed`)
     mixed: bool = False  # the graph is a mixed one
+    capture: bool = False  # some rank lacks this graph: a capture round (module docstring)
     chunks: int = 1  # eager: MoE pieces per layer, the same on every rank
     chunk_tokens: int = 0  # eager: tokens per rank per piece (the dispatch capacity); graph: graph_size
     max_tokens: int = 0  # the largest batch of any rank this step
@@ -67,7 +76,8 @@ def pick_graph_size(sizes: list[int], seqs: int) -> int:
 def decide(values: list[int], graph_sizes: GraphSizes, chunk_tokens: int) -> StepPlan:
     """The plan from the element-wise maximum of every rank's `encode` (a pure function: every rank gets the
     same answer)."""
-    busy, tokens, seqs, not_graphable, prep, neg_prep, com, neg_com = values
+    busy, tokens, seqs, not_graphable, prep, neg_prep, com, neg_com = values[:8]
+    missing = values[8:]
     prepare = prep if prep and -neg_prep == prep else 0  # max == min: every member holds it
     commit = com if com and -neg_com == com else 0
     if prepare or commit:
@@ -76,17 +86,21 @@ def decide(values: list[int], graph_sizes: GraphSizes, chunk_tokens: int) -> Ste
         return StepPlan(busy=False)
     graph = pick_graph_size(graph_sizes.decode, seqs) if graph_sizes.decode and not not_graphable else 0
     if graph:
-        return StepPlan(busy=True, graph_size=graph, chunk_tokens=graph, max_tokens=tokens)
+        capture = bool(missing) and bool(missing[graph_sizes.decode.index(graph)])
+        return StepPlan(busy=True, graph_size=graph, chunk_tokens=graph, max_tokens=tokens, capture=capture)
     mixed = pick_graph_size(graph_sizes.mixed, tokens) if graph_sizes.mixed else 0  # holds seqs <= tokens too
     if mixed:
-        return StepPlan(busy=True, graph_size=mixed, mixed=True, chunk_tokens=mixed, max_tokens=tokens)
+        capture = bool(missing) and bool(missing[len(graph_sizes.decode) + graph_sizes.mixed.index(mixed)])
+        return StepPlan(busy=True, graph_size=mixed, mixed=True, chunk_tokens=mixed, max_tokens=tokens,
+                        capture=capture)
     cap = max(1, min(chunk_tokens, tokens)) if chunk_tokens else max(1, tokens)
     return StepPlan(busy=True, chunks=max(1, -(-tokens // cap)), chunk_tokens=cap, max_tokens=tokens)
 
 
 def encode(demand: StepDemand, prepare_epoch: int, commit_epoch: int) -> list[int]:
     return [int(demand.busy or prepare_epoch or commit_epoch), demand.tokens, demand.seqs,
-            int(not demand.graphable), prepare_epoch, -prepare_epoch, commit_epoch, -commit_epoch]
+            int(not demand.graphable), prepare_epoch, -prepare_epoch, commit_epoch, -commit_epoch,
+            *demand.missing]
 
 
 def agree(group: EpochGroup, demand: StepDemand, graph_sizes: GraphSizes, chunk_tokens: int,

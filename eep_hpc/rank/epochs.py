@@ -353,8 +353,10 @@ class RankEpochs:
             old = mine if self.engine.ep else None
             shape = (arch.moe_intermediate_size, arch.hidden_size)
             # experts whose every holder died come from the checkpoint; the rest move between live ranks
-            same_count = member and blocks[0].w13.shape[0] == end - start
-            joining, in_place = same_count and old is None, same_count and old is not None
+            # a member keeps its slot tensors while they hold its new count (a grow leaves the rows past it idle:
+            # no token is routed there), so what CUDA graphs captured stays valid; a joiner fills its empty ones
+            joining = member and old is None and blocks[0].w13.shape[0] == end - start
+            in_place = member and old is not None and blocks[0].w13.shape[0] >= end - start
             staged, remote = stage_experts(self.id, msg.moves, old, start, end, len(blocks), shape,
                                            blocks[0].w13.dtype, device, like=mine, into=mine if joining else None,
                                            in_place=in_place)
@@ -474,10 +476,10 @@ class RankEpochs:
                 a2a = make_all_to_all(self.launch.config, arch, target, change.group, change.expert_map)
                 ep = ExpertParallel(change.expert_map, a2a, arch.num_experts)
                 in_place = change.staged.rows is not None
+                # each rank for itself: one that drops its graphs (or joined) captures each size in a capture
+                # round with those that kept theirs (parallel/step_plan.py)
                 keep = (in_place and self.engine.ep is not None and ep.can_replace(self.engine.ep)
                         and os.environ.get("EEP_HPC_KEEP_GRAPHS", "1") != "0")  # 0: the before of a benchmark
-                if change.group.size > 1:  # graphs are kept by all members or none (a capture runs collectives)
-                    keep = change.group.all_reduce_max([int(not keep)]) == [0]
                 self.engine.swap_experts(change.staged, ep, keep_graphs=keep)
                 log.info("rank %d: epoch %d: %s, %s", self.id, msg.epoch,
                          f"{sum(map(len, change.staged.rows))} expert slot(s) updated in place" if in_place

@@ -50,6 +50,7 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         survivor = rank_pids(head)[head.state()["members"][0]]
         sole_experts_moved = 0
         usage = []  # (head's open fds, survivor rank's resident KiB) after each cycle
+        slot_totals = {head.state()["placement"]["slot_offsets"][-1]}  # physical slots of every epoch
         http_port = int(head.url.rsplit(":", 1)[1].split("/")[0])
 
         async def scenario():
@@ -65,6 +66,7 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
                 assert r.status_code == 200, r.text
                 events.append(r.json())
                 after = head.state()
+                slot_totals.add(after["placement"]["slot_offsets"][-1])
                 seen_pids.update(rank_pids(head).values())
                 if action == "shrink":
                     leaving = [m for m in before["members"] if m not in after["members"]]
@@ -89,6 +91,11 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         assert [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in events] == [
             ("grow", 1, 2, "DONE"), ("grow", 2, 4, "DONE"), ("shrink", 4, 3, "DONE"), ("shrink", 3, 1, "DONE")] * 2
         assert sum(e["requests_migrated"] for e in events if e["kind"] == "shrink") > 0
+        # members of a grow keep their slot tensors (fewer of their rows in use), as CUDA graphs need: the expert
+        # tables keep their shapes at every size (the same number of slots in all), so only moved slots are staged
+        logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("*") if p.is_file())
+        assert logs.count("updated in place") >= 2 * (1 + 2), logs[-3000:]
+        assert len(slot_totals) == 1, slot_totals
         # the second cycle leaks nothing the first did not already set up: sockets, ports (fds), memory
         (fds1, rss1), (fds2, rss2) = usage
         assert fds2 <= fds1 + 4, f"the head's open files grew over a cycle: {fds1} -> {fds2}"

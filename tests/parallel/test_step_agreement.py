@@ -170,6 +170,42 @@ def test_plan_decisions():
     assert not plan.is_graph and (plan.chunks, plan.chunk_tokens) == (3, 256)
 
 
+def test_a_rank_without_the_agreed_graph_makes_the_step_a_capture_round():
+    """A rank that joined (or dropped its graphs at a commit) says which graphs it lacks; when the plan's graph is
+    one of them, every rank learns it's a capture round (the lacking rank captures, the others replay once with no
+    rows to partner its warm-up); a graph every rank has is replayed as usual."""
+    sizes = GraphSizes(decode=(1, 2, 4, 8), mixed=(32, 64))
+    kept = (0, 0, 0, 0, 0, 0)
+    joined = (1, 1, 1, 1, 1, 1)
+    half = (0, 1, 0, 1, 0, 1)  # captured 1, 4 and the mixed 32 since it joined
+    busy = StepDemand(tokens=3, seqs=3, busy=True)
+
+    def plan(*demands):
+        return decide([max(col) for col in zip(*(encode(d, 0, 0) for d in demands))], sizes, 256)
+
+    def with_missing(d, missing):
+        return StepDemand(d.tokens, d.seqs, d.graphable, d.busy, missing)
+
+    assert plan(with_missing(busy, kept), with_missing(StepDemand(), kept)) == step_plan.StepPlan(
+        busy=True, graph_size=4, chunk_tokens=4, max_tokens=3)
+    # the idle joiner lacks every graph: the busy member's step is a capture round
+    p = plan(with_missing(busy, kept), with_missing(StepDemand(), joined))
+    assert (p.graph_size, p.mixed, p.capture) == (4, False, True)
+    # the joiner has size 4 by now, not size 8 nor the mixed 64
+    assert not plan(with_missing(busy, kept), with_missing(StepDemand(), half)).capture
+    eight = StepDemand(tokens=5, seqs=5, busy=True)
+    assert plan(with_missing(eight, kept), with_missing(StepDemand(), half)).capture
+    prefill = StepDemand(tokens=40, seqs=2, graphable=False, busy=True)
+    p = plan(with_missing(prefill, kept), with_missing(StepDemand(), half))
+    assert (p.graph_size, p.mixed, p.capture) == (64, True, True)
+    p = plan(with_missing(StepDemand(tokens=20, seqs=2, graphable=False, busy=True), kept),
+             with_missing(StepDemand(), half))
+    assert (p.graph_size, p.mixed, p.capture) == (32, True, False)
+    # eager steps and scaling actions are no capture rounds
+    assert not plan(with_missing(StepDemand(tokens=600, seqs=1, graphable=False, busy=True), kept),
+                    with_missing(StepDemand(), joined)).capture
+
+
 def test_operators_see_steps_and_host_collectives(tmp_path):
     """Through a real head with 2 rank processes: every rank steps in lockstep (the same number of steps, one
     agreement per step or wave end), as /admin/state, /metrics and `eep-hpc status` report."""
