@@ -198,11 +198,12 @@ def _prefill_sized(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tensor) -> bo
 
 
 def swiglu_experts_batched(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                           scales: BlockScales | None = None, rows_hint: int = 0) -> torch.Tensor:
+                           scales: BlockScales | None = None, rows_hint: int = 0, max_rows: int = 0) -> torch.Tensor:
     """x [E, N, D], counts [E] -> [E, N, D]: the first counts[e] rows of x[e] through local expert e (nixl_ep's
-    dispatch layout, consumed in place). On the GPU the counts stay on the device; rows past them are unwritten."""
+    dispatch layout, consumed in place). On the GPU the counts stay on the device; rows past them are unwritten.
+    max_rows: a bound on sum(counts) that sizes the kernels' grids (0: every expert's full N)."""
     if use_triton(x):
         from eep_hpc.kernels.triton_moe import swiglu_experts_batched_triton
 
-        return swiglu_experts_batched_triton(x, counts, w13, w2, scales, rows_hint)
+        return swiglu_experts_batched_triton(x, counts, w13, w2, scales, rows_hint, max_rows)
     return swiglu_experts_batched_reference(x, counts, w13, w2, scales, rows_hint)

@@ -350,15 +350,19 @@ def swiglu_experts_triton(
     return out
 
 
-def batched_rows(counts: torch.Tensor, rows_per_expert: int, block_m: int, sentinel: int):
+def batched_rows(counts: torch.Tensor, rows_per_expert: int, block_m: int, sentinel: int, max_rows: int = 0):
     """The `align_rows_by_slot` outputs for rows already grouped by expert, as nixl_ep's dispatch delivers them
     (expert e's rows at e * rows_per_expert + [0, counts[e])): the blocks that hold rows come first, in expert
-    order; rows past the counts read `sentinel` (skipped). No host sync, shapes from the layout alone."""
+    order; rows past the counts read `sentinel` (skipped). No host sync, shapes from the layout alone.
+    max_rows > 0: at most that many rows arrive in all (known from the step's agreed tokens per rank), so no more
+    than max_rows / block_m + E blocks can hold any: the list (and the kernels' grids) stop there, instead of
+    covering every expert's full capacity, most of it empty programs."""
     E, dev = counts.shape[0], counts.device
     per = -(-rows_per_expert // block_m)  # blocks an expert can fill
+    num_blocks = E * per if not max_rows else min(E * per, -(-max_rows // block_m) + E)
     blocks = (counts.to(torch.int64) + block_m - 1) // block_m  # [E]
     ends = torch.cumsum(blocks, 0)
-    b = torch.arange(E * per, device=dev)
+    b = torch.arange(num_blocks, device=dev)
     e = torch.searchsorted(ends, b, right=True).clamp_max(E - 1)  # the expert of block b (past the end: E - 1)
     first_row = (b - (ends[e] - blocks[e])) * block_m  # of block b inside its expert
     i = torch.arange(block_m, device=dev)
@@ -370,11 +374,13 @@ def batched_rows(counts: torch.Tensor, rows_per_expert: int, block_m: int, senti
 
 
 def swiglu_experts_batched_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                                  scales: BlockScales | None = None, rows_hint: int = 0) -> torch.Tensor:
+                                  scales: BlockScales | None = None, rows_hint: int = 0,
+                                  max_rows: int = 0) -> torch.Tensor:
     """x [E, N, D]: expert e's rows first in x[e], counts[e] of them (counts on the device: never read by the
     host) -> [E, N, D], row (e, t) through the expert in local slot e for t < counts[e]; the rest unwritten.
     Slots past w13's get no rows (E may exceed the slots a rank holds). rows_hint: about how many rows arrive in
-    all (picks the tiles; default: as if every expert were full)."""
+    all (picks the tiles; default: as if every expert were full); max_rows: at most this many rows in all (0: no
+    bound; a bound the counts exceed loses rows)."""
     E, N, D = x.shape
     S, two_i, _ = w13.shape
     I = two_i // 2
@@ -383,7 +389,7 @@ def swiglu_experts_batched_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
         return out
     counts = counts[:S] if E > S else counts
     cfg = pick_config(rows_hint or min(E, S) * N, S, D, I, x.dtype, fp8=scales is not None)
-    sorted_rows, block_slot, num_padded = batched_rows(counts, N, cfg.BLOCK_M, E * N)
+    sorted_rows, block_slot, num_padded = batched_rows(counts, N, cfg.BLOCK_M, E * N, max_rows)
     flat = x.reshape(E * N, D)
     _launch(flat if flat.stride(-1) == 1 else flat.contiguous(), w13, w2, out.view(E * N, D), sorted_rows,
             block_slot, num_padded, E * N, 1, cfg, scales)

@@ -303,6 +303,7 @@ class NixlEpHandle:
     nixl: tuple  # nixl_ep's own dispatch handle
     num_tokens: int
     top_k: int
+    capacity: int  # tokens per rank of this dispatch, agreed by every rank (the step plan): no sender sends more
 
 
 class NixlEpAllToAll:
@@ -374,14 +375,17 @@ class NixlEpAllToAll:
             x, topk = x.new_zeros(1, x.shape[1]), topk.new_full((1, k), -1)
         recv_x, recv_count, nixl_handle, _, _ = self.buffer.low_latency_dispatch(
             x.contiguous(), topk.contiguous(), self.max_tokens, num_experts=self.num_experts, use_fp8=False)
-        return recv_x, recv_count, NixlEpHandle(topk, nixl_handle, T, k)
+        return recv_x, recv_count, NixlEpHandle(topk, nixl_handle, T, k, max(capacity, T, 1))
 
     def run_experts(self, rows, local_slot, w13, w2, scales, handle):
         if self.local is not None:
             return self.local.run_experts(rows, local_slot, w13, w2, scales, handle)
-        # rows: recv_x [E, R*Tmax, D], local_slot: recv_count [E] (on the device)
+        # rows: recv_x [E, R*Tmax, D], local_slot: recv_count [E] (on the device). Each of the R seats sends at
+        # most `capacity` tokens, each to up to top_k of this rank's E experts: that bounds the rows that arrive
+        E = rows.shape[0]
+        max_rows = (self.num_experts // E) * handle.capacity * min(handle.top_k, E)
         return ops.swiglu_experts_batched(rows, local_slot, w13, w2, scales,
-                                          rows_hint=max(1, handle.num_tokens) * handle.top_k)
+                                          rows_hint=max(1, handle.num_tokens) * handle.top_k, max_rows=max_rows)
 
     def combine(self, y, weights, handle):
         if self.local is not None:

@@ -98,5 +98,23 @@ def test_triton_batched_experts_match_reference(E, N, S):
     counts[S:] = 0  # nixl_ep routes nothing to seats' experts this rank does not hold
     got = swiglu_experts_batched_triton(x, counts, w13, w2)
     want = _packed_reference(x, counts, w13, w2)
+    # the grids bounded by the rows that can arrive (nixl_ep: seats x agreed tokens x top-k), down to exactly the
+    # rows that came: the same outputs
+    bounded = swiglu_experts_batched_triton(x, counts, w13, w2, max_rows=int(counts.sum()))
     for e, n in enumerate(counts.tolist()):
         assert rel_err(got[e, :n], want[e, :n]) < 1e-5, e
+        assert torch.equal(bounded[e, :n], got[e, :n]), e
+
+
+def test_batched_row_blocks_bounded_by_the_rows_that_can_arrive():
+    """Blocks that hold rows come first; a bound on the rows keeps all of them and drops only empty ones."""
+    from eep_hpc.kernels.triton_moe import batched_rows
+
+    counts = torch.tensor([5, 0, 17, 1, 0, 32], dtype=torch.int32)
+    full = batched_rows(counts, 64, 16, 6 * 64)
+    bounded = batched_rows(counts, 64, 16, 6 * 64, max_rows=int(counts.sum()))
+    assert full[0].numel() == 6 * 4 * 16 and bounded[0].numel() == (-(-55 // 16) + 6) * 16
+    n = bounded[1].numel()
+    assert torch.equal(bounded[0], full[0][: n * 16]) and torch.equal(bounded[1], full[1][:n])
+    assert torch.equal(bounded[2], full[2]) and int(full[2]) == (1 + 2 + 1 + 2) * 16  # the blocks holding rows
+    assert int(bounded[2]) <= n * 16
