@@ -6,7 +6,7 @@
 #                                                  limited to MPS_PERCENT (50) % of the SMs when two share it)
 # Env: CONFIG (configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS_LIST ("1 2"), PROMPTS (256), IN_LEN/OUT_LEN (128/128),
 # CONCURRENCY (64), KV_BLOCKS (4096 per rank: fixed, since two ranks on one GPU cannot size by free memory),
-# GRAPH_MAX (64: largest decode graph), STAGES ("steady scaling"), PLAN (1,2; `rebalance` steps too), DEST
+# GRAPH_MAX (64: largest decode graph), MAX_RANKS (2: the nixl_ep layout's seats), STAGES ("steady scaling"), PLAN (1,2; `rebalance` steps too), DEST
 # (results/<gpu>-lab), SERVE_ARGS (more `eep-hpc serve` arguments), TAG (a name part of the result files).
 #SBATCH --job-name=eep-ep-lab
 #SBATCH --nodes=1
@@ -38,7 +38,7 @@ for RANKS in ${RANKS_LIST:-1 2}; do
   T0=$(date +%s)
   start_head "$RUN_DIR" --config "$CONFIG" --ranks "$RANKS" --set parallel.backend=nixl_ep \
     --set engine.num_kv_blocks="${KV_BLOCKS:-4096}" --set engine.cuda_graph_max_batch="${GRAPH_MAX:-64}" \
-    --set adapt.max_ranks=2 ${SERVE_ARGS:-}
+    --set adapt.max_ranks="${MAX_RANKS:-2}" ${SERVE_ARGS:-}
   echo "ep$RANKS: serving after $(( $(date +%s) - T0 )) s (run dir $RUN_DIR)"
   [[ " $STAGES " == *" steady "* ]] && bench --num-prompts "$PROMPTS" --result-file "$DEST/ep$RANKS-nixl_ep${TAG:-}-steady.json"
   if [[ $RANKS == 2 && " $STAGES " == *" scaling "* ]]; then
