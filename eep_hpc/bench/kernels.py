@@ -1,6 +1,6 @@
 """Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
 
-    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,linear,...]
+    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,moe_batched,linear,...]
 
 Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
 (never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
@@ -164,6 +164,37 @@ def _linear_sweep_configs(M: int):
         C(16, 32, 256, 1, 4, 4), C(16, 64, 128, 1, 4, 3), C(16, 16, 512, 1, 4, 3), C(16, 32, 256, 4, 4, 3)]
 
 
+def bench_moe_batched(results, reps, dtype):
+    """The experts on nixl_ep's receive layout, as one rank of EP=2 / 3 / 8 sees it: x [E_local, seats * Tmax, D]
+    (Tmax 512), the rows that came at the front of each expert's block. The kernels' grids cover either every
+    expert's full capacity (`unbounded_us`: before) or only the blocks the rows can fill (`triton_us`: seats x the
+    step's tokens per rank x top-k), at decode and small-prefill tokens per rank."""
+    from eep_hpc.kernels.triton_moe import swiglu_experts_batched_triton
+
+    dev, tmax = torch.device("cuda"), 512
+    for seats in (2, 3, 8):
+        e_local = -(-(EXPERTS + 8) // seats)
+        w13 = (torch.randn(e_local, 2 * MOE_I, HIDDEN) * HIDDEN**-0.5).to(dev, dtype)
+        w2 = (torch.randn(e_local, HIDDEN, MOE_I) * MOE_I**-0.5).to(dev, dtype)
+        for tokens in (1, 64, 256):
+            # every seat sends `tokens` tokens; a token picks top_k of the E experts, so a rank's experts get
+            # tokens * top_k * e_local / E rows from each seat, spread at random
+            picks = torch.randint(0, EXPERTS, (seats * tokens * TOP_K,))
+            counts = torch.bincount(picks[picks < e_local], minlength=e_local).to(torch.int32).to(dev)
+            x = torch.randn(e_local, seats * tmax, HIDDEN).to(dev, dtype)
+            bound = seats * tokens * min(TOP_K, e_local)
+            out = swiglu_experts_batched_triton(x, counts, w13, w2, rows_hint=tokens * TOP_K, max_rows=bound)
+            full = swiglu_experts_batched_triton(x, counts, w13, w2, rows_hint=tokens * TOP_K)
+            same = all(torch.equal(out[e, :n], full[e, :n]) for e, n in enumerate(counts.tolist()))
+            t_bounded, _ = gpu_us(lambda: swiglu_experts_batched_triton(x, counts, w13, w2, rows_hint=tokens * TOP_K,
+                                                                        max_rows=bound), reps)
+            t_full, _ = gpu_us(lambda: swiglu_experts_batched_triton(x, counts, w13, w2,
+                                                                     rows_hint=tokens * TOP_K), reps)
+            results.append(dict(kernel="moe-batched", case=f"ep{seats}-tokens{tokens}", dtype=str(dtype),
+                                experts_local=e_local, rows=int(counts.sum()), rows_bound=bound, triton_us=t_bounded,
+                                unbounded_us=t_full, same_as_unbounded=same))
+
+
 def bench_linear(results, reps, sweep, dtype):
     import torch.nn.functional as F
 
@@ -302,6 +333,7 @@ def main():
                     attention=lambda: bench_attention(results, args.reps, args.sweep, dtype),
                     moe=lambda: bench_moe(results, args.reps, args.sweep, dtype),
                     moe_fp8=lambda: bench_moe(results, args.reps, args.sweep, dtype, fp8=True),
+                    moe_batched=lambda: bench_moe_batched(results, args.reps, dtype),
                     linear=lambda: bench_linear(results, args.reps, args.sweep, dtype))
     for name in only:
         try:
@@ -323,6 +355,9 @@ def main():
         if r.get("all_segments_us") is not None:
             print(f"attention {r['case']}: live segments {f(r.get('triton_us')):.1f} us, every segment (before) "
                   f"{r['all_segments_us']:.1f} us")
+        if r["kernel"] == "moe-batched":
+            print(f"moe-batched {r['case']:16} {r['rows']:5d} rows: grid to the rows' bound {f(r['triton_us']):7.1f} us, "
+                  f"to every expert's capacity {f(r['unbounded_us']):7.1f} us, same outputs {r['same_as_unbounded']}")
         if r["kernel"] == "linear":
             print(f"linear {r['case']:18} triton {f(r.get('pct_of_copy_bw')):5.1f}% of copy bw, cuBLAS "
                   f"{f(r.get('torch_pct_of_copy_bw')):5.1f}%  {r['config']}"
