@@ -104,3 +104,31 @@ def test_a_new_communicator_or_other_shapes_cannot_replace():
     wider = ExpertMap([list(range(E)) + [0]] * L, [0, E + 1], 0, E)  # one redundant slot: other table shapes
     assert not ExpertParallel(wider, TorchAllToAll(EpochGroup(None, 1, 0, 1, torch.device("cpu"))), E).can_replace(
         engine.ep)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_capture_rounds_leave_tokens_and_load_unchanged(monkeypatch):
+    """A rank that has the agreed graph while another captures it replays it once with no rows first (the partner
+    of the capture's warm-up, parallel/step_plan.py): that replay writes no KV, counts no load and changes no token.
+    What a rank lacks is what it tells the agreement: nothing after startup, everything after a reset."""
+    import dataclasses
+
+    engine = engine_for(Path(ensure_tiny_checkpoint()), device="cuda")
+    graphs = engine.runner.graphs
+    sizes = engine.graph_sizes()
+    assert engine.demand().missing == (0,) * (len(sizes.decode) + len(sizes.mixed)) and sizes.decode
+    engine.ep.take_load()
+    want = greedy(engine, PROMPTS, 12)
+    want_load = engine.ep.take_load()
+    replays = graphs.replays
+
+    alone = engine.plan_alone
+    monkeypatch.setattr(engine, "plan_alone", lambda: dataclasses.replace(alone(), capture=alone().is_graph))
+    assert greedy(engine, PROMPTS, 12) == want
+    assert torch.equal(engine.ep.take_load(), want_load)
+    assert graphs.partner_replays == graphs.replays - replays > 0  # one per graph step of the second run
+
+    graphs.reset()
+    assert engine.demand().missing == (1,) * (len(sizes.decode) + len(sizes.mixed))
+    assert greedy(engine, PROMPTS, 12) == want  # each size captured on first use
+    assert 0 in engine.demand().missing and 1 in engine.demand().missing
