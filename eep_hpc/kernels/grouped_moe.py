@@ -27,12 +27,36 @@ def swiglu_experts_grouped(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tenso
                            scales: BlockScales | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [R, D], slot [M] (pair m reads row m // (M / R)) -> [M, D] unweighted expert outputs; pairs whose slot is
     outside [0, S) are padding and their rows are left unwritten (the Triton path's contract)."""
-    R, D = x.shape
-    M = slot.shape[0]
-    S = w13.shape[0]
+    M, D = slot.shape[0], x.shape[1]
     out = x.new_empty(M, D) if out is None else out
     if M == 0:
         return out
+    y, inverse = _grouped_sorted(x, slot, w13, w2, scales)
+    # back to pair order by a gather through the inverse permutation (index_copy_, the scatter, ran at a third of
+    # the gather's rate: 430 us a layer at 8,192 tokens on an H100)
+    return torch.index_select(y, 0, inverse, out=out)
+
+
+def swiglu_experts_grouped_combined(x: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                                    w2: torch.Tensor, scales: BlockScales | None = None) -> torch.Tensor:
+    """x [T, D], slot [T * k] (pair m: token m // k), weights [T, k] -> [T, D]: each token's k expert outputs,
+    weighted and summed, read from the GEMM's slot order through the inverse permutation in the sum's one pass
+    (no [T * k, D] copy back to pair order in between: a write and a read of 268 MB a layer at 8,192 tokens)."""
+    from eep_hpc.kernels.triton_combine import weighted_sum_triton
+
+    T, k = weights.shape
+    if T == 0:
+        return x.new_empty(0, x.shape[1])
+    y, inverse = _grouped_sorted(x, slot, w13, w2, scales)
+    return weighted_sum_triton(y, weights.contiguous(), inverse.view(T, k))
+
+
+def _grouped_sorted(x, slot, w13, w2, scales):
+    """-> (y [M, D]: the pairs' expert outputs sorted by slot, padding last and unwritten; inverse [M]: the row of
+    y that holds pair m)."""
+    R = x.shape[0]
+    M = slot.shape[0]
+    S = w13.shape[0]
     fanout = M // R
     if scales is not None:
         w13 = dequantize_w13(w13, scales.w13, scales.block, x.dtype)
@@ -46,11 +70,9 @@ def swiglu_experts_grouped(x: torch.Tensor, slot: torch.Tensor, w13: torch.Tenso
     rows = x.index_select(0, order // fanout if fanout > 1 else order)
     gate_up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # [M, 2I]; rows past offs[-1] undefined
     y = torch._grouped_mm(_silu_mul(gate_up), w2.transpose(1, 2), offs=offs)  # [M, D]
-    # back to pair order by a gather through the inverse permutation (index_copy_, the scatter, ran at a third of
-    # the gather's rate: 430 us a layer at 8,192 tokens on an H100)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(M, device=order.device)
-    return torch.index_select(y, 0, inverse, out=out)
+    return y, inverse
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,11 @@ def swiglu_experts_combined(x: torch.Tensor, slot: torch.Tensor, weights: torch.
 
         if k <= MAX_PAIRS:
             return one_token_experts_triton(x, slot, weights, w13, w2)
+    if (use_triton(x) and scales is None and slot.numel() == T * k and _prefill_sized(x, slot, w13)
+            and os.environ.get("EEP_HPC_MOE_SUM_IN_PLACE", "1") != "0"):
+        from eep_hpc.kernels.grouped_moe import swiglu_experts_grouped_combined
+
+        return swiglu_experts_grouped_combined(x, slot, weights, w13, w2)
     return weighted_sum(swiglu_experts(x, slot, w13, w2, scales).view(T, k, x.shape[1]), weights)
 
 

@@ -3,7 +3,8 @@ with k = 8 that cuBLAS runs at about a third of the copy rate: 271 us a layer at
 
 - `silu_mul_triton`: SiLU(gate) * up of the grouped GEMM's [M, 2I] output -> [M, I] (torch: two kernels).
 - `weighted_sum_triton`: the combine's sum of each token's k expert outputs, weighted, fp32 accumulation in pair
-  order (deterministic) -> [T, D].
+  order (deterministic) -> [T, D]; the outputs read in pair order, or through a row index where they lie (the
+  grouped GEMM's slot order: no copy back to pair order first).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["T"])
-def _weighted_sum_kernel(p_ptr, w_ptr, out_ptr, T, D, stride_pt, stride_pk, stride_wt, stride_o,
-                         K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+def _weighted_sum_kernel(p_ptr, w_ptr, idx_ptr, out_ptr, T, D, stride_pt, stride_pk, stride_wt, stride_o,
+                         K: tl.constexpr, BLOCK_D: tl.constexpr, GATHER: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -51,18 +52,31 @@ def _weighted_sum_kernel(p_ptr, w_ptr, out_ptr, T, D, stride_pt, stride_pk, stri
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in tl.static_range(K):  # pair order: the same sum on every run
         w = tl.load(w_ptr + t * stride_wt + j).to(tl.float32)
-        acc += w * tl.load(p_ptr + t * stride_pt + j * stride_pk + cols, mask=ok, other=0.0).to(tl.float32)
+        if GATHER:  # pair (t, j) is row idx[t, j] of p [N, D]
+            row = tl.load(idx_ptr + t * K + j).to(tl.int64) * stride_pt
+        else:  # p [T, K, D]
+            row = t * stride_pt + j * stride_pk
+        acc += w * tl.load(p_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def weighted_sum_triton(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """pairs [T, k, D], weights [T, k] -> [T, D] in pairs' dtype."""
-    T, K, D = pairs.shape
-    assert weights.shape == (T, K) and pairs.stride(2) == 1 and weights.stride(1) == 1
+def weighted_sum_triton(pairs: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """pairs [T, k, D], weights [T, k] -> [T, D] in pairs' dtype. rows [T, k]: pairs is [N, D] instead, and pair
+    (t, j) is its row rows[t, j] (read in place, e.g. the grouped GEMM's slot order)."""
+    T, K = weights.shape
+    D = pairs.shape[-1]
+    assert weights.stride(1) == 1 and pairs.stride(-1) == 1
+    if rows is None:
+        assert pairs.shape == (T, K, D)
+        stride_pt, stride_pk = pairs.stride(0), pairs.stride(1)
+    else:
+        assert pairs.dim() == 2 and rows.shape == (T, K) and rows.is_contiguous()
+        stride_pt, stride_pk = pairs.stride(0), 0
     out = pairs.new_empty(T, D)
     if T:
         BLOCK_D = min(1024, triton.next_power_of_2(D))
         _weighted_sum_kernel[(T, triton.cdiv(D, BLOCK_D))](
-            pairs, weights, out, T, D, pairs.stride(0), pairs.stride(1), weights.stride(0), out.stride(0),
-            K=K, BLOCK_D=BLOCK_D, num_warps=4, **pdl_args(out))
+            pairs, weights, rows if rows is not None else weights, out, T, D, stride_pt, stride_pk,
+            weights.stride(0), out.stride(0), K=K, BLOCK_D=BLOCK_D, GATHER=rows is not None, num_warps=4,
+            **pdl_args(out))
     return out

@@ -37,3 +37,21 @@ def test_weighted_sum(T, k, D, dtype):
     want = (pairs.double() * weights.double()[..., None]).sum(1)
     assert got.shape == (T, D) and rel_err(got, want) <= TOL[dtype]
     assert torch.equal(weighted_sum_triton(pairs, weights), got)  # the same order every run
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weighted_sum_reads_pairs_through_a_row_index(dtype):
+    """Pairs read where they lie (rows[t, j] of an [N, D] block, e.g. the grouped GEMM's slot order): the same
+    bits as the sum over those rows gathered into pair order first."""
+    from eep_hpc.kernels.triton_combine import weighted_sum_triton
+
+    T, k, D = 23, 8, 200
+    g = torch.Generator().manual_seed(5)
+    block = torch.randn(T * k + 9, D, generator=g).to(dtype).to(DEVICE)  # more rows than pairs: some never read
+    rows = torch.randperm(T * k + 9, generator=g)[: T * k].view(T, k).to(DEVICE)
+    weights = torch.rand(T, k, generator=g).to(dtype).to(DEVICE)
+    got = weighted_sum_triton(block, weights, rows)
+    assert torch.equal(got, weighted_sum_triton(block[rows.reshape(-1)].view(T, k, D), weights))
+    want = (block.double()[rows] * weights.double()[..., None]).sum(1)
+    assert rel_err(got, want) <= TOL[dtype]

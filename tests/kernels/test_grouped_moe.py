@@ -10,7 +10,7 @@ import torch
 from eep_hpc.kernels.fp8 import BlockScales, quantize_blockwise, quantize_w13
 from eep_hpc.kernels.grouped_moe import swiglu_experts_grouped
 from eep_hpc.kernels.moe import swiglu_experts_reference
-from kernel_checks import DEVICE, rel_err
+from kernel_checks import DEVICE, needs_kernels, rel_err
 
 
 def case(R: int, fanout: int, S: int, D: int = 64, I: int = 48, seed: int = 0):
@@ -42,3 +42,18 @@ def test_grouped_fp8_experts_match_dequantised_reference():
     want = swiglu_experts_reference(x.double(), slot, q13, q2, BlockScales(s13.double(), s2.double(), block))
     real = slot >= 0
     assert rel_err(got[real], want[real]) < 1e-2
+
+
+@needs_kernels
+def test_grouped_experts_summed_in_place_equal_the_sum_in_pair_order():
+    """The prefill combine reads the grouped GEMM's outputs in slot order through the inverse permutation: the same
+    bits as copying them back to pair order and summing there."""
+    from eep_hpc.kernels.grouped_moe import swiglu_experts_grouped_combined
+    from eep_hpc.kernels.triton_combine import weighted_sum_triton
+
+    x, slot, w13, w2 = case(300, 8, 32)
+    slot = slot.clamp_min(0)  # every pair real (a padding pair's output is undefined on both paths)
+    weights = torch.rand(300, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
+    got = swiglu_experts_grouped_combined(x, slot, weights, w13, w2)
+    want = weighted_sum_triton(swiglu_experts_grouped(x, slot, w13, w2).view(300, 8, -1), weights)
+    assert torch.equal(got, want)
