@@ -114,9 +114,14 @@ def print_comparison(baseline: dict, rows: list[dict], profiles: dict) -> None:
         before = baseline["eager_kernels"].get(key)
         if before is None:
             continue
+        if "tok_per_s" in after:
+            print(f"\n{key}: {before['gpu_ms']:.1f} -> {after['gpu_ms']:.1f} ms, {before['tok_per_s']:,.0f} -> "
+                  f"{after['tok_per_s']:,.0f} tok/s, {before['tflops']:.0f} -> {after['tflops']:.0f} TFLOP/s")
         print(f"\n{key}: eager step kernels, device us (calls); launches {before['launches']} -> {after['launches']}, "
               f"total {before['device_us_total']} -> {after['device_us_total']}; then the LM head")
         for part in ("top", "lm_head_kernels"):
+            if part not in after:
+                continue
             b_rows = {k["name"]: k for k in before[part]}
             a_rows = {k["name"]: k for k in after[part]}
             size = lambda n: -max(b_rows.get(n, {}).get("device_us", 0), a_rows.get(n, {}).get("device_us", 0))
@@ -214,6 +219,9 @@ def main(argv=None) -> None:
         print(f"baseline: {pairs}", flush=True)
         with env_set(pairs):
             base_rows, base_profiles = measure()
+            for seqs, n in prefills:
+                base_profiles[f"prefill{seqs}x{n}"] = profile_prefill(runner, ep, arch, seqs, n, args.repeats,
+                                                                      args.top_kernels)
         baseline = {"env": pairs, "rows": base_rows, "eager_kernels": base_profiles}
         print("now: without the baseline's variables", flush=True)
     rows, profiles = measure()
