@@ -83,6 +83,11 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Ranks a nixl_ep buffer holds at once: peers join without rebuilding it up to this many; 0 = the largest of
     # ranks, adapt.max_ranks and 2. A bigger membership rebuilds every member's buffer.
     nixl_ep_max_ranks: NonNegative = 0
+    # nixl_ep's dispatch layout covers every seat of the buffer (nixl_ep_max_ranks), members or not, so a grow or
+    # shrink keeps the CUDA graphs; its receive tensors ([slots per rank, seats * tokens, hidden] per dispatch)
+    # grow with the seats. false: the layout ends at the highest member's seat (smaller tensors; a grow or shrink
+    # that moves that bound re-captures every graph).
+    nixl_ep_fixed_layout: bool = True
     # Physical expert slots beyond one per logical expert, spread over the ranks (EPLB replicas).
     redundant_experts: NonNegative = 0
     # Rebalance experts every this many seconds of serving; 0 = only on demand.

@@ -187,12 +187,13 @@ class StepGraphs:
         self.pool, self.ep = None, None
         self.resets += 1
 
-    def missing(self, sizes: GraphSizes) -> tuple[int, ...]:
-        """Per size of `sizes` (decode, then mixed): 1 where this rank has no graph (what it tells the step's
-        agreement; computed again only after a capture or a reset)."""
-        key = (sizes, len(self.graphs), self.resets)
+    def missing(self, sizes: GraphSizes, ep: ExpertParallel) -> tuple[int, ...]:
+        """Per size of `sizes` (decode, then mixed): 1 where this rank has no graph for `ep` (what it tells the
+        step's agreement; computed again only after a capture or a reset). Graphs of another epoch count as none:
+        `run` would drop them."""
+        key = (sizes, len(self.graphs), self.resets, ep is self.ep)
         if self._missing[0] != key:
-            have = self.graphs
+            have = self.graphs if ep is self.ep else {}
             self._missing = (key, tuple(int((s, False) not in have) for s in sizes.decode)
                              + tuple(int((s, True) not in have) for s in sizes.mixed))
         return self._missing[1]
@@ -212,17 +213,17 @@ class StepGraphs:
             self._capture(size, mixed, ep)
             log.info("captured the %s graph of %d on first use in %.2f s", "mixed" if mixed else "decode", size,
                      time.monotonic() - t0)
-        elif capture_round:
-            self._replay([], [], [], [], [], [], size, mixed)
+        elif capture_round:  # the host buffer is filled again at once: this copy must be done with it first
+            self._replay([], [], [], [], [], [], size, mixed, non_blocking=False)
             self.partner_replays += 1
         out = self._replay(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size, mixed)
         self.replays += 1
         return out[:t]
 
     def _replay(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size: int,
-                mixed: bool) -> torch.Tensor:
+                mixed: bool, non_blocking: bool = True) -> torch.Tensor:
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
-        self.static.copy_(self.host, non_blocking=True)
+        self.static.copy_(self.host, non_blocking=non_blocking)
         graph, out = self.graphs[(size, mixed)]
         graph.replay()
         return out

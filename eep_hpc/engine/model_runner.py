@@ -77,7 +77,7 @@ class ModelRunner:
 
     def missing_graphs(self, ep: ExpertParallel, max_tokens: int = 0) -> tuple[int, ...]:
         """Per graph of `graph_sizes` (decode, then mixed): 1 where this rank has not captured it."""
-        return self.graphs.missing(self.graph_sizes(ep, max_tokens)) if self.graphs is not None else ()
+        return self.graphs.missing(self.graph_sizes(ep, max_tokens), ep) if self.graphs is not None else ()
 
     def graphable(self, batch, ep: ExpertParallel) -> bool:
         """Can this batch of (seq, num_new_tokens) run as a decode graph: one new token each, no prompt logprobs

@@ -225,10 +225,10 @@ class RankEngine:
     def swap_experts(self, staged, ep: ExpertParallel, keep_graphs: bool = False) -> None:
         """Commit: the staged experts (with the scales of fp8 experts) go live, and the new epoch's expert
         map/communicator replace the old ones. Staged in place (`staged.rows`), the changed slots are copied into
-        the live tensors; else the staged tensors replace them. keep_graphs (in place, `ep.can_replace(self.ep)`,
-        and every member of the epoch agreed): `ep` takes over the old epoch's device tensors and the captured
-        CUDA graphs go on serving; else they are dropped and re-captured on first use, by every rank at the step
-        that first agrees on that size."""
+        the live tensors; else the staged tensors replace them. keep_graphs (in place and `ep.can_replace(self.ep)`;
+        each rank decides for itself): `ep` takes over the old epoch's device tensors and the captured CUDA graphs
+        go on serving; else they are dropped, and this rank captures each size at the step that first agrees on it
+        (a capture round: ranks that kept theirs replay it once with no rows, parallel/step_plan.py)."""
         blocks = self.model.moe_blocks()
         if blocks and (blocks[0].w13_scale is None) != (getattr(staged, "w13_scale", None) is None):
             raise ValueError("staged experts and the model's slots differ in having fp8 scales")

@@ -60,13 +60,16 @@ def slots_per_rank(num_experts: int, redundant: int, capacities: list[float]) ->
     """Expert slots of each rank: num_experts + redundant in all, whatever the number of ranks, shared in proportion
     to capacity (largest remainders; equal capacities differ by one slot at most). A fixed total keeps the expert
     tables' shapes across grows and shrinks, so CUDA graphs that read them can be kept (model/moe.py
-    `ExpertParallel.can_replace`). Every rank gets one slot at least (more ranks than slots exceed the total)."""
+    `ExpertParallel.can_replace`). Every rank gets one slot at least: only more ranks than slots exceed the total."""
     total = num_experts + redundant
     shares = [c * total / sum(capacities) for c in capacities]
     slots = [max(1, int(s + 1e-9)) for s in shares]  # floors, robust to float dust
     while sum(slots) < total:  # the rank furthest under its share gets one more
         i = max(range(len(slots)), key=lambda j: (shares[j] - slots[j], -j))
         slots[i] += 1
+    while sum(slots) > total and max(slots) > 1:  # raised to one slot: the rank furthest over its share gives one
+        i = max((j for j in range(len(slots)) if slots[j] > 1), key=lambda j: (slots[j] - shares[j], j))
+        slots[i] -= 1
     return slots
 
 

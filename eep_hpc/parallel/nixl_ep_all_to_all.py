@@ -23,8 +23,9 @@ Entering an epoch (at startup and at every commit, all members together; `NixlEp
     peers are freed for later joiners.
 
 Data path, with no host sync and no host collective (CUDA-graph capturable): `low_latency_dispatch` delivers
-recv_x [E, R*Tmax, D] (R = the geometry's seats, Tmax the buffer's tokens per dispatch) with the rows of local
-expert e packed at the front, recv_count[e] of them, on the device. The experts run on that layout as it is
+recv_x [E, R*Tmax, D] (R = the geometry's seats, or the highest member seat + 1 without
+`nixl_ep_fixed_layout`; Tmax the buffer's tokens per dispatch) with the rows of local expert e packed at the
+front, recv_count[e] of them, on the device. The experts run on that layout as it is
 (`ops.swiglu_experts_batched`: blocks of rows per expert, the counts read on the GPU), writing their outputs in
 the same layout, which `low_latency_combine` reads to return the weighted sum over k (fp32, k = 0, 1, ...).
 Top-k entries of -1 (a graph's padding rows) are not sent. A step bigger than Tmax tokens runs its MoE in chunks
@@ -319,8 +320,10 @@ class NixlEpAllToAll:
             self.buffer, self.max_tokens = runtime.buffer, g.max_tokens
             # the layout covers every seat of the geometry, members or not (absent seats are masked): kernels,
             # buffers and shapes stay the same when ranks join or leave, so graphs are kept (nixl 1.4.1 honours
-            # an explicit num_experts for this); a one-rank-short layout would change with every grow
-            self.num_experts = g.experts_per_seat * g.seats
+            # an explicit num_experts for this); else up to the highest member seat, which a grow may move
+            fixed = runtime.cfg.parallel.nixl_ep_fixed_layout
+            self.num_experts = g.experts_per_seat * (g.seats if fixed else max(seats) + 1)
+            self.incarnation = runtime.incarnation  # of the buffer this epoch's graphs use
             self.expert_of_slot = slot_to_nixl_expert(expert_map.slot_offsets, seats, g.experts_per_seat).to(
                 expert_map.slot_owner.device)
             self.topk_dtype = getattr(runtime.nixl, "topk_idx_t", torch.int64)
@@ -344,7 +347,7 @@ class NixlEpAllToAll:
         rebuilt) with the same expert numbering; nixl_ep keeps graphs valid across connect/disconnect of peers."""
         if self.local is not None:
             return ("one rank",)
-        return ("nixl_ep", self.runtime.incarnation, self.num_experts, self.max_tokens)
+        return ("nixl_ep", self.incarnation, self.num_experts, self.max_tokens)
 
     def adopt_tensors(self, old: NixlEpAllToAll) -> None:
         """Write this epoch's slot numbering into `old`'s device tensor and use that (CUDA graphs captured it)."""

@@ -114,6 +114,7 @@ def test_ranks_of_different_shapes_get_expert_slots_by_capacity(tmp_path):
     assert slots_per_rank(128, 4, [1.0, 2.0, 0.5]) == [38, 75, 19]
     # the same total at every size (the expert tables keep their shapes across grows and shrinks)
     assert {sum(slots_per_rank(128, 8, [1.0] * n)) for n in range(1, 9)} == {136}
+    assert slots_per_rank(8, 0, [1.0, 1.0, 1.0, 10.0]) == [1, 1, 1, 5]  # raised to one slot, taken from the largest
     pools = {"big": {"expert_capacity": 2.0}, "small": {"expert_capacity": 1.0}}
     head = start_head(tmp_path, ranks=1, pools=pools)
     try:
