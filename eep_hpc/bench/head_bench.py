@@ -637,6 +637,11 @@ def bench_point(args: argparse.Namespace, steps_per_s: float) -> dict:
             results, duration, wall, cpu, client_cpu, owner, records, started = measured_load(args.timed_plan)
             emitted = read_emit_times(emit_dir)
             written = read_emit_times(emit_dir, "api-*.jsonl")
+            # an API process logs a stream's send times after its last write, which the client may have read first
+            deadline = time.monotonic() + 5.0
+            while len(written) < len(results) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                written = read_emit_times(emit_dir, "api-*.jsonl")
             # what the coordinator did meanwhile: a rank it lost (silent past control.rank_timeout_s) shows here
             events = httpx.get(f"{url}/admin/state", timeout=30).json().get("scale_events", [])
             sampled = [head_pid, *api_pids][min(args.profile_api, len(api_pids))]
