@@ -70,7 +70,9 @@ def serve_config(cfg: Config, creds: Credentials) -> ServeConfig:
 
 def rank_config(cfg: Config, creds: Credentials) -> Config:
     """The config ranks get (RankLaunch.config, pickled by submitit into run_dir/jobs): the control secret's file,
-    and no API key or admin token, which ranks never need."""
+    the run dir as an absolute path (node agents put the run's Triton cache there), and no API key or admin token,
+    which ranks never need."""
     serve = msgspec.structs.replace(cfg.serve, api_key="", admin_token="")
-    control = msgspec.structs.replace(cfg.control, secret_file=str(creds.secret_file))
+    control = msgspec.structs.replace(cfg.control, secret_file=str(creds.secret_file),
+                                      run_dir=str(Path(cfg.control.run_dir).resolve()))
     return msgspec.structs.replace(cfg, serve=serve, control=control)

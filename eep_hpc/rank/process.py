@@ -14,6 +14,7 @@ import dataclasses
 import faulthandler
 import logging
 import os
+from pathlib import Path
 import signal
 import socket
 import time
@@ -283,6 +284,11 @@ def run_rank(launch: P.RankLaunch) -> int:
         # (torch's default): the survivor then reports GroupLost and takes part in the recovery
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         torch.cuda.set_device(torch.device(launch.device))
+    # one Triton cache for the run's ranks on every node (the run dir is shared; Triton reads this when it compiles):
+    # a rank that joins finds the kernels the first ranks compiled, instead of compiling them inside its first
+    # exchanges while its peers wait (past control.rank_timeout_s they would declare it lost)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(launch.config.control.run_dir) / "triton-cache"))
+    log.info("rank %d: Triton's kernel cache: %s", launch.rank_id, os.environ["TRITON_CACHE_DIR"])
     torch.set_num_threads(max(1, int(os.environ.get("EEP_HPC_RANK_THREADS", "1"))))
     signing.use_secret(signing.read_secret(launch.config.control.secret_file))  # before the socket: its identity derives from it
     rank = RankProcess(launch)

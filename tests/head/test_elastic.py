@@ -96,6 +96,9 @@ def test_grow_and_shrink_cycles_under_streaming_load(tmp_path):
         logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("*") if p.is_file())
         assert logs.count("updated in place") >= 2 * (1 + 2), logs[-3000:]
         assert len(slot_totals) == 1, slot_totals
+        # every rank (the joiners too) compiles into the run's one Triton cache: joiners find the first ranks' kernels
+        cache = f"Triton's kernel cache: {tmp_path.resolve() / 'triton-cache'}"
+        assert logs.count(cache) == len(seen_pids), (logs.count(cache), len(seen_pids))
         # the second cycle leaks nothing the first did not already set up: sockets, ports (fds), memory
         (fds1, rss1), (fds2, rss2) = usage
         assert fds2 <= fds1 + 4, f"the head's open files grew over a cycle: {fds1} -> {fds2}"
