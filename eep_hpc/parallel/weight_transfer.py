@@ -31,7 +31,8 @@ log = logging.getLogger("eep_hpc.weights")
 
 class PublishedDense(msgspec.Struct):
     agent_metadata: bytes
-    descriptors: bytes
+    mem_type: str
+    regions: list[list[int]]  # per tensor: [addr, bytes, device_id] (a reader cuts its READs into pieces of them)
     names: list[str]
     shapes: list[list[int]]
     dtype: str
@@ -69,6 +70,10 @@ def _mem_type(t: torch.Tensor) -> str:
 
 def _device_id(t: torch.Tensor) -> int:
     return (t.device.index or 0) if t.is_cuda else 0
+
+
+def _regions(tensors: list[torch.Tensor]) -> list[list[int]]:
+    return [[t.data_ptr(), t.numel() * t.element_size(), _device_id(t)] for t in tensors]
 
 
 PROGRESS_DELAY_US = int(os.environ.get("EEP_HPC_NIXL_PROGRESS_US", "2000"))  # an A/B switch for benchmarks
@@ -126,8 +131,7 @@ class RankAgent:
     def publish_dense(self, tensors: dict[str, torch.Tensor]) -> None:
         local = list(tensors.values())
         self._dense_reg = self.agent.register_memory(local)
-        msg = PublishedDense(self.agent.get_agent_metadata(),
-                             self.agent.get_serialized_descs(self.agent.get_xfer_descs(local)),
+        msg = PublishedDense(self.agent.get_agent_metadata(), _mem_type(local[0]), _regions(local),
                              list(tensors), [list(t.shape) for t in local], str(local[0].dtype))
         self.store.set(dense_key(self.rank_id), signing.seal(dense_key(self.rank_id), msgspec.msgpack.encode(msg)))
 
@@ -160,7 +164,10 @@ class RankAgent:
     # ---- reading --------------------------------------------------------------------------------------------
 
     def fetch_dense(self, peers: list[int], tensors: dict[str, torch.Tensor], timeout_s: float = 60.0) -> tuple[int, int]:
-        """Fill `tensors` from the first peer that published matching dense weights -> (peer, bytes)."""
+        """Fill `tensors` from the first peer that published matching dense weights -> (peer, bytes). READs of up
+        to READ_PIECE_BYTES, as the experts' (one READ of all of them, 2 GB for Qwen3-30B-A3B, never ended between
+        two processes on one H100: results/README.md, the lab's grow); a peer fails when no piece ends for
+        `timeout_s`."""
         local = list(tensors.values())
         reg = self.agent.register_memory(local)
         errors = []
@@ -175,8 +182,8 @@ class RankAgent:
                     errors.append(f"rank {peer} holds differently shaped weights")
                     continue
                 try:
-                    self._read(pub.agent_metadata, self.agent.get_xfer_descs(local),
-                               self.agent.deserialize_descs(pub.descriptors), timeout_s, local[0])
+                    self._read(pub.agent_metadata, _regions(local), _mem_type(local[0]), pub.regions, pub.mem_type,
+                               timeout_s, local[0])
                     return peer, sum(t.numel() * t.element_size() for t in local)
                 except Exception as e:  # try the next peer
                     errors.append(f"rank {peer}: {type(e).__name__}: {e}")
@@ -224,10 +231,17 @@ class RankAgent:
     def deregister(self, reg) -> None:
         self.agent.deregister_memory(reg)
 
-    def _read(self, metadata: bytes, local, remote, timeout_s: float, like: torch.Tensor) -> None:
+    def _read(self, metadata: bytes, local: list, local_mem: str, remote: list, remote_mem: str, timeout_s: float,
+              like: torch.Tensor) -> None:
+        """Regions [addr, bytes, device] of the peer into the same-sized local ones, in pieces; until all are in."""
+        if [n for _, n, _ in local] != [n for _, n, _ in remote]:
+            raise RuntimeError("the peer's regions differ in size from this rank's")
         pending = PendingReads(self.agent, timeout_s, like)
         try:
-            pending.add(metadata, local, remote, nbytes=0)  # the caller counts the bytes
+            for lo, hi in _pieces([n for _, n, _ in local], READ_PIECE_BYTES):
+                pending.add(metadata, self.agent.get_xfer_descs([tuple(r) for r in local[lo:hi]], local_mem),
+                            self.agent.get_xfer_descs([tuple(r) for r in remote[lo:hi]], remote_mem),
+                            sum(n for _, n, _ in local[lo:hi]))
             pending.wait()
         finally:
             pending.close()
