@@ -223,7 +223,7 @@ class RankProcess:
         if self.trace:
             self.trace.write(event="step", wave=self.wave, agree_ms=round((t1 - t0) * 1e3, 3),
                              step_ms=round((time.perf_counter() - t1) * 1e3, 3), graph=plan.graph_size, mixed=plan.mixed,
-                             chunks=plan.chunks, tokens=demand.tokens, seqs=demand.seqs, max_tokens=plan.max_tokens,
+                             capture=plan.capture, chunks=plan.chunks, tokens=demand.tokens, seqs=demand.seqs, max_tokens=plan.max_tokens,
                              running=engine.scheduler.num_running, waiting=engine.scheduler.num_waiting,
                              outputs=len(outputs))
         masked = getattr(getattr(engine.ep, "all_to_all", None), "failed_ranks", None)
