@@ -266,10 +266,14 @@ def test_epochs_connect_disconnect_reconnect_and_reuse_seats_cpu():
     assert peers(0) == {1} and peers(1) == {0} and rts[0].geometry == nx.Geometry(3, 11, 8, 2048)
     run_cpu_epoch(rts, 2, [0], [0, 18], port)  # rank 1 left (and still thinks it is connected to 0)
     assert peers(0) == set() and peers(1) == {0} and master.get("nixl_ep/seat/1") == b"free"
-    check(run_cpu_epoch(rts, 3, [0, 1], [0, 7, 18], port), [0, 1])  # 1 takes its seat back; both reconnect
+    two = run_cpu_epoch(rts, 3, [0, 1], [0, 7, 18], port)  # 1 takes its seat back; both reconnect
+    check(two, [0, 1])
     assert peers(0) == {1} and peers(1) == {0} and rts[0].incarnation == rts[1].incarnation == 1  # no rebuild
-    check(run_cpu_epoch(rts, 4, [0, 1, 2], [0, 6, 12, 18], port), [0, 1, 2])  # grow within 3 seats: no rebuild
+    three = run_cpu_epoch(rts, 4, [0, 1, 2], [0, 6, 12, 18], port)  # grow within 3 seats: no rebuild
+    check(three, [0, 1, 2])
     assert {rts[r].incarnation for r in (0, 1, 2)} == {1} and peers(2) == {0, 1}
+    # the layout covers every seat, members or not: the members' CUDA graphs could serve the grown epoch
+    assert [a[3].graph_key for a in two] == [a[3].graph_key for a in three[:2]] == [("nixl_ep", 1, 33, 8)] * 2
     check(run_cpu_epoch(rts, 5, [2, 1], [0, 9, 18], port), [2, 1])  # 0 leaves; survivors renumbered, seats kept
     assert peers(2) == {1} and peers(1) == {2} and master.get("nixl_ep/seat/0") == b"free"
     check(run_cpu_epoch(rts, 6, [2, 1, 3], [0, 6, 12, 18], port), [2, 1, 0])  # a joiner takes the freed seat
