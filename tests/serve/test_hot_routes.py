@@ -8,6 +8,7 @@ headers and body bytes, and the same HTTP metrics. Ids and creation times are fi
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from eep_hpc import protocol as P
 from eep_hpc.config import ServeConfig
 from eep_hpc.model.tiny import ensure_tiny_checkpoint
 from eep_hpc.model.tokenizer import Tokenizer
+from eep_hpc.serve import app as app_module
 from eep_hpc.serve import serving
 from eep_hpc.serve.api_proxy import ToHeadMiddleware
 from eep_hpc.serve.app import create_app, hot_routes
@@ -165,6 +167,8 @@ def fixed_ids(monkeypatch):
     ids = iter(range(10 ** 6))
     monkeypatch.setattr(serving, "random_id", lambda prefix: f"{prefix}-{next(ids):032x}")
     monkeypatch.setattr(serving, "now", lambda: 1_700_000_000)
+    # the model card's "created" is when its app was made: the two apps below may be a second apart
+    monkeypatch.setattr(app_module, "time", SimpleNamespace(time=lambda: 1_700_000_000.0))
 
     def reset():
         nonlocal ids
