@@ -1,6 +1,7 @@
 """Time the Triton kernels against the torch references at Qwen3-30B-A3B shapes (one rank holding all 128 experts).
 
-    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep] [--only moe,moe_fp8,moe_batched,linear,...]
+    python -m eep_hpc.bench.kernels [--out results.json] [--reps 50] [--sweep]
+                                    [--only moe,moe_fp8,moe_batched,linear,...]
 
 Per call, CUDA events around each call, median of --reps after warm-up (compilation stays out). Inputs are random
 (never zeros). Also checks that the decode paths capture into a CUDA graph and replay to the eager result, and times
@@ -356,8 +357,9 @@ def main():
             print(f"attention {r['case']}: live segments {f(r.get('triton_us')):.1f} us, every segment (before) "
                   f"{r['all_segments_us']:.1f} us")
         if r["kernel"] == "moe-batched":
-            print(f"moe-batched {r['case']:16} {r['rows']:5d} rows: grid to the rows' bound {f(r['triton_us']):7.1f} us, "
-                  f"to every expert's capacity {f(r['unbounded_us']):7.1f} us, same outputs {r['same_as_unbounded']}")
+            print(f"moe-batched {r['case']:16} {r['rows']:5d} rows: grid to the rows' bound "
+                  f"{f(r['triton_us']):7.1f} us, to every expert's capacity {f(r['unbounded_us']):7.1f} us, "
+                  f"same outputs {r['same_as_unbounded']}")
         if r["kernel"] == "linear":
             print(f"linear {r['case']:18} triton {f(r.get('pct_of_copy_bw')):5.1f}% of copy bw, cuBLAS "
                   f"{f(r.get('torch_pct_of_copy_bw')):5.1f}%  {r['config']}"

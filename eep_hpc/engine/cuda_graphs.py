@@ -21,8 +21,9 @@ size is re-captured on first use; one that does not (a rebalance, a recovery, a 
 rank's slot tensors and whose nixl_ep layout stays) writes the new experts and tables into the captured tensors
 and keeps every graph (`keep_for`). Ranks capture in step (at startup all sizes, in the same order; later each
 size at the step that first agrees on it), since a capture's warm-up runs the epoch's collectives: a rank that
-joined captures while those that kept theirs replay with no rows (a capture round, parallel/step_plan.py). Only an epoch whose all-to-all
-is graph-safe (no host sync, no host collective: one rank, or nixl_ep) runs graphs; others run eagerly.
+joined captures while those that kept theirs replay with no rows (a capture round, parallel/step_plan.py). Only
+an epoch whose all-to-all is graph-safe (no host sync, no host collective: one rank, or nixl_ep) runs graphs;
+others run eagerly.
 """
 
 from __future__ import annotations

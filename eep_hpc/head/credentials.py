@@ -70,7 +70,7 @@ def serve_config(cfg: Config, creds: Credentials) -> ServeConfig:
 
 def rank_config(cfg: Config, creds: Credentials) -> Config:
     """The config ranks get (RankLaunch.config, pickled by submitit into run_dir/jobs): the control secret's file,
-    the run dir as an absolute path (node agents put the run's Triton cache there), and no API key or admin token,
+    the run dir as an absolute path (ranks keep the run's Triton cache there), and no API key or admin token,
     which ranks never need."""
     serve = msgspec.structs.replace(cfg.serve, api_key="", admin_token="")
     control = msgspec.structs.replace(cfg.control, secret_file=str(creds.secret_file),

@@ -80,7 +80,8 @@ def stage_experts(my_id: int, moves: list[list[int]], old: SlotTensors | None, n
     The kinds staged (and their per-slot shapes) are those of `like` (this rank's model's slots), else of `old`,
     else w13/w2 of `shape` (I, D) and `dtype`. `into`: fill these tensors instead of allocating new ones (a
     joining rank's still empty slots: staging them twice would double its expert memory). `in_place` (the rank
-    keeps its slot tensors, at least as many rows as it now owns): stage only the slots that moves fill (`StagedExperts.rows`)."""
+    keeps its slot tensors, at least as many rows as it now owns): stage only the slots that moves fill
+    (`StagedExperts.rows`)."""
     specs = _slot_specs(like, old, shape, dtype)
     if old is not None and len(old.kinds()) != len(specs):
         raise ValueError("the old expert slots lack the scales of fp8 experts: use SlotTensors.of_blocks(blocks)")

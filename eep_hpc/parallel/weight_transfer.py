@@ -215,11 +215,8 @@ class RankAgent:
                         raise RuntimeError(f"rank {src}: expert slot sizes differ from this rank's")
                     remote += [(a13, n13, dev), (a2, n2, dev)]
                     local += [(w13.data_ptr(), n13, _device_id(w13)), (w2.data_ptr(), n2, _device_id(w2))]
-                local_mem = _mem_type(rows[0][3])
-                for lo, hi in _pieces([n for _, n, _ in local], piece):
-                    pending.add(pub.agent_metadata, self.agent.get_xfer_descs(local[lo:hi], local_mem),
-                                self.agent.get_xfer_descs(remote[lo:hi], pub.mem_type),
-                                sum(n for _, n, _ in local[lo:hi]))
+                self._add_pieces(pending, pub.agent_metadata, local, _mem_type(rows[0][3]), remote, pub.mem_type,
+                                 piece)
         except BaseException:
             pending.close()
             raise
@@ -238,13 +235,19 @@ class RankAgent:
             raise RuntimeError("the peer's regions differ in size from this rank's")
         pending = PendingReads(self.agent, timeout_s, like)
         try:
-            for lo, hi in _pieces([n for _, n, _ in local], READ_PIECE_BYTES):
-                pending.add(metadata, self.agent.get_xfer_descs([tuple(r) for r in local[lo:hi]], local_mem),
-                            self.agent.get_xfer_descs([tuple(r) for r in remote[lo:hi]], remote_mem),
-                            sum(n for _, n, _ in local[lo:hi]))
+            self._add_pieces(pending, metadata, [tuple(r) for r in local], local_mem, [tuple(r) for r in remote],
+                             remote_mem, READ_PIECE_BYTES)
             pending.wait()
         finally:
             pending.close()
+
+    def _add_pieces(self, pending: PendingReads, metadata: bytes, local: list, local_mem: str, remote: list,
+                    remote_mem: str, piece: int) -> None:
+        """Queue READs of the (addr, bytes, device) regions `remote` into `local`, in pieces of about `piece`
+        bytes."""
+        for lo, hi in _pieces([n for _, n, _ in local], piece):
+            pending.add(metadata, self.agent.get_xfer_descs(local[lo:hi], local_mem),
+                        self.agent.get_xfer_descs(remote[lo:hi], remote_mem), sum(n for _, n, _ in local[lo:hi]))
 
 
 class PendingReads:

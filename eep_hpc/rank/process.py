@@ -14,11 +14,11 @@ import dataclasses
 import faulthandler
 import logging
 import os
-from pathlib import Path
 import signal
 import socket
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import zmq
@@ -223,9 +223,9 @@ class RankProcess:
         if self.trace:
             self.trace.write(event="step", wave=self.wave, agree_ms=round((t1 - t0) * 1e3, 3),
                              step_ms=round((time.perf_counter() - t1) * 1e3, 3), graph=plan.graph_size, mixed=plan.mixed,
-                             capture=plan.capture, chunks=plan.chunks, tokens=demand.tokens, seqs=demand.seqs, max_tokens=plan.max_tokens,
-                             running=engine.scheduler.num_running, waiting=engine.scheduler.num_waiting,
-                             outputs=len(outputs))
+                             capture=plan.capture, chunks=plan.chunks, tokens=demand.tokens, seqs=demand.seqs,
+                             max_tokens=plan.max_tokens, running=engine.scheduler.num_running,
+                             waiting=engine.scheduler.num_waiting, outputs=len(outputs))
         masked = getattr(getattr(engine.ep, "all_to_all", None), "failed_ranks", None)
         if masked is not None and masked():  # nixl_ep timed a peer out and masked it: this epoch is broken
             raise GroupLost(f"nixl_ep masked rank(s) {masked()}")
