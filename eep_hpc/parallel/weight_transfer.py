@@ -99,6 +99,20 @@ def _pieces(sizes: list[int], piece: int | None) -> list[tuple[int, int]]:
     return out
 
 
+def _cut(local: list, remote: list, piece: int | None) -> tuple[list, list]:
+    """Region pairs (addr, bytes, device) cut so that none is larger than `piece` bytes: a piece then bounds every
+    READ, also of one large tensor (an embedding is 594 MiB)."""
+    if not piece:
+        return local, remote
+    out_l, out_r = [], []
+    for (la, n, ld), (ra, _, rd) in zip(local, remote):
+        for off in range(0, n, piece) if n else [0]:
+            m = min(piece, n - off)
+            out_l.append((la + off, m, ld))
+            out_r.append((ra + off, m, rd))
+    return out_l, out_r
+
+
 def _idle_progress_thread() -> None:
     """nixl's Python agent starts its progress thread with no delay between polls, so an idle rank would burn a
     core. Clamp the delay (the thread still serves peers' READs: 2 ms adds little to a bulk transfer; measured on
@@ -245,6 +259,7 @@ class RankAgent:
                     remote_mem: str, piece: int) -> None:
         """Queue READs of the (addr, bytes, device) regions `remote` into `local`, in pieces of about `piece`
         bytes."""
+        local, remote = _cut(local, remote, piece)
         for lo, hi in _pieces([n for _, n, _ in local], piece):
             pending.add(metadata, self.agent.get_xfer_descs(local[lo:hi], local_mem),
                         self.agent.get_xfer_descs(remote[lo:hi], remote_mem), sum(n for _, n, _ in local[lo:hi]))
