@@ -95,7 +95,7 @@ def _status(args) -> int:
         scaling = state["scaling"]
         got, total = scaling.get("reads_received", 0), scaling.get("reads_total", 0)
         unit, size = ("GiB", 2**30) if total >= 2**30 else ("MiB", 2**20)
-        reads = f", expert reads {got / size:.2f} of {total / size:.2f} {unit} ({got / total:.0%})" if total else ""
+        reads = f", weight reads {got / size:.2f} of {total / size:.2f} {unit} ({got / total:.0%})" if total else ""
         print(f"scaling now: {scaling['kind']} to epoch {scaling['epoch']} ({scaling['phase'].lower()}{reads})")
     print(_rank_table(state["ranks"]))
     placement = state.get("placement")

@@ -96,8 +96,9 @@ class ParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # and expert slots), falling back to "collective" = a broadcast of dense weights and an all-to-all of experts
     # over a transfer group; "checkpoint" = joiners read dense weights from disk (experts still move peer to peer).
     weight_transfer: Literal["nixl", "collective", "checkpoint"] = "nixl"
-    # Serving ranks read the experts of their next epoch over NIXL while they keep serving; this caps that read
-    # rate (GB/s per rank) so it leaves the links to the dispatch/combine traffic. 0 = no cap.
+    # Serving ranks read the experts of their next epoch over NIXL while they keep serving, and joiners read their
+    # dense weights from serving peers; this caps those read rates (GB/s per rank) so they leave the links to the
+    # dispatch/combine traffic. 0 = no cap.
     transfer_gbps: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Where ranks run: "local" processes (submitit's LocalExecutor), or "slurm" node jobs from [pools.*].
     launcher: Literal["local", "slurm"] = "local"

@@ -285,8 +285,9 @@ class EpochPrepared(_Msg):
 
 
 class PrepareProgress(_Msg):
-    """A participant's expert reads go on: sent about every heartbeat while pieces keep arriving. The head's wait
-    for EpochPrepared runs from the latest one, so a large move over a slow link is not taken for a hung one."""
+    """A participant's reads go on (a joiner's dense weights, then expert slots): sent about every heartbeat while
+    pieces keep arriving. The head's waits for RankStaged and EpochPrepared run from the latest one, so a large
+    move over a slow link is not taken for a hung one."""
 
     rank_id: int
     epoch: int

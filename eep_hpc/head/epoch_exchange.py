@@ -101,7 +101,8 @@ class EpochExchange:
                 event.requests_migrated += self.streams.migrate_from(rid, new_members)
             for rid in event.joining:
                 send(rid, prepare)
-            await self._acked("RankStaged", event.epoch, event.joining, timeout_s * 4)
+            # from the latest progress of a joiner's dense read, as the expert reads' below
+            await self._acked("RankStaged", event.epoch, event.joining, timeout_s * 4, since=lambda: event.progressed)
             # copies over NIXL when every participant has it (decided now: joiners said so when staged); joiners
             # get this second PrepareEpoch too, and start copying on it
             if all(m.ranks[r].nixl for r in event.participants):

@@ -99,6 +99,10 @@ def _pieces(sizes: list[int], piece: int | None) -> list[tuple[int, int]]:
     return out
 
 
+def _piece_bytes(gbps: float) -> int:
+    return max(int(gbps * 1e9 * READ_PIECE_S), 1) if gbps else READ_PIECE_BYTES
+
+
 def _cut(local: list, remote: list, piece: int | None) -> tuple[list, list]:
     """Region pairs (addr, bytes, device) cut so that none is larger than `piece` bytes: a piece then bounds every
     READ, also of one large tensor (an embedding is 594 MiB)."""
@@ -177,11 +181,14 @@ class RankAgent:
 
     # ---- reading --------------------------------------------------------------------------------------------
 
-    def fetch_dense(self, peers: list[int], tensors: dict[str, torch.Tensor], timeout_s: float = 60.0) -> tuple[int, int]:
-        """Fill `tensors` from the first peer that published matching dense weights -> (peer, bytes). READs of up
-        to READ_PIECE_BYTES, as the experts' (one READ of all of them, 2 GB for Qwen3-30B-A3B, never ended between
-        two processes on one H100: results/README.md, the lab's grow); a peer fails when no piece ends for
-        `timeout_s`."""
+    def fetch_dense(self, peers: list[int], tensors: dict[str, torch.Tensor], timeout_s: float = 60.0,
+                    on_progress: Callable[[int, int], None] | None = None, gbps: float = 0.0) -> tuple[int, int]:
+        """Fill `tensors` from the first peer that published matching dense weights -> (peer, bytes). READs in
+        pieces as the experts' (and, with `gbps` > 0, no faster: the peer serves meanwhile); a peer fails when no
+        piece ends for `timeout_s`.
+        `on_progress(bytes_in, bytes_all)` after each poll: a slow link (between two processes on one GPU the
+        READs go through the host's loopback socket, 0.37 GB/s idle and much less while the source serves) is
+        then seen to move."""
         local = list(tensors.values())
         reg = self.agent.register_memory(local)
         errors = []
@@ -197,7 +204,7 @@ class RankAgent:
                     continue
                 try:
                     self._read(pub.agent_metadata, _regions(local), _mem_type(local[0]), pub.regions, pub.mem_type,
-                               timeout_s, local[0])
+                               timeout_s, local[0], on_progress, gbps)
                     return peer, sum(t.numel() * t.element_size() for t in local)
                 except Exception as e:  # try the next peer
                     errors.append(f"rank {peer}: {type(e).__name__}: {e}")
@@ -215,7 +222,7 @@ class RankAgent:
         for r in reads:
             by_src.setdefault(r[0], []).append(r)
         pending = PendingReads(self.agent, timeout_s, reads[0][3] if reads else None, gbps)
-        piece = int(gbps * 1e9 * READ_PIECE_S) if gbps else READ_PIECE_BYTES
+        piece = _piece_bytes(gbps)
         try:
             for src, rows in by_src.items():
                 key = experts_key(epoch, src)
@@ -243,15 +250,15 @@ class RankAgent:
         self.agent.deregister_memory(reg)
 
     def _read(self, metadata: bytes, local: list, local_mem: str, remote: list, remote_mem: str, timeout_s: float,
-              like: torch.Tensor) -> None:
+              like: torch.Tensor, on_progress: Callable[[int, int], None] | None = None, gbps: float = 0.0) -> None:
         """Regions [addr, bytes, device] of the peer into the same-sized local ones, in pieces; until all are in."""
         if [n for _, n, _ in local] != [n for _, n, _ in remote]:
             raise RuntimeError("the peer's regions differ in size from this rank's")
-        pending = PendingReads(self.agent, timeout_s, like)
+        pending = PendingReads(self.agent, timeout_s, like, gbps)
         try:
             self._add_pieces(pending, metadata, [tuple(r) for r in local], local_mem, [tuple(r) for r in remote],
-                             remote_mem, READ_PIECE_BYTES)
-            pending.wait()
+                             remote_mem, _piece_bytes(gbps))
+            pending.wait(None if on_progress is None else lambda done: on_progress(done, pending.nbytes))
         finally:
             pending.close()
 

@@ -265,7 +265,9 @@ class RankEpochs:
             peers = [r for r in msg.participants if r != self.id]
             if self.start_agent():
                 try:
-                    peer, nbytes = self.agent.fetch_dense(peers, dense_tensors(model))
+                    peer, nbytes = self.agent.fetch_dense(peers, dense_tensors(model),
+                                                          on_progress=self._progress_reporter(target.epoch),
+                                                          gbps=self.launch.config.parallel.transfer_gbps)
                     got.update(source=f"nixl:{peer}", nbytes=nbytes, seconds=time.monotonic() - t0)
                     return
                 except Exception as e:  # nixl missing or no peer readable: a collective broadcast instead
@@ -424,15 +426,28 @@ class RankEpochs:
             return False
 
     def _report_progress(self, change: EpochChange, bytes_done: int) -> None:
-        """Tell the head the reads go on (about every heartbeat, when more bytes came in since the last time)."""
-        at, reported = change.reported
+        """Tell the head the expert reads go on (see `_tell_progress`)."""
+        change.reported = self._tell_progress(change.epoch, change.reported, bytes_done, change.reads.nbytes)
+
+    def _progress_reporter(self, epoch: int) -> Callable[[int, int], None]:
+        """on_progress for a joiner's dense read: the head waits for RankStaged from the latest PrepareProgress."""
+        state = [(0.0, 0)]
+
+        def report(bytes_done: int, bytes_total: int) -> None:
+            state[0] = self._tell_progress(epoch, state[0], bytes_done, bytes_total)
+        return report
+
+    def _tell_progress(self, epoch: int, reported: tuple[float, int], bytes_done: int, bytes_total: int
+                       ) -> tuple[float, int]:
+        """Send PrepareProgress about every heartbeat while more bytes came in since the last one -> the new
+        (time, bytes) of the latest report."""
+        at, last = reported
         now = time.monotonic()
-        if bytes_done > reported and now - at >= self.launch.config.control.heartbeat_s:
-            change.reported = (now, bytes_done)
-            log.debug("rank %d: epoch %d: expert reads %d of %d bytes in", self.id, change.epoch, bytes_done,
-                      change.reads.nbytes)
-            self.send(P.PrepareProgress(rank_id=self.id, epoch=change.epoch, bytes_received=bytes_done,
-                                        bytes_total=change.reads.nbytes))
+        if bytes_done <= last or now - at < self.launch.config.control.heartbeat_s:
+            return reported
+        log.debug("rank %d: epoch %d: reads %d of %d bytes in", self.id, epoch, bytes_done, bytes_total)
+        self.send(P.PrepareProgress(rank_id=self.id, epoch=epoch, bytes_received=bytes_done, bytes_total=bytes_total))
+        return now, bytes_done
 
     def fail(self, change: EpochChange, e: Exception) -> None:
         log.error("rank %d: prepare of epoch %d failed: %s: %s", self.id, change.epoch, type(e).__name__, e,

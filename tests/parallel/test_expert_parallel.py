@@ -173,11 +173,53 @@ def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_pr
         assert seen and all(0 < got <= total == event["bytes_moved"] for got, total in seen), (seen, event)
         assert len({got for got, _ in seen}) > 1, seen
         total = f"{event['bytes_moved'] / 2**20:.2f}"
-        assert re.search(rf"scaling now: shrink to epoch 1 \(preparing, expert reads 0\.\d\d of {total} MiB \(\d+%\)\)",
+        assert re.search(rf"scaling now: shrink to epoch 1 \(preparing, weight reads 0\.\d\d of {total} MiB \(\d+%\)\)",
                          status), status
         assert result.failures == []
         for k, texts in result.texts.items():
             assert all(t == reference[k] for t in texts), f"prompt {k} changed across the shrink"
+        assert head.state()["epoch"] == 1
+    finally:
+        head.stop()
+
+
+def test_a_grow_whose_dense_read_outlasts_the_staging_timeout_finishes_while_it_progresses(tmp_path):
+    """A joiner reads its dense weights from a serving peer before it says RankStaged; capped here (the cap
+    applies to a joiner's dense read too) so that the read takes longer than the head's wait for RankStaged
+    (4 x control.event_timeout_s). The joiner reports its progress, the head waits as long as it comes, and the
+    grow commits with no request failed. (Before: the head gave up at that deadline: the H100 lab's grow 2 -> 3,
+    whose 2 GB of dense weights crossed the loopback socket while both peers served.)"""
+    head = start_head(tmp_path, ranks=1, parallel={"transfer_gbps": 0.00004}, control={"event_timeout_s": 1.0})
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=4))
+            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient(timeout=300) as client:
+                grow = asyncio.create_task(client.post(f"{head.url}/admin/scale/grow", json={"n": 1}))
+                seen = []  # the joiner's progress as the head's state shows it, before any expert is read
+                while not grow.done():
+                    scaling = (await client.get(f"{head.url}/admin/state")).json()["scaling"]
+                    if scaling and "reads_total" in scaling and not scaling["dense_bytes"]:
+                        seen.append((scaling["reads_received"], scaling["reads_total"]))
+                    await asyncio.sleep(0.2)
+                r = await grow
+            await asyncio.sleep(0.5)
+            stop.set()
+            return await load, r, seen
+
+        result, r, seen = asyncio.run(scenario())
+        assert r.status_code == 200, r.text
+        event = r.json()
+        assert event["phase"] == "DONE" and event["dense_source"] == "nixl:0", event
+        assert event["prepare_s"] > 4 * 1.0, event  # the dense read alone outlasted the old deadline
+        assert seen and all(0 < got <= total == event["dense_bytes"] for got, total in seen), (seen, event)
+        assert len({got for got, _ in seen}) > 1, seen
+        assert result.failures == []
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts), f"prompt {k} changed across the grow"
         assert head.state()["epoch"] == 1
     finally:
         head.stop()
