@@ -263,7 +263,8 @@ def bench_attention(results, reps, sweep, dtype):
     cases = [("decode-1-ctx320", [321], [1]), ("decode-1-ctx1024", [1024], [1]), ("decode-1-ctx8192", [8192], [1]),
              ("decode-16-ctx2048", [2048] * 16, [1] * 16),
              ("decode-64-ctx1024", [1024] * 64, [1] * 64), ("decode-256-ctx1024", [1024] * 256, [1] * 256),
-             ("prefill-512", [512], [512]), ("prefill-4x128+60dec", [128] * 4 + [1024] * 60, [128] * 4 + [1] * 60)]
+             ("prefill-512", [512], [512]), ("prefill-8x1024", [1024] * 8, [1024] * 8),
+             ("prefill-4x128+60dec", [128] * 4 + [1024] * 60, [128] * 4 + [1] * 60)]
     for name, seq_lens, qlens in cases:
         meta, nb = _decode_meta(seq_lens, qlens, dev)
         T = sum(qlens)
@@ -288,6 +289,8 @@ def bench_attention(results, reps, sweep, dtype):
             legacy = AttentionConfig(cfg.BLOCK_M, cfg.TILE_N, cfg.NUM_SEGMENTS, cfg.num_warps, cfg.num_stages, 0)
             row["all_segments_us"] = gpu_us(
                 lambda: paged_attention_triton(q, k_cache, v_cache, meta, scale, config=legacy), reps)[0]
+        causal_pairs = sum(qn * (L - qn) + qn * (qn + 1) // 2 for L, qn in zip(seq_lens, qlens))
+        row["tflops"] = 4 * causal_pairs * HQ * HEAD_D / (row["triton_us"] * 1e6)
         if sweep:
             decode = meta.max_query_len == 1
             configs = ([AttentionConfig(16, t, s, w, st) for t in (64, 128) for s in (1, 2, 4, 16, 32)
@@ -356,6 +359,8 @@ def main():
         if r.get("all_segments_us") is not None:
             print(f"attention {r['case']}: live segments {f(r.get('triton_us')):.1f} us, every segment (before) "
                   f"{r['all_segments_us']:.1f} us")
+        if r.get("tflops") is not None:
+            print(f"attention {r['case']}: {f(r.get('triton_us')):.1f} us, {r['tflops']:.0f} TFLOP/s")
         if r["kernel"] == "moe-batched":
             print(f"moe-batched {r['case']:16} {r['rows']:5d} rows: grid to the rows' bound "
                   f"{f(r['triton_us']):7.1f} us, to every expert's capacity {f(r['unbounded_us']):7.1f} us, "
