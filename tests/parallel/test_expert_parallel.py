@@ -132,6 +132,38 @@ def test_ranks_of_different_shapes_get_expert_slots_by_capacity(tmp_path):
         head.stop()
 
 
+async def _scale_under_load(head, kind: str, body: dict, watch, streams: int):
+    """POST /admin/scale/<kind> while `streams` clients stream; `watch(scaling)` sees the head's state of the
+    event every 0.2 s until it ends -> (the load's result, the response, what watch returned, Nones left out)."""
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=streams))
+    await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(timeout=300) as client:
+        event = asyncio.create_task(client.post(f"{head.url}/admin/scale/{kind}", json=body))
+        seen = []
+        while not event.done():
+            scaling = (await client.get(f"{head.url}/admin/state")).json()["scaling"]
+            if scaling and (got := watch(scaling)) is not None:
+                seen.append(got)
+            await asyncio.sleep(0.2)
+        r = await event
+    await asyncio.sleep(0.5)
+    stop.set()
+    return await load, r, seen
+
+
+def _done_with_the_same_texts(head, r, result, reference) -> dict:
+    """The event committed (epoch 1), no request failed, every text is the reference's -> the event."""
+    assert r.status_code == 200, r.text
+    event = r.json()
+    assert event["phase"] == "DONE", event
+    assert result.failures == []
+    for k, texts in result.texts.items():
+        assert all(t == reference[k] for t in texts), f"prompt {k} changed across the {event['kind']}"
+    assert head.state()["epoch"] == 1
+    return event
+
+
 def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_progress(tmp_path):
     """The survivor of a shrink reads every expert of the leaving rank in the background of serving; capped here
     so that this takes several times the head's prepare timeout (2 x control.event_timeout_s). The reads report
@@ -141,33 +173,21 @@ def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_pr
     head = start_head(tmp_path, ranks=2, parallel={"transfer_gbps": 0.000025}, control={"event_timeout_s": 1.5})
     try:
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+        status = []
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=6))
-            await asyncio.sleep(0.5)
-            async with httpx.AsyncClient(timeout=300) as client:
-                shrink = asyncio.create_task(client.post(f"{head.url}/admin/scale/shrink", json={"n": 1}))
-                seen = []  # what `eep-hpc status` shows of the event meanwhile
-                while not shrink.done():
-                    scaling = (await client.get(f"{head.url}/admin/state")).json()["scaling"]
-                    if scaling and "reads_total" in scaling:
-                        seen.append((scaling["reads_received"], scaling["reads_total"]))
-                        if len(seen) == 1:  # about 1 s into reads of about 8 s: `eep-hpc status` says how far
-                            out = io.StringIO()
-                            with contextlib.redirect_stdout(out):
-                                assert cli.main(["status", "--url", head.url]) == 0
-                            status = out.getvalue()
-                    await asyncio.sleep(0.2)
-                r = await shrink
-            await asyncio.sleep(0.5)
-            stop.set()
-            return await load, r, seen, status
+        def watch(scaling: dict) -> tuple[int, int] | None:
+            if "reads_total" not in scaling:
+                return None
+            if not status:  # about 1 s into reads of about 8 s: `eep-hpc status` says how far
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    assert cli.main(["status", "--url", head.url]) == 0
+                status.append(out.getvalue())
+            return scaling["reads_received"], scaling["reads_total"]
 
-        result, r, seen, status = asyncio.run(scenario())
-        assert r.status_code == 200, r.text
-        event = r.json()
-        assert event["phase"] == "DONE", event
+        result, r, seen = asyncio.run(_scale_under_load(head, "shrink", {"n": 1}, watch, streams=6))
+        status = status[0] if status else ""
+        event = _done_with_the_same_texts(head, r, result, reference)
         assert event["prepare_s"] > 2 * 1.5, event  # the reads outlasted the old deadline
         # the survivor's progress, as the head's state showed it while the reads went on
         assert seen and all(0 < got <= total == event["bytes_moved"] for got, total in seen), (seen, event)
@@ -175,10 +195,6 @@ def test_a_shrink_whose_reads_outlast_the_prepare_timeout_finishes_while_they_pr
         total = f"{event['bytes_moved'] / 2**20:.2f}"
         assert re.search(rf"scaling now: shrink to epoch 1 \(preparing, weight reads 0\.\d\d of {total} MiB \(\d+%\)\)",
                          status), status
-        assert result.failures == []
-        for k, texts in result.texts.items():
-            assert all(t == reference[k] for t in texts), f"prompt {k} changed across the shrink"
-        assert head.state()["epoch"] == 1
     finally:
         head.stop()
 
@@ -193,33 +209,16 @@ def test_a_grow_whose_dense_read_outlasts_the_staging_timeout_finishes_while_it_
     try:
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=4))
-            await asyncio.sleep(0.5)
-            async with httpx.AsyncClient(timeout=300) as client:
-                grow = asyncio.create_task(client.post(f"{head.url}/admin/scale/grow", json={"n": 1}))
-                seen = []  # the joiner's progress as the head's state shows it, before any expert is read
-                while not grow.done():
-                    scaling = (await client.get(f"{head.url}/admin/state")).json()["scaling"]
-                    if scaling and "reads_total" in scaling and not scaling["dense_bytes"]:
-                        seen.append((scaling["reads_received"], scaling["reads_total"]))
-                    await asyncio.sleep(0.2)
-                r = await grow
-            await asyncio.sleep(0.5)
-            stop.set()
-            return await load, r, seen
+        def watch(scaling: dict) -> tuple[int, int] | None:  # before any expert is read: the dense read
+            if "reads_total" not in scaling or scaling["dense_bytes"]:
+                return None
+            return scaling["reads_received"], scaling["reads_total"]
 
-        result, r, seen = asyncio.run(scenario())
-        assert r.status_code == 200, r.text
-        event = r.json()
-        assert event["phase"] == "DONE" and event["dense_source"] == "nixl:0", event
+        result, r, seen = asyncio.run(_scale_under_load(head, "grow", {"n": 1}, watch, streams=4))
+        event = _done_with_the_same_texts(head, r, result, reference)
+        assert event["dense_source"] == "nixl:0", event
         assert event["prepare_s"] > 4 * 1.0, event  # the dense read alone outlasted the old deadline
         assert seen and all(0 < got <= total == event["dense_bytes"] for got, total in seen), (seen, event)
         assert len({got for got, _ in seen}) > 1, seen
-        assert result.failures == []
-        for k, texts in result.texts.items():
-            assert all(t == reference[k] for t in texts), f"prompt {k} changed across the grow"
-        assert head.state()["epoch"] == 1
     finally:
         head.stop()
