@@ -72,10 +72,16 @@ class StepGraphs:
         # [input_ids T | positions T | slot_mapping T | query_start_loc B+1 | seq_lens B | block_tables B*W |
         #  num_valid 1]
         self.offsets = np.cumsum([0, T, T, T, B + 1, B, B * W, 1])
-        self.host = torch.zeros(int(self.offsets[-1]), dtype=torch.long)
-        if device.type == "cuda":
-            self.host = self.host.pin_memory()
-        self.host_np = self.host.numpy()
+        # on CUDA two pinned host buffers taken in turn, each with the event of its latest non-blocking copy: a
+        # step that samples nothing syncs nowhere, so the host can fill step n + 1 before the GPU has copied step n
+        # (queued behind step n - 1's replay); it waits only for the copy of step n - 1, which keeps the overlap
+        cuda = device.type == "cuda"
+        self._hosts = [torch.zeros(int(self.offsets[-1]), dtype=torch.long) for _ in range(2 if cuda else 1)]
+        if cuda:
+            self._hosts = [h.pin_memory() for h in self._hosts]
+        self._copied = [torch.cuda.Event() if cuda else None for _ in self._hosts]
+        self._turn = 0
+        self.host, self.host_np = self._hosts[0], self._hosts[0].numpy()
         self.static = torch.zeros_like(self.host, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -98,7 +104,12 @@ class StepGraphs:
         return GraphSizes(self.sizes.decode, tuple(s for s in self.sizes.mixed if s <= max_tokens))
 
     def _fill(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, T: int) -> None:
-        """Write a batch of t <= T tokens in b <= T sequences, and its padding, into the host buffer."""
+        """Write a batch of t <= T tokens in b <= T sequences, and its padding, into the next host buffer."""
+        self._turn = (self._turn + 1) % len(self._hosts)
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()  # its last copy to the GPU has read it (at once, mostly)
+        self.host = self._hosts[self._turn]
+        self.host_np = self.host.numpy()
         t, b, h, W = len(input_ids), len(seq_lens), self.host_np, self.width
         ids, pos, slots, qsl, lens, tables, num_valid = (self._region(h, i) for i in range(7))
         num_valid[0] = t
@@ -225,6 +236,8 @@ class StepGraphs:
                 mixed: bool, non_blocking: bool = True) -> torch.Tensor:
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host, non_blocking=non_blocking)
+        if non_blocking:
+            self._copied[self._turn].record()
         graph, out = self.graphs[(size, mixed)]
         graph.replay()
         return out
