@@ -141,17 +141,28 @@ class RankAgent:
 
         self.rank_id, self.store = rank_id, store
         self.agent = nixl_agent(f"rank{rank_id}-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=["UCX"]))
-        self._dense_reg = None
+        self._dense_reg = None  # (registration, regions) of the dense weights: read into by a joiner, then served
+        self.dense_published = False
         self._expert_regs: dict[int, object] = {}  # epoch -> registration of that epoch's expert tensors
 
     # ---- serving --------------------------------------------------------------------------------------------
 
     def publish_dense(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Offer the dense weights to joiners. A joiner serves the tensors it read them into: their registration
+        is kept from `fetch_dense` (registering GBs of VRAM again at its first step would hold up its peers)."""
         local = list(tensors.values())
-        self._dense_reg = self.agent.register_memory(local)
+        self._register_dense(local)
         msg = PublishedDense(self.agent.get_agent_metadata(), _mem_type(local[0]), _regions(local),
                              list(tensors), [list(t.shape) for t in local], str(local[0].dtype))
         self.store.set(dense_key(self.rank_id), signing.seal(dense_key(self.rank_id), msgspec.msgpack.encode(msg)))
+        self.dense_published = True
+
+    def _register_dense(self, local: list[torch.Tensor]) -> None:
+        if self._dense_reg is not None and self._dense_reg[1] != _regions(local):  # other tensors than last time
+            self.agent.deregister_memory(self._dense_reg[0])
+            self._dense_reg = None
+        if self._dense_reg is None:
+            self._dense_reg = (self.agent.register_memory(local), _regions(local))
 
     def publish_experts(self, epoch: int, w13: list[torch.Tensor], w2: list[torch.Tensor], reg=None) -> None:
         """Publish this epoch's expert tensors (per MoE layer [S, 2I, D] and [S, D, I]) slot by slot. `reg` is
@@ -190,7 +201,7 @@ class RankAgent:
         READs go through the host's loopback socket, 0.37 GB/s idle and much less while the source serves) is
         then seen to move."""
         local = list(tensors.values())
-        reg = self.agent.register_memory(local)
+        self._register_dense(local)  # kept for serving them (publish_dense) once they are in
         errors = []
         try:
             for peer in peers:
@@ -209,8 +220,10 @@ class RankAgent:
                 except Exception as e:  # try the next peer
                     errors.append(f"rank {peer}: {type(e).__name__}: {e}")
             raise RuntimeError("; ".join(errors) or "no peers")
-        finally:
-            self.agent.deregister_memory(reg)
+        except BaseException:
+            self.agent.deregister_memory(self._dense_reg[0])
+            self._dense_reg = None
+            raise
 
     def start_fetch_experts(self, epoch: int, reads: list[tuple[int, int, int, torch.Tensor, torch.Tensor]],
                             timeout_s: float = 60.0, gbps: float = 0.0) -> PendingReads:

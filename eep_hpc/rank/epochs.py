@@ -301,7 +301,7 @@ class RankEpochs:
             return
         blocks = self.engine.model.moe_blocks()
         try:
-            if self.agent._dense_reg is None:
+            if not self.agent.dense_published:
                 self.agent.publish_dense(dense_tensors(self.engine.model))
             publish_slots(self.agent, epoch, SlotTensors.of_blocks(blocks), expert_reg)
             self.agent.retire_experts(keep_epoch=epoch)

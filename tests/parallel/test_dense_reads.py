@@ -98,3 +98,54 @@ def test_dense_weights_between_two_processes_on_one_gpu():
     print(f"{total / 2**20:,.0f} MiB in {results['reads']} READs, {results['seconds']:.2f} s")
     assert (results["peer"], results["bytes"]) == (0, total)
     assert results["equal"] == list(QWEN3_24)
+
+
+def _relay_worker(i: int, port: int, results) -> None:
+    """0 serves its weights; 1 reads them, then serves the tensors it read them into; 2 reads those from 1."""
+    from eep_hpc import signing
+    from eep_hpc.parallel import weight_transfer
+    from eep_hpc.parallel.groups import connect_store
+
+    signing.use_secret(b"dense-reads-test-secret-32-bytes")
+    store = connect_store("127.0.0.1", port, timeout_s=60)
+    agent = weight_transfer.RankAgent(i, store)
+    registered = []
+    register_memory = agent.agent.register_memory
+    agent.agent.register_memory = lambda *a, **k: registered.append(1) or register_memory(*a, **k)
+    wait = lambda key: store.wait([key], datetime.timedelta(seconds=60))  # noqa: E731
+    if i == 0:
+        source = _tensors(SHAPES, 1, fill=True)
+        agent.publish_dense(source)
+        store.set("served/0", "1")
+        wait("done")
+        return
+    wait(f"served/{i - 1}")
+    got = _tensors(SHAPES, 0, fill=False)
+    results[f"peer{i}"] = agent.fetch_dense([i - 1], got, timeout_s=20)[0]
+    want = _tensors(SHAPES, 1, fill=True)
+    results[f"equal{i}"] = [k for k in SHAPES if torch.equal(got[k], want[k])]
+    if i == 1:
+        agent.publish_dense(got)
+        results["registrations1"] = len(registered)
+        store.set("served/1", "1")
+        wait("done")
+    else:
+        store.set("done", "1")
+
+
+def test_a_joiner_serves_the_weights_it_read_under_the_same_registration():
+    """A rank that joined by reading its dense weights serves them to the next joiner (its source may be gone by
+    then), registered once: the registration of its read is kept for serving (a second registration of GBs of
+    VRAM would come at its first step, while its peers wait)."""
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=_relay_worker, args=(i, master.port, results)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert (results["peer1"], results["peer2"]) == (0, 1)
+    assert results["equal1"] == results["equal2"] == list(SHAPES)
+    assert results["registrations1"] == 1
