@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import json
 import os
@@ -241,6 +242,25 @@ async def wait_for_event(head, kind: str, count: int, timeout_s: float = 120) ->
 TOKEN_PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7],
                  [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116]]
 NEW_TOKENS = 32
+
+
+def spawn_workers(target, n: int, *args, timeout_s: float = 300) -> dict:
+    """Run target(i, store_port, results, *args) in n spawned processes around one TCPStore; -> results (a shared
+    dict the workers fill) once every process exited 0."""
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    procs = [ctx.Process(target=target, args=(i, master.port, results, *args)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    assert [p.exitcode for p in procs] == [0] * n
+    return dict(results)
 
 
 def single_rank_engine(model_dir, num_experts, num_moe_layers, **engine):

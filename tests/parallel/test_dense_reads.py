@@ -6,13 +6,12 @@ of dense weights at 24 layers (one READ of all of them never ended there: result
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
-
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
+
+from support import spawn_workers
 
 pytest.importorskip("nixl")
 
@@ -33,7 +32,7 @@ def _tensors(shapes: dict, seed: int, fill: bool, device: str = "cpu") -> dict[s
             .to(torch.bfloat16) for k, s in shapes.items()}
 
 
-def _worker(i: int, port: int, piece: int, results, shapes: dict = SHAPES, device: str = "cpu") -> None:
+def _worker(i: int, port: int, results, piece: int, shapes: dict = SHAPES, device: str = "cpu") -> None:
     from eep_hpc import signing
     from eep_hpc.parallel import weight_transfer
     from eep_hpc.parallel.groups import connect_store
@@ -66,16 +65,7 @@ def _worker(i: int, port: int, piece: int, results, shapes: dict = SHAPES, devic
 
 
 def _run_pair(piece: int, shapes: dict, device: str) -> dict:
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_worker, args=(i, master.port, piece, results, shapes, device)) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    return dict(results)
+    return spawn_workers(_worker, 2, piece, shapes, device, timeout_s=120)
 
 
 @pytest.mark.parametrize("piece,reads", [(2**30, 1), (20_000, 4)], ids=["one piece", "pieces of 20 kB"])
@@ -137,15 +127,7 @@ def test_a_joiner_serves_the_weights_it_read_under_the_same_registration():
     """A rank that joined by reading its dense weights serves them to the next joiner (its source may be gone by
     then), registered once: the registration of its read is kept for serving (a second registration of GBs of
     VRAM would come at its first step, while its peers wait)."""
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=60))
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_relay_worker, args=(i, master.port, results)) for i in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    results = spawn_workers(_relay_worker, 3, timeout_s=120)
     assert (results["peer1"], results["peer2"]) == (0, 1)
     assert results["equal1"] == results["equal2"] == list(SHAPES)
     assert results["registrations1"] == 1

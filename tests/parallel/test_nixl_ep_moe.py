@@ -7,13 +7,12 @@ the results are the same). Skipped without CUDA or nixl_ep."""
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
-import multiprocessing as mp
 
 import pytest
 import torch
-import torch.distributed as dist
+
+from support import spawn_workers
 
 pytestmark = [
     pytest.mark.gpu,
@@ -123,15 +122,7 @@ def _worker(rank: int, port: int, results) -> None:
 
 
 def test_nixl_ep_moe_chunks_and_graphs_without_host_sync():
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
-    procs = [ctx.Process(target=_worker, args=(r, master.port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    results = spawn_workers(_worker, 2)
     r0, r1 = results[0], results[1]
     # bf16 activations and weights against an fp32 reference: a few 1e-3 (the 2-GPU nixl_ep check saw 1.6e-3)
     assert r0["eager"] < 1e-2 and r1["eager"] < 1e-2, (r0, r1)
