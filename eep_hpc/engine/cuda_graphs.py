@@ -37,6 +37,7 @@ import torch
 from eep_hpc.kernels import ops
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.all_to_all import graph_standin
 from eep_hpc.parallel.step_plan import GraphSizes
 
 log = logging.getLogger("eep_hpc.cuda_graphs")
@@ -62,6 +63,7 @@ class StepGraphs:
     def __init__(self, model, kv_caches, block_size: int, max_batch: int, max_blocks_per_seq: int,
                  device: torch.device, max_mixed_tokens: int = 0):
         self.model, self.kv_caches, self.block_size, self.device = model, kv_caches, block_size, device
+        self.standin = graph_standin(device)  # the CPU's stand-in: a replay or a capture is an eager forward
         self.sizes = GraphSizes(tuple(capture_sizes(max_batch)), tuple(mixed_capture_sizes(max_mixed_tokens)))
         self.max_batch = self.sizes.decode[-1] if self.sizes.decode else 0
         self.width = max(1, max_blocks_per_seq)
@@ -152,6 +154,11 @@ class StepGraphs:
         t0 = time.monotonic()
         self._fill([], [], [], [], [], [], T)
         self.static.copy_(self.host)
+        if self.standin:  # the warm-up forward a capture runs (its exchanges); nothing recorded
+            with ops.graph_kernels():
+                self._forward(T, mixed, ep)
+            self.graphs[(T, mixed)] = (None, None)
+            return
         with ops.graph_kernels():  # the same kernels in the warm-up as in the capture
             self._forward(T, mixed, ep)  # compiles the kernels of this size outside the capture
             torch.cuda.synchronize(self.device)
@@ -228,6 +235,8 @@ class StepGraphs:
         elif capture_round:  # the host buffer is filled again at once: this copy must be done with it first
             self._replay([], [], [], [], [], [], size, mixed, non_blocking=False)
             self.partner_replays += 1
+            log.info("replayed the %s graph of %d with no rows while a peer captured it", "mixed" if mixed else "decode",
+                     size)
         out = self._replay(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size, mixed)
         self.replays += 1
         return out[:t]
@@ -236,6 +245,9 @@ class StepGraphs:
                 mixed: bool, non_blocking: bool = True) -> torch.Tensor:
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
         self.static.copy_(self.host, non_blocking=non_blocking)
+        if self.standin:  # what the graph would compute, with the epoch's tensors it was "captured" with
+            with ops.graph_kernels():
+                return self._forward(size, mixed, self.ep)
         if non_blocking:
             self._copied[self._turn].record()
         graph, out = self.graphs[(size, mixed)]

@@ -14,6 +14,7 @@ from eep_hpc.engine.device_lists import device_tensor
 from eep_hpc.kernels.attention import AttentionMetadata
 from eep_hpc.model.decoder import MoEForCausalLM
 from eep_hpc.model.moe import ExpertParallel
+from eep_hpc.parallel.all_to_all import graph_standin
 from eep_hpc.parallel.step_plan import GraphSizes, StepPlan
 
 
@@ -26,7 +27,7 @@ class ModelRunner:
         self.num_kv_blocks, self.max_model_len = num_kv_blocks, max_model_len
         self.kv_caches = model.make_kv_caches(num_kv_blocks, block_size, dtype, device)
         self.graphs = None
-        if graph_max_batch > 0 and device.type == "cuda":
+        if graph_max_batch > 0 and (device.type == "cuda" or graph_standin(device)):
             self.graphs = StepGraphs(model, self.kv_caches, block_size, graph_max_batch,
                                      -(-max_model_len // block_size), device, graph_max_tokens)
 

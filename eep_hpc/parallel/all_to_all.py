@@ -7,6 +7,7 @@ so a token's result does not depend on which rank or replica computed each exper
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +57,14 @@ class AllToAll(Protocol):
         ...
 
 
+def graph_standin(device: torch.device) -> bool:
+    """EEP_HPC_GRAPH_STANDIN=1 on the CPU: steps go through the CUDA-graph path (engine/cuda_graphs.py) with an
+    eager forward of the padded batch for each replay and for each capture's warm-up, in every epoch: the agreed
+    graph sizes, the capture rounds and the graphs kept or dropped at a commit run, exchanges included, without a
+    GPU (tests)."""
+    return device.type == "cpu" and os.environ.get("EEP_HPC_GRAPH_STANDIN") == "1"
+
+
 class TorchAllToAll:
     """all_to_all_single over the epoch's device group (gloo on CPU, NCCL on CUDA), in buffers of a fixed size: every
     rank sends every other `capacity * k` pair rows (padding rows carry slot -1), so nobody has to learn first how
@@ -72,13 +81,16 @@ class TorchAllToAll:
 
     @property
     def graph_safe(self) -> bool:
-        """One rank exchanges nothing: its steps can be CUDA graphs. (NCCL inside graphs is not tried yet.)"""
-        return self.group.size == 1
+        """One rank exchanges nothing: its steps can be CUDA graphs. (NCCL inside graphs is not tried yet.) On the
+        CPU's graph stand-in every epoch can: its exchange has a fixed size per agreed step size."""
+        return self.group.size == 1 or graph_standin(self.group.device)
 
     @property
     def graph_key(self) -> tuple | None:
         """Equal for two epochs whose steps a CUDA graph of one can run for the other (None: never)."""
-        return ("one rank",) if self.group.size == 1 else None
+        if self.group.size == 1:
+            return ("one rank",)
+        return ("all_to_all_single, stand-in",) if graph_standin(self.group.device) else None
 
     def dispatch(self, x, slots, slot_owner, local_start, capacity):
         T, k = slots.shape

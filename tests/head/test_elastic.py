@@ -246,3 +246,42 @@ def test_without_nixl_joiners_get_weights_by_broadcast_and_experts_by_all_to_all
         assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
     finally:
         head.stop()
+
+
+def test_capture_rounds_through_grows_and_a_shrink_on_the_graph_standin(tmp_path, monkeypatch):
+    """The step path of CUDA graphs on the CPU (EEP_HPC_GRAPH_STANDIN=1: each replay, and each capture's warm-up,
+    an eager forward of the padded batch with its exchanges). Members of a grow keep their graphs; the joiner has
+    none, so each size is first a capture round: it captures while the members replay with no rows. If any rank
+    ran a different number of exchanges in such a step, the group would hang and break. Under 12 streams: 2 -> 3 ->
+    2 -> 3 ranks, zero failed requests, every text the 2-rank reference's."""
+    monkeypatch.setenv("EEP_HPC_GRAPH_STANDIN", "1")
+    head = start_head(tmp_path, ranks=2, engine={"cuda_graph_max_batch": 8, "cuda_graph_max_tokens": 64})
+    try:
+        reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
+            events = []
+            for action in ("grow", "shrink", "grow"):
+                await asyncio.sleep(1.0)
+                r = await post(head.url, f"/admin/scale/{action}", {"n": 1})
+                assert r.status_code == 200, r.text
+                events.append(r.json())
+            await asyncio.sleep(1.0)
+            stop.set()
+            return await load, events
+
+        result, events = asyncio.run(scenario())
+        assert [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in events] == [
+            ("grow", 2, 3, "DONE"), ("shrink", 3, 2, "DONE"), ("grow", 2, 3, "DONE")]
+        assert result.failures == [], result.failures[:5]
+        for k, texts in result.texts.items():
+            assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the 2-rank reference"
+        logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("*.err"))
+        assert "lost the group" not in logs
+        assert logs.count("step path kept (tables and CUDA graphs)") >= 2 + 2 + 2, logs[-3000:]
+        assert "while a peer captured it" in logs  # members partnered a joiner's captures
+        assert "on first use" in logs
+    finally:
+        head.stop()
