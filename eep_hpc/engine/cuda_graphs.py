@@ -23,7 +23,8 @@ and keeps every graph (`keep_for`). Ranks capture in step (at startup all sizes,
 size at the step that first agrees on it), since a capture's warm-up runs the epoch's collectives: a rank that
 joined captures while those that kept theirs replay with no rows (a capture round, parallel/step_plan.py). Only
 an epoch whose all-to-all is graph-safe (no host sync, no host collective: one rank, or nixl_ep) runs graphs;
-others run eagerly.
+others run eagerly. On the CPU with EEP_HPC_GRAPH_STANDIN=1 the same path runs with no graph recorded (a replay,
+and a capture's warm-up, are eager forwards of the padded batch), so tests cover the plans and capture rounds.
 """
 
 from __future__ import annotations
