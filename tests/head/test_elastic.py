@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 
@@ -251,9 +252,10 @@ def test_without_nixl_joiners_get_weights_by_broadcast_and_experts_by_all_to_all
 def test_capture_rounds_through_grows_and_a_shrink_on_the_graph_standin(tmp_path, monkeypatch):
     """The step path of CUDA graphs on the CPU (EEP_HPC_GRAPH_STANDIN=1: each replay, and each capture's warm-up,
     an eager forward of the padded batch with its exchanges). Members of a grow keep their graphs; the joiner has
-    none, so each size is first a capture round: it captures while the members replay with no rows. If any rank
-    ran a different number of exchanges in such a step, the group would hang and break. Under 12 streams: 2 -> 3 ->
-    2 -> 3 ranks, zero failed requests, every text the 2-rank reference's."""
+    none, so each size is first a capture round: it captures while the members replay with no rows. The shrink
+    removes a first member: the former joiner's share outgrows its slot tensors, so it drops its graphs while the
+    other survivor keeps them. If any rank ran a different number of exchanges in a step, the group would hang and
+    break. Under 12 streams: 2 -> 3 -> 2 -> 3 ranks, zero failed requests, every text the 2-rank reference's."""
     monkeypatch.setenv("EEP_HPC_GRAPH_STANDIN", "1")
     head = start_head(tmp_path, ranks=2, engine={"cuda_graph_max_batch": 8, "cuda_graph_max_tokens": 64})
     try:
@@ -263,9 +265,10 @@ def test_capture_rounds_through_grows_and_a_shrink_on_the_graph_standin(tmp_path
             stop = asyncio.Event()
             load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
             events = []
-            for action in ("grow", "shrink", "grow"):
+            first = head.state()["members"][0]
+            for action, body in (("grow", {"n": 1}), ("shrink", {"rank_ids": [first]}), ("grow", {"n": 1})):
                 await asyncio.sleep(1.0)
-                r = await post(head.url, f"/admin/scale/{action}", {"n": 1})
+                r = await post(head.url, f"/admin/scale/{action}", body)
                 assert r.status_code == 200, r.text
                 events.append(r.json())
             await asyncio.sleep(1.0)
@@ -280,7 +283,10 @@ def test_capture_rounds_through_grows_and_a_shrink_on_the_graph_standin(tmp_path
             assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the 2-rank reference"
         logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("*.err"))
         assert "lost the group" not in logs
-        assert logs.count("step path kept (tables and CUDA graphs)") >= 2 + 2 + 2, logs[-3000:]
+        assert logs.count("step path kept (tables and CUDA graphs)") >= 2 + 1 + 2, logs[-3000:]
+        shrink = events[1]["epoch"]  # the former joiner outgrew its slot tensors there; the other survivor kept
+        assert f"epoch {shrink}: expert slots replaced, graphs dropped (re-captured on use)" in logs, logs[-3000:]
+        assert re.search(rf"epoch {shrink}: \d+ expert slot\(s\) updated in place, step path kept", logs), logs[-3000:]
         assert "while a peer captured it" in logs  # members partnered a joiner's captures
         assert "on first use" in logs
     finally:
