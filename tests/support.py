@@ -244,6 +244,28 @@ TOKEN_PROMPTS = [[1, 5, 9, 200, 3], list(range(10, 47)), [7],
 NEW_TOKENS = 32
 
 
+def admin_steps_under_load(head, steps: list[tuple[str, dict]], max_tokens: int, streams: int,
+                           pause_s: float) -> tuple:
+    """POST each (admin path, body) of `steps` in turn, e.g. ("scale/grow", {"n": 1}), while `streams` clients
+    stream, pausing pause_s before each and after the last; each must answer 200 -> (the load's result, the
+    answers' JSON)."""
+    async def scenario():
+        stop = asyncio.Event()
+        load = asyncio.create_task(run_load(head.url, head.model, max_tokens, stop, streams=streams))
+        answers = []
+        async with httpx.AsyncClient(timeout=300) as client:
+            for path, body in steps:
+                await asyncio.sleep(pause_s)
+                r = await client.post(f"{head.url}/admin/{path}", json=body)
+                assert r.status_code == 200, r.text
+                answers.append(r.json())
+        await asyncio.sleep(pause_s)
+        stop.set()
+        return await load, answers
+
+    return asyncio.run(scenario())
+
+
 def spawn_workers(target, n: int, *args, timeout_s: float = 300) -> dict:
     """Run target(i, store_port, results, *args) in n spawned processes around one TCPStore; -> results (a shared
     dict the workers fill) once every process exited 0."""

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from support import reference_texts, run_load
+from support import admin_steps_under_load, reference_texts, run_load
 from support import alive, only_held_by, open_fds_besides_clients_of, rank_pids, rss_kib, start_head, until, wait_gone
 
 MAX_TOKENS = 32
@@ -261,21 +261,9 @@ def test_capture_rounds_through_grows_and_a_shrink_on_the_graph_standin(tmp_path
     try:
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=12))
-            events = []
-            first = head.state()["members"][0]
-            for action, body in (("grow", {"n": 1}), ("shrink", {"rank_ids": [first]}), ("grow", {"n": 1})):
-                await asyncio.sleep(1.0)
-                r = await post(head.url, f"/admin/scale/{action}", body)
-                assert r.status_code == 200, r.text
-                events.append(r.json())
-            await asyncio.sleep(1.0)
-            stop.set()
-            return await load, events
-
-        result, events = asyncio.run(scenario())
+        first = head.state()["members"][0]
+        steps = [("scale/grow", {"n": 1}), ("scale/shrink", {"rank_ids": [first]}), ("scale/grow", {"n": 1})]
+        result, events = admin_steps_under_load(head, steps, MAX_TOKENS, streams=12, pause_s=1.0)
         assert [(e["kind"], e["from_ranks"], e["to_ranks"], e["phase"]) for e in events] == [
             ("grow", 2, 3, "DONE"), ("shrink", 3, 2, "DONE"), ("grow", 2, 3, "DONE")]
         assert result.failures == [], result.failures[:5]

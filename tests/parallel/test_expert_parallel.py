@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from support import reference_texts, run_load
-from support import start_head, wait_until
+from support import admin_steps_under_load, start_head, wait_until
 
 from eep_hpc import cli
 
@@ -69,21 +69,7 @@ def test_rebalance_while_streaming_keeps_text(tmp_path):
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
         before = head.state()["placement"]
 
-        async def scenario():
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_load(head.url, head.model, MAX_TOKENS, stop, streams=8))
-            events = []
-            for _ in range(3):
-                await asyncio.sleep(0.5)
-                async with httpx.AsyncClient(timeout=120) as client:
-                    r = await client.post(f"{head.url}/admin/rebalance", json={})
-                assert r.status_code == 200, r.text
-                events.append(r.json())
-            await asyncio.sleep(0.5)
-            stop.set()
-            return await load, events
-
-        result, events = asyncio.run(scenario())
+        result, events = admin_steps_under_load(head, [("rebalance", {})] * 3, MAX_TOKENS, streams=8, pause_s=0.5)
         assert result.failures == []
         assert result.completed > 0
         for k, texts in result.texts.items():
