@@ -7,7 +7,9 @@
 # Env: CONFIG (configs/qwen3-30b-a3b-dummy-ep2.toml), RANKS_LIST ("1 2"), PROMPTS (256), IN_LEN/OUT_LEN (128/128),
 # CONCURRENCY (64), KV_BLOCKS (4096 per rank: fixed, since two ranks on one GPU cannot size by free memory),
 # GRAPH_MAX (64: largest decode graph), MAX_RANKS (2: the nixl_ep layout's seats), STAGES ("steady scaling"), PLAN (1,2; `rebalance` steps too), DEST
-# (results/<gpu>-lab), SERVE_ARGS (more `eep-hpc serve` arguments), TAG (a name part of the result files).
+# (results/<gpu>-lab), SERVE_ARGS (more `eep-hpc serve` arguments), TAG (a name part of the result files),
+# LAYERS (the model's shapes cut to this many layers: on one GPU a grow's weights cross the loopback socket at
+# ~0.1 GB/s while the ranks serve, so 48 layers take many minutes; 4 keeps a grow under a minute).
 #SBATCH --job-name=eep-ep-lab
 #SBATCH --nodes=1
 #SBATCH --gpus=1
@@ -27,6 +29,12 @@ if [[ ${MPS:-0} == 1 ]]; then
   trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
 source sbatch/head-lib.sh  # run from the repository root
+if [[ -n ${LAYERS:-} ]]; then
+  MODEL_DIR=$(mktemp -d)
+  $PY -c "import json, sys; c = json.load(open('configs/models/qwen3-30b-a3b/config.json'));
+c['num_hidden_layers'] = int(sys.argv[1]); json.dump(c, open(sys.argv[2] + '/config.json', 'w'))" "$LAYERS" "$MODEL_DIR"
+  SERVE_ARGS="--set model.path=$MODEL_DIR ${SERVE_ARGS:-}"
+fi
 bench() { $PY -m eep_hpc.cli bench --run-dir "$RUN_DIR" --random-input-len "${IN_LEN:-128}" \
   --random-output-len "${OUT_LEN:-128}" --max-concurrency "${CONCURRENCY:-64}" "$@" || true; }
 for RANKS in ${RANKS_LIST:-1 2}; do
