@@ -100,9 +100,7 @@ def _one_rank_tokens(model_dir: str) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3])
-def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
-    model_dir = str(ensure_tiny_checkpoint(os.environ.get("EEP_HPC_CACHE")))
+def _run_ranks(num_ranks: int, model_dir: str) -> list[dict]:
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=120))
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
@@ -112,7 +110,20 @@ def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
     for p in procs:
         p.join(300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    res = [results[r] for r in range(num_ranks)]
+    return [results[r] for r in range(num_ranks)]
+
+
+def _tokens_equal_one_ranks(res: list[dict], model_dir: str) -> None:
+    want = _one_rank_tokens(model_dir)
+    got = {k: v for r in res for k, v in r["tokens"].items()}
+    assert got == {k: v for k, v in want.items() if int(k.split("-")[0][1:]) < len(res)}
+    assert all(len(v) == MAX_TOKENS for v in got.values())
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
+    model_dir = str(ensure_tiny_checkpoint(os.environ.get("EEP_HPC_CACHE")))
+    res = _run_ranks(num_ranks, model_dir)
 
     # every rank took the same plan at every step (and so the same number of steps)
     assert all(r["plans"] == res[0]["plans"] for r in res)
@@ -128,10 +139,30 @@ def test_one_host_collective_per_step_and_agreed_chunks(num_ranks, tmp_path):
     for r in res:
         assert r["exchanges"] == [3 * p.chunks * layers for p in plans]
     # greedy tokens equal one rank's serving every prompt
-    want = _one_rank_tokens(model_dir)
-    got = {k: v for r in res for k, v in r["tokens"].items()}
-    assert got == {k: v for k, v in want.items() if int(k.split("-")[0][1:]) < num_ranks}
-    assert all(len(v) == MAX_TOKENS for v in got.values())
+    _tokens_equal_one_ranks(res, model_dir)
+
+
+def test_graph_steps_agree_once_and_capture_together_on_the_standin(monkeypatch):
+    """The same on the CPU's stand-in of CUDA graphs (EEP_HPC_GRAPH_STANDIN=1: a replay, and a capture's warm-up,
+    are eager forwards of the padded batch): the 20-token prefill runs eagerly in 3 chunks (mixed graphs only go up
+    to the 8-token dispatch), then every decode step replays the agreed graph on every rank, the idle one included.
+    One host collective per step; a replay runs one forward's exchanges, and the step that first meets the graph
+    two (every rank captures it: the capture's warm-up runs the exchanges too). The greedy tokens equal one rank's."""
+    monkeypatch.setenv("EEP_HPC_GRAPH_STANDIN", "1")
+    model_dir = str(ensure_tiny_checkpoint(os.environ.get("EEP_HPC_CACHE")))
+    res = _run_ranks(3, model_dir)
+    plans = res[0]["plans"]
+    assert all(r["plans"] == plans for r in res) and all(r["steps"] == len(plans) for r in res)
+    assert all(h == 0 for r in res for h in r["host"])
+    assert not plans[0].is_graph and plans[0].chunks == 3
+    graphs = plans[1:]
+    assert graphs and all(p.is_graph and not p.mixed and p.graph_size == 2 for p in graphs)  # 2: rank 1's batch
+    assert [p.capture for p in graphs] == [True] + [False] * (len(graphs) - 1)
+    layers = res[0]["moe_layers"]
+    for r in res:
+        assert r["exchanges"] == [3 * layers * (p.chunks if not p.is_graph else 2 if p.capture else 1)
+                                  for p in plans]
+    _tokens_equal_one_ranks(res, model_dir)
 
 
 def test_plan_decisions():
