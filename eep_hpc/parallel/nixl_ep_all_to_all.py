@@ -351,8 +351,12 @@ class NixlEpAllToAll:
 
     def adopt_tensors(self, old: NixlEpAllToAll) -> None:
         """Write this epoch's slot numbering into `old`'s device tensor and use that (CUDA graphs captured it)."""
-        if self.local is None and old.local is None and old.expert_of_slot.shape == self.expert_of_slot.shape:
-            self.expert_of_slot = old.expert_of_slot.copy_(self.expert_of_slot)
+        if self.local is not None or old.local is not None:  # one rank: no numbering (and no graph kept across)
+            return
+        if old.expert_of_slot.shape != self.expert_of_slot.shape:  # `can_replace` compares the slot tables first
+            raise ValueError(f"kept graphs read a slot numbering of {tuple(old.expert_of_slot.shape)}, this epoch "
+                             f"has {tuple(self.expert_of_slot.shape)}")
+        self.expert_of_slot = old.expert_of_slot.copy_(self.expert_of_slot)
 
     @property
     def weights_dtype(self) -> torch.dtype | None:
