@@ -29,7 +29,12 @@ def check_texts(result, reference) -> None:
         assert all(t == reference[k] for t in texts), f"prompt {k}: text differs from the reference"
 
 
-def test_kill9_of_a_member_under_load_loses_no_request(tmp_path):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-standin"])
+def test_kill9_of_a_member_under_load_loses_no_request(tmp_path, monkeypatch, graphs):
+    """graph-standin: the steps go through the CUDA-graph path's CPU stand-in (EEP_HPC_GRAPH_STANDIN=1), so the
+    victim dies in a replay or a capture round, and the survivors re-form and capture again in step."""
+    if graphs:
+        monkeypatch.setenv("EEP_HPC_GRAPH_STANDIN", "1")
     head = start_head(tmp_path, ranks=3)
     try:
         reference = asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS))
