@@ -82,9 +82,10 @@ class StepGraphs:
         self._hosts = [torch.zeros(int(self.offsets[-1]), dtype=torch.long) for _ in range(2 if cuda else 1)]
         if cuda:
             self._hosts = [h.pin_memory() for h in self._hosts]
+        self._host_nps = [h.numpy() for h in self._hosts]
         self._copied = [torch.cuda.Event() if cuda else None for _ in self._hosts]
         self._turn = 0
-        self.host, self.host_np = self._hosts[0], self._hosts[0].numpy()
+        self.host, self.host_np = self._hosts[0], self._host_nps[0]
         self.static = torch.zeros_like(self.host, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -111,8 +112,7 @@ class StepGraphs:
         self._turn = (self._turn + 1) % len(self._hosts)
         if self._copied[self._turn] is not None:
             self._copied[self._turn].synchronize()  # its last copy to the GPU has read it (at once, mostly)
-        self.host = self._hosts[self._turn]
-        self.host_np = self.host.numpy()
+        self.host, self.host_np = self._hosts[self._turn], self._host_nps[self._turn]
         t, b, h, W = len(input_ids), len(seq_lens), self.host_np, self.width
         ids, pos, slots, qsl, lens, tables, num_valid = (self._region(h, i) for i in range(7))
         num_valid[0] = t
@@ -233,8 +233,8 @@ class StepGraphs:
             self._capture(size, mixed, ep)
             log.info("captured the %s graph of %d on first use in %.2f s", "mixed" if mixed else "decode", size,
                      time.monotonic() - t0)
-        elif capture_round:  # the host buffer is filled again at once: this copy must be done with it first
-            self._replay([], [], [], [], [], [], size, mixed, non_blocking=False)
+        elif capture_round:  # the next fill takes the other host buffer: this one's copy may still be queued
+            self._replay([], [], [], [], [], [], size, mixed)
             self.partner_replays += 1
             log.info("replayed the %s graph of %d with no rows while a peer captured it", "mixed" if mixed else "decode",
                      size)
@@ -243,14 +243,13 @@ class StepGraphs:
         return out[:t]
 
     def _replay(self, input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size: int,
-                mixed: bool, non_blocking: bool = True) -> torch.Tensor:
+                mixed: bool) -> torch.Tensor:
         self._fill(input_ids, positions, slot_mapping, query_lens, seq_lens, block_tables, size)
-        self.static.copy_(self.host, non_blocking=non_blocking)
+        self.static.copy_(self.host, non_blocking=True)
         if self.standin:  # what the graph would compute, with the epoch's tensors it was "captured" with
             with ops.graph_kernels():
                 return self._forward(size, mixed, self.ep)
-        if non_blocking:
-            self._copied[self._turn].record()
+        self._copied[self._turn].record()
         graph, out = self.graphs[(size, mixed)]
         graph.replay()
         return out
