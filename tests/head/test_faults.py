@@ -71,6 +71,9 @@ def test_kill9_of_a_member_under_load_loses_no_request(tmp_path, monkeypatch, gr
         grown = httpx.post(f"{head.url}/admin/scale/grow", json={"n": 1}, timeout=300).json()
         assert grown["phase"] == "DONE", grown
         assert asyncio.run(reference_texts(head.url, head.model, MAX_TOKENS)) == reference
+        if graphs:  # the steps did go through the stand-in: every rank captured, the survivors again after the loss
+            logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "jobs").rglob("*.err"))
+            assert "captured the decode graph" in logs and "graphs dropped (re-captured on use)" in logs, logs[-3000:]
     finally:
         head.stop()
 
